@@ -1,0 +1,190 @@
+"""The replica's HTTP surface: a Starlette app with the DERP endpoints and health checks.
+
+``uvicorn coordinator.app:app --http coordinator.http:DerpHttpProtocol`` serves it with the raw
+DERP upgrade; ``coordinator server`` does the same plus the control plane.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from coordinator.derp import DerpRelay
+
+log = logging.getLogger("coordinator.app")
+
+_CHALLENGE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+PROBE_HEADERS = {"Access-Control-Allow-Origin": "*"}
+
+
+async def derp_plain(request: Request) -> Response:
+    """``/derp`` without an upgrade the relay could take (raw upgrades never reach the app)."""
+    upgrade = request.headers.get("upgrade", "").lower()
+    if upgrade in ("derp", "websocket"):
+        return PlainTextResponse(
+            "DERP upgrade needs the relay protocol: run uvicorn with --http coordinator.http:DerpHttpProtocol "
+            "(coordinator server does this)",
+            status_code=426,
+        )
+    return PlainTextResponse("DERP requires connection upgrade", status_code=426)
+
+
+async def probe(request: Request) -> Response:
+    if request.method not in ("GET", "HEAD"):
+        return PlainTextResponse("bogus probe method", status_code=405, headers=PROBE_HEADERS)
+    return Response(status_code=200, headers=PROBE_HEADERS)
+
+
+async def generate_204(request: Request) -> Response:
+    headers = {"Cache-Control": "no-cache, no-store, must-revalidate, no-transform, max-age=0"}
+    challenge = request.headers.get("x-tailscale-challenge", "")
+    if _CHALLENGE.match(challenge):
+        headers["X-Tailscale-Response"] = "response " + challenge
+    return Response(status_code=204, headers=headers)
+
+
+async def healthz(request: Request) -> Response:
+    return PlainTextResponse("OK")
+
+
+async def robots(request: Request) -> Response:
+    return PlainTextResponse("User-agent: *\nDisallow: /\n")
+
+
+class _WebSocketTransport(asyncio.Transport):
+    """Carries the DERP stream of an ASGI WebSocket into the relay when the fast path is not in use."""
+
+    def __init__(self, websocket: WebSocket):
+        super().__init__()
+        self._ws = websocket
+        self._out: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._protocol = None
+        self._closing = False
+        self._buffered = 0
+
+    def set_protocol(self, protocol) -> None:
+        self._protocol = protocol
+
+    def get_protocol(self):
+        return self._protocol
+
+    def write(self, data) -> None:
+        if self._closing or not data:
+            return
+        data = bytes(data)
+        for i in range(0, len(data), 32768):  # Go clients read WS messages of at most 32 KiB
+            chunk = data[i : i + 32768]
+            self._buffered += len(chunk)
+            self._out.put_nowait(chunk)
+
+    def get_write_buffer_size(self) -> int:
+        return self._buffered
+
+    def set_write_buffer_limits(self, high=None, low=None) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        if not self._closing:
+            self._closing = True
+            self._out.put_nowait(None)
+
+    abort = close
+
+    async def pump_out(self) -> None:
+        while (chunk := await self._out.get()) is not None:
+            self._buffered -= len(chunk)
+            await self._ws.send_bytes(chunk)
+        with contextlib.suppress(Exception):
+            await self._ws.close()
+
+
+async def derp_websocket(websocket: WebSocket) -> None:
+    relay: DerpRelay = websocket.app.state.derp_relay
+    if "derp" not in websocket.scope.get("subprotocols", []):
+        await websocket.close(code=1008, reason="client must speak the derp subprotocol")
+        return
+    await websocket.accept(subprotocol="derp")
+    transport = _WebSocketTransport(websocket)
+    client = websocket.client
+    conn = relay.accept(transport, remote=(client.host, client.port) if client else None)
+    sender = asyncio.create_task(transport.pump_out())
+    try:
+        while not transport.is_closing():
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                break
+            if message.get("bytes") is not None:
+                conn.data_received(message["bytes"])
+            elif message.get("text") is not None:
+                conn.close("text WebSocket message (DERP needs binary)", True)
+    except WebSocketDisconnect:
+        pass
+    finally:
+        conn.connection_lost(None)
+        transport.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(sender, 5)
+
+
+def create_app(relay: DerpRelay, *, extra_routes: list | None = None, lifespan=None) -> Starlette:
+    """The Starlette app of one replica, serving ``relay``."""
+
+    @contextlib.asynccontextmanager
+    async def relay_lifespan(app: Starlette):
+        relay.start()
+        try:
+            if lifespan is not None:
+                async with lifespan(app):
+                    yield
+            else:
+                yield
+        finally:
+            relay.close()
+
+    routes = [
+        Route("/derp", derp_plain, methods=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]),
+        WebSocketRoute("/derp", derp_websocket),
+        Route("/derp/probe", probe, methods=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]),
+        Route("/derp/latency-check", probe, methods=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]),
+        Route("/generate_204", generate_204),
+        Route("/healthz", healthz),
+        Route("/robots.txt", robots),
+        *(extra_routes or []),
+    ]
+    app = Starlette(routes=routes, lifespan=relay_lifespan)
+    app.state.derp_relay = relay
+    return app
+
+
+class _LazyApp:
+    """``coordinator.app:app`` for plain uvicorn: built from the environment on first use."""
+
+    def __init__(self) -> None:
+        self.app: Starlette | None = None
+
+    def _build(self) -> Starlette:
+        from coordinator.config import load_settings
+
+        settings = load_settings()
+        relay = DerpRelay.from_data_dir(settings.data_path, mesh_key=settings.mesh_key or None,
+                                        keepalive=settings.keepalive)
+        return create_app(relay)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if self.app is None:
+            self.app = self._build()
+        await self.app(scope, receive, send)
+
+
+app = _LazyApp()

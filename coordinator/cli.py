@@ -1,0 +1,59 @@
+"""``coordinator`` command line: ``server`` runs one replica."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from coordinator import __version__
+from coordinator.config import ConfigError, Settings, load_settings, settings_help
+
+log = logging.getLogger("coordinator")
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    for flag, env, text in settings_help():
+        parser.add_argument(flag, default=None, help=f"{text} [${env}]")
+
+
+def _settings_from(args: argparse.Namespace) -> Settings:
+    keys = {f.replace("-", "_").lstrip("_") for f, _, _ in settings_help()}
+    return load_settings({k: v for k, v in vars(args).items() if k in keys})
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from coordinator.server import run_server
+
+    settings = _settings_from(args)
+    setup_logging(settings.log_level)
+    return run_server(settings)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="coordinator", description="High-availability replica with an embedded DERP relay")
+    parser.add_argument("--version", action="version", version=f"coordinator {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    server = sub.add_parser("server", help="run one replica: HTTP API, DERP relay at /derp, control plane")
+    _add_settings_flags(server)
+    server.set_defaults(func=cmd_server)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except ConfigError as exc:
+        print(f"coordinator: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,368 @@
+"""PostgreSQL access: a bounded-wait open, a version check, migrations under an advisory lock, a pool.
+
+Every replica calls :meth:`Database.open` at start-up. It waits a bounded time for the server,
+refuses servers older than PostgreSQL 13, and applies the SQL files in ``coordinator/migrations``
+in order inside one transaction that holds an advisory lock, so replicas starting together migrate
+exactly once. Error messages name the server but never carry the password.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import resources
+from urllib.parse import unquote, urlsplit
+
+import anyio
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg_pool import AsyncConnectionPool
+
+log = logging.getLogger("coordinator.db")
+
+MIN_SERVER_VERSION = 130000
+# Arbitrary constant shared by every replica ("coordmig" in ASCII); one lock per deployment.
+MIGRATION_LOCK_ID = 0x636F6F72646D6967
+MESH_KEY = "derp_mesh_key"
+
+# Defaults added to the URL unless it sets them: a dead or black-holed server must fail a
+# connect or query within seconds, not after the kernel's two-hour keepalive default.
+_CONN_DEFAULTS = {
+    "connect_timeout": "5",
+    "application_name": "coordinator",
+    "keepalives": "1",
+    "keepalives_idle": "5",
+    "keepalives_interval": "2",
+    "keepalives_count": "3",
+}
+if psycopg.pq.version() >= 120000:
+    _CONN_DEFAULTS["tcp_user_timeout"] = "10000"  # ms: unacknowledged writes fail after 10 s
+
+# Start-up failures where retrying cannot help. libpq reports no SQLSTATE for a failed
+# connection, so the server's (English) FATAL text is all there is to go on.
+_FATAL_CONNECT_ERRORS = re.compile(
+    r"password authentication failed|no pg_hba\.conf entry|role \".*\" does not exist"
+    r"|database \".*\" does not exist|SSL is not enabled on the server",
+)
+
+
+class DatabaseError(Exception):
+    """Base class for errors raised by this module."""
+
+
+class DatabaseUnavailable(DatabaseError):
+    """The server could not be reached (or refused us) within the allowed wait."""
+
+
+class UnsupportedPostgres(DatabaseError):
+    """The server is older than PostgreSQL 13."""
+
+
+class MigrationError(DatabaseError):
+    """The migration files are malformed or one of them failed to apply."""
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One round trip: ``latency`` in seconds, ``skew`` = database clock minus local clock, seconds."""
+
+    latency: float
+    skew: float
+
+
+def format_server_version(version_num: int) -> str:
+    """``150004`` -> ``15.4``; ``90624`` -> ``9.6.24``."""
+    if version_num >= 100000:
+        return f"{version_num // 10000}.{version_num % 10000}"
+    return f"{version_num // 10000}.{version_num // 100 % 100}.{version_num % 100}"
+
+
+def check_server_version(version_num: int, where: str = "the server") -> None:
+    """Raise :class:`UnsupportedPostgres` unless ``server_version_num`` is 13 or newer."""
+    if version_num < MIN_SERVER_VERSION:
+        raise UnsupportedPostgres(
+            f"PostgreSQL 13 or newer is required, but {where} runs PostgreSQL "
+            f"{format_server_version(version_num)} (server_version_num {version_num}); upgrade the server"
+        )
+
+
+def load_migrations(package: str = "coordinator.migrations") -> list[Migration]:
+    """The ``NNNN_name.sql`` files of ``package``, in version order."""
+    found: dict[int, Migration] = {}
+    for entry in resources.files(package).iterdir():
+        if not entry.name.endswith(".sql"):
+            continue
+        match = re.fullmatch(r"(\d{4})_([a-z0-9_]+)\.sql", entry.name)
+        if not match:
+            raise MigrationError(f"migration file {entry.name!r} is not named NNNN_name.sql")
+        version = int(match.group(1))
+        if version in found:
+            raise MigrationError(f"two migrations share version {version:04d}")
+        found[version] = Migration(version, match.group(2), entry.read_text(encoding="utf-8"))
+    return [found[v] for v in sorted(found)]
+
+
+def _password_of(url: str) -> str | None:
+    """Best-effort password extraction that works even when libpq cannot parse ``url``."""
+    try:
+        if "://" in url:
+            password = urlsplit(url).password
+            return unquote(password) if password else None
+        match = re.search(r"password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", url)
+        return match.group(1).strip("'") if match else None
+    except ValueError:
+        return None
+
+
+def redact(text: str, *secrets_: str | None) -> str:
+    for secret in secrets_:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+def describe_target(params: dict) -> str:
+    """``host:port/dbname`` (or the socket directory) for messages; never includes the password."""
+    host = params.get("host") or params.get("hostaddr") or ""
+    port = params.get("port") or "5432"
+    dbname = params.get("dbname") or params.get("user") or "postgres"
+    if not host:
+        where = "the default local socket"
+    elif host.startswith("/") or host.startswith("@"):
+        where = f"unix socket in {host}"
+    else:
+        where = ",".join(f"{h}:{port}" for h in host.split(","))
+    return f"{where} (database {dbname!r})"
+
+
+def prepare_conninfo(url: str) -> tuple[str, str, str | None]:
+    """(connection string with our timeouts, description for messages, password to redact)."""
+    password = _password_of(url)
+    try:
+        params = conninfo_to_dict(url)
+    except psycopg.Error as exc:
+        raise DatabaseError(f"invalid PostgreSQL URL: {redact(str(exc), password)}") from None
+    password = params.get("password") or password
+    for key, value in _CONN_DEFAULTS.items():
+        params.setdefault(key, value)
+    return make_conninfo(**params), describe_target(params), password
+
+
+def _fatal(exc: Exception) -> bool:
+    return bool(_FATAL_CONNECT_ERRORS.search(str(exc)))
+
+
+async def _connect_with_retry(conninfo: str, target: str, password: str | None, wait: float) -> psycopg.AsyncConnection:
+    deadline = time.monotonic() + wait
+    delay, attempts = 0.25, 0
+    while True:
+        attempts += 1
+        try:
+            return await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
+        except psycopg.OperationalError as exc:
+            reason = redact(str(exc).strip(), password)
+            if _fatal(exc):
+                raise DatabaseUnavailable(f"PostgreSQL at {target} refused the connection: {reason}") from None
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DatabaseUnavailable(
+                    f"cannot connect to PostgreSQL at {target} after {wait:g} s ({attempts} attempts): {reason}"
+                ) from None
+            if attempts == 1:
+                log.warning("waiting up to %g s for PostgreSQL at %s: %s", wait, target, reason)
+            await anyio.sleep(min(delay, remaining))
+            delay = min(delay * 2, 5.0)
+
+
+async def migrate(conn: psycopg.AsyncConnection, migrations: list[Migration], lock_timeout: float = 300.0) -> list[int]:
+    """Apply pending migrations in one transaction under the migration advisory lock.
+
+    Returns the versions applied by this call (empty if another replica got there first).
+    """
+    applied_now: list[int] = []
+    async with conn.transaction():
+        # The lock comes first, before CREATE TABLE IF NOT EXISTS, which itself races.
+        await conn.execute(f"SET LOCAL lock_timeout = '{int(lock_timeout * 1000)}ms'")
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_ID,))
+        await conn.execute(
+            """CREATE TABLE IF NOT EXISTS schema_migrations (
+                   version    integer     PRIMARY KEY,
+                   name       text        NOT NULL,
+                   checksum   text        NOT NULL,
+                   applied_at timestamptz NOT NULL DEFAULT now())"""
+        )
+        cur = await conn.execute("SELECT version, checksum FROM schema_migrations")
+        done = {version: checksum for version, checksum in await cur.fetchall()}
+        known = {m.version for m in migrations}
+        for m in migrations:
+            if m.version in done:
+                if done[m.version] != m.checksum:
+                    log.warning("migration %04d_%s changed after it was applied; not re-applying", m.version, m.name)
+                continue
+            try:
+                await conn.execute(m.sql)
+            except psycopg.Error as exc:
+                raise MigrationError(f"migration {m.version:04d}_{m.name} failed: {exc}") from exc
+            await conn.execute(
+                "INSERT INTO schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",
+                (m.version, m.name, m.checksum),
+            )
+            applied_now.append(m.version)
+        newer = sorted(set(done) - known)
+        if newer:
+            # A newer release migrated already (rolling upgrade); migrations must stay backward compatible.
+            log.warning("database has migrations this version does not know: %s", newer)
+    return applied_now
+
+
+class Database:
+    """A connection pool to one PostgreSQL server. Build with :meth:`open`."""
+
+    def __init__(self, pool: AsyncConnectionPool, target: str, server_version: int):
+        self.pool = pool
+        self.target = target
+        self.server_version = server_version
+
+    @classmethod
+    async def open(
+        cls,
+        url: str,
+        *,
+        wait: float = 30.0,
+        min_size: int = 1,
+        max_size: int = 10,
+        statement_timeout: float = 15.0,
+        migrations: list[Migration] | None = None,
+    ) -> Database:
+        """Connect (retrying for up to ``wait`` seconds), check the version, migrate, open the pool.
+
+        Raises :class:`DatabaseUnavailable`, :class:`UnsupportedPostgres` or :class:`MigrationError`.
+        """
+        conninfo, target, password = prepare_conninfo(url)
+        migrations = load_migrations() if migrations is None else migrations
+        started = time.monotonic()
+        conn = await _connect_with_retry(conninfo, target, password, wait)
+        try:
+            cur = await conn.execute("SELECT current_setting('server_version_num')::int")
+            version = (await cur.fetchone())[0]
+            check_server_version(version, f"the server at {target}")
+            applied = await migrate(conn, migrations)
+        except psycopg.OperationalError as exc:
+            raise DatabaseUnavailable(f"PostgreSQL at {target} failed during start-up: {redact(str(exc), password)}") from None
+        finally:
+            await conn.close()
+        if applied:
+            log.info("applied migrations %s to %s", applied, target)
+
+        async def configure(c: psycopg.AsyncConnection) -> None:
+            # SET rather than the "options" startup parameter, which PgBouncer rejects.
+            await c.execute(f"SET statement_timeout = '{int(statement_timeout * 1000)}ms'")
+            await c.execute("SET idle_in_transaction_session_timeout = '60s'")
+
+        pool = AsyncConnectionPool(
+            conninfo,
+            min_size=min_size,
+            max_size=max_size,
+            kwargs={"autocommit": True},
+            configure=configure,
+            check=AsyncConnectionPool.check_connection,  # hand out no connection that died in an outage
+            timeout=10.0,
+            # Give up a background reconnect quickly: the next request starts a fresh attempt, so
+            # recovery after an outage does not wait out a long exponential backoff.
+            reconnect_timeout=5.0,
+            name="coordinator",
+            open=False,
+        )
+        remaining = max(wait - (time.monotonic() - started), 5.0)
+        try:
+            await pool.open(wait=True, timeout=remaining)
+        except Exception as exc:
+            await pool.close()
+            raise DatabaseUnavailable(f"cannot open a connection pool to PostgreSQL at {target}: {redact(str(exc), password)}") from None
+        return cls(pool, target, version)
+
+    @asynccontextmanager
+    async def connection(self, timeout: float | None = None) -> AsyncIterator[psycopg.AsyncConnection]:
+        """A pooled autocommit connection; ``PoolTimeout`` if none is available within ``timeout``."""
+        async with self.pool.connection(timeout=timeout) as conn:
+            yield conn
+
+    async def probe(self, timeout: float = 5.0) -> Probe:
+        """Measure one round trip and the database clock's offset from ours."""
+        with anyio.fail_after(timeout):
+            async with self.pool.connection(timeout=timeout) as conn:
+                wall = time.time()
+                t0 = time.perf_counter()
+                cur = await conn.execute("SELECT clock_timestamp()")
+                latency = time.perf_counter() - t0
+                db_time: datetime = (await cur.fetchone())[0]
+        return Probe(latency, db_time.timestamp() - (wall + latency / 2))
+
+    async def ping(self, timeout: float = 5.0) -> float:
+        """Round-trip time of one trivial query, in seconds."""
+        return (await self.probe(timeout)).latency
+
+    async def get_or_create_site_config(self, key: str, generate: Callable[[], str | Awaitable[str]]) -> str:
+        """The value stored under ``key``, creating it with ``generate()`` if absent; every caller gets the same."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute("SELECT value FROM site_config WHERE key = %s", (key,))
+            row = await cur.fetchone()
+            if row:
+                return row[0]
+            value = generate()
+            if inspect.isawaitable(value):
+                value = await value
+            cur = await conn.execute(
+                "INSERT INTO site_config (key, value) VALUES (%s, %s) ON CONFLICT (key) DO NOTHING RETURNING value",
+                (key, value),
+            )
+            row = await cur.fetchone()
+            if row:
+                return row[0]
+            # Lost the race: a new statement (and snapshot) sees the winner's committed row.
+            cur = await conn.execute("SELECT value FROM site_config WHERE key = %s", (key,))
+            row = await cur.fetchone()
+            if not row:
+                raise DatabaseError(f"site_config {key!r} vanished while being created")
+            return row[0]
+
+    async def derp_mesh_key(self, override: str | None = None) -> str:
+        """The DERP mesh key: ``override`` if set, else the deployment's stored key (created once).
+
+        A created key is 32 random bytes as 64 hex characters, Tailscale's mesh-key format.
+        """
+        if override and override.strip():
+            return override.strip()
+        key = await self.get_or_create_site_config(MESH_KEY, lambda: secrets.token_hex(32))
+        if not key.strip():
+            raise DatabaseError("the stored DERP mesh key is empty; delete it from site_config to regenerate")
+        return key
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    async def __aenter__(self) -> Database:
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.close()
+

