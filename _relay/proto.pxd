@@ -48,9 +48,9 @@ cdef enum:
 
 cdef extern from *:
     """
-    /* "DERP\U0001f511" and "TS\U0001f4ac" in UTF-8 */
-    static const char DERP_MAGIC[] = "DERP\xf0\x9f\x94\x91";
-    static const char DERP_DISCO_MAGIC[] = "TS\xf0\x9f\x92\xac";
+    /* "DERP" + U+1F511 (key) and "TS" + U+1F4AC (speech balloon), UTF-8 */
+    static const char DERP_MAGIC[] = {0x44, 0x45, 0x52, 0x50, (char)0xf0, (char)0x9f, (char)0x94, (char)0x91};
+    static const char DERP_DISCO_MAGIC[] = {0x54, 0x53, (char)0xf0, (char)0x9f, (char)0x92, (char)0xac};
     """
     const char* DERP_MAGIC
     const char* DERP_DISCO_MAGIC

@@ -335,7 +335,10 @@ class DerpClient:
     async def _read_frame(self) -> tuple[int, bytes]:
         """The next raw frame; raises DerpRefused/DerpError when the stream ends."""
         while not self._backlog:
-            data = await self._stream.read()
+            try:
+                data = await self._stream.read()
+            except OSError as exc:
+                raise DerpError(f"{self.url}: connection lost: {exc}") from exc
             if not data:
                 if self.server_info is None:
                     raise DerpRefused(f"{self.url}: server closed the connection during the handshake")

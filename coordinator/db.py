@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import itertools
 import logging
 import re
 import secrets
@@ -52,6 +53,33 @@ _FATAL_CONNECT_ERRORS = re.compile(
     r"password authentication failed|no pg_hba\.conf entry|role \".*\" does not exist"
     r"|database \".*\" does not exist|SSL is not enabled on the server",
 )
+
+
+class _PoolOutageFilter(logging.Filter):
+    """Demote psycopg_pool's per-attempt connect warnings to DEBUG after the first, until it connects.
+
+    During an outage the pool warns on every reconnect attempt; one warning per outage is enough.
+    """
+
+    _MESSAGES = ("error connecting in %r: %s", "reconnection attempt in pool %r failed after %s sec")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quiet: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg in self._MESSAGES and record.args:
+            name = record.args[0]
+            if name in self.quiet:
+                record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+                return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+            self.quiet.add(name)
+        return True
+
+
+_pool_log_filter = _PoolOutageFilter()
+logging.getLogger("psycopg.pool").addFilter(_pool_log_filter)
+_pool_ids = itertools.count(1)
 
 
 class DatabaseError(Exception):
@@ -273,7 +301,10 @@ class Database:
         if applied:
             log.info("applied migrations %s to %s", applied, target)
 
+        pool_name = f"coordinator-{next(_pool_ids)}"
+
         async def configure(c: psycopg.AsyncConnection) -> None:
+            _pool_log_filter.quiet.discard(pool_name)  # connected: warn again on the next outage
             # SET rather than the "options" startup parameter, which PgBouncer rejects.
             await c.execute(f"SET statement_timeout = '{int(statement_timeout * 1000)}ms'")
             await c.execute("SET idle_in_transaction_session_timeout = '60s'")
@@ -289,7 +320,7 @@ class Database:
             # Give up a background reconnect quickly: the next request starts a fresh attempt, so
             # recovery after an outage does not wait out a long exponential backoff.
             reconnect_timeout=5.0,
-            name="coordinator",
+            name=pool_name,
             open=False,
         )
         remaining = max(wait - (time.monotonic() - started), 5.0)

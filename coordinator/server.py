@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import signal
 
 import uvicorn
 
@@ -34,6 +35,15 @@ def uvicorn_config(settings: Settings, app) -> uvicorn.Config:
     )
 
 
+class ReplicaServer(uvicorn.Server):
+    """uvicorn's server, except that a SIGTERM shutdown that went well exits with status 0."""
+
+    def handle_exit(self, sig: int, frame) -> None:
+        super().handle_exit(sig, frame)
+        if sig == signal.SIGTERM and sig in self._captured_signals:
+            self._captured_signals.remove(sig)
+
+
 def run_server(settings: Settings) -> int:
     data = settings.data_path
     data.mkdir(parents=True, exist_ok=True)
@@ -42,5 +52,5 @@ def run_server(settings: Settings) -> int:
     host, port = settings.listen
     scheme = "https" if settings.tls_cert_file else "http"
     log.info("replica listening on %s://%s:%d (DERP relay at /derp)", scheme, host, port)
-    uvicorn.Server(uvicorn_config(settings, app)).run()
+    ReplicaServer(uvicorn_config(settings, app)).run()
     return 0

@@ -1,0 +1,510 @@
+"""Replica registry: register this process in ``replicas``, heartbeat, discover live peers, leave.
+
+Modelled on Coder's replicasync, with these changes:
+
+- Liveness is judged in SQL by database time only (``updated_at > now() - 3 x heartbeat``), with
+  each row judged by the heartbeat interval it declares, so skewed clocks or a rolling change
+  of the interval do not make replicas look dead. Peers are re-checked the moment the
+  earliest one would expire, not one tick later.
+- A database outage never ends the process: heartbeats fail, ``healthy`` turns False (logged
+  once per state change), retries back off, and on recovery the row is rewritten (re-inserted
+  if it was cleaned away) and everything resynced. For a grace period after our own recovery,
+  stale peers are kept rather than dropped, so the mesh does not churn while they catch up.
+- Dead rows are kept for ``cleanup_after`` (a day) for the operator API instead of 15 s; live
+  rows are never cleaned.
+- Notifications are only kicks: any ``replica`` notification (or a dropped-messages signal)
+  triggers a full re-read, and bursts coalesce into at most one extra sync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import math
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+from uuid import UUID, uuid4
+
+import anyio
+from psycopg.rows import dict_row
+
+from coordinator.db import Database, DatabaseUnavailable
+
+log = logging.getLogger("coordinator.replicas")
+
+CHANNEL = "replica"
+MISSED_BEATS = 3  # a peer is dead once it missed this many heartbeats
+STOP_TIMEOUT = 5.0
+RETRY_CAP = 5.0  # longest pause between heartbeat attempts while the database is down
+RECOVERY_GRACE = 10.0
+DEFAULT_CLEANUP_AFTER = 24 * 3600.0
+
+_ALIVE = f"(stopped_at IS NULL AND updated_at > now() - {MISSED_BEATS} * heartbeat_ms * interval '1 millisecond')"
+_SELECT_ALL = f"""
+    SELECT *, {_ALIVE} AS alive,
+           extract(epoch FROM updated_at + {MISSED_BEATS} * heartbeat_ms * interval '1 millisecond' - now())::float8
+               AS expires_in
+    FROM replicas"""
+_UPDATE_SELF = """
+    UPDATE replicas
+    SET updated_at = now(), stopped_at = NULL, hostname = %(hostname)s, region_id = %(region_id)s,
+        relay_url = %(relay_url)s, version = %(version)s, database_latency = %(latency)s,
+        error = %(error)s, heartbeat_ms = %(heartbeat_ms)s
+    WHERE id = %(id)s
+    RETURNING *"""
+# started_at/created_at come back from our previous row (database time) when re-inserting.
+_INSERT_SELF = """
+    INSERT INTO replicas (id, hostname, region_id, relay_url, version, database_latency, error,
+                          heartbeat_ms, created_at, started_at)
+    VALUES (%(id)s, %(hostname)s, %(region_id)s, %(relay_url)s, %(version)s, %(latency)s, %(error)s,
+            %(heartbeat_ms)s, coalesce(%(created_at)s, now()), coalesce(%(started_at)s, now()))
+    ON CONFLICT (id) DO UPDATE
+    SET updated_at = now(), stopped_at = NULL, database_latency = excluded.database_latency,
+        error = excluded.error
+    RETURNING *"""
+_STOP_SELF = """
+    UPDATE replicas SET stopped_at = now(), updated_at = now(), database_latency = 0
+    WHERE id = %s RETURNING *"""
+_CLEANUP = f"""
+    DELETE FROM replicas
+    WHERE id <> %(id)s AND NOT {_ALIVE} AND updated_at < now() - %(after)s * interval '1 second'"""
+
+
+class PubSubLike(Protocol):
+    """The part of :class:`coordinator.pubsub.PubSub` the registry uses."""
+
+    async def subscribe_with_err(
+        self, channel: str, handler: Callable[[bytes | None, Exception | None], Any]
+    ) -> Callable[[], Awaitable[None]]: ...
+
+    async def publish(self, channel: str, payload: bytes | str) -> None: ...
+
+
+@dataclass(frozen=True)
+class Replica:
+    """One row of ``replicas``. ``alive`` was judged by the database when the row was read."""
+
+    id: UUID
+    hostname: str
+    region_id: int
+    relay_url: str
+    version: str
+    database_latency: int  # microseconds
+    error: str  # '' when healthy
+    heartbeat: float  # seconds, as declared by that replica
+    created_at: datetime
+    started_at: datetime
+    updated_at: datetime
+    stopped_at: datetime | None
+    alive: bool
+
+    @classmethod
+    def from_row(cls, row: dict, alive: bool | None = None) -> Replica:
+        return cls(
+            id=row["id"], hostname=row["hostname"], region_id=row["region_id"], relay_url=row["relay_url"],
+            version=row["version"], database_latency=row["database_latency"], error=row["error"],
+            heartbeat=row["heartbeat_ms"] / 1000.0, created_at=row["created_at"], started_at=row["started_at"],
+            updated_at=row["updated_at"], stopped_at=row["stopped_at"],
+            alive=row["alive"] if alive is None else alive,
+        )
+
+
+OnChange = Callable[[list[Replica]], Awaitable[None] | None]
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+class ReplicaRegistry:
+    """This process's row in ``replicas`` plus the live peers it can see.
+
+    Use ``async with ReplicaRegistry(...)`` or ``await start()`` ... ``await stop()`` (asyncio).
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        pubsub: PubSubLike | None,
+        *,
+        hostname: str | None = None,
+        region_id: int = 999,
+        relay_url: str = "",
+        version: str = "",
+        heartbeat: float = 2.0,
+        cleanup_after: float = DEFAULT_CLEANUP_AFTER,
+        recovery_grace: float = RECOVERY_GRACE,
+        on_change: OnChange | None = None,
+    ):
+        if heartbeat <= 0:
+            raise ValueError("heartbeat must be positive")
+        self.db = db
+        self.pubsub = pubsub
+        self.id: UUID = uuid4()
+        self.hostname = hostname or socket.gethostname()
+        self.region_id = region_id
+        self.relay_url = relay_url
+        self.version = version
+        self.heartbeat = heartbeat
+        self.cleanup_after = cleanup_after
+        self.recovery_grace = recovery_grace
+        self.on_change = on_change
+        self.clock_skew = 0.0  # database clock minus ours, seconds
+
+        self._self_row: Replica | None = None
+        self._rows: list[Replica] = []
+        self._peers: list[Replica] = []
+        self._peer_key: tuple | None = None
+        self._healthy = False
+        self._last_error: str | None = None
+        self._down_since: float | None = None
+        self._grace_until = 0.0
+        self._last_beat_ok = math.inf  # monotonic time of our last successful write
+        self._next_expiry: float | None = None
+        self._row_error = ""
+        self._written_error = ""
+        self._written_error_changed = False
+        self._skew_warned = False
+        self._malformed = 0
+        self._malformed_logged_at = -math.inf
+        # One-slot buffer: kicks arriving during a sync collapse into a single follow-up sync.
+        self._kick_send, self._kick_recv = anyio.create_memory_object_stream[None](1)
+        self._sync_lock = anyio.Lock()
+        self._runner: asyncio.Task | None = None
+        self._unsubscribe: Callable[[], Awaitable[None]] | None = None
+        self._state = "new"
+        # A beat must finish well inside the liveness window, and never hang.
+        self._op_timeout = max(2 * heartbeat, 3.0)
+
+    # -- accessors -----------------------------------------------------------------------------
+
+    @property
+    def self_row(self) -> Replica | None:
+        return self._self_row
+
+    @property
+    def healthy(self) -> bool:
+        """True while heartbeats reach the database."""
+        return self._healthy
+
+    @property
+    def last_error(self) -> str | None:
+        """Why the last heartbeat failed, or None while healthy."""
+        return self._last_error
+
+    def peers(self) -> list[Replica]:
+        """Live replicas in every region, excluding this one."""
+        return list(self._peers)
+
+    def regional_peers(self) -> list[Replica]:
+        """Live replicas in this replica's region (the ones to mesh with), excluding this one."""
+        return [p for p in self._peers if p.region_id == self.region_id]
+
+    def all_replicas(self) -> list[Replica]:
+        """Every row as of the last sync, dead ones and this one included (for the operator API)."""
+        rows = [r for r in self._rows if r.id != self.id]
+        return ([self._self_row] if self._self_row else []) + rows
+
+    def set_error(self, text: str | None) -> None:
+        """Record an error (e.g. "Failed to dial peers: ...") written to our row at the next heartbeat."""
+        self._row_error = text or ""
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Subscribe, insert our row, announce it, sync once, then heartbeat in the background."""
+        if self._state != "new":
+            raise RuntimeError(f"registry already {self._state}")
+        self._state = "starting"
+        try:
+            if self.pubsub is not None:
+                self._unsubscribe = await self.pubsub.subscribe_with_err(CHANNEL, self._on_notify)
+            try:
+                with anyio.fail_after(max(self._op_timeout, 10.0)):
+                    await self._beat()
+            except Exception as exc:
+                raise DatabaseUnavailable(f"cannot register replica {self.id}: {_describe(exc)}") from exc
+            self._mark_healthy()
+            await self._publish()
+            await self._sync()
+            # A task of its own, not a task group entered here: stop() may come from another task.
+            self._runner = asyncio.get_running_loop().create_task(self._run(), name=f"replica-{self.id}")
+            self._state = "running"
+            log.info(
+                "replica %s registered (host %s, region %d, relay %s, heartbeat %gs)",
+                self.id, self.hostname, self.region_id, self.relay_url or "-", self.heartbeat,
+            )
+        except BaseException:
+            self._state = "stopping"
+            await self._shutdown_tasks()
+            self._state = "stopped"
+            raise
+
+    async def stop(self) -> None:
+        """Leave gracefully: mark our row stopped and announce it, so peers drop us at once. Idempotent."""
+        if self._state != "running":
+            return
+        self._state = "stopping"
+        await self._shutdown_tasks()  # first, so no heartbeat can clear stopped_at again
+        try:
+            with anyio.fail_after(STOP_TIMEOUT):
+                async with self.db.connection(timeout=STOP_TIMEOUT) as conn:
+                    cur = await conn.cursor(row_factory=dict_row).execute(_STOP_SELF, (self.id,))
+                    row = await cur.fetchone()
+                if row:
+                    self._self_row = Replica.from_row(row, alive=False)
+                await self._publish()
+            log.info("replica %s stopped", self.id)
+        except Exception as exc:
+            log.warning(
+                "replica %s could not record its stop (%s); peers drop it after %g s",
+                self.id, _describe(exc), MISSED_BEATS * self.heartbeat,
+            )
+        self._healthy = False
+        self._state = "stopped"
+
+    async def refresh(self) -> None:
+        """Re-read the table now (Coder's UpdateNow, without the write)."""
+        await self._sync()
+
+    async def __aenter__(self) -> ReplicaRegistry:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.stop()
+
+    async def _shutdown_tasks(self) -> None:
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+        if self._unsubscribe is not None:
+            unsubscribe, self._unsubscribe = self._unsubscribe, None
+            try:
+                with anyio.fail_after(STOP_TIMEOUT):
+                    await unsubscribe()
+            except Exception as exc:
+                log.debug("unsubscribe from %r failed: %s", CHANNEL, _describe(exc))
+
+    async def _run(self) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._heartbeat_loop)
+            tg.start_soon(self._sync_loop)
+
+    # -- heartbeat -----------------------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        failures = 0
+        cleanup_every = max(min(self.cleanup_after, 1800.0), self.heartbeat)
+        next_cleanup = time.monotonic() + cleanup_every
+        while True:
+            delay = self.heartbeat if not failures else min(self.heartbeat * 2**failures, max(RETRY_CAP, self.heartbeat))
+            await anyio.sleep(delay)
+            try:
+                # Shielded so stop() never abandons a query half-way (the pool would discard the
+                # connection); the timeout still bounds it.
+                with anyio.CancelScope(shield=True), anyio.fail_after(self._op_timeout):
+                    reinserted = await self._beat()
+            except Exception as exc:  # whatever the database does, keep beating
+                failures += 1
+                self._mark_unhealthy(exc)
+                continue
+            failures = 0
+            resumed = self._mark_healthy()
+            if reinserted or resumed or self._written_error_changed:
+                await self._publish()
+            self._kick()
+            if time.monotonic() >= next_cleanup:
+                next_cleanup = time.monotonic() + cleanup_every
+                await self._cleanup()
+
+    async def _beat(self) -> bool:
+        """Write our row (re-inserting it if it is gone); True if it had to be re-inserted."""
+        probe = await self.db.probe(timeout=self._op_timeout)
+        self._check_skew(probe.skew)
+        error = self._row_error
+        previous = self._self_row
+        params = {
+            "id": self.id, "hostname": self.hostname, "region_id": self.region_id, "relay_url": self.relay_url,
+            "version": self.version, "latency": min(int(probe.latency * 1e6), 2**31 - 1), "error": error,
+            "heartbeat_ms": max(1, round(self.heartbeat * 1000)),
+            "created_at": previous.created_at if previous else None,
+            "started_at": previous.started_at if previous else None,
+        }
+        async with self.db.connection(timeout=self._op_timeout) as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            row = None
+            if previous is not None:
+                await cur.execute(_UPDATE_SELF, params)
+                row = await cur.fetchone()
+            reinserted = row is None and previous is not None
+            if row is None:
+                await cur.execute(_INSERT_SELF, params)
+                row = await cur.fetchone()
+        if reinserted:
+            log.warning("replica %s: our row was deleted externally; re-inserted it", self.id)
+        self._self_row = Replica.from_row(row, alive=True)
+        self._written_error_changed = error != self._written_error
+        self._written_error = error
+        return reinserted
+
+    def _mark_healthy(self) -> bool:
+        """Record a successful beat; True if it ends a gap long enough for peers to have dropped us."""
+        now = time.monotonic()
+        gap = now - self._last_beat_ok
+        self._last_beat_ok = now
+        resumed = gap > MISSED_BEATS * self.heartbeat
+        if resumed:
+            # Peers' rows went stale during the same outage; let them beat again before judging.
+            self._grace_until = now + MISSED_BEATS * self.heartbeat + self.recovery_grace
+        if not self._healthy and self._down_since is not None:
+            log.info("replica %s: database reachable again after %.1f s; heartbeating", self.id, now - self._down_since)
+        self._healthy = True
+        self._last_error = None
+        self._down_since = None
+        return resumed
+
+    def _mark_unhealthy(self, exc: BaseException) -> None:
+        self._last_error = _describe(exc)
+        if self._healthy:
+            self._healthy = False
+            self._down_since = time.monotonic()
+            log.warning(
+                "replica %s: heartbeat failed (%s); keeping last known peers and retrying",
+                self.id, self._last_error,
+            )
+        else:
+            log.debug("replica %s: heartbeat still failing: %s", self.id, self._last_error)
+
+    def _check_skew(self, skew: float) -> None:
+        self.clock_skew = skew
+        off = abs(skew) > max(1.0, self.heartbeat)
+        if off != self._skew_warned:
+            self._skew_warned = off
+            if off:
+                log.warning("local clock is %+.2f s off the database clock; liveness uses database time only", -skew)
+
+    async def _cleanup(self) -> None:
+        try:
+            with anyio.CancelScope(shield=True), anyio.fail_after(self._op_timeout):
+                async with self.db.connection(timeout=self._op_timeout) as conn:
+                    cur = await conn.execute(_CLEANUP, {"id": self.id, "after": self.cleanup_after})
+            if cur.rowcount:
+                log.info("deleted %d replica rows dead for over %g s", cur.rowcount, self.cleanup_after)
+        except Exception as exc:
+            log.debug("replica cleanup failed: %s", _describe(exc))
+
+    # -- discovery -----------------------------------------------------------------------------
+
+    def _kick(self) -> None:
+        try:
+            self._kick_send.send_nowait(None)
+        except anyio.WouldBlock:
+            pass  # a sync is already pending; it will see this change too
+
+    def _on_notify(self, payload: bytes | None, err: Exception | None) -> None:
+        if err is not None:
+            log.info("replica notifications may have been lost (%s); resyncing", _describe(err))
+            self._kick()
+            return
+        try:
+            text = payload.decode("ascii").strip() if isinstance(payload, bytes) else str(payload)
+            replica_id = UUID(text)
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            self._log_malformed(payload)
+            return
+        if replica_id != self.id:
+            self._kick()
+
+    def _log_malformed(self, payload: object) -> None:
+        # Rate-limited: a misbehaving publisher must not flood the log.
+        self._malformed += 1
+        now = time.monotonic()
+        if now - self._malformed_logged_at >= 60.0:
+            log.warning(
+                "ignoring %d malformed %r notification(s), latest %.80r", self._malformed, CHANNEL, payload
+            )
+            self._malformed, self._malformed_logged_at = 0, now
+
+    async def _sync_loop(self) -> None:
+        while True:
+            wait = math.inf if self._next_expiry is None else max(0.0, self._next_expiry - time.monotonic())
+            with anyio.move_on_after(wait):
+                await self._kick_recv.receive()
+            try:
+                await self._sync()
+            except Exception as exc:  # the heartbeat reports outages; just wait for the next kick
+                self._next_expiry = None
+                log.debug("replica sync failed: %s", _describe(exc))
+
+    async def _sync(self) -> None:
+        async with self._sync_lock:  # also keeps on_change calls in order
+            with anyio.CancelScope(shield=True), anyio.fail_after(self._op_timeout):
+                changed = await self._read()
+            if changed is not None:
+                await self._notify(changed)
+
+    async def _read(self) -> list[Replica] | None:
+        """Re-read every row; the new peer list if it changed, else None."""
+        async with self.db.connection(timeout=self._op_timeout) as conn:
+            cur = await conn.cursor(row_factory=dict_row).execute(_SELECT_ALL)
+            rows = await cur.fetchall()
+        now = time.monotonic()
+        replicas = [Replica.from_row(r) for r in rows]
+        peers = [r for r in replicas if r.alive and r.id != self.id]
+        expiries = [r["expires_in"] for r in rows if r["alive"] and r["id"] != self.id]
+        self._next_expiry = now + min(expiries) + 0.01 if expiries else None
+        # While our own heartbeat is overdue (or just resumed) staleness says more about the
+        # database than about peers: keep last known peers unless they left or were removed.
+        if now < self._grace_until or now - self._last_beat_ok > MISSED_BEATS * self.heartbeat:
+            peers += self._kept_in_grace(peers, replicas)
+            if now < self._grace_until:
+                self._next_expiry = min(self._next_expiry or math.inf, self._grace_until)
+        peers.sort(key=lambda r: str(r.id))
+        self._rows = replicas
+        self._peers = peers
+        key = tuple((p.id, p.relay_url, p.region_id) for p in peers)
+        if key == self._peer_key:
+            return None
+        self._peer_key = key
+        log.debug("replica %s: %d live peers", self.id, len(peers))
+        return peers
+
+    def _kept_in_grace(self, live: list[Replica], replicas: list[Replica]) -> list[Replica]:
+        """Previously live peers that look stale only because of the outage we just left."""
+        live_ids = {p.id for p in live}
+        current = {r.id: r for r in replicas}
+        kept = []
+        for old in self._peers:
+            row = current.get(old.id)
+            if old.id not in live_ids and row is not None and row.stopped_at is None:
+                kept.append(row)
+        return kept
+
+    async def _notify(self, peers: list[Replica]) -> None:
+        if self.on_change is None:
+            return
+        try:
+            result = self.on_change(list(peers))
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            log.exception("replica on_change callback failed")
+
+    async def _publish(self) -> None:
+        if self.pubsub is None:
+            return
+        try:
+            with anyio.CancelScope(shield=True), anyio.fail_after(self._op_timeout):
+                await self.pubsub.publish(CHANNEL, str(self.id))
+        except Exception as exc:  # peers still find us at their next heartbeat sync
+            log.debug("publish on %r failed: %s", CHANNEL, _describe(exc))

@@ -1,0 +1,248 @@
+#!/usr/bin/env python3
+"""Shared helpers for the relay benchmarks: server processes, /proc readings, DERP client plumbing.
+
+Run as a script it is the benchmarks' relay server process::
+
+    python scripts/benchlib.py relay [--keepalive 3600]
+
+which serves ``create_app(DerpRelay(...))`` under uvicorn with uvloop and ``DerpHttpProtocol``
+(as ``coordinator server`` does) on 127.0.0.1 and a free port, prints ``READY <port>`` on stdout
+once the socket listens, and adds ``GET /bench/stats`` (the relay's counters as JSON). The process
+dies with its parent (``PR_SET_PDEATHSIG``), so an interrupted benchmark leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+# -- process plumbing ----------------------------------------------------------------------------
+
+
+def raise_nofile(want: int | None = None) -> int:
+    """Raise RLIMIT_NOFILE's soft limit to ``want`` (default: the hard limit); returns the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if want is None else (min(want, hard) if hard != resource.RLIM_INFINITY else want)
+    if target > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def die_with_parent() -> None:
+    """Ask the kernel to SIGTERM this process when its parent dies (Linux only; no-op elsewhere)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() == 1:  # the parent is already gone
+            os._exit(1)
+
+
+def sigterm_as_interrupt() -> None:
+    """Turn SIGTERM into KeyboardInterrupt so ``finally`` blocks (process clean-up) run."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` in seconds, from /proc/<pid>/stat (10 ms resolution)."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    # fields[0] is the state (field 3); utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size (VmRSS) of ``pid`` in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def self_cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+class ServerProcess:
+    """A benchmark server in a child process that prints ``READY <port>``; a context manager.
+
+    Stopped with SIGTERM (then SIGKILL) on exit, whatever happens in the ``with`` body.
+    """
+
+    def __init__(self, argv: list[str], name: str, env: dict | None = None, start_timeout: float = 20.0):
+        self.argv, self.name, self.env, self.start_timeout = argv, name, env, start_timeout
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/derp"
+
+    def __enter__(self) -> ServerProcess:
+        env = dict(os.environ)
+        env.update(self.env or {})
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        # Own session: a Ctrl-C in the terminal reaches only us, and we stop the server in order.
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, env=env, start_new_session=True)
+        try:
+            deadline = time.monotonic() + self.start_timeout
+            assert self.proc.stdout is not None
+            while True:
+                line = self.proc.stdout.readline()
+                if not line:
+                    raise RuntimeError(f"{self.name} server exited before it was ready (rc={self.proc.wait()})")
+                if line.startswith(b"READY "):
+                    self.port = int(line.split()[1])
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.name} server did not start within {self.start_timeout:.0f} s")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.pid)
+
+    def rss(self) -> int:
+        return rss_bytes(self.pid)
+
+    def stats(self, timeout: float = 5.0) -> dict:
+        """The server's counters from ``GET /bench/stats`` ({} if it does not answer)."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/bench/stats", timeout=timeout) as r:
+                return json.loads(r.read())
+        except (OSError, ValueError):
+            return {}
+
+
+def listening_socket(backlog: int = 4096) -> socket.socket:
+    """A TCP socket listening on 127.0.0.1:<free port> (listen() now, so early connects wait)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(backlog)
+    return sock
+
+
+def install_uvloop() -> str:
+    """Use uvloop for new event loops when installed; returns the loop's name."""
+    try:
+        import uvloop
+    except ImportError:
+        return "asyncio"
+    import asyncio
+
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return "uvloop"
+
+
+# -- DERP client plumbing ------------------------------------------------------------------------
+
+
+async def connect_raw(url: str, timeout: float = 30.0):
+    """A handshaken raw-upgrade DerpClient whose socket has nothing left unread by the client.
+
+    Returns ``(client, leftover)``: bytes the client's StreamReader read past the handshake, to be
+    fed to whatever protocol takes over ``client.transport`` (with ``transport.set_protocol``).
+    """
+    from coordinator.client import DerpClient
+
+    client = await DerpClient.connect(url, timeout=timeout)
+    if client._backlog or client._reader.buffered:
+        # Parsed-but-unconsumed frames cannot be handed over in order; the relay sends nothing
+        # after ServerInfo unless someone sends to us, so this means a misbehaving server.
+        await client.close()
+        raise RuntimeError("DERP client holds frames past the handshake; cannot hand the socket over")
+    buf = client._stream.reader._buffer
+    leftover = bytes(buf)
+    buf.clear()
+    return client, leftover
+
+
+# -- the relay server process ----------------------------------------------------------------------
+
+
+def serve_relay(keepalive: float) -> None:
+    import uvicorn
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from coordinator.app import create_app
+    from coordinator.derp import DerpRelay
+    from coordinator.http import DerpHttpProtocol
+    from coordinator.keys import NodeKey
+
+    relay = DerpRelay(NodeKey.generate(), keepalive=keepalive)
+
+    async def stats(request: Request) -> JSONResponse:
+        return JSONResponse(relay.stats())
+
+    app = create_app(relay, extra_routes=[Route("/bench/stats", stats)])
+    sock = listening_socket()
+    config = uvicorn.Config(
+        app, http=DerpHttpProtocol, loop="uvloop", lifespan="on", log_level="warning",
+        access_log=False, backlog=4096, timeout_graceful_shutdown=1,
+    )
+    print(f"READY {sock.getsockname()[1]}", flush=True)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("relay", help="serve the Cython relay under uvicorn (uvloop) on a free port")
+    p.add_argument("--keepalive", type=float, default=3600.0, help="DERP keepalive interval, s (default 3600)")
+    args = ap.parse_args()
+    die_with_parent()
+    raise_nofile()
+    if args.cmd == "relay":
+        serve_relay(args.keepalive)
+
+
+if __name__ == "__main__":
+    main()

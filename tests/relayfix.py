@@ -1,0 +1,58 @@
+"""Test helpers: a real uvicorn serving the relay on a free port, in the test's event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+
+import uvicorn
+
+from coordinator.app import create_app
+from coordinator.derp import DerpRelay
+from coordinator.http import DerpHttpProtocol
+from coordinator.keys import NodeKey
+
+
+@contextlib.asynccontextmanager
+async def serve_relay(*, ssl_certfile: str | None = None, ssl_keyfile: str | None = None, **tuning):
+    """Yield ``(url, relay)`` for a relay served by uvicorn on 127.0.0.1:<free port>."""
+    relay = DerpRelay(NodeKey.generate(), **tuning)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        create_app(relay), http=DerpHttpProtocol, lifespan="on", log_level="warning",
+        ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile, timeout_graceful_shutdown=1,
+    )
+    server = uvicorn.Server(config)
+    server.install_signal_handlers = lambda: None  # older uvicorn
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        for _ in range(500):
+            if server.started or task.done():
+                break
+            await asyncio.sleep(0.01)
+        if task.done():
+            task.result()
+        scheme = "https" if ssl_certfile else "http"
+        yield f"{scheme}://127.0.0.1:{port}/derp", relay
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 10)
+        sock.close()
+
+
+async def wait_for(predicate, timeout: float = 5.0, interval: float = 0.01):
+    """Poll ``predicate`` until true; fail the test after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if loop.time() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(interval)

@@ -1,0 +1,133 @@
+"""The relay as users run it: the uvicorn command line, `coordinator server`, TLS, the wheel."""
+
+import signal
+import subprocess
+import sys
+import venv
+import zipfile
+
+import pytest
+
+from coordinator.client import DerpClient
+from procs import ROOT, Proc, free_port, python
+from relayfix import serve_relay
+
+pytestmark = pytest.mark.anyio
+
+
+async def roundtrip(url: str, **kwargs) -> None:
+    async with await DerpClient.connect(url, **kwargs) as a, await DerpClient.connect(url, **kwargs) as b:
+        await a.send(b.public_key, b"ping over " + url.encode())
+        assert (await b.recv_packet(timeout=5)).data == b"ping over " + url.encode()
+
+
+@pytest.fixture
+def procs():
+    started: list[Proc] = []
+    yield started
+    for p in started:
+        p.stop()
+
+
+async def test_plain_uvicorn_command_line(tmp_path, procs):
+    port = free_port()
+    p = Proc(
+        [python(), "-m", "uvicorn", "coordinator.app:app", "--http", "coordinator.http:DerpHttpProtocol",
+         "--port", str(port), "--log-level", "warning"],
+        env={"COORDINATOR_DATA_DIR": str(tmp_path)}, log=tmp_path / "uvicorn.log",
+    )
+    procs.append(p)
+    p.wait_http(f"http://127.0.0.1:{port}/healthz")
+    await roundtrip(f"http://127.0.0.1:{port}/derp")
+    await roundtrip(f"http://127.0.0.1:{port}/derp", websocket=True)
+    assert (tmp_path / "derper.key").exists()
+
+
+async def test_uvicorn_without_derp_protocol_still_serves_websocket(tmp_path, procs):
+    """Without --http only WebSocket clients can connect (through the ASGI bridge); raw gets 426."""
+    port = free_port()
+    p = Proc([python(), "-m", "uvicorn", "coordinator.app:app", "--port", str(port), "--log-level", "warning"],
+             env={"COORDINATOR_DATA_DIR": str(tmp_path)}, log=tmp_path / "uvicorn.log")
+    procs.append(p)
+    p.wait_http(f"http://127.0.0.1:{port}/healthz")
+    await roundtrip(f"http://127.0.0.1:{port}/derp", websocket=True)
+    from coordinator.client import DerpError
+
+    with pytest.raises(DerpError, match="426"):
+        await DerpClient.connect(f"http://127.0.0.1:{port}/derp")
+
+
+async def test_coordinator_server_serves_and_stops_on_sigterm(tmp_path, procs):
+    port = free_port()
+    p = Proc([python(), "-m", "coordinator", "server", "--address", f"127.0.0.1:{port}", "--data-dir", str(tmp_path)],
+             log=tmp_path / "server.log")
+    procs.append(p)
+    p.wait_http(f"http://127.0.0.1:{port}/healthz")
+    await roundtrip(f"http://127.0.0.1:{port}/derp")
+    p.signal(signal.SIGTERM)
+    assert p.wait() == 0
+    assert "Traceback" not in p.output
+
+
+def test_coordinator_server_refuses_bad_config(tmp_path):
+    for args, message in [
+        (["--address", "nonsense"], "COORDINATOR_ADDRESS"),
+        (["--heartbeat", "fast"], "duration"),
+        (["--relay-url", "10.0.0.1:80"], "absolute http"),
+        (["--relay-url", "https://lb.example.com", "--access-url", "https://lb.example.com/"], "not the access URL"),
+    ]:
+        out = subprocess.run([python(), "-m", "coordinator", "server", "--data-dir", str(tmp_path), *args],
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 2, out
+        assert message in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.fixture(scope="module")
+def tls_cert(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tls")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+         "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem")],
+        check=True, capture_output=True,
+    )
+    return str(d / "cert.pem"), str(d / "key.pem")
+
+
+async def test_tls_raw_and_websocket_with_http11_alpn(tls_cert):
+    import asyncio
+    import ssl
+
+    cert, key = tls_cert
+    async with serve_relay(ssl_certfile=cert, ssl_keyfile=key) as (url, _):
+        assert url.startswith("https://")
+        await roundtrip(url, insecure=True)
+        await roundtrip(url, insecure=True, websocket=True)
+        ctx = ssl.create_default_context(cafile=cert)
+        ctx.set_alpn_protocols(["h2", "http/1.1"])
+        port = int(url.split(":")[2].split("/")[0])
+        _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
+        assert writer.get_extra_info("ssl_object").selected_alpn_protocol() == "http/1.1"
+        writer.close()
+
+
+@pytest.mark.timeout(600)
+def test_wheel_contains_compiled_relay_and_installs_in_fresh_venv(tmp_path):
+    wheels = tmp_path / "wheels"
+    subprocess.run([python(), "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(ROOT)],
+                   check=True, timeout=600)
+    (wheel,) = wheels.glob("coordinator_ha-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert any(n.startswith("_relay/relay.") and n.endswith(".so") for n in names), names
+    assert any(n.startswith("_relay/codec.") and n.endswith(".so") for n in names), names
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=False)
+    bin_python = env_dir / "bin" / "python"
+    subprocess.run([python(), "-m", "pip", "--python", str(bin_python), "install", "--no-deps", "-q", str(wheel)],
+                   check=True, timeout=300)
+    out = subprocess.run(
+        [str(bin_python), "-c", "import _relay.relay, _relay.codec; print(_relay.relay.__file__)"],
+        capture_output=True, text=True, cwd=tmp_path, check=True,
+    )
+    assert str(env_dir) in out.stdout and out.stdout.strip().endswith(".so")
+    assert sys.version_info >= (3, 11)

@@ -1,0 +1,460 @@
+"""The relay end to end: real uvicorn on a free port, real sockets, the Python DERP client."""
+
+import asyncio
+import os
+import socket
+import struct
+
+import pytest
+import websockets
+
+from _relay import codec
+from coordinator.client import (
+    DerpClient,
+    DerpError,
+    DerpRefused,
+    KeepAlive,
+    PeerGone,
+    PeerPresent,
+    RecvPacket,
+)
+from coordinator.keys import NodeKey
+from relayfix import serve_relay, wait_for
+
+pytestmark = pytest.mark.anyio
+
+SIZES = [0, 1, 100, 1000, 16000, 32767, 32768, 40000, 65536]
+DISCO = codec.DISCO_MAGIC + os.urandom(56)
+
+
+@pytest.fixture
+async def relay():
+    async with serve_relay(handshake_timeout=1.0) as (url, relay):
+        yield url, relay
+
+
+async def exchange(a: DerpClient, b: DerpClient, sizes=SIZES):
+    """Send every size a->b and b->a and check content and source key."""
+    for src, dst in ((a, b), (b, a)):
+        payloads = [os.urandom(n) for n in sizes]
+        for p in payloads:
+            await src.send(dst.public_key, p)
+        for p in payloads:
+            frame = await dst.recv_packet(timeout=5)
+            assert frame == RecvPacket(src.public_key, p)
+
+
+@pytest.mark.parametrize(("ws_a", "ws_b"), [(False, False), (True, True), (False, True)], ids=["raw", "websocket", "mixed"])
+async def test_packets_both_ways(relay, ws_a, ws_b):
+    url, _ = relay
+    async with await DerpClient.connect(url, websocket=ws_a) as a, await DerpClient.connect(url, websocket=ws_b) as b:
+        assert a.server_info == {"version": 2}
+        await exchange(a, b)
+
+
+async def test_upgrade_response_headers(relay):
+    url, r = relay
+    async with await DerpClient.connect(url) as a:
+        assert a.response_headers["derp-version"] == "2"
+        assert a.response_headers["derp-public-key"] == r.public_key.hex()
+        assert a.server_key == r.public_key
+
+
+async def test_fast_start_sends_no_http_response(relay):
+    url, r = relay
+    port = int(url.split(":")[2].split("/")[0])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /derp HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: DERP\r\nDerp-Fast-Start: 1\r\n\r\n")
+    first = await asyncio.wait_for(reader.readexactly(45), 5)
+    assert first == r.server.server_key_frame
+    writer.close()
+
+
+async def test_legacy_websocket_header_without_subprotocol_is_raw_derp(relay):
+    url, r = relay
+    port = int(url.split(":")[2].split("/")[0])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /derp HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: WebSocket\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 101 ") and b"Upgrade: DERP" in head
+    assert await asyncio.wait_for(reader.readexactly(45), 5) == r.server.server_key_frame
+    writer.close()
+
+
+async def test_split_and_coalesced_frames(relay):
+    url, _ = relay
+    async with await DerpClient.connect(url) as a, await DerpClient.connect(url) as b:
+        sock = a.transport.get_extra_info("socket")
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        frame = codec.send_packet(b.public_key, b"split across many reads")
+        for i in range(len(frame)):  # one byte per write: the server sees one-byte reads
+            await a.send_raw(frame[i : i + 1])
+            await asyncio.sleep(0.001)
+        assert (await b.recv_packet(timeout=5)).data == b"split across many reads"
+        payloads = [os.urandom(n) for n in range(0, 3000, 7)]
+        await a.send_raw(b"".join(codec.send_packet(b.public_key, p) for p in payloads))  # coalesced
+        for p in payloads:
+            assert (await b.recv_packet(timeout=5)).data == p
+        # frames straddling write boundaries at odd offsets
+        blob = b"".join(codec.send_packet(b.public_key, bytes([i]) * 5000) for i in range(20))
+        for i in range(0, len(blob), 4093):
+            await a.send_raw(blob[i : i + 4093])
+        for i in range(20):
+            assert (await b.recv_packet(timeout=5)).data == bytes([i]) * 5000
+
+
+async def test_websocket_messages_limited_to_32k_and_large_incoming_accepted(relay):
+    url, _ = relay
+    async with await DerpClient.connect(url) as a:
+        ws = await websockets.connect(url.replace("http", "ws"), subprotocols=["derp"], compression=None, max_size=None)
+        try:
+            from coordinator.handshake import client_info_payload
+
+            reader = codec.FrameReader()
+            frames = []
+            while not frames:
+                frames += reader.feed(await ws.recv())
+            server_key = frames[0][1][8:40]
+            key = NodeKey.generate()
+            hello = codec.frame(codec.CLIENT_INFO, client_info_payload(key, server_key, {"version": 2}))
+            # one 200 KB WebSocket message holding the ClientInfo and three 64 KiB packets
+            big = hello + b"".join(codec.send_packet(a.public_key, bytes([i]) * 65536) for i in range(3))
+            await ws.send(big)
+            for i in range(3):
+                assert (await a.recv_packet(timeout=5)).data == bytes([i]) * 65536
+            await a.send_many(key.public, [os.urandom(65536) for _ in range(4)])
+            got, sizes = 0, []
+            while got < 4:
+                msg = await asyncio.wait_for(ws.recv(), 5)
+                sizes.append(len(msg))
+                got += sum(1 for t, _ in reader.feed(msg) if t == codec.RECV_PACKET)
+            assert max(sizes) <= 32768
+        finally:
+            await ws.close()
+
+
+async def test_duplicate_connections_last_sender_is_active(relay):
+    url, r = relay
+    key = NodeKey.generate()
+    async with await DerpClient.connect(url) as sender:
+        first = await DerpClient.connect(url, key)
+        second = await DerpClient.connect(url, key)
+        await wait_for(lambda: len(r.server.connections(key.public)) == 2)
+        assert r.stats()["duplicate_keys"] == 1
+        await sender.send(key.public, b"to-newest")
+        assert (await second.recv_packet(timeout=5)).data == b"to-newest"
+        await first.note_preferred(True)  # any frame makes its sender the active one
+        await wait_for(lambda: r.server.connections(key.public)[-1].remote_port == first.transport.get_extra_info("sockname")[1])
+        await sender.send(key.public, b"to-first")
+        assert (await first.recv_packet(timeout=5)).data == b"to-first"
+        await first.close()
+        await wait_for(lambda: len(r.server.connections(key.public)) == 1)
+        await sender.send(key.public, b"to-survivor")
+        assert (await second.recv_packet(timeout=5)).data == b"to-survivor"
+        await second.close()
+        await wait_for(lambda: not r.server.connections(key.public))
+
+
+async def test_ping_pong(relay):
+    url, _ = relay
+    async with await DerpClient.connect(url) as a, await DerpClient.connect(url, websocket=True) as b:
+        assert 0 < await a.ping() < 5
+        assert 0 < await b.ping() < 5
+        await a.send_raw(codec.frame(codec.PING, b"12345678" + bytes(992)))  # 1000 B: allowed, 8 echoed
+        frame = await a.recv(timeout=5)
+        assert frame.data == b"12345678"
+
+
+async def test_keepalive_sent_on_schedule():
+    async with serve_relay(keepalive=0.2, keepalive_jitter=0.05) as (url, r):
+        async with await DerpClient.connect(url) as a:
+            for _ in range(2):
+                assert isinstance(await a.recv(timeout=3), KeepAlive)
+            assert r.stats()["keepalives"] >= 2
+
+
+async def test_peer_gone_not_here_for_disco_to_unknown_key_rate_limited(relay):
+    url, r = relay
+    async with await DerpClient.connect(url) as a:
+        nobody = NodeKey.generate().public
+        for _ in range(10):
+            await a.send(nobody, DISCO)
+        await a.send(nobody, b"not disco")
+        gone = []
+        with pytest.raises(asyncio.TimeoutError):
+            while True:
+                gone.append(await a.recv(timeout=0.5))
+        assert gone == [PeerGone(nobody, codec.PEER_GONE_NOT_HERE)] * 3  # burst 3, then 1/s
+        assert r.stats()["drops"]["unknown_dest"] == 11
+
+
+async def test_peer_gone_disconnected_to_those_who_heard_from_it(relay):
+    url, _ = relay
+    async with await DerpClient.connect(url) as a:
+        b = await DerpClient.connect(url)
+        await b.send(a.public_key, b"hi")
+        assert (await a.recv_packet(timeout=5)).src == b.public_key
+        await b.close()
+        assert await a.recv(timeout=5) == PeerGone(b.public_key, codec.PEER_GONE_DISCONNECTED)
+
+
+async def test_mesh_watch_forward_and_close_peer():
+    mesh_key = "ab" * 32
+    async with serve_relay(mesh_key=mesh_key) as (url, r):
+        async with await DerpClient.connect(url) as a:
+            watcher = await DerpClient.connect(url, mesh_key=mesh_key.upper())
+            await watcher.watch_conns()
+            present = await watcher.recv(timeout=5)
+            assert isinstance(present, PeerPresent)
+            assert present.key == a.public_key and present.ip == "127.0.0.1"
+            assert present.port == a.transport.get_extra_info("sockname")[1]
+            assert present.flags == codec.PEER_PRESENT_IS_REGULAR
+            raw = codec.FrameReader()  # the wire form is the 51-byte payload
+            assert len(codec.frame(codec.PEER_PRESENT, a.public_key, bytes(19))) - 5 == 51
+            del raw
+            b = await DerpClient.connect(url)
+            assert (await watcher.recv(timeout=5)).key == b.public_key
+            remote = NodeKey.generate().public
+            await watcher.forward(remote, a.public_key, b"via mesh")
+            assert await a.recv_packet(timeout=5) == RecvPacket(remote, b"via mesh")
+            assert r.stats()["forwarded_in"] == 1
+            await watcher.close_peer(b.public_key)
+            assert await watcher.recv(timeout=5) == PeerGone(b.public_key, codec.PEER_GONE_DISCONNECTED)
+            with pytest.raises(DerpError):
+                await b.recv(timeout=5)
+            await b.close()
+            await watcher.close()
+
+
+async def test_wrong_mesh_key_refused():
+    async with serve_relay(mesh_key="right-key") as (url, _):
+        with pytest.raises(DerpRefused):
+            await DerpClient.connect(url, mesh_key="wrong-key")
+
+
+async def test_forwarder_sends_forward_packets(relay):
+    url, r = relay
+    # A plain TCP socket pair stands in for the mesh link's transport: we read what the relay writes.
+    loop = asyncio.get_running_loop()
+    left, right = socket.socketpair()
+    transport, _ = await loop.create_connection(asyncio.Protocol, sock=left)
+    fwd = r.forwarder(transport, "peer-1")
+    remote = NodeKey.generate().public
+    r.server.add_forwarder(remote, fwd)
+    async with await DerpClient.connect(url) as a:
+        await a.send(remote, b"over the mesh")
+        right.setblocking(False)
+        data = await asyncio.wait_for(loop.sock_recv(right, 4096), 5)
+        assert data == codec.forward_packet(a.public_key, remote, b"over the mesh")
+        assert r.server.lookup(remote) is fwd
+        # a local client always wins over a forwarder
+        local = await DerpClient.connect(url, NodeKey.generate())
+        r.server.add_forwarder(local.public_key, fwd)
+        assert r.server.lookup(local.public_key) is not fwd
+        await local.close()
+        await wait_for(lambda: r.server.lookup(local.public_key) is fwd)
+        assert r.server.remove_forwarder(remote, fwd)
+        assert r.server.lookup(remote) is None
+    transport.close()
+    right.close()
+
+
+async def test_multi_forwarder_rules(relay):
+    _, r = relay
+    loop = asyncio.get_running_loop()
+    pairs = [socket.socketpair() for _ in range(3)]
+    fwds = []
+    for left, _ in pairs:
+        transport, _ = await loop.create_connection(asyncio.Protocol, sock=left)
+        fwds.append(r.forwarder(transport))
+    key = NodeKey.generate().public
+    for f in fwds:
+        r.server.add_forwarder(key, f)
+    r.server.add_forwarder(key, fwds[0])  # same again: no-op
+    assert r.server.forwarders(key) == fwds
+    assert r.server.lookup(key) is fwds[0]  # first registered stays preferred
+    assert r.server.remove_forwarder(key, fwds[0])
+    assert r.server.lookup(key) is fwds[1]  # then the lowest index
+    assert not r.server.remove_forwarder(key, fwds[0])
+    r.server.remove_forwarder(key, fwds[1])
+    r.server.remove_forwarder(key, fwds[2])
+    assert r.server.lookup(key) is None
+    for left, right in pairs:
+        left.close()
+        right.close()
+
+
+# -- bad input: the offender is disconnected, everyone else keeps working -----------------
+
+
+async def raw_socket(url):
+    port = int(url.split(":")[2].split("/")[0])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    return reader, writer
+
+
+async def upgraded(url, server_key_frame):
+    reader, writer = await raw_socket(url)
+    writer.write(b"GET /derp HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: DERP\r\n\r\n")
+    await reader.readuntil(b"\r\n\r\n")
+    assert await reader.readexactly(45) == server_key_frame
+    return reader, writer
+
+
+async def assert_closed(reader, timeout=5.0):
+    data = await asyncio.wait_for(reader.read(), timeout)
+    assert data == b"" or b"\x03" not in data[:1]
+
+
+def client_info(key: NodeKey, server_key: bytes, info=None) -> bytes:
+    from coordinator.handshake import client_info_payload
+
+    return codec.frame(codec.CLIENT_INFO, client_info_payload(key, server_key, info or {"version": 2}))
+
+
+BAD_HANDSHAKES = {
+    "garbage": lambda sk: b"\xde\xad\xbe\xef" * 50,
+    "wrong first frame": lambda sk: codec.frame(codec.PING, bytes(8)),
+    "oversized ClientInfo": lambda sk: codec.header(codec.CLIENT_INFO, 300000),
+    "short ClientInfo": lambda sk: codec.frame(codec.CLIENT_INFO, bytes(40)),
+    "bad box": lambda sk: codec.frame(codec.CLIENT_INFO, NodeKey.generate().public + os.urandom(80)),
+    "not JSON": lambda sk: codec.frame(
+        codec.CLIENT_INFO, __import__("coordinator.handshake").handshake.client_info_payload(NodeKey.generate(), sk, [1])
+    ),
+    "zero key": lambda sk: codec.frame(codec.CLIENT_INFO, bytes(32) + os.urandom(80)),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_HANDSHAKES))
+async def test_bad_handshakes_disconnected(relay, case):
+    url, r = relay
+    async with await DerpClient.connect(url) as a, await DerpClient.connect(url) as b:
+        reader, writer = await upgraded(url, r.server.server_key_frame)
+        writer.write(BAD_HANDSHAKES[case](r.public_key))
+        await assert_closed(reader)
+        writer.close()
+        await exchange(a, b, [0, 1000])
+        assert r.stats()["current_connections"] == 2
+
+
+async def test_truncated_and_slow_handshakes_time_out(relay):
+    url, r = relay
+    async with await DerpClient.connect(url) as a, await DerpClient.connect(url) as b:
+        slow_reader, slow_writer = await upgraded(url, r.server.server_key_frame)
+        cut_reader, cut_writer = await upgraded(url, r.server.server_key_frame)
+        cut_writer.write(client_info(NodeKey.generate(), r.public_key)[:30])  # truncated, then silence
+        await assert_closed(slow_reader, 5)  # handshake_timeout is 1 s in this fixture
+        await assert_closed(cut_reader, 5)
+        slow_writer.close()
+        cut_writer.close()
+        await exchange(a, b, [10])
+        assert r.stats()["handshake_failures"] >= 2
+
+
+BAD_FRAMES = {
+    "oversized packet": lambda k: codec.header(codec.SEND_PACKET, 32 + 65537) + k + bytes(65537),
+    "short SendPacket": lambda k: codec.frame(codec.SEND_PACKET, bytes(10)),
+    "bad NotePreferred": lambda k: codec.frame(codec.NOTE_PREFERRED, b"\x01\x01"),
+    "short Ping": lambda k: codec.frame(codec.PING, b"1234"),
+    "WatchConns without mesh key": lambda k: codec.frame(codec.WATCH_CONNS),
+    "ForwardPacket without mesh key": lambda k: codec.forward_packet(k, k, b"x"),
+    "ClosePeer without mesh key": lambda k: codec.frame(codec.CLOSE_PEER, k),
+    "huge length": lambda k: b"\x04\xff\xff\xff\xff" + k,
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FRAMES))
+async def test_bad_frames_disconnect_only_the_offender(relay, case):
+    url, r = relay
+    async with await DerpClient.connect(url) as a, await DerpClient.connect(url) as b:
+        bad = await DerpClient.connect(url)
+        await bad.send_raw(BAD_FRAMES[case](a.public_key))
+        with pytest.raises(DerpError):
+            while True:
+                await bad.recv(timeout=5)
+        await bad.close()
+        await exchange(a, b, [0, 1000, 65536])
+        await wait_for(lambda: r.stats()["current_connections"] == 2)
+        assert r.stats()["protocol_errors"] >= 1
+
+
+async def test_unknown_frame_types_skipped(relay):
+    url, _ = relay
+    async with await DerpClient.connect(url) as a, await DerpClient.connect(url) as b:
+        await a.send_raw(codec.frame(0x7F, os.urandom(100000)) + codec.frame(codec.KEEP_ALIVE) + codec.frame(codec.PONG, bytes(8)))
+        await exchange(a, b, [5])
+
+
+async def test_bad_websocket_input(relay):
+    url, r = relay
+    async with await DerpClient.connect(url) as a, await DerpClient.connect(url) as b:
+        ws = await websockets.connect(url.replace("http", "ws"), subprotocols=["derp"])
+        await ws.recv()
+        await ws.send("text is not allowed")
+        with pytest.raises(websockets.ConnectionClosed) as info:
+            while True:
+                await asyncio.wait_for(ws.recv(), 5)
+        assert info.value.rcvd is None or info.value.rcvd.code == 1003
+        await exchange(a, b, [100])
+        await wait_for(lambda: r.stats()["current_connections"] == 2)
+
+
+async def test_slow_receiver_drops_oldest_and_write_timeout_sheds_it():
+    async with serve_relay(queue_depth=4, write_timeout=0.5, high_water=64 * 1024) as (url, r):
+        async with await DerpClient.connect(url) as sender, await DerpClient.connect(url) as other:
+            stuck = await DerpClient.connect(url)
+            stuck.transport.pause_reading()  # never reads: its socket buffers fill up
+            for _ in range(40):
+                await sender.send_many(stuck.public_key, [bytes(60000)] * 10)
+            drops = r.stats()["drops"]
+            assert drops["queue_head"] > 0
+            await wait_for(lambda: not r.server.connections(stuck.public_key), timeout=10)
+            assert r.stats()["drops"]["write_error"] >= 1
+            await exchange(sender, other, [0, 1000])  # the sender's reader was never blocked
+            stuck.transport.abort()
+
+
+# -- HTTP endpoints ---------------------------------------------------------------------------
+
+
+async def http(url, request: bytes) -> bytes:
+    reader, writer = await raw_socket(url)
+    writer.write(request)
+    data = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    return data
+
+
+async def test_plain_derp_request_gets_426(relay):
+    url, _ = relay
+    resp = await http(url, b"GET /derp HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert resp.startswith(b"HTTP/1.1 426 ") and resp.endswith(b"DERP requires connection upgrade")
+
+
+async def test_probe_and_generate_204(relay):
+    url, _ = relay
+    for path in (b"/derp/probe", b"/derp/latency-check"):
+        for method in (b"GET", b"HEAD"):
+            resp = await http(url, method + b" " + path + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert resp.startswith(b"HTTP/1.1 200 ") and b"access-control-allow-origin: *" in resp.lower()
+        resp = await http(url, b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        assert resp.startswith(b"HTTP/1.1 405 ") and b"bogus probe method" in resp
+    resp = await http(url, b"GET /generate_204 HTTP/1.1\r\nHost: x\r\nX-Tailscale-Challenge: abc.123:x\r\nConnection: close\r\n\r\n")
+    assert resp.startswith(b"HTTP/1.1 204 ") and b"x-tailscale-response: response abc.123:x" in resp.lower()
+    resp = await http(url, b"GET /generate_204 HTTP/1.1\r\nHost: x\r\nX-Tailscale-Challenge: bad challenge!\r\nConnection: close\r\n\r\n")
+    assert b"x-tailscale-response" not in resp.lower()
+    resp = await http(url, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert resp.startswith(b"HTTP/1.1 200 ")
+
+
+async def test_counters(relay):
+    url, r = relay
+    async with await DerpClient.connect(url) as a, await DerpClient.connect(url) as b:
+        await a.note_preferred(True)
+        await exchange(a, b, [10, 20])
+        s = r.stats()
+        assert s["packets_in"] == 4 and s["packets_out"] == 4
+        assert s["bytes_in"] == 60 and s["bytes_out"] == 60
+        assert s["current_connections"] == 2 and s["current_home_connections"] == 1
+        assert s["accepts"] == 2
+    assert struct.calcsize(">I") == 4
