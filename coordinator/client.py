@@ -303,7 +303,7 @@ class DerpClient:
                 stream, resp_headers = await _open_websocket(url, timeout=timeout, insecure=insecure, headers=headers), {}
             else:
                 stream, resp_headers = await _open_raw(url, timeout=timeout, insecure=insecure, headers=headers)
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             raise DerpError(f"{url}: cannot connect: {exc or type(exc).__name__}") from exc
         self = cls(stream, key, b"", url)
         self.response_headers = resp_headers
@@ -431,7 +431,7 @@ class DerpClient:
             while not fut.done():
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise asyncio.TimeoutError()
+                    raise TimeoutError()
                 if self._read_lock.locked():
                     await asyncio.wait({fut}, timeout=min(left, 0.05))
                     continue
@@ -445,7 +445,7 @@ class DerpClient:
                     else:
                         self._held.append((ftype, payload))  # recv gets it next, in order
             return fut.result() - start
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise DerpError(f"{self.url}: no Pong within {timeout:.1f} s") from None
         finally:
             self._pings.pop(data, None)

@@ -133,10 +133,10 @@ def check_server_version(version_num: int, where: str = "the server") -> None:
         )
 
 
-def load_migrations(package: str = "coordinator.migrations") -> list[Migration]:
-    """The ``NNNN_name.sql`` files of ``package``, in version order."""
+def load_migrations(package: str = "coordinator", directory: str = "migrations") -> list[Migration]:
+    """The ``NNNN_name.sql`` files in ``package/directory``, in version order."""
     found: dict[int, Migration] = {}
-    for entry in resources.files(package).iterdir():
+    for entry in resources.files(package).joinpath(directory).iterdir():
         if not entry.name.endswith(".sql"):
             continue
         match = re.fullmatch(r"(\d{4})_([a-z0-9_]+)\.sql", entry.name)
@@ -205,9 +205,11 @@ async def _connect_with_retry(conninfo: str, target: str, password: str | None, 
     while True:
         attempts += 1
         try:
-            return await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
-        except psycopg.OperationalError as exc:
-            reason = redact(str(exc).strip(), password)
+            # connect_timeout is per host and at least 2 s; this keeps the total within ``wait``.
+            with anyio.fail_after(max(deadline - time.monotonic(), 1.0)):
+                return await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
+        except (psycopg.OperationalError, TimeoutError) as exc:
+            reason = "timed out" if isinstance(exc, TimeoutError) else redact(str(exc).strip(), password)
             if _fatal(exc):
                 raise DatabaseUnavailable(f"PostgreSQL at {target} refused the connection: {reason}") from None
             remaining = deadline - time.monotonic()
@@ -262,13 +264,25 @@ async def migrate(conn: psycopg.AsyncConnection, migrations: list[Migration], lo
     return applied_now
 
 
+async def _probe(conn: psycopg.AsyncConnection) -> Probe:
+    wall = time.time()
+    t0 = time.perf_counter()
+    cur = await conn.execute("SELECT clock_timestamp()")
+    latency = time.perf_counter() - t0
+    db_time: datetime = (await cur.fetchone())[0]
+    return Probe(latency, db_time.timestamp() - (wall + latency / 2))
+
+
 class Database:
     """A connection pool to one PostgreSQL server. Build with :meth:`open`."""
 
-    def __init__(self, pool: AsyncConnectionPool, target: str, server_version: int):
+    def __init__(
+        self, pool: AsyncConnectionPool, target: str, server_version: int, migrations: list[Migration] | None = None
+    ):
         self.pool = pool
         self.target = target
         self.server_version = server_version
+        self.migrations = load_migrations() if migrations is None else migrations
 
     @classmethod
     async def open(
@@ -329,7 +343,19 @@ class Database:
         except Exception as exc:
             await pool.close()
             raise DatabaseUnavailable(f"cannot open a connection pool to PostgreSQL at {target}: {redact(str(exc), password)}") from None
-        return cls(pool, target, version)
+        return cls(pool, target, version, migrations)
+
+    async def migrate(self) -> list[int]:
+        """Apply pending migrations again, e.g. after the database was replaced by an empty one."""
+        async with self.pool.connection() as conn:
+            await conn.execute("SET statement_timeout = 0")
+            try:
+                applied = await migrate(conn, self.migrations)
+            finally:
+                await conn.execute("RESET statement_timeout")
+        if applied:
+            log.warning("re-applied migrations %s to %s", applied, self.target)
+        return applied
 
     @asynccontextmanager
     async def connection(self, timeout: float | None = None) -> AsyncIterator[psycopg.AsyncConnection]:
@@ -337,16 +363,13 @@ class Database:
         async with self.pool.connection(timeout=timeout) as conn:
             yield conn
 
-    async def probe(self, timeout: float = 5.0) -> Probe:
-        """Measure one round trip and the database clock's offset from ours."""
+    async def probe(self, timeout: float = 5.0, conn: psycopg.AsyncConnection | None = None) -> Probe:
+        """Measure one round trip and the database clock's offset from ours (on ``conn`` if given)."""
         with anyio.fail_after(timeout):
+            if conn is not None:
+                return await _probe(conn)
             async with self.pool.connection(timeout=timeout) as conn:
-                wall = time.time()
-                t0 = time.perf_counter()
-                cur = await conn.execute("SELECT clock_timestamp()")
-                latency = time.perf_counter() - t0
-                db_time: datetime = (await cur.fetchone())[0]
-        return Probe(latency, db_time.timestamp() - (wall + latency / 2))
+                return await _probe(conn)
 
     async def ping(self, timeout: float = 5.0) -> float:
         """Round-trip time of one trivial query, in seconds."""

@@ -12,6 +12,7 @@ import hashlib
 import logging
 
 import httptools
+from uvicorn.middleware.proxy_headers import _TrustedHosts
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger("coordinator.http")
@@ -63,6 +64,22 @@ def websocket_accept(headers: list[tuple[bytes, bytes]]) -> bytes | None:
         b"Sec-WebSocket-Accept: " + accept + b"\r\n"
         b"Sec-WebSocket-Protocol: derp\r\n\r\n"
     )
+
+
+def client_address(protocol: HttpToolsProtocol, headers: dict[bytes, bytes]) -> tuple[str, int] | None:
+    """The client's address: the socket peer, or X-Forwarded-For when the peer is a trusted proxy."""
+    peer = protocol.client
+    config = protocol.config
+    forwarded = headers.get(b"x-forwarded-for")
+    if not (config.proxy_headers and forwarded and peer):
+        return peer
+    trusted = getattr(config, "_derp_trusted_hosts", None)
+    if trusted is None:
+        trusted = config._derp_trusted_hosts = _TrustedHosts(config.forwarded_allow_ips)
+    if peer[0] not in trusted:
+        return peer
+    host, port = trusted.get_trusted_client_address(forwarded.decode("latin-1"))
+    return (host, port) if host else peer
 
 
 class DerpHttpProtocol(HttpToolsProtocol):
@@ -135,7 +152,7 @@ class DerpHttpProtocol(HttpToolsProtocol):
             prefix,
             pending,
             websocket=websocket,
-            remote=self.client,
+            remote=client_address(self, headers),
             not_ideal=bool(headers.get(b"ideal-node", b"").strip()),
         )
         self.parser = None  # type: ignore[assignment]

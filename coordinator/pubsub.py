@@ -126,8 +126,10 @@ def check_payload(payload: bytes | str) -> tuple[str, int]:
     return text, size
 
 
-def _ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
+def _listen_sql(verb: bytes, channel: str) -> bytes:
+    # Bytes, not str: psycopg would encode str with the connection's encoding, which for a
+    # SQL_ASCII database is ASCII and cannot carry every valid channel name.
+    return verb + b' "' + channel.encode().replace(b'"', b'""') + b'"'
 
 
 def _abort(conn: psycopg.AsyncConnection) -> None:
@@ -136,6 +138,7 @@ def _abort(conn: psycopg.AsyncConnection) -> None:
     Cancelling psycopg mid-query would first try a server-side cancel and wait for it, which on a
     half-open connection takes many seconds; a shut socket makes the pending read return EOF at once.
     """
+    import traceback; log.warning("ABORT %s", "".join(traceback.format_stack()[-4:]))
     try:
         sock = socket.socket(fileno=os.dup(conn.pgconn.socket))
     except (OSError, psycopg.Error):
@@ -400,7 +403,6 @@ class PubSub:
         self._ping_interval, self._ping_timeout = ping_interval, ping_timeout
         self._conn_kwargs: dict[str, Any] = {
             "autocommit": True,
-            "client_encoding": "UTF8",
             "connect_timeout": max(2, math.ceil(connect_timeout)),
             "keepalives": 1,
             "keepalives_idle": keepalive_idle,
@@ -674,7 +676,7 @@ class PubSub:
 
     async def _connect_publisher(self) -> psycopg.AsyncConnection:
         return await psycopg.AsyncConnection.connect(
-            self.url, application_name=self._publish_app, **self._conn_kwargs
+            self.url, application_name=self._publish_app, client_encoding="UTF8", **self._conn_kwargs
         )
 
     async def _notify(self, channel: str, text: str, size: int, *, count: bool) -> None:
@@ -723,6 +725,9 @@ class PubSub:
                     await self._session(conn, reconnect=ever_up)
                 except (psycopg.Error, OSError) as exc:
                     reason = self._teardown_reason or _describe(exc)
+                except Exception as exc:  # a bug here must not end the listener for good
+                    log.exception("pubsub: listener failed")
+                    reason = f"internal error: {exc!r}"
                 finally:
                     was_up = await self._end_session(conn)
                 attempt += 1
@@ -744,6 +749,12 @@ class PubSub:
         # Take libpq's notifications raw: psycopg's own handler decodes strictly with the connection
         # encoding, and a payload that doesn't decode (e.g. a SQL_ASCII database) would raise mid-read.
         pg.notify_handler = self._on_notify
+        # In a SQL_ASCII database any bytes can be NOTIFYed, and converting them to another client
+        # encoding makes the server end the connection (FATAL): there, take them as stored.
+        server_enc = conn.info.parameter_status("server_encoding")
+        want_enc = "SQL_ASCII" if server_enc == "SQL_ASCII" else "UTF8"
+        if conn.info.parameter_status("client_encoding") != want_enc:
+            await conn.execute(f"SET client_encoding TO '{want_enc}'".encode())
         self._conn = conn
         self._session_id += 1
         self._teardown_reason = None
@@ -817,12 +828,12 @@ class PubSub:
         target = self._want_gen
         wanted = set(self._channels)
         wanted.add(self.latency_channel)
-        stmts = [f"LISTEN {_ident(c)}" for c in wanted - self._listening]
-        stmts += [f"UNLISTEN {_ident(c)}" for c in self._listening - wanted]
+        stmts = [(c, _listen_sql(b"LISTEN", c)) for c in wanted - self._listening]
+        stmts += [(c, _listen_sql(b"UNLISTEN", c)) for c in self._listening - wanted]
         for i in range(0, len(stmts), _LISTEN_CHUNK):
             chunk = stmts[i : i + _LISTEN_CHUNK]
             try:
-                await conn.execute("; ".join(chunk))
+                await conn.execute(b"; ".join(sql for _, sql in chunk))
             except psycopg.Error:
                 if conn.broken or conn.closed:
                     raise
@@ -831,16 +842,15 @@ class PubSub:
         self._applied_gen = target
         self._signal_pass()
 
-    async def _listen_singly(self, conn: psycopg.AsyncConnection, stmts: list[str]) -> None:
+    async def _listen_singly(self, conn: psycopg.AsyncConnection, stmts: list[tuple[str, bytes]]) -> None:
         """The server refused a chunk (e.g. a name its encoding can't hold): isolate the culprit."""
-        for stmt in stmts:
+        for channel, sql in stmts:
             try:
-                await conn.execute(stmt)
+                await conn.execute(sql)
             except psycopg.Error as exc:
                 if conn.broken or conn.closed:
                     raise
-                channel = stmt.split(" ", 1)[1][1:-1].replace('""', '"')
-                log.error("pubsub: %s failed, dropping its subscribers: %s", stmt, _describe(exc))
+                log.error("pubsub: %s failed, dropping its subscribers: %s", sql.decode(), _describe(exc))
                 for sub in self._channels.pop(channel, ()):
                     sub.error = exc
                     sub.close()

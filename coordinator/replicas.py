@@ -31,6 +31,7 @@ from typing import Any, Protocol
 from uuid import UUID, uuid4
 
 import anyio
+import psycopg
 from psycopg.rows import dict_row
 
 from coordinator.db import Database, DatabaseUnavailable
@@ -230,11 +231,11 @@ class ReplicaRegistry:
             try:
                 with anyio.fail_after(max(self._op_timeout, 10.0)):
                     await self._beat()
+                self._mark_healthy()
+                await self._publish()
+                await self._sync()
             except Exception as exc:
                 raise DatabaseUnavailable(f"cannot register replica {self.id}: {_describe(exc)}") from exc
-            self._mark_healthy()
-            await self._publish()
-            await self._sync()
             # A task of its own, not a task group entered here: stop() may come from another task.
             self._runner = asyncio.get_running_loop().create_task(self._run(), name=f"replica-{self.id}")
             self._state = "running"
@@ -270,6 +271,8 @@ class ReplicaRegistry:
             )
         self._healthy = False
         self._state = "stopped"
+        self._kick_send.close()
+        self._kick_recv.close()
 
     async def refresh(self) -> None:
         """Re-read the table now (Coder's UpdateNow, without the write)."""
@@ -306,9 +309,14 @@ class ReplicaRegistry:
         failures = 0
         cleanup_every = max(min(self.cleanup_after, 1800.0), self.heartbeat)
         next_cleanup = time.monotonic() + cleanup_every
+        last = time.monotonic()
         while True:
-            delay = self.heartbeat if not failures else min(self.heartbeat * 2**failures, max(RETRY_CAP, self.heartbeat))
+            if failures:
+                delay = min(self.heartbeat * 2**failures, max(RETRY_CAP, self.heartbeat))
+            else:  # a fixed rate: a slow beat must not push every later one back
+                delay = max(0.0, last + self.heartbeat - time.monotonic())
             await anyio.sleep(delay)
+            last = time.monotonic()
             try:
                 # Shielded so stop() never abandons a query half-way (the pool would discard the
                 # connection); the timeout still bounds it.
@@ -317,6 +325,8 @@ class ReplicaRegistry:
             except Exception as exc:  # whatever the database does, keep beating
                 failures += 1
                 self._mark_unhealthy(exc)
+                if isinstance(exc, psycopg.errors.UndefinedTable):
+                    await self._remigrate()
                 continue
             failures = 0
             resumed = self._mark_healthy()
@@ -329,18 +339,18 @@ class ReplicaRegistry:
 
     async def _beat(self) -> bool:
         """Write our row (re-inserting it if it is gone); True if it had to be re-inserted."""
-        probe = await self.db.probe(timeout=self._op_timeout)
-        self._check_skew(probe.skew)
         error = self._row_error
         previous = self._self_row
-        params = {
-            "id": self.id, "hostname": self.hostname, "region_id": self.region_id, "relay_url": self.relay_url,
-            "version": self.version, "latency": min(int(probe.latency * 1e6), 2**31 - 1), "error": error,
-            "heartbeat_ms": max(1, round(self.heartbeat * 1000)),
-            "created_at": previous.created_at if previous else None,
-            "started_at": previous.started_at if previous else None,
-        }
         async with self.db.connection(timeout=self._op_timeout) as conn:
+            probe = await self.db.probe(timeout=self._op_timeout, conn=conn)
+            params = {
+                "id": self.id, "hostname": self.hostname, "region_id": self.region_id,
+                "relay_url": self.relay_url, "version": self.version, "error": error,
+                "latency": min(int(probe.latency * 1e6), 2**31 - 1),
+                "heartbeat_ms": max(1, round(self.heartbeat * 1000)),
+                "created_at": previous.created_at if previous else None,
+                "started_at": previous.started_at if previous else None,
+            }
             cur = conn.cursor(row_factory=dict_row)
             row = None
             if previous is not None:
@@ -350,6 +360,7 @@ class ReplicaRegistry:
             if row is None:
                 await cur.execute(_INSERT_SELF, params)
                 row = await cur.fetchone()
+        self._check_skew(probe.skew)
         if reinserted:
             log.warning("replica %s: our row was deleted externally; re-inserted it", self.id)
         self._self_row = Replica.from_row(row, alive=True)
@@ -385,6 +396,15 @@ class ReplicaRegistry:
         else:
             log.debug("replica %s: heartbeat still failing: %s", self.id, self._last_error)
 
+    async def _remigrate(self) -> None:
+        # The schema is gone: the database was replaced (restored, or a failover lost recent
+        # commits). Recreate it rather than fail until someone restarts us.
+        try:
+            with anyio.CancelScope(shield=True), anyio.fail_after(max(self._op_timeout, 30.0)):
+                await self.db.migrate()
+        except Exception as exc:
+            log.debug("re-applying migrations failed: %s", _describe(exc))
+
     def _check_skew(self, skew: float) -> None:
         self.clock_skew = skew
         off = abs(skew) > max(1.0, self.heartbeat)
@@ -410,6 +430,8 @@ class ReplicaRegistry:
             self._kick_send.send_nowait(None)
         except anyio.WouldBlock:
             pass  # a sync is already pending; it will see this change too
+        except anyio.ClosedResourceError:
+            pass  # stopped
 
     def _on_notify(self, payload: bytes | None, err: Exception | None) -> None:
         if err is not None:

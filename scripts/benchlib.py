@@ -21,7 +21,6 @@ import resource
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 
@@ -78,6 +77,15 @@ def rss_bytes(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def machine_cpu_seconds() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat (all CPUs)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
+    total = sum(v[:8])  # guest time is already counted in user
+    return (total - idle) / CLK_TCK, total / CLK_TCK
 
 
 def self_cpu_seconds() -> float:
@@ -168,16 +176,27 @@ def listening_socket(backlog: int = 4096) -> socket.socket:
     return sock
 
 
-def install_uvloop() -> str:
-    """Use uvloop for new event loops when installed; returns the loop's name."""
-    try:
-        import uvloop
-    except ImportError:
-        return "asyncio"
+def loop_factory(name: str = "uvloop"):
+    """``(factory, name)``: uvloop's loop factory when asked for and installed, else asyncio's."""
     import asyncio
 
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return "uvloop"
+    if name == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.new_event_loop, "uvloop"
+    return asyncio.new_event_loop, "asyncio"
+
+
+def run(coro, loop: str = "uvloop"):
+    """``asyncio.run`` on uvloop (if installed and asked for)."""
+    import asyncio
+
+    factory, _ = loop_factory(loop)
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(coro)
 
 
 # -- DERP client plumbing ------------------------------------------------------------------------

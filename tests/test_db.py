@@ -1,12 +1,12 @@
 """Database layer against a real PostgreSQL: bounded open, version check, migrations, mesh key, outages."""
 
 import re
+import socket
 import time
 
 import anyio
 import psycopg
 import pytest
-from pgcluster import PgCluster, free_port
 
 from coordinator.db import (
     Database,
@@ -19,6 +19,7 @@ from coordinator.db import (
     format_server_version,
     load_migrations,
 )
+from pgcluster import PgCluster, free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -112,6 +113,20 @@ async def test_unreachable_server_fails_after_bounded_wait():
     message = str(info.value)
     assert f"127.0.0.1:{port}" in message and "'coord'" in message
     assert "s3cret" not in message and "s3cret" not in repr(info.value.__cause__ or "")
+
+
+async def test_silent_server_fails_after_bounded_wait():
+    # Accepts TCP connections (the kernel does) but never answers: a hung or black-holed server.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        port = listener.getsockname()[1]
+        t0 = time.monotonic()
+        with pytest.raises(DatabaseUnavailable, match="timed out"):
+            await Database.open(f"postgresql://app@127.0.0.1:{port}/coord", wait=1.0)
+        elapsed = time.monotonic() - t0
+    print(f"\ngave up on a silent server after {elapsed:.2f} s")
+    assert elapsed < 5
 
 
 async def test_missing_database_fails_fast(pg_cluster):

@@ -53,6 +53,8 @@ class Child:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(30)
+        self.proc.stdin.close()
+        self.proc.stdout.close()
 
 
 @pytest.fixture

@@ -458,3 +458,14 @@ async def test_counters(relay):
         assert s["current_connections"] == 2 and s["current_home_connections"] == 1
         assert s["accepts"] == 2
     assert struct.calcsize(">I") == 4
+
+
+async def test_client_address_from_trusted_proxy_header():
+    mesh_key = "cd" * 32
+    async with serve_relay(mesh_key=mesh_key) as (url, r):
+        async with await DerpClient.connect(url, headers={"X-Forwarded-For": "203.0.113.7:4242"}) as a:
+            watcher = await DerpClient.connect(url, mesh_key=mesh_key)
+            await watcher.watch_conns()
+            present = await watcher.recv(timeout=5)
+            assert (present.key, present.ip, present.port) == (a.public_key, "203.0.113.7", 4242)
+            await watcher.close()

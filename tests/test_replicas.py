@@ -14,11 +14,11 @@ from uuid import UUID, uuid4
 import anyio
 import psycopg
 import pytest
-from pgcluster import PgCluster
 
 from coordinator.db import Database
 from coordinator.pubsub import PubSub
 from coordinator.replicas import CHANNEL, Replica, ReplicaRegistry
+from pgcluster import PgCluster
 
 pytestmark = pytest.mark.anyio
 
@@ -71,6 +71,11 @@ def registry(db, ps, **kw) -> ReplicaRegistry:
 def fetch(url: str, sql: str, *params):
     with psycopg.connect(url, autocommit=True) as conn:
         return conn.execute(sql, params).fetchall()
+
+
+def execute(url: str, sql: str, *params) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(sql, params)
 
 
 async def test_start_inserts_row_and_announces_it(db, ps, pg_url):
@@ -182,13 +187,14 @@ async def test_killed_replica_is_dropped_within_three_heartbeats(db, ps, pg_url)
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+        proc.stdout.close()
 
 
 async def test_deleted_row_is_reinserted(db, ps, pg_url, caplog):
     caplog.set_level(logging.WARNING, logger="coordinator.replicas")
     async with registry(db, ps, heartbeat=0.2) as reg:
         (before,) = fetch(pg_url, "SELECT created_at, started_at FROM replicas WHERE id = %s", reg.id)
-        fetch(pg_url, "DELETE FROM replicas WHERE id = %s RETURNING id", reg.id)
+        execute(pg_url, "DELETE FROM replicas WHERE id = %s", reg.id)
         elapsed = await wait_until(
             lambda: fetch(pg_url, "SELECT 1 FROM replicas WHERE id = %s", reg.id) != [], 3, "the row to return"
         )
@@ -205,7 +211,7 @@ async def test_malformed_notifications_are_ignored(db, ps, pg_url, caplog):
     async with registry(db, ps, heartbeat=5.0, on_change=changes) as a:
         for payload in ("not-a-uuid", "", "'; DROP TABLE replicas; --", "\u00e9" * 40, str(uuid4())):
             await ps.publish(CHANNEL, payload)
-        fetch(pg_url, "SELECT pg_notify('replica', 'from a foreign publisher')")
+        execute(pg_url, "SELECT pg_notify('replica', 'from a foreign publisher')")
         await anyio.sleep(0.3)
         assert "malformed" in caplog.text
         assert a.healthy and changes.calls == [[]]
@@ -221,8 +227,8 @@ async def test_foreign_rows_and_coalesced_notifications(db, ps, pg_url):
         other = uuid4()
         # A row written by someone else: another region, no relay URL, its own 60 s heartbeat,
         # last seen 10 s ago, so it is alive by its own promise though stale by ours.
-        fetch(pg_url, "INSERT INTO replicas (id, hostname, region_id, heartbeat_ms, updated_at)"
-                      " VALUES (%s, 'foreign', 2, 60000, now() - interval '10 seconds') RETURNING id", other)
+        execute(pg_url, "INSERT INTO replicas (id, hostname, region_id, heartbeat_ms, updated_at)"
+                        " VALUES (%s, 'foreign', 2, 60000, now() - interval '10 seconds')", other)
         for _ in range(5):
             await ps.publish(CHANNEL, str(other))
         await wait_until(lambda: changes.last_ids == {other}, 2, "the foreign row to be seen")
@@ -234,8 +240,8 @@ async def test_foreign_rows_and_coalesced_notifications(db, ps, pg_url):
 
 async def test_dead_rows_are_cleaned_up_but_live_ones_kept(db, ps, pg_url):
     dead = uuid4()
-    fetch(pg_url, "INSERT INTO replicas (id, hostname, region_id, heartbeat_ms, updated_at)"
-                  " VALUES (%s, 'old', 999, 1000, now() - interval '1 hour') RETURNING id", dead)
+    execute(pg_url, "INSERT INTO replicas (id, hostname, region_id, heartbeat_ms, updated_at)"
+                    " VALUES (%s, 'old', 999, 1000, now() - interval '1 hour')", dead)
     async with registry(db, ps, heartbeat=0.2, cleanup_after=0.5) as a:
         assert [r.alive for r in a.all_replicas() if r.id == dead] == [False]  # listed for operators, not a peer
         assert a.peers() == []
@@ -263,6 +269,16 @@ async def test_set_error_is_written_and_published(db, ps, pg_url):
         a.set_error(None)
         await wait_until(lambda: fetch(pg_url, "SELECT error FROM replicas WHERE id = %s", a.id) == [("",)], 2,
                          "the error to clear")
+
+
+async def test_schema_recreated_if_the_database_is_replaced(db, ps, pg_url, caplog):
+    async with registry(db, ps, heartbeat=0.2) as a:
+        execute(pg_url, "DROP TABLE replicas, site_config, schema_migrations")
+        await wait_until(lambda: fetch(pg_url, "SELECT to_regclass('replicas') IS NOT NULL")[0][0], 5,
+                         "the schema to be re-created")
+        await wait_until(lambda: a.healthy and fetch(pg_url, "SELECT id FROM replicas") == [(a.id,)], 5,
+                         "the row to be re-inserted")
+        assert "re-applied migrations" in caplog.text
 
 
 @pytest.fixture
@@ -293,6 +309,8 @@ async def test_postgres_crash_and_restart(own_cluster, caplog):
         await wait_until(lambda: all(len(r.peers()) == n - 1 for r in regs), 5, "the replicas to converge")
         converged = [len(c.calls) for c in changes]
 
+        # The test server runs with synchronous_commit=off: flush, or the crash may take the schema with it.
+        execute(url, "CHECKPOINT")
         own_cluster.kill()
         t0 = time.monotonic()
         elapsed = await wait_until(lambda: not any(r.healthy for r in regs), 15, "every replica to report unhealthy")
