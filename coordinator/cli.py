@@ -38,6 +38,19 @@ def cmd_server(args: argparse.Namespace) -> int:
     return run_server(settings)
 
 
+def cmd_postgres_url(args: argparse.Namespace) -> int:
+    from coordinator.embedded import embedded_url
+
+    settings = _settings_from(args)
+    url = embedded_url(settings.data_path)
+    if url is None:
+        print(f"coordinator: no embedded PostgreSQL is running for data directory {settings.data_path} "
+              "(start `coordinator server` without COORDINATOR_PG_CONNECTION_URL first)", file=sys.stderr)
+        return 1
+    print(url)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="coordinator", description="High-availability replica with an embedded DERP relay")
     parser.add_argument("--version", action="version", version=f"coordinator {__version__}")
@@ -45,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     server = sub.add_parser("server", help="run one replica: HTTP API, DERP relay at /derp, control plane")
     _add_settings_flags(server)
     server.set_defaults(func=cmd_server)
+    pg = sub.add_parser("postgres-url", help="print the URL of the embedded PostgreSQL of a data directory")
+    pg.add_argument("--data-dir", default=None, help="data directory [$COORDINATOR_DATA_DIR]")
+    pg.set_defaults(func=cmd_postgres_url)
     args = parser.parse_args(argv)
     try:
         return args.func(args) or 0

@@ -119,6 +119,13 @@ class Settings:
         "COORDINATOR_TLS_CERT_FILE", "", aliases=("CODER_TLS_CERT_FILE",), help="PEM certificate chain: serve HTTPS",
     )
     tls_key_file: str = _setting("COORDINATOR_TLS_KEY_FILE", "", aliases=("CODER_TLS_KEY_FILE",), help="PEM private key")
+    forwarded_allow_ips: str = _setting(
+        "COORDINATOR_FORWARDED_ALLOW_IPS", "127.0.0.1,::1",
+        help="proxies (IPs or CIDRs, comma-separated) whose X-Forwarded-For is trusted",
+    )
+    db_wait: float = _setting(
+        "COORDINATOR_PG_WAIT", 30.0, kind="duration", help="how long to wait for Postgres at start before giving up",
+    )
     log_level: str = _setting("COORDINATOR_LOG_LEVEL", "info", help="debug, info, warning or error")
     extra: dict = field(default_factory=dict)
 

@@ -277,12 +277,19 @@ class Database:
     """A connection pool to one PostgreSQL server. Build with :meth:`open`."""
 
     def __init__(
-        self, pool: AsyncConnectionPool, target: str, server_version: int, migrations: list[Migration] | None = None
+        self,
+        pool: AsyncConnectionPool,
+        target: str,
+        server_version: int,
+        migrations: list[Migration] | None = None,
+        *,
+        password: str | None = None,
     ):
         self.pool = pool
         self.target = target
         self.server_version = server_version
         self.migrations = load_migrations() if migrations is None else migrations
+        self._password = password
 
     @classmethod
     async def open(
@@ -343,7 +350,7 @@ class Database:
         except Exception as exc:
             await pool.close()
             raise DatabaseUnavailable(f"cannot open a connection pool to PostgreSQL at {target}: {redact(str(exc), password)}") from None
-        return cls(pool, target, version, migrations)
+        return cls(pool, target, version, migrations, password=password)
 
     async def migrate(self) -> list[int]:
         """Apply pending migrations again, e.g. after the database was replaced by an empty one."""
@@ -370,6 +377,24 @@ class Database:
                 return await _probe(conn)
             async with self.pool.connection(timeout=timeout) as conn:
                 return await _probe(conn)
+
+    async def diagnose(self, timeout: float = 5.0) -> str | None:
+        """Why new connections fail right now (redacted), or None if one succeeds.
+
+        A pool that cannot connect only says it timed out; this asks libpq directly.
+        """
+        try:
+            with anyio.fail_after(timeout):
+                conn = await psycopg.AsyncConnection.connect(self.pool.conninfo, autocommit=True)
+                try:
+                    await conn.execute("SELECT 1")
+                finally:
+                    await conn.close()
+        except TimeoutError:
+            return f"no answer from {self.target} within {timeout:g} s"
+        except psycopg.Error as exc:
+            return redact(" ".join(str(exc).split()), self._password)
+        return None
 
     async def ping(self, timeout: float = 5.0) -> float:
         """Round-trip time of one trivial query, in seconds."""

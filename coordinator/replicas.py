@@ -33,6 +33,7 @@ from uuid import UUID, uuid4
 import anyio
 import psycopg
 from psycopg.rows import dict_row
+from psycopg_pool import PoolTimeout
 
 from coordinator.db import Database, DatabaseUnavailable
 
@@ -255,9 +256,11 @@ class ReplicaRegistry:
             return
         self._state = "stopping"
         await self._shutdown_tasks()  # first, so no heartbeat can clear stopped_at again
+        # With the database already down, don't hold up shutdown hoping for it.
+        timeout = STOP_TIMEOUT if self._healthy else 1.0
         try:
-            with anyio.fail_after(STOP_TIMEOUT):
-                async with self.db.connection(timeout=STOP_TIMEOUT) as conn:
+            with anyio.fail_after(timeout):
+                async with self.db.connection(timeout=timeout) as conn:
                     cur = await conn.cursor(row_factory=dict_row).execute(_STOP_SELF, (self.id,))
                     row = await cur.fetchone()
                 if row:
@@ -324,7 +327,7 @@ class ReplicaRegistry:
                     reinserted = await self._beat()
             except Exception as exc:  # whatever the database does, keep beating
                 failures += 1
-                self._mark_unhealthy(exc)
+                await self._mark_unhealthy(exc)
                 if isinstance(exc, psycopg.errors.UndefinedTable):
                     await self._remigrate()
                 continue
@@ -384,17 +387,21 @@ class ReplicaRegistry:
         self._down_since = None
         return resumed
 
-    def _mark_unhealthy(self, exc: BaseException) -> None:
-        self._last_error = _describe(exc)
-        if self._healthy:
-            self._healthy = False
-            self._down_since = time.monotonic()
-            log.warning(
-                "replica %s: heartbeat failed (%s); keeping last known peers and retrying",
-                self.id, self._last_error,
-            )
-        else:
-            log.debug("replica %s: heartbeat still failing: %s", self.id, self._last_error)
+    async def _mark_unhealthy(self, exc: BaseException) -> None:
+        reason = _describe(exc)
+        if not self._healthy:
+            self._last_error = reason
+            log.debug("replica %s: heartbeat still failing: %s", self.id, reason)
+            return
+        self._healthy = False
+        self._down_since = time.monotonic()
+        if isinstance(exc, TimeoutError | PoolTimeout):
+            # The pool only knows it waited; once per outage, ask for the real cause.
+            cause = await self.db.diagnose(timeout=min(self._op_timeout, 5.0))
+            if cause:
+                reason = f"{reason}: {cause}"
+        self._last_error = reason
+        log.warning("replica %s: heartbeat failed (%s); keeping last known peers and retrying", self.id, reason)
 
     async def _remigrate(self) -> None:
         # The schema is gone: the database was replaced (restored, or a failover lost recent

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import logging
 import signal
+import sys
 
 import uvicorn
 
 from coordinator.app import create_app
 from coordinator.config import Settings
+from coordinator.controlplane import ControlPlane
+from coordinator.db import DatabaseError
 from coordinator.derp import DerpRelay
 from coordinator.http import DerpHttpProtocol
 
@@ -28,7 +32,7 @@ def uvicorn_config(settings: Settings, app) -> uvicorn.Config:
         log_config=None,
         access_log=False,
         proxy_headers=True,
-        forwarded_allow_ips="127.0.0.1",
+        forwarded_allow_ips=settings.forwarded_allow_ips,
         ssl_certfile=settings.tls_cert_file or None,
         ssl_keyfile=settings.tls_key_file or None,
         timeout_graceful_shutdown=5,
@@ -48,9 +52,40 @@ def run_server(settings: Settings) -> int:
     data = settings.data_path
     data.mkdir(parents=True, exist_ok=True)
     relay = DerpRelay.from_data_dir(data, mesh_key=settings.mesh_key or None, keepalive=settings.keepalive)
+    embedded = None
+    pg_url = settings.pg_url
+    if not pg_url:
+        from coordinator.embedded import start_embedded
+
+        embedded = start_embedded(data)
+        pg_url = embedded.url
+        how = "started" if embedded.started else "shared with another local replica"
+        print(f"coordinator: no COORDINATOR_PG_CONNECTION_URL; using embedded PostgreSQL in {embedded.pgdata} ({how})",
+              file=sys.stderr, flush=True)
+    control = ControlPlane(settings, relay, pg_url)
     app = create_app(relay)
-    host, port = settings.listen
-    scheme = "https" if settings.tls_cert_file else "http"
-    log.info("replica listening on %s://%s:%d (DERP relay at /derp)", scheme, host, port)
-    ReplicaServer(uvicorn_config(settings, app)).run()
-    return 0
+    app.state.control = control
+    server = ReplicaServer(uvicorn_config(settings, app))
+
+    async def main() -> int:
+        try:
+            await control.start(db_wait=settings.db_wait)
+        except DatabaseError as exc:
+            await control.stop()
+            print(f"coordinator: cannot start: {exc}", file=sys.stderr, flush=True)
+            return 1
+        host, port = settings.listen
+        scheme = "https" if settings.tls_cert_file else "http"
+        log.info("replica listening on %s://%s:%d (DERP relay at /derp)", scheme, host, port)
+        try:
+            await server.serve()
+        finally:
+            await control.stop()
+        return 0 if server.started else 1
+
+    try:
+        with asyncio.Runner(loop_factory=server.config.get_loop_factory()) as runner:
+            return runner.run(main())
+    finally:
+        if embedded is not None:
+            embedded.stop()

@@ -358,6 +358,7 @@ async def client_case(pipe, spec: dict) -> dict:
 
 
 def client_worker(pipe, spec: dict) -> None:
+    benchlib.die_with_parent()
     try:
         result = benchlib.run(client_case(pipe, spec), spec["client_loop"])
         pipe.send(("done", result))
@@ -670,6 +671,9 @@ def parse_args():
     ap.add_argument("--client-loop", choices=("uvloop", "asyncio"), default="uvloop")
     ap.add_argument("--baseline-loop", choices=("uvloop", "asyncio"), default="uvloop",
                     help="event loop of the pure-Python baseline relay (default uvloop, like ours)")
+    ap.add_argument("--relay-path", metavar="DIR",
+                    help="benchmark a modified relay: import _relay from DIR/_relay (built there with "
+                         "'python setup.py build_ext --inplace') instead of the installed one")
     ap.add_argument("--no-baseline", action="store_true", help="skip the pure-Python baseline relay")
     ap.add_argument("--json", action="store_true", help="print the results as JSON instead of tables")
     ap.add_argument("--serve-baseline", action="store_true", help=argparse.SUPPRESS)
@@ -699,7 +703,10 @@ def main() -> int:
         return 0
     benchlib.sigterm_as_interrupt()
     here = os.path.dirname(os.path.abspath(__file__))
-    servers = [("relay", [sys.executable, os.path.join(here, "benchlib.py"), "relay", "--keepalive", "3600"])]
+    relay_argv = [sys.executable, os.path.join(here, "benchlib.py"), "relay", "--keepalive", "3600"]
+    if args.relay_path:
+        relay_argv += ["--relay-path", args.relay_path]
+    servers = [("relay", relay_argv)]
     if not args.no_baseline:
         servers.append(("baseline", [sys.executable, os.path.abspath(__file__), "--serve-baseline",
                                      "--baseline-loop", args.baseline_loop]))

@@ -7,7 +7,8 @@ Run as a script it is the benchmarks' relay server process::
 
 which serves ``create_app(DerpRelay(...))`` under uvicorn with uvloop and ``DerpHttpProtocol``
 (as ``coordinator server`` does) on 127.0.0.1 and a free port, prints ``READY <port>`` on stdout
-once the socket listens, and adds ``GET /bench/stats`` (the relay's counters as JSON). The process
+once the socket listens, and adds ``GET /bench/stats`` (the relay's counters as JSON) and ``GET /bench/mem`` (malloc and
+CPython heap figures). The process
 dies with its parent (``PR_SET_PDEATHSIG``), so an interrupted benchmark leaves nothing behind.
 """
 
@@ -21,10 +22,12 @@ import resource
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -158,10 +161,10 @@ class ServerProcess:
     def rss(self) -> int:
         return rss_bytes(self.pid)
 
-    def stats(self, timeout: float = 5.0) -> dict:
+    def stats(self, timeout: float = 5.0, path: str = "/bench/stats") -> dict:
         """The server's counters from ``GET /bench/stats`` ({} if it does not answer)."""
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/bench/stats", timeout=timeout) as r:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=timeout) as r:
                 return json.loads(r.read())
         except (OSError, ValueError):
             return {}
@@ -222,26 +225,87 @@ async def connect_raw(url: str, timeout: float = 30.0):
     return client, leftover
 
 
+def memory_breakdown() -> dict:
+    """This process's heap as glibc malloc and CPython see it (for attributing RSS)."""
+    import gc
+
+    out: dict = {"python_blocks": sys.getallocatedblocks(), "gc_objects": len(gc.get_objects())}
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        class MallInfo2(ctypes.Structure):
+            _fields_ = [(name, ctypes.c_size_t) for name in (
+                "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                "keepcost")]
+
+        libc = ctypes.CDLL(None)
+        libc.mallinfo2.restype = MallInfo2
+        mi = libc.mallinfo2()
+        # arena: sbrk heap; hblkhd: mmap'd blocks; uordblks: bytes in use; fordblks: free in the heap.
+        out.update(malloc_heap=mi.arena, malloc_mmap=mi.hblkhd, malloc_in_use=mi.uordblks, malloc_free=mi.fordblks)
+    return out
+
+
+def use_relay_build(path: str) -> None:
+    """Import ``_relay`` from ``path`` (a directory holding a built ``_relay/``), not the installed one.
+
+    For A/B runs of a modified relay built elsewhere (``python setup.py build_ext --inplace`` in a
+    copy of the repository): the editable install's import hook is bypassed and ``coordinator``
+    comes from this repository.
+    """
+    if not os.path.isdir(os.path.join(path, "_relay")):
+        raise SystemExit(f"--relay-path: no _relay/ in {path}")
+    sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in (getattr(f, "__module__", "") or "")]
+    sys.path[:0] = [os.path.abspath(path), REPO_ROOT]
+
+
 # -- the relay server process ----------------------------------------------------------------------
 
 
-def serve_relay(keepalive: float) -> None:
+def serve_relay(keepalive: float, tracemalloc_frames: int = 0) -> None:
+    if tracemalloc_frames:
+        import tracemalloc
+
+        tracemalloc.start(tracemalloc_frames)
     import uvicorn
     from starlette.requests import Request
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
+    import _relay.relay
     from coordinator.app import create_app
     from coordinator.derp import DerpRelay
     from coordinator.http import DerpHttpProtocol
     from coordinator.keys import NodeKey
 
+    print(f"relay: {_relay.relay.__file__}", file=sys.stderr, flush=True)
     relay = DerpRelay(NodeKey.generate(), keepalive=keepalive)
 
     async def stats(request: Request) -> JSONResponse:
         return JSONResponse(relay.stats())
 
-    app = create_app(relay, extra_routes=[Route("/bench/stats", stats)])
+    async def mem(request: Request) -> JSONResponse:
+        return JSONResponse(memory_breakdown())
+
+    snapshots: dict = {}
+
+    async def trace(request: Request) -> JSONResponse:
+        """?take=NAME stores a tracemalloc snapshot; ?diff=NAME returns the top growth since NAME."""
+        import tracemalloc
+
+        if not tracemalloc.is_tracing():
+            return JSONResponse({"error": "start the server with --tracemalloc"}, status_code=400)
+        snap = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])
+        if "take" in request.query_params:
+            snapshots[request.query_params["take"]] = snap
+            return JSONResponse({"taken": request.query_params["take"]})
+        base = snapshots[request.query_params["diff"]]
+        top = snap.compare_to(base, "lineno")[: int(request.query_params.get("top", 15))]
+        return JSONResponse([{"where": str(d.traceback), "size_diff": d.size_diff, "count_diff": d.count_diff}
+                             for d in top])
+
+    app = create_app(relay, extra_routes=[Route("/bench/stats", stats), Route("/bench/mem", mem),
+                                          Route("/bench/trace", trace)])
     sock = listening_socket()
     config = uvicorn.Config(
         app, http=DerpHttpProtocol, loop="uvloop", lifespan="on", log_level="warning",
@@ -256,11 +320,16 @@ def main() -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("relay", help="serve the Cython relay under uvicorn (uvloop) on a free port")
     p.add_argument("--keepalive", type=float, default=3600.0, help="DERP keepalive interval, s (default 3600)")
+    p.add_argument("--relay-path", metavar="DIR", help="import _relay from DIR/_relay (a modified build)")
+    p.add_argument("--tracemalloc", type=int, default=0, metavar="FRAMES",
+                   help="trace Python allocations (GET /bench/trace) with this many frames (default off)")
     args = ap.parse_args()
     die_with_parent()
     raise_nofile()
     if args.cmd == "relay":
-        serve_relay(args.keepalive)
+        if args.relay_path:
+            use_relay_build(args.relay_path)
+        serve_relay(args.keepalive, args.tracemalloc)
 
 
 if __name__ == "__main__":

@@ -64,9 +64,33 @@ async def test_coordinator_server_serves_and_stops_on_sigterm(tmp_path, procs):
     procs.append(p)
     p.wait_http(f"http://127.0.0.1:{port}/healthz")
     await roundtrip(f"http://127.0.0.1:{port}/derp")
+    assert "embedded PostgreSQL" in p.output
+    url = subprocess.run([python(), "-m", "coordinator", "postgres-url", "--data-dir", str(tmp_path)],
+                         capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        (n,) = conn.execute("SELECT count(*) FROM replicas WHERE stopped_at IS NULL").fetchone()
+        assert n == 1
     p.signal(signal.SIGTERM)
     assert p.wait() == 0
     assert "Traceback" not in p.output
+    assert not (tmp_path / "postgres" / "postmaster.pid").exists()  # the embedded server stopped with us
+    out = subprocess.run([python(), "-m", "coordinator", "postgres-url", "--data-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1 and "no embedded PostgreSQL" in out.stderr
+
+
+def test_coordinator_server_refuses_unreachable_database(tmp_path):
+    port = free_port()
+    out = subprocess.run(
+        [python(), "-m", "coordinator", "server", "--data-dir", str(tmp_path), "--address", f"127.0.0.1:{free_port()}",
+         "--pg-url", f"postgresql://u:secret@127.0.0.1:{port}/db", "--db-wait", "1s"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 1, out
+    assert "cannot start" in out.stderr and f"127.0.0.1:{port}" in out.stderr
+    assert "secret" not in out.stderr and "Traceback" not in out.stderr
 
 
 def test_coordinator_server_refuses_bad_config(tmp_path):

@@ -33,10 +33,10 @@ pytestmark = pytest.mark.anyio
 # Short timers so failures are detected and healed within a test's budget.
 FAST = dict(
     ping_interval=0.3,
-    ping_timeout=0.5,
+    ping_timeout=1.0,
     reconnect_min=0.05,
     reconnect_max=0.5,
-    publish_timeout=1.0,
+    publish_timeout=3.0,
     connect_timeout=2.0,
 )
 
@@ -326,7 +326,8 @@ async def test_unresponsive_listener_is_detected_by_the_active_check(pg_url, ps)
 
 async def test_postgres_killed_and_restarted(own_cluster):
     url = own_cluster.url
-    async with PubSub(url, **FAST) as ps:
+    opts = dict(FAST, publish_timeout=1.0)  # the batch queue waits this long before QueueFull
+    async with PubSub(url, **opts) as ps:
         events, plain = [], []
         await ps.subscribe_with_err("ev", lambda p, e: events.append(e or p))
         await ps.subscribe("ev", plain.append)
@@ -348,11 +349,11 @@ async def test_postgres_killed_and_restarted(own_cluster):
         late = []
         with anyio.fail_after(5):
             await ps.subscribe_with_err("ev", lambda p, e: late.append(e or p))
-        background = PubSub(url, **FAST)
+        background = PubSub(url, **opts)
         await background.start(wait=False)
         try:
             with anyio.fail_after(10), pytest.raises(NotConnected):
-                async with PubSub(url, **FAST):
+                async with PubSub(url, **opts):
                     pass
             # The batcher never loses silently: a message is queued, or publish raises.
             bp = ps.batcher(max_queue=5, max_batch=5)

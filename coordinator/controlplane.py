@@ -1,0 +1,101 @@
+"""One replica's control plane: Postgres, pub/sub, the replica registry and the DERP mesh, wired.
+
+Started by the app's lifespan; it never stops the process because Postgres went away: every part
+retries on its own and reports its state for the health endpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+from coordinator import __version__
+from coordinator.config import Settings
+from coordinator.db import Database
+from coordinator.derp import DerpRelay
+from coordinator.mesh import Mesh
+from coordinator.pubsub import PubSub
+from coordinator.replicas import Replica, ReplicaRegistry
+
+log = logging.getLogger("coordinator.controlplane")
+
+
+class ControlPlane:
+    """Everything a replica does besides serving HTTP and relaying packets."""
+
+    def __init__(self, settings: Settings, relay: DerpRelay, pg_url: str):
+        self.settings = settings
+        self.relay = relay
+        self.pg_url = pg_url
+        self.db: Database | None = None
+        self.pubsub: PubSub | None = None
+        self.registry: ReplicaRegistry | None = None
+        self.mesh: Mesh | None = None
+        self._warned_no_relay_url = False
+
+    async def start(self, *, db_wait: float = 30.0) -> None:
+        """Open the database (bounded wait), install the mesh key, join the replica set."""
+        s = self.settings
+        self.db = await Database.open(self.pg_url, wait=db_wait)
+        self.relay.set_mesh_key(await self.db.derp_mesh_key(s.mesh_key or None))
+        self.pubsub = PubSub(self.pg_url)
+        await self.pubsub.start()
+        self.mesh = Mesh(self.relay, on_error=self._on_mesh_error)
+        self.registry = ReplicaRegistry(
+            self.db,
+            self.pubsub,
+            hostname=socket.gethostname(),
+            region_id=s.region_id,
+            relay_url=s.relay_url,
+            version=__version__,
+            heartbeat=s.heartbeat,
+            on_change=self._on_peers,
+        )
+        await self.registry.start()
+        log.info(
+            "replica %s joined (region %d, relay URL %s, %d live peers)",
+            self.registry.id, s.region_id, s.relay_url or "(none)", len(self.registry.peers()),
+        )
+
+    def _on_mesh_error(self, error: str | None) -> None:
+        if self.registry is not None:
+            self.registry.set_error(error)
+
+    async def _on_peers(self, peers: list[Replica]) -> None:
+        regional = [p for p in peers if p.region_id == self.settings.region_id]
+        if regional and not self.settings.relay_url and not self._warned_no_relay_url:
+            self._warned_no_relay_url = True
+            log.warning(
+                "%d other replicas are alive but COORDINATOR_DERP_SERVER_RELAY_URL is not set: they cannot reach "
+                "this replica's relay, so clients connected here are unreachable from theirs. Set it to this "
+                "replica's own address (e.g. http://$(POD_IP):3000).",
+                len(regional),
+            )
+        if self.mesh is not None:
+            await self.mesh.set_peers(p.relay_url for p in regional if p.relay_url)
+
+    def status(self) -> dict:
+        """State for health endpoints."""
+        reg = self.registry
+        return {
+            "database": bool(reg and reg.healthy),
+            "database_error": reg.last_error if reg else "not started",
+            "pubsub": bool(self.pubsub and self.pubsub.connected),
+            "peers": len(reg.peers()) if reg else 0,
+            "mesh": self.mesh.status() if self.mesh else {},
+            "mesh_error": self.mesh.error() if self.mesh else None,
+        }
+
+    async def stop(self) -> None:
+        """Leave gracefully: peers drop this replica at once; then close every connection."""
+        if self.registry is not None:
+            try:
+                await self.registry.stop()
+            except Exception as exc:  # the database may be gone; peers then expire us by heartbeat
+                log.warning("could not mark this replica stopped: %s", exc)
+        if self.mesh is not None:
+            await self.mesh.close()
+        if self.pubsub is not None:
+            await self.pubsub.close()
+        if self.db is not None:
+            await self.db.close()
