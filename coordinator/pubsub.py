@@ -109,19 +109,19 @@ def _check_channel_name(channel: str) -> str:
 
 def check_payload(payload: bytes | str) -> tuple[str, int]:
     """Return the payload as text and its size in bytes, or raise InvalidPayload / PayloadTooLarge."""
-    if isinstance(payload, bytes | bytearray | memoryview):
+    if isinstance(payload, str):
+        text = payload
+        try:
+            size = len(text) if text.isascii() else len(text.encode())
+        except UnicodeEncodeError as exc:
+            raise InvalidPayload(f"payload is not encodable as UTF-8: {exc}") from None
+    elif isinstance(payload, bytes | bytearray | memoryview):
         raw = bytes(payload)
         try:
             text = raw.decode()
         except UnicodeDecodeError as exc:
             raise InvalidPayload(f"payload is not UTF-8 text: {exc}") from None
         size = len(raw)
-    elif isinstance(payload, str):
-        text = payload
-        try:
-            size = len(text) if text.isascii() else len(text.encode())
-        except UnicodeEncodeError as exc:
-            raise InvalidPayload(f"payload is not encodable as UTF-8: {exc}") from None
     else:
         raise TypeError(f"payload must be bytes or str, not {type(payload).__name__}")
     if size >= MAX_PAYLOAD_BYTES:
@@ -290,32 +290,31 @@ class _Subscriber:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        items, handler, with_err = self.items, self.handler, self.with_err
         while not self.closed:
-            if not self.items:
+            if not items:
                 self._waiter = loop.create_future()
                 await self._waiter
                 self._waiter = None
                 continue
-            item = self.items.popleft()
+            item = items.popleft()
+            args: tuple
             if isinstance(item, _Gap):
                 err = DroppedMessages(self.channel, item.reason, item.count)
-                if self.with_err:
-                    await self._call(None, err)
-                else:
+                if not with_err:
                     log.warning("pubsub: %s", err)
-                continue
-            try:
-                await (self._call(item, None) if self.with_err else self._call(item))
-            finally:
-                self.unhandled = max(0, self.unhandled - 1)
-
-    async def _call(self, *args: Any) -> None:
-        try:
-            result = self.handler(*args)
-            if result is not None and inspect.isawaitable(result):
-                await result
-        except Exception:
-            log.exception("pubsub: handler for channel %r raised", self.channel)
+                    continue
+                args = (None, err)
+            else:
+                args = (item, None) if with_err else (item,)
+            try:  # inline rather than a helper coroutine: this is the per-message path
+                result = handler(*args)
+                if result is not None and inspect.isawaitable(result):
+                    await result
+            except Exception:
+                log.exception("pubsub: handler for channel %r raised", self.channel)
+            if args[0] is not None:
+                self.unhandled -= 1  # only now: the message in the handler counts against the bound
 
 
 class _Publisher:
@@ -1139,13 +1138,13 @@ class BatchPublisher:
 
     def _take(self) -> list[tuple[str, str, int]]:
         batch: list[tuple[str, str, int]] = []
-        seen: set[tuple[str, str]] = set()
-        while self._items and len(batch) < self._max_batch:
-            channel, text, _ = self._items[0]
-            if (channel, text) in seen:
+        seen: set[tuple[str, str, int]] = set()  # size follows from text: the item is the key
+        items = self._items
+        while items and len(batch) < self._max_batch:
+            if items[0] in seen:
                 break  # Postgres would deliver the repeat only once
-            seen.add((channel, text))
-            batch.append(self._items.popleft())
+            seen.add(items[0])
+            batch.append(items.popleft())
         return batch
 
     async def _run(self) -> None:

@@ -9,6 +9,9 @@ import signal
 import sys
 
 import uvicorn
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 from coordinator.app import create_app
 from coordinator.config import Settings
@@ -63,7 +66,18 @@ def run_server(settings: Settings) -> int:
         print(f"coordinator: no COORDINATOR_PG_CONNECTION_URL; using embedded PostgreSQL in {embedded.pgdata} ({how})",
               file=sys.stderr, flush=True)
     control = ControlPlane(settings, relay, pg_url)
-    app = create_app(relay)
+
+    async def debug_status(request: Request) -> JSONResponse:
+        """This replica's view of the cluster: database, pub/sub, peers, mesh links, relay counters."""
+        reg = control.registry
+        return JSONResponse({
+            "replica_id": str(reg.id) if reg else None,
+            "server_key": relay.key.public_text,
+            **control.status(),
+            "relay": relay.stats(),
+        })
+
+    app = create_app(relay, extra_routes=[Route("/debug/status", debug_status)])
     app.state.control = control
     server = ReplicaServer(uvicorn_config(settings, app))
 

@@ -31,6 +31,7 @@ import json
 import os
 import sys
 import time
+import warnings
 
 import benchlib
 
@@ -144,6 +145,7 @@ def main() -> int:
                      f"{args.concurrency} at a time")
             result = benchlib.run(measure(server, args, progress), args.client_loop)
     except KeyboardInterrupt:
+        warnings.filterwarnings("ignore", "coroutine .* was never awaited")
         print("interrupted", file=sys.stderr)
         return 130
 

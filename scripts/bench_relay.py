@@ -358,6 +358,9 @@ async def client_case(pipe, spec: dict) -> dict:
 
 
 def client_worker(pipe, spec: dict) -> None:
+    # The parent handles Ctrl-C and stops us; SIGTERM (from it or PR_SET_PDEATHSIG) ends us quietly.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     benchlib.die_with_parent()
     try:
         result = benchlib.run(client_case(pipe, spec), spec["client_loop"])
@@ -381,6 +384,7 @@ def run_case(server: benchlib.ServerProcess, args, mode: str, size: int) -> dict
     ctx = multiprocessing.get_context("fork")
     nproc = max(1, min(args.client_procs, args.pairs))
     workers = []
+    ok = False
     try:
         for i in range(nproc):
             spec = {
@@ -414,9 +418,10 @@ def run_case(server: benchlib.ServerProcess, args, mode: str, size: int) -> dict
         cpu1, mach1, m1 = server.cpu(), benchlib.machine_cpu_seconds(), time.monotonic()
         results = [receive(pipe, 60) for _, pipe in workers]
         stats1 = server.stats()
+        ok = True
     finally:
         for proc, pipe in workers:
-            proc.join(5)
+            proc.join(5 if ok else 0)
             if proc.is_alive():
                 proc.terminate()
                 proc.join(5)
