@@ -155,7 +155,7 @@ cdef class Writer:
         cdef unsigned char* nb
         if need <= self.ocap:
             return 0
-        cap = self.ocap * 2 if self.ocap else 16384
+        cap = self.ocap * 2 if self.ocap else 256
         while cap < need:
             cap *= 2
         nb = <unsigned char*>realloc(self.obuf, cap)
@@ -309,7 +309,6 @@ cdef class Conn(Writer):
     cdef readonly str remote_ip
     cdef readonly int remote_port
     cdef readonly bint can_mesh, is_prober, not_ideal, preferred, websocket
-    cdef readonly object info            # the decoded ClientInfo JSON
     cdef bytes addr18                    # remote address as 16-byte IPv6 + port, for PeerPresent
     cdef int state
     cdef bint paused, watcher, ws_closing
@@ -754,7 +753,6 @@ cdef class Conn(Writer):
             self.hs_timer.cancel()
             self.hs_timer = None
         self.key = key
-        self.info = info
         self.can_mesh = can_mesh
         self.is_prober = bool(info.get("isprober"))
         if can_mesh:

@@ -24,10 +24,15 @@ Modes:
 * ``flood``: senders write as fast as TCP back-pressure on their own connection lets them; the
   relay drops what a slow receiver cannot take (its queues), which shows as loss.
 
-The same client then runs the same cases against a minimal pure-Python asyncio relay (in this file,
+Every case also runs, right after, against a minimal pure-Python asyncio relay (in this file,
 ``--serve-baseline``: per frame, parse the header, look the destination up in a dict and
-``transport.write`` the rewritten frame; same event loop) in another process, and the script
-prints ours/baseline ratios. ``--no-baseline`` skips it.
+``transport.write`` the rewritten frame; same event loop; frames for a destination whose transport
+pushes back are dropped) in another process, with the same client, and the script prints
+ours/baseline ratios. ``--no-baseline`` skips it; ``--relay-path`` benchmarks a modified build.
+
+The machine's total CPU use over each window is read from /proc/stat as well: on a shared machine
+"others CPU s" (used by neither server nor client) tells how much other work disturbed a figure.
+Both relays count packets (GET /bench/stats); a disagreement with the client's counts is reported.
 
 The client runs in ``--client-procs`` separate processes (default 1, uvloop). It is built to cost
 little CPU, since it shares the machine with the server: after the handshake each socket is driven
@@ -137,8 +142,9 @@ class FixedFrames(asyncio.Protocol):
                 off = end
             else:
                 off = self._generic(data, off)
-        elif len(data) - off >= 6 and data[off : off + 6] != self.expect:
-            off = self._generic(data, off)
+        tail = len(data) - off
+        if tail and data[off : off + 6] != self.expect[: min(6, tail)]:
+            off = self._generic(data, off)  # complete control frames now, not with the next read
         if off < len(data):
             self.rem = data[off:]
         self._after_read()

@@ -262,7 +262,7 @@ def use_relay_build(path: str) -> None:
 # -- the relay server process ----------------------------------------------------------------------
 
 
-def serve_relay(keepalive: float, tracemalloc_frames: int = 0) -> None:
+def serve_relay(keepalive: float, tracemalloc_frames: int = 0, relay_path: str | None = None) -> None:
     if tracemalloc_frames:
         import tracemalloc
 
@@ -278,7 +278,8 @@ def serve_relay(keepalive: float, tracemalloc_frames: int = 0) -> None:
     from coordinator.http import DerpHttpProtocol
     from coordinator.keys import NodeKey
 
-    print(f"relay: {_relay.relay.__file__}", file=sys.stderr, flush=True)
+    if relay_path:
+        print(f"relay server: _relay from {os.path.dirname(_relay.relay.__file__)}", file=sys.stderr, flush=True)
     relay = DerpRelay(NodeKey.generate(), keepalive=keepalive)
 
     async def stats(request: Request) -> JSONResponse:
@@ -329,7 +330,7 @@ def main() -> None:
     if args.cmd == "relay":
         if args.relay_path:
             use_relay_build(args.relay_path)
-        serve_relay(args.keepalive, args.tracemalloc)
+        serve_relay(args.keepalive, args.tracemalloc, args.relay_path)
 
 
 if __name__ == "__main__":
