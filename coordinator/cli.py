@@ -51,6 +51,13 @@ def cmd_postgres_url(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from coordinator.demo import run_demo
+
+    setup_logging("warning")
+    return run_demo(replicas=args.replicas, base_port=args.base_port, data_dir=args.data_dir, once=args.once)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="coordinator", description="High-availability replica with an embedded DERP relay")
     parser.add_argument("--version", action="version", version=f"coordinator {__version__}")
@@ -61,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     pg = sub.add_parser("postgres-url", help="print the URL of the embedded PostgreSQL of a data directory")
     pg.add_argument("--data-dir", default=None, help="data directory [$COORDINATOR_DATA_DIR]")
     pg.set_defaults(func=cmd_postgres_url)
+    demo = sub.add_parser("demo", help="start 3 local replicas (+ nginx if installed) and show packets crossing them")
+    demo.add_argument("--replicas", type=int, default=3)
+    demo.add_argument("--base-port", type=int, default=0, help="first port (default: free ports)")
+    demo.add_argument("--data-dir", default=None, help="keep data here (default: a temporary directory)")
+    demo.add_argument("--once", action="store_true", help="exit after showing the packets")
+    demo.set_defaults(func=cmd_demo)
     args = parser.parse_args(argv)
     try:
         return args.func(args) or 0

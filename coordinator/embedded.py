@@ -16,6 +16,7 @@ import logging
 import os
 import subprocess
 import threading
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,12 +176,12 @@ def start_embedded(data_dir: Path) -> EmbeddedPostgres:
     try:
         server.start()
     except Exception as exc:
-        log_tail = ""
-        try:
-            log_tail = (pgdata / "log").read_text()[-2000:]
-        except OSError:
-            pass
-        raise EmbeddedPostgresError(f"cannot start the embedded PostgreSQL in {pgdata}: {exc}\n{log_tail}") from exc
+        # pgserver gives pg_ctl 10 s; on a loaded host the server may come up just after that.
+        if not isinstance(exc, subprocess.TimeoutExpired) or not _wait_ready(pgdata, 30.0):
+            raise EmbeddedPostgresError(
+                f"cannot start the embedded PostgreSQL in {pgdata}: {exc}\n{_log_tail(pgdata)}"
+            ) from exc
+        server.start()  # finds it running and registers our handle
     info = server.get_postmaster_info()
     started = already is None or already.pid != info.pid
     with _refs_lock:
@@ -194,6 +195,22 @@ def start_embedded(data_dir: Path) -> EmbeddedPostgres:
         raise
     log.info("%s embedded PostgreSQL (pid %d) at %s", "started" if started else "joined", info.pid, pgdata)
     return handle
+
+
+def _wait_ready(pgdata: Path, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _running_postmaster(pgdata):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _log_tail(pgdata: Path) -> str:
+    try:
+        return (pgdata / "log").read_text(errors="replace")[-2000:]
+    except OSError:
+        return ""
 
 
 def _ensure_database(admin_url: str) -> None:

@@ -86,7 +86,7 @@ class DroppedMessages(Exception):  # noqa: N818 - named after Coder's ErrDropped
 
     def __init__(self, channel: str, reason: str, count: int | None = None):
         self.channel, self.reason, self.count = channel, reason, count
-        what = f"{count} messages" if count else "messages"
+        what = f"{count} message{'s' if count != 1 else ''}" if count else "messages"
         super().__init__(f"dropped {what} on channel {channel!r}: {reason}")
 
 
@@ -253,14 +253,13 @@ class _Subscriber:
         self.unhandled = 0  # queued payloads plus the one being handled: the bound Coder's tests count
         self.closed = False
         self.error: BaseException | None = None
-        self.task: asyncio.Task | None = None
         self._waiter: asyncio.Future | None = None
 
     def put(self, payload: bytes) -> bool:
         if self.unhandled >= self.limit:
             tail = self.items[-1] if self.items else None
-            if isinstance(tail, _Gap) and tail.count is not None:
-                tail.count += 1
+            if isinstance(tail, _Gap):
+                tail.count = (tail.count or 0) + 1
             else:  # a new overflow episode: one marker, placed where the loss happened
                 self.items.append(_Gap(f"subscriber queue full ({self.limit} unhandled)", 1))
                 self._wake()
@@ -399,6 +398,11 @@ class PubSub:
     returns at once and the channel is LISTENed when the connection is back; after every reconnect
     each ``subscribe_with_err`` handler gets ``(None, DroppedMessages)`` because notifications sent
     meanwhile are lost. Messages on one channel from one publishing task arrive in publish order.
+
+    Options: ``publish_timeout`` bounds every publish; ``ping_interval``/``ping_timeout`` pace the
+    active listener check (0 disables it); ``reconnect_min``/``reconnect_max`` bound the jittered
+    reconnect backoff; ``keepalive_*`` are libpq's TCP keepalive settings; ``registry`` receives the
+    ``coordinator_pubsub_*`` metrics (a private registry by default; one PubSub per registry).
     """
 
     def __init__(
@@ -504,6 +508,8 @@ class PubSub:
         if self._closed:
             return
         self._closed = True
+        if self._first is not None and not self._first.done():  # a start() is still waiting
+            self._first.set_exception(PubSubError("PubSub closed while starting"))
         for batcher in list(self._batchers):
             await batcher.close()
         if self._conn is not None and not self._idle:
@@ -605,8 +611,15 @@ class PubSub:
     def metrics(self) -> dict[str, Any]:
         """A snapshot of state and counters (the same numbers as the Prometheus registry)."""
 
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in self.registry.collect()
+            if family.name.startswith("coordinator_pubsub_")
+            for s in family.samples
+        }
+
         def v(name: str, **labels: str) -> int:
-            return int(self.registry.get_sample_value("coordinator_pubsub_" + name, labels) or 0)
+            return int(samples.get(("coordinator_pubsub_" + name, tuple(sorted(labels.items()))), 0))
 
         down = self._disconnected_at
         return {
@@ -648,9 +661,9 @@ class PubSub:
             self._m.subscribe_fail.inc()
             raise
         sub = _Subscriber(channel, handler, with_err, self._queue_size)
-        sub.task = self._loop.create_task(sub.run(), name=f"pubsub-sub:{channel}")
-        self._tasks.add(sub.task)
-        sub.task.add_done_callback(self._tasks.discard)
+        task = self._loop.create_task(sub.run(), name=f"pubsub-sub:{channel}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
         self._channels.setdefault(channel, set()).add(sub)
         try:
             await self._apply()
@@ -658,7 +671,8 @@ class PubSub:
                 raise PubSubError(f"LISTEN {channel!r} failed: {_describe(sub.error)}") from sub.error
         except BaseException:
             self._m.subscribe_fail.inc()
-            self._remove(sub)
+            if self._remove(sub):
+                self._request_pass()  # no waiting here: this may be a cancellation
             raise
         self._m.subscribe_ok.inc()
 
@@ -682,11 +696,14 @@ class PubSub:
         del self._channels[sub.channel]
         return True
 
+    def _request_pass(self) -> int:
+        self._want_gen += 1
+        self._wake()
+        return self._want_gen
+
     async def _apply(self) -> None:
         """Have the listener reconcile LISTENs; wait for it unless it is down (then reconnect does it)."""
-        self._want_gen += 1
-        gen = self._want_gen
-        self._wake()
+        gen = self._request_pass()
         while self._applied_gen < gen and self._connected and not self._closed:
             await self._next_pass()
 

@@ -389,13 +389,15 @@ class ReplicaRegistry:
 
     async def _mark_unhealthy(self, exc: BaseException) -> None:
         reason = _describe(exc)
+        timed_out = isinstance(exc, TimeoutError | PoolTimeout)
         if not self._healthy:
-            self._last_error = reason
+            if not timed_out:  # else keep the diagnosed cause from the start of the outage
+                self._last_error = reason
             log.debug("replica %s: heartbeat still failing: %s", self.id, reason)
             return
         self._healthy = False
         self._down_since = time.monotonic()
-        if isinstance(exc, TimeoutError | PoolTimeout):
+        if timed_out:
             # The pool only knows it waited; once per outage, ask for the real cause.
             cause = await self.db.diagnose(timeout=min(self._op_timeout, 5.0))
             if cause:

@@ -7,7 +7,6 @@ fixtures call even when a test fails.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import signal
 import tempfile
@@ -15,23 +14,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from procs import ROOT, Proc, free_port, python
-
-NGINX_EXAMPLE = ROOT / "deploy" / "nginx" / "coordinator.conf"
-
-
-def nginx_binary() -> str | None:
-    return shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if Path(p).exists()), None)
-
-
-def render_nginx(example: str, upstreams: list[int], listen: int) -> str:
-    """The example config with the test's upstream ports and listen port."""
-    servers = "".join(f"    server 127.0.0.1:{p} max_fails=1 fail_timeout=5s;\n" for p in upstreams)
-    out, n = re.subn(r"(upstream coordinator_replicas \{\n)(?:    server [^\n]*\n)+", lambda m: m.group(1) + servers, example)
-    assert n == 1, "upstream block not found in the example config"
-    out, n = re.subn(r"listen 80;", f"listen 127.0.0.1:{listen};", out)
-    assert n == 1, "listen line not found in the example config"
-    return out
+from coordinator import nginx
+from procs import Proc, free_port, python
 
 
 class Replica:
@@ -89,20 +73,11 @@ class HACluster:
         return r
 
     def start_nginx(self) -> None:
-        binary = nginx_binary()
-        assert binary, "nginx is not installed (scripts/bootstrap.sh installs it with COORDINATOR_WITH_NGINX=1)"
-        site = render_nginx(NGINX_EXAMPLE.read_text(), [r.port for r in self.replicas], self.access_port)
+        assert nginx.nginx_binary(), "nginx is not installed (scripts/bootstrap.sh installs it with COORDINATOR_WITH_NGINX=1)"
         prefix = self.base / "nginx"
-        (prefix / "logs").mkdir(parents=True, exist_ok=True)
-        conf = prefix / "nginx.conf"
-        conf.write_text(
-            "daemon off;\nworker_processes 1;\npid nginx.pid;\nerror_log logs/error.log warn;\n"
-            "events { worker_connections 1024; }\n"
-            "http {\n access_log off;\n client_body_temp_path tmp; proxy_temp_path tmp;\n"
-            " fastcgi_temp_path tmp; uwsgi_temp_path tmp; scgi_temp_path tmp;\n" + site + "}\n"
-        )
-        (prefix / "tmp").mkdir(exist_ok=True)
-        self.nginx = Proc([binary, "-p", str(prefix), "-c", str(conf)], log=prefix / "nginx.out")
+        conf = nginx.write_config(prefix, [("127.0.0.1", r.port) for r in self.replicas], ("127.0.0.1", self.access_port))
+        nginx.check(prefix, conf)
+        self.nginx = Proc(nginx.command(prefix, conf), log=prefix / "nginx.out")
         self.nginx.wait_http(self.access_url + "/healthz")
 
     def close(self) -> None:

@@ -155,3 +155,10 @@ def test_wheel_contains_compiled_relay_and_installs_in_fresh_venv(tmp_path):
     )
     assert str(env_dir) in out.stdout and out.stdout.strip().endswith(".so")
     assert sys.version_info >= (3, 11)
+
+
+def test_demo_shows_packets_crossing_replicas():
+    out = subprocess.run([python(), "-m", "coordinator", "demo", "--once"], capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count("packet delivered") >= 3, out.stdout
+    assert "replica up" in out.stdout and "Traceback" not in out.stderr

@@ -2,9 +2,11 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -58,18 +60,25 @@ class Child:
 
 
 @pytest.fixture
-def data_dir(tmp_path):
-    """A data directory whose server and helper processes are gone after the test, pass or fail."""
+def data_dir():
+    """A data directory whose server and helper processes are gone after the test, pass or fail.
+
+    Not pytest's tmp_path: concurrent pytest sessions on one machine rotate (delete) each other's.
+    """
+    base = Path(tempfile.mkdtemp(prefix="coordtest-emb-"))
     children: list[Child] = []
-    yield tmp_path, children
-    for child in children:
-        child.kill()
-    pidfile = tmp_path / "postgres" / "postmaster.pid"
-    if pidfile.exists():
-        try:
-            psutil.Process(int(pidfile.read_text().split()[0])).kill()
-        except (psutil.Error, ValueError, IndexError):
-            pass
+    try:
+        yield base, children
+    finally:
+        for child in children:
+            child.kill()
+        pidfile = base / "postgres" / "postmaster.pid"
+        if pidfile.exists():
+            try:
+                psutil.Process(int(pidfile.read_text().split()[0])).kill()
+            except (psutil.Error, ValueError, IndexError):
+                pass
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def assert_gone(pid: int, data: Path, timeout: float = 15.0) -> None:

@@ -5,10 +5,11 @@ import signal
 import time
 
 import pytest
-from cluster import HACluster, nginx_binary
+from cluster import HACluster
 
 from coordinator.client import DerpClient, DerpError, RecvPacket
 from coordinator.mesh import normalize_relay_url
+from coordinator.nginx import nginx_binary
 
 pytestmark = [
     pytest.mark.anyio,
@@ -76,7 +77,7 @@ async def routed(a: DerpClient, b: DerpClient, timeout: float = 10.0) -> None:
         try:
             if (await b.recv_packet(timeout=0.05)).data == b"probe":
                 return
-        except asyncio.TimeoutError:
+        except TimeoutError:
             if time.monotonic() > deadline:
                 raise AssertionError("packets never crossed the mesh") from None
 
@@ -168,3 +169,41 @@ async def test_sigterm_peers_drop_it_and_new_replica_joins_mesh(cluster):
     newcomer.start()  # returns once /healthz answers: the replica has registered by then
     joined = await wait_until(lambda: full_mesh(cluster, [*stayers, newcomer]), 10)
     print(f"new replica: every peer has a mesh link to it {joined * 1000:.0f} ms after it came up (target <= 1000 ms)")
+
+
+async def test_unreachable_peer_shows_in_error_column_and_does_not_block_others(cluster):
+    import uuid
+
+    import psycopg
+
+    await wait_until(lambda: full_mesh(cluster), 15)
+    ghost = uuid.uuid4()
+    dead_url = f"http://127.0.0.1:{__import__('procs').free_port()}"
+    async with await psycopg.AsyncConnection.connect(cluster.pg_url, autocommit=True) as conn:
+        await conn.execute(
+            "INSERT INTO replicas (id, hostname, region_id, relay_url, heartbeat_ms) VALUES (%s, 'ghost', 999, %s, 60000)",
+            (ghost, dead_url),
+        )
+        await conn.execute("SELECT pg_notify('replica', %s)", (str(ghost),))
+
+        async def errors():
+            cur = await conn.execute("SELECT error FROM replicas WHERE id <> %s AND stopped_at IS NULL", (ghost,))
+            return [row[0] for row in await cur.fetchall()]
+
+        deadline = time.monotonic() + 15
+        while not all(e.startswith("Failed to dial peers: " + normalize_relay_url(dead_url)) for e in await errors()):
+            assert time.monotonic() < deadline, await errors()
+            await asyncio.sleep(0.1)
+        assert full_mesh(cluster)  # the live replicas stay meshed with each other
+        a, b = await clients_on_distinct_replicas(cluster)
+        try:
+            await routed(a, b)
+        finally:
+            await a.close()
+            await b.close()
+        await conn.execute("UPDATE replicas SET stopped_at = now() WHERE id = %s", (ghost,))
+        await conn.execute("SELECT pg_notify('replica', %s)", (str(ghost),))
+        deadline = time.monotonic() + 15
+        while any(await errors()):
+            assert time.monotonic() < deadline, await errors()
+            await asyncio.sleep(0.1)
