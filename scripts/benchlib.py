@@ -3,12 +3,14 @@
 
 Run as a script it is the benchmarks' relay server process::
 
-    python scripts/benchlib.py relay [--keepalive 3600]
+    python scripts/benchlib.py relay [--keepalive 3600] [--mesh-key HEX]
 
 which serves ``create_app(DerpRelay(...))`` under uvicorn with uvloop and ``DerpHttpProtocol``
 (as ``coordinator server`` does) on 127.0.0.1 and a free port, prints ``READY <port>`` on stdout
 once the socket listens, and adds ``GET /bench/stats`` (the relay's counters as JSON) and ``GET /bench/mem`` (malloc and
-CPython heap figures). The process
+CPython heap figures). With ``--mesh-key`` the relay accepts mesh peers with that key and runs a
+``coordinator.mesh.Mesh``: ``POST /bench/mesh`` with ``{"peers": [url, ...]}`` sets its peers (as the
+control plane would), ``GET /bench/mesh`` returns the links' status. The process
 dies with its parent (``PR_SET_PDEATHSIG``), so an interrupted benchmark leaves nothing behind.
 """
 
@@ -161,6 +163,13 @@ class ServerProcess:
     def rss(self) -> int:
         return rss_bytes(self.pid)
 
+    def post(self, path: str, obj, timeout: float = 5.0) -> dict:
+        """POST ``obj`` as JSON to ``path`` on the server; its JSON answer."""
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=json.dumps(obj).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())
+
     def stats(self, timeout: float = 5.0, path: str = "/bench/stats") -> dict:
         """The server's counters from ``GET /bench/stats`` ({} if it does not answer)."""
         try:
@@ -214,6 +223,14 @@ async def connect_raw(url: str, timeout: float = 30.0):
     from coordinator.client import DerpClient
 
     client = await DerpClient.connect(url, timeout=timeout)
+    return client, await take_over(client)
+
+
+async def take_over(client) -> bytes:
+    """Detach a raw DerpClient's socket from its StreamReader: the bytes read but not consumed.
+
+    Whatever protocol then takes over ``client.transport`` must be fed these bytes first.
+    """
     if client._backlog or client._reader.buffered:
         # Parsed-but-unconsumed frames cannot be handed over in order; the relay sends nothing
         # after ServerInfo unless someone sends to us, so this means a misbehaving server.
@@ -222,7 +239,7 @@ async def connect_raw(url: str, timeout: float = 30.0):
     buf = client._stream.reader._buffer
     leftover = bytes(buf)
     buf.clear()
-    return client, leftover
+    return leftover
 
 
 def memory_breakdown() -> dict:
@@ -262,7 +279,8 @@ def use_relay_build(path: str) -> None:
 # -- the relay server process ----------------------------------------------------------------------
 
 
-def serve_relay(keepalive: float, tracemalloc_frames: int = 0, relay_path: str | None = None) -> None:
+def serve_relay(keepalive: float, tracemalloc_frames: int = 0, relay_path: str | None = None,
+                mesh_key: str | None = None) -> None:
     if tracemalloc_frames:
         import tracemalloc
 
@@ -280,13 +298,35 @@ def serve_relay(keepalive: float, tracemalloc_frames: int = 0, relay_path: str |
 
     if relay_path:
         print(f"relay server: _relay from {os.path.dirname(_relay.relay.__file__)}", file=sys.stderr, flush=True)
-    relay = DerpRelay(NodeKey.generate(), keepalive=keepalive)
+    relay = DerpRelay(NodeKey.generate(), keepalive=keepalive, mesh_key=mesh_key)
+    mesh = None
+    if mesh_key:
+        from coordinator.mesh import Mesh
+
+        # Links see frames only every `keepalive` s: do not time them out before that.
+        mesh = Mesh(relay, read_timeout=max(150.0, 2 * keepalive + 30))
 
     async def stats(request: Request) -> JSONResponse:
         return JSONResponse(relay.stats())
 
     async def mem(request: Request) -> JSONResponse:
         return JSONResponse(memory_breakdown())
+
+    async def mesh_peers(request: Request) -> JSONResponse:
+        """POST {"peers": [url, ...]}: mesh with those relays; GET: the links' status."""
+        if mesh is None:
+            return JSONResponse({"error": "start the server with --mesh-key"}, status_code=400)
+        if request.method == "POST":
+            await mesh.set_peers((await request.json())["peers"])
+        return JSONResponse(mesh.status())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        try:
+            yield
+        finally:
+            if mesh is not None:
+                await mesh.close()
 
     snapshots: dict = {}
 
@@ -305,8 +345,9 @@ def serve_relay(keepalive: float, tracemalloc_frames: int = 0, relay_path: str |
         return JSONResponse([{"where": str(d.traceback), "size_diff": d.size_diff, "count_diff": d.count_diff}
                              for d in top])
 
-    app = create_app(relay, extra_routes=[Route("/bench/stats", stats), Route("/bench/mem", mem),
-                                          Route("/bench/trace", trace)])
+    app = create_app(relay, lifespan=lifespan,
+                     extra_routes=[Route("/bench/stats", stats), Route("/bench/mem", mem), Route("/bench/trace", trace),
+                                   Route("/bench/mesh", mesh_peers, methods=["GET", "POST"])])
     sock = listening_socket()
     config = uvicorn.Config(
         app, http=DerpHttpProtocol, loop="uvloop", lifespan="on", log_level="warning",
@@ -324,13 +365,15 @@ def main() -> None:
     p.add_argument("--relay-path", metavar="DIR", help="import _relay from DIR/_relay (a modified build)")
     p.add_argument("--tracemalloc", type=int, default=0, metavar="FRAMES",
                    help="trace Python allocations (GET /bench/trace) with this many frames (default off)")
+    p.add_argument("--mesh-key", metavar="KEY",
+                   help="accept mesh peers with this key and mesh with the relays POSTed to /bench/mesh")
     args = ap.parse_args()
     die_with_parent()
     raise_nofile()
     if args.cmd == "relay":
         if args.relay_path:
             use_relay_build(args.relay_path)
-        serve_relay(args.keepalive, args.tracemalloc, args.relay_path)
+        serve_relay(args.keepalive, args.tracemalloc, args.relay_path, args.mesh_key)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,489 @@
+#!/usr/bin/env python3
+"""Throughput, loss and latency across two meshed relays, against both clients on one relay.
+
+What is measured
+----------------
+Two relay processes (``benchlib.py relay --mesh-key K``: ``create_app(DerpRelay(..., mesh_key=K))``
+under uvicorn with uvloop and ``DerpHttpProtocol``, plus a ``coordinator.mesh.Mesh``) run on
+127.0.0.1 and are meshed with each other (``POST /bench/mesh``: each dials the other's ``/derp``
+with the shared mesh key, sends WatchConns and installs forwarders for the keys it learns).
+
+Every case (mode x packet size) runs twice, back to back, with the same ``--pairs`` client pairs
+and the same client code as ``bench_relay.py`` (imported from it):
+
+* ``single``: sender and receiver of every pair on relay A (B is meshed but idle);
+* ``cross``: senders on relay A, receivers on relay B: every packet goes SendPacket -> A ->
+  ForwardPacket over the A->B mesh link -> B -> RecvPacket, and in windowed mode every ack goes
+  the other way over the B->A link.
+
+Before a case is measured, each pair sends probe packets (with the connections' DerpClient, before
+the benchmark protocols take the sockets over) in both directions until one arrives: in the cross
+case that is when A has learnt the receiver and B the sender through PeerPresent. Only then the
+senders start. Modes, warm-up, loss, latency sampling and the client's CPU economy are those of
+``bench_relay.py`` (see its docstring): ``windowed`` keeps <= ``--window`` packets in flight per
+sender, acknowledged by the receiver through the relays, and must be lossless; ``flood`` writes as
+fast as TCP back-pressure allows and shows the relays' drops as loss.
+
+Reported per case and topology: delivered packets/s and MB/s, loss %, one-way latency p50/p99,
+CPU seconds of relay A and relay B (/proc/<pid>/stat, over the measured window) and of the client,
+relay CPU per delivered packet (A + B), and "others CPU s": machine CPU (/proc/stat) used by
+neither the relays nor the client, i.e. other work on a shared machine. A second table gives
+cross / single ratios; the issue's target is windowed 1000 B cross >= 0.6x single.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import multiprocessing
+import os
+import secrets
+import signal
+import sys
+import time
+
+import bench_relay as br
+import benchlib
+
+TARGET = ("windowed", 1000, 0.6)  # mode, size, minimum cross/single pkt/s ratio (from the issue)
+TOPOLOGIES = ("single", "cross")
+PROBE_TAG = b"bench-mesh-probe"  # a payload length no benchmark frame has
+
+
+# ======================================================================================
+# client side
+# ======================================================================================
+
+
+async def probe_route(a, b, deadline: float) -> int:
+    """Send probes ``a`` -> ``b`` until one arrives; returns how many were sent.
+
+    Probes that the first relay dropped (destination not known yet) are simply resent. Only the
+    newest probe counts as arrival, and it is sent only once the previous one timed out: packets
+    on one route stay in order, so when it arrives nothing older is still in flight and nothing
+    of the probing reaches the benchmark protocols after the hand-over.
+    """
+    n = 0
+    wait = 0.02
+    while True:
+        n += 1
+        tag = PROBE_TAG + n.to_bytes(4, "little")
+        await a.send(b.public_key, tag)
+        until = min(deadline, time.monotonic() + wait)
+        while True:
+            try:
+                pkt = await b.recv_packet(timeout=max(0.0, until - time.monotonic()))
+            except TimeoutError:
+                break
+            if pkt.src == a.public_key and pkt.data == tag:
+                return n
+        if time.monotonic() >= deadline:
+            raise RuntimeError(f"routing not established: {n} probes to {b.url} did not arrive")
+        wait = min(0.25, wait * 2)
+
+
+async def client_case(pipe, spec: dict) -> dict:
+    """One client process's share of a case (``bench_relay.client_case`` with two relay URLs)."""
+    from coordinator.client import DerpClient
+
+    pairs, size, mode = spec["pairs"], spec["size"], spec["mode"]
+    shared = br.Shared()
+    urls = (spec["send_url"], spec["recv_url"])
+    clients = await asyncio.gather(*(DerpClient.connect(urls[i % 2], timeout=30) for i in range(2 * pairs)))
+    t_probe = time.monotonic()
+    deadline = t_probe + spec["route_timeout"]
+
+    async def probe_pair(s, r) -> int:
+        return await probe_route(s, r, deadline) + await probe_route(r, s, deadline)
+
+    probes = await asyncio.gather(*(probe_pair(clients[2 * i], clients[2 * i + 1]) for i in range(pairs)))
+    route_ms = 1000 * (time.monotonic() - t_probe)
+    conns = [(c, await benchlib.take_over(c)) for c in clients]
+
+    senders, receivers, transports = [], [], []
+    for i in range(pairs):
+        (s_client, s_left), (r_client, r_left) = conns[2 * i], conns[2 * i + 1]
+        rcv = br.Receiver(s_client.public_key, size, shared, spec["sample_every"],
+                          spec["ack_every"] if mode == "windowed" else 0)
+        if mode == "windowed":
+            snd = br.WindowSender(r_client.public_key, size, spec["window"])
+        else:
+            snd = br.FloodSender(r_client.public_key, size)
+        for proto, client, left in ((rcv, r_client, r_left), (snd, s_client, s_left)):
+            t = client.transport
+            t.set_protocol(proto)
+            t.set_write_buffer_limits(high=256 * 1024)
+            proto.transport = t
+            transports.append(t)
+            if left:
+                proto.data_received(left)
+        senders.append(snd)
+        receivers.append(rcv)
+
+    def snapshot() -> tuple[float, int, int, float]:
+        return (time.monotonic(), sum(s.sent for s in senders), sum(r.count for r in receivers),
+                benchlib.self_cpu_seconds())
+
+    async def sleep_until(t: float) -> None:
+        await asyncio.sleep(max(0.0, t - time.monotonic()))
+
+    pipe.send(("ready", {"probes": sum(probes), "route_ms": route_ms}))
+    t0 = pipe.recv()  # blocking is fine: nothing is in flight yet
+    await sleep_until(t0)
+    for s in senders:
+        s.start()
+    await sleep_until(t0 + spec["warmup"])
+    shared.measuring = True
+    a = snapshot()
+    await sleep_until(t0 + spec["warmup"] + spec["seconds"])
+    b = snapshot()
+    shared.measuring = False
+    for s in senders:
+        s.stop()
+    # Drain: windowed until everything sent has arrived; flood until the receivers go quiet.
+    deadline = time.monotonic() + 5.0
+    last, quiet_since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        got = sum(r.count for r in receivers)
+        sent = sum(s.sent for s in senders)
+        if got >= sent:
+            break
+        if mode == "flood":
+            if got != last or any(t.get_write_buffer_size() for t in transports):
+                last, quiet_since = got, time.monotonic()
+            elif time.monotonic() - quiet_since > 0.3:
+                break
+        await asyncio.sleep(0.01)
+    sent_total = sum(s.sent for s in senders)
+    recv_total = sum(r.count for r in receivers)
+    for t in transports:
+        t.close()
+    await asyncio.sleep(0.05)
+    return {
+        "elapsed": b[0] - a[0], "sent": b[1] - a[1], "received": b[2] - a[2], "cpu": b[3] - a[3],
+        "sent_total": sent_total, "received_total": recv_total, "latency_ns": shared.lat,
+        "other_frames": sum(r.other_frames for r in receivers), "acks": sum(r.acks for r in receivers),
+    }
+
+
+def client_worker(pipe, spec: dict) -> None:
+    # The parent handles Ctrl-C and stops us; SIGTERM (from it or PR_SET_PDEATHSIG) ends us quietly.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    benchlib.die_with_parent()
+    try:
+        result = benchlib.run(client_case(pipe, spec), spec["client_loop"])
+        pipe.send(("done", result))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        try:
+            pipe.send(("error", f"{type(exc).__name__}: {exc}"))
+        except OSError:
+            pass
+        if isinstance(exc, KeyboardInterrupt):
+            return
+        raise
+
+
+# ======================================================================================
+# orchestration
+# ======================================================================================
+
+COUNTERS = ("packets_in", "packets_out", "forwarded_in", "forwarded_out")
+
+
+def counter_delta(s0: dict, s1: dict) -> tuple[dict, dict]:
+    """(counters, drops) that changed between two /bench/stats answers ({} if one is missing)."""
+    if not (s0 and s1):
+        return {}, {}
+    counted = {k: s1[k] - s0.get(k, 0) for k in COUNTERS}
+    d0, d1 = s0.get("drops", {}), s1.get("drops", {})
+    return counted, {k: d1[k] - d0.get(k, 0) for k in d1 if d1[k] - d0.get(k, 0)}
+
+
+def run_case(relays: list[benchlib.ServerProcess], args, mode: str, size: int, topology: str) -> dict:
+    a, b = relays
+    ctx = multiprocessing.get_context("fork")
+    nproc = max(1, min(args.client_procs, args.pairs))
+    workers = []
+    ok = False
+    try:
+        for i in range(nproc):
+            spec = {
+                "send_url": a.url, "recv_url": b.url if topology == "cross" else a.url,
+                "pairs": len(range(i, args.pairs, nproc)), "size": size, "mode": mode,
+                "window": args.window, "ack_every": args.ack_every, "sample_every": args.sample_every,
+                "warmup": args.warmup, "seconds": args.seconds, "client_loop": args.client_loop,
+                "route_timeout": args.route_timeout,
+            }
+            parent_end, child_end = ctx.Pipe()
+            proc = ctx.Process(target=client_worker, args=(child_end, spec), daemon=True)
+            proc.start()
+            child_end.close()
+            workers.append((proc, parent_end))
+
+        def receive(pipe, timeout: float):
+            if not pipe.poll(timeout):
+                raise RuntimeError("client process did not answer in time")
+            kind, value = pipe.recv()
+            if kind == "error":
+                raise RuntimeError(f"client process failed: {value}")
+            return value
+
+        ready = [receive(pipe, 60 + args.route_timeout) for _, pipe in workers]
+        stats0 = [r.stats() for r in relays]
+        t0 = time.monotonic() + 0.05
+        for _, pipe in workers:
+            pipe.send(t0)
+        time.sleep(max(0.0, t0 + args.warmup - time.monotonic()))
+        cpu0, mach0, m0 = [r.cpu() for r in relays], benchlib.machine_cpu_seconds(), time.monotonic()
+        time.sleep(max(0.0, t0 + args.warmup + args.seconds - time.monotonic()))
+        cpu1, mach1, m1 = [r.cpu() for r in relays], benchlib.machine_cpu_seconds(), time.monotonic()
+        results = [receive(pipe, 60) for _, pipe in workers]
+        stats1 = [r.stats() for r in relays]
+        ok = True
+    finally:
+        for proc, pipe in workers:
+            proc.join(5 if ok else 0)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(5)
+            pipe.close()
+
+    elapsed = sum(r["elapsed"] for r in results) / len(results)
+    received = sum(r["received"] for r in results)
+    sent = sum(r["sent"] for r in results)
+    sent_total = sum(r["sent_total"] for r in results)
+    recv_total = sum(r["received_total"] for r in results)
+    lat = sorted(x for r in results for x in r["latency_ns"])
+
+    def pct(p: float) -> float | None:
+        return lat[min(len(lat) - 1, int(p * len(lat)))] / 1000 if lat else None
+
+    relay_cpu = [c1 - c0 for c0, c1 in zip(cpu0, cpu1, strict=True)]
+    cli_cpu = sum(r["cpu"] for r in results)
+    busy, total = mach1[0] - mach0[0], mach1[1] - mach0[1]
+    deltas = [counter_delta(s0, s1) for s0, s1 in zip(stats0, stats1, strict=True)]
+    pps = received / elapsed
+    return {
+        "mode": mode, "size": size, "topology": topology, "pairs": args.pairs, "seconds": elapsed,
+        "pkt_s": pps, "mb_s": pps * size / 1e6, "sent_pkt_s": sent / elapsed,
+        "loss_pct": 100.0 * (1 - recv_total / sent_total) if sent_total else 0.0,
+        "sent_total": sent_total, "received_total": recv_total, "acks": sum(r["acks"] for r in results),
+        "p50_us": pct(0.50), "p99_us": pct(0.99), "latency_samples": len(lat),
+        "relay_cpu_s": {"A": relay_cpu[0], "B": relay_cpu[1]},
+        "relay_us_per_pkt": 1e6 * sum(relay_cpu) / received if received else None,
+        "client_cpu_s": cli_cpu, "client_us_per_pkt": 1e6 * cli_cpu / received if received else None,
+        "machine_busy_pct": 100.0 * busy / total if total else None,
+        "others_cpu_s": max(0.0, busy - sum(relay_cpu) - cli_cpu),
+        "window_s": m1 - m0,
+        "relay_counted": {"A": deltas[0][0], "B": deltas[1][0]},
+        "relay_drops": {"A": deltas[0][1], "B": deltas[1][1]},
+        "probes": sum(r["probes"] for r in ready), "route_ms": max(r["route_ms"] for r in ready),
+        "other_frames": sum(r["other_frames"] for r in results),
+    }
+
+
+def mesh_relays(relays: list[benchlib.ServerProcess], timeout: float) -> dict:
+    """Mesh A and B with each other; wait until both links are up. Returns their status."""
+    a, b = relays
+    a.post("/bench/mesh", {"peers": [b.url]})
+    b.post("/bench/mesh", {"peers": [a.url]})
+    deadline = time.monotonic() + timeout
+    while True:
+        status = {r.name: r.stats(path="/bench/mesh") for r in relays}
+        if all(s and all(link["connected"] for link in s.values()) for s in status.values()):
+            return status
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"mesh links not up within {timeout:.0f} s: {status}")
+        time.sleep(0.05)
+
+
+def consistency_warnings(r: dict) -> list[str]:
+    """The relays' counters against the client's: a relay may drop packets, never invent them."""
+    c = r["relay_counted"]
+    if not (c["A"] and c["B"]):
+        return []
+    out = []
+    frames = r["sent_total"] + r["acks"]  # SendPacket frames the client wrote after the probes
+    got_in = c["A"]["packets_in"] + c["B"]["packets_in"]
+    got_out = c["A"]["packets_out"] + c["B"]["packets_out"]
+    fwd_out = c["A"]["forwarded_out"] + c["B"]["forwarded_out"]
+    fwd_in = c["A"]["forwarded_in"] + c["B"]["forwarded_in"]
+    if got_in != frames or got_out - r["acks"] > r["received_total"] or fwd_in > fwd_out:
+        out.append(f"{r['mode']} {r['size']} B {r['topology']}: the relays counted {c} but the client sent "
+                   f"{r['sent_total']} packets + {r['acks']} acks and received {r['received_total']}")
+    if r["topology"] == "single" and fwd_out:
+        out.append(f"{r['mode']} {r['size']} B single: {fwd_out} packets went over the mesh")
+    if r["topology"] == "cross" and c["A"]["packets_in"] and not c["A"]["forwarded_out"]:
+        out.append(f"{r['mode']} {r['size']} B cross: nothing went over the mesh")
+    return out
+
+
+# ======================================================================================
+# output
+# ======================================================================================
+
+fmt = br.fmt
+
+
+def print_results(results: list[dict], args) -> None:
+    cols = ("mode", "size", "topology", "pkt/s", "MB/s", "loss %", "p50 µs", "p99 µs", "relay A CPU s",
+            "relay B CPU s", "relays µs/pkt", "cli CPU s", "machine busy %", "others CPU s", "relay drops")
+    rows = []
+    for r in results:
+        cpu = r["relay_cpu_s"]
+        drops = ",".join(f"{n}:{k}={v}" for n in ("A", "B") for k, v in r["relay_drops"][n].items()) or "0"
+        rows.append((
+            r["mode"], str(r["size"]), r["topology"], fmt(r["pkt_s"]), fmt(r["mb_s"], ",.1f"),
+            fmt(r["loss_pct"], ".2f"), fmt(r["p50_us"]), fmt(r["p99_us"]),
+            f"{cpu['A']:.2f} ({100 * cpu['A'] / r['window_s']:.0f}%)",
+            f"{cpu['B']:.2f} ({100 * cpu['B'] / r['window_s']:.0f}%)",
+            fmt(r["relay_us_per_pkt"], ".2f"), fmt(r["client_cpu_s"], ".2f"), fmt(r["machine_busy_pct"], ".0f"),
+            fmt(r["others_cpu_s"], ".2f"), drops,
+        ))
+    br.table(cols, rows)
+
+    print()
+    print("cross / single (same client, same workload; for latency and CPU per packet lower is better)")
+    cols = ("mode", "size", "pkt/s", "MB/s", "p50 µs", "p99 µs", "relays µs/pkt", "relays CPU s", "loss % s/c")
+    rows = []
+    for (mode, size), single, cross in paired(results):
+        def ratio(k, s=single, c=cross):
+            return "-" if s[k] is None or c[k] is None or not s[k] else f"{c[k] / s[k]:.2f}"
+
+        cpu_s, cpu_c = sum(single["relay_cpu_s"].values()), sum(cross["relay_cpu_s"].values())
+        rows.append((mode, str(size), ratio("pkt_s"), ratio("mb_s"), ratio("p50_us"), ratio("p99_us"),
+                     ratio("relay_us_per_pkt"), f"{cpu_c / cpu_s:.2f}" if cpu_s else "-",
+                     f"{single['loss_pct']:.2f} / {cross['loss_pct']:.2f}"))
+    br.table(cols, rows)
+    for line in target_checks(results):
+        print()
+        print(line)
+
+
+def paired(results: list[dict]):
+    by = {(r["mode"], r["size"], r["topology"]): r for r in results}
+    for r in results:
+        if r["topology"] == "single" and (r["mode"], r["size"], "cross") in by:
+            yield (r["mode"], r["size"]), r, by[(r["mode"], r["size"], "cross")]
+
+
+def target_checks(results: list[dict]) -> list[str]:
+    mode, size, minimum = TARGET
+    out = []
+    for (m, s), single, cross in paired(results):
+        if (m, s) == (mode, size):
+            ratio = cross["pkt_s"] / single["pkt_s"] if single["pkt_s"] else 0.0
+            ok = ratio >= minimum and cross["loss_pct"] == 0
+            out.append(f"target {mode} {size} B across two replicas >= {minimum}x one replica, no loss: "
+                       f"{'MET' if ok else 'NOT MET'} ({ratio:.2f}x: {cross['pkt_s']:,.0f} vs "
+                       f"{single['pkt_s']:,.0f} pkt/s, loss {cross['loss_pct']:.2f} %)")
+    return out
+
+
+# ======================================================================================
+
+
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pairs", type=int, default=4, help="sender/receiver connection pairs (default 4)")
+    ap.add_argument("--sizes", default="100,1000,16000", help="packet sizes in bytes, comma-separated, >= 8")
+    ap.add_argument("--modes", default="windowed,flood", help="windowed,flood (default both)")
+    ap.add_argument("--seconds", type=float, default=3.0, help="measured seconds per case (default 3)")
+    ap.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds before each case (default 0.5)")
+    ap.add_argument("--window", type=int, default=32, help="windowed: packets in flight per sender (default 32)")
+    ap.add_argument("--ack-every", type=int, default=8, help="windowed: receiver acks every N packets (default 8)")
+    ap.add_argument("--sample-every", type=int, default=8, help="latency: sample every k-th packet (default 8)")
+    ap.add_argument("--client-procs", type=int, default=1, help="client processes (default 1)")
+    ap.add_argument("--client-loop", choices=("uvloop", "asyncio"), default="uvloop")
+    ap.add_argument("--topologies", default="single,cross", help="single,cross (default both)")
+    ap.add_argument("--route-timeout", type=float, default=10.0,
+                    help="seconds to wait for probes to arrive before a case (default 10)")
+    ap.add_argument("--relay-path", metavar="DIR",
+                    help="benchmark a modified relay: import _relay from DIR/_relay (built there with "
+                         "'python setup.py build_ext --inplace') instead of the installed one")
+    ap.add_argument("--json", action="store_true", help="print the results as JSON instead of tables")
+    args = ap.parse_args()
+    try:
+        args.sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    except ValueError:
+        ap.error("--sizes: comma-separated integers")
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    args.topologies = [t.strip() for t in args.topologies.split(",") if t.strip()]
+    if not args.sizes or any(not 8 <= s <= 65536 for s in args.sizes):
+        ap.error("--sizes: each between 8 and 65536 (8 bytes carry the timestamp)")
+    if not args.modes or any(m not in ("windowed", "flood") for m in args.modes):
+        ap.error("--modes: windowed and/or flood")
+    if not args.topologies or any(t not in TOPOLOGIES for t in args.topologies):
+        ap.error("--topologies: single and/or cross")
+    if args.pairs < 1 or args.window < 1 or args.sample_every < 1 or args.seconds <= 0 or args.route_timeout <= 0:
+        ap.error("--pairs, --window, --sample-every, --seconds and --route-timeout must be positive")
+    if not 1 <= args.ack_every <= args.window:
+        ap.error("--ack-every must be between 1 and --window (else the window deadlocks)")
+    return args
+
+
+def main() -> int:
+    args = parse_args()
+    benchlib.sigterm_as_interrupt()
+    here = os.path.dirname(os.path.abspath(__file__))
+    mesh_key = secrets.token_hex(32)
+    relay_argv = [sys.executable, os.path.join(here, "benchlib.py"), "relay", "--keepalive", "3600",
+                  "--mesh-key", mesh_key]
+    if args.relay_path:
+        relay_argv += ["--relay-path", args.relay_path]
+    log = sys.stderr
+    started = time.monotonic()
+    results: list[dict] = []
+    relays: list[benchlib.ServerProcess] = []
+    try:
+        for name in ("A", "B"):
+            relays.append(benchlib.ServerProcess(relay_argv, name).__enter__())
+        mesh_relays(relays, 20.0)
+        print("relays (meshed): " + ", ".join(f"{p.name} pid {p.pid} port {p.port}" for p in relays)
+              + f"; client: {args.client_procs} process(es), {args.client_loop}; {os.cpu_count()} CPUs", file=log)
+        for mode in args.modes:
+            for size in args.sizes:
+                for topology in args.topologies:
+                    r = run_case(relays, args, mode, size, topology)
+                    results.append(r)
+                    cpu = r["relay_cpu_s"]
+                    print(f"  {mode:8} {size:>5} B {topology:6}: {r['pkt_s']:>10,.0f} pkt/s {r['mb_s']:>8,.1f} MB/s "
+                          f"loss {r['loss_pct']:.2f} %  p50 {fmt(r['p50_us'])} µs  p99 {fmt(r['p99_us'])} µs  "
+                          f"relay CPU A {cpu['A']:.2f} s B {cpu['B']:.2f} s  client CPU {r['client_cpu_s']:.2f} s  "
+                          f"others {r['others_cpu_s']:.2f} s  (route after {r['probes']} probes, "
+                          f"{r['route_ms']:.0f} ms)", file=log)
+    except KeyboardInterrupt:
+        print("interrupted", file=log)
+        return 130
+    finally:
+        for p in relays:  # unmesh first: a link whose peer vanishes logs a warning and redials
+            with contextlib.suppress(Exception):
+                p.post("/bench/mesh", {"peers": []}, timeout=2)
+        for p in reversed(relays):
+            p.stop()
+    for r in results:
+        for line in consistency_warnings(r):
+            print("WARNING: " + line, file=log)
+    lossy = [r for r in results if r["mode"] == "windowed" and r["sent_total"] != r["received_total"]]
+    if args.json:
+        json.dump({"args": vars(args), "cpus": os.cpu_count(), "wall_seconds": time.monotonic() - started,
+                   "results": results, "targets": target_checks(results)}, sys.stdout, indent=2)
+        print()
+    else:
+        print_results(results, args)
+        print(f"\n({time.monotonic() - started:.0f} s. {args.pairs} pairs; single = both ends on relay A, cross = "
+              f"senders on A, receivers on B. MB = 10^6 bytes of packet payload. Latency is one-way, sampled every "
+              f"{args.sample_every}th packet. CPU s over the {args.seconds:g} s measured, % = of one core; relays "
+              f"µs/pkt = CPU of A + B per delivered packet; machine busy = all {os.cpu_count()} CPUs; others = CPU "
+              f"used by neither the relays nor the client (other processes, uncharged softirq).)")
+    if lossy:
+        print(f"ERROR: windowed mode lost packets in {len(lossy)} case(s)", file=log)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
