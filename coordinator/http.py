@@ -8,8 +8,10 @@ the relay's protocol, so no ASGI machinery sits on the packet path.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import logging
+import socket
 
 import httptools
 from uvicorn.middleware.proxy_headers import _TrustedHosts
@@ -82,6 +84,18 @@ def client_address(protocol: HttpToolsProtocol, headers: dict[bytes, bytes]) -> 
     return (host, port) if host else peer
 
 
+def tune_socket(transport) -> None:
+    """derper's TCP timers: unacknowledged data fails the connection after 15 s; keepalive after 10 min."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 600)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 15000)
+
+
 class DerpHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, plus the DERP upgrade on ``/derp``."""
 
@@ -147,6 +161,7 @@ class DerpHttpProtocol(HttpToolsProtocol):
             prefix = relay.upgrade_response()
         self.connections.discard(self)
         self._unset_keepalive_if_required()
+        tune_socket(self.transport)
         relay.accept(
             self.transport,
             prefix,

@@ -193,6 +193,13 @@ def client_worker(pipe, spec: dict) -> None:
 COUNTERS = ("packets_in", "packets_out", "forwarded_in", "forwarded_out")
 
 
+def steal_seconds() -> float:
+    """CPU time the hypervisor gave to other guests (all CPUs; /proc/stat's steal column)."""
+    with open("/proc/stat") as f:
+        v = f.readline().split()
+    return int(v[8]) / benchlib.CLK_TCK if len(v) > 8 else 0.0
+
+
 def counter_delta(s0: dict, s1: dict) -> tuple[dict, dict]:
     """(counters, drops) that changed between two /bench/stats answers ({} if one is missing)."""
     if not (s0 and s1):
@@ -237,9 +244,9 @@ def run_case(relays: list[benchlib.ServerProcess], args, mode: str, size: int, t
         for _, pipe in workers:
             pipe.send(t0)
         time.sleep(max(0.0, t0 + args.warmup - time.monotonic()))
-        cpu0, mach0, m0 = [r.cpu() for r in relays], benchlib.machine_cpu_seconds(), time.monotonic()
+        cpu0, mach0, st0, m0 = [r.cpu() for r in relays], benchlib.machine_cpu_seconds(), steal_seconds(), time.monotonic()
         time.sleep(max(0.0, t0 + args.warmup + args.seconds - time.monotonic()))
-        cpu1, mach1, m1 = [r.cpu() for r in relays], benchlib.machine_cpu_seconds(), time.monotonic()
+        cpu1, mach1, st1, m1 = [r.cpu() for r in relays], benchlib.machine_cpu_seconds(), steal_seconds(), time.monotonic()
         results = [receive(pipe, 60) for _, pipe in workers]
         stats1 = [r.stats() for r in relays]
         ok = True
@@ -263,7 +270,7 @@ def run_case(relays: list[benchlib.ServerProcess], args, mode: str, size: int, t
 
     relay_cpu = [c1 - c0 for c0, c1 in zip(cpu0, cpu1, strict=True)]
     cli_cpu = sum(r["cpu"] for r in results)
-    busy, total = mach1[0] - mach0[0], mach1[1] - mach0[1]
+    busy, total, steal = mach1[0] - mach0[0], mach1[1] - mach0[1], st1 - st0
     deltas = [counter_delta(s0, s1) for s0, s1 in zip(stats0, stats1, strict=True)]
     pps = received / elapsed
     return {
@@ -276,7 +283,7 @@ def run_case(relays: list[benchlib.ServerProcess], args, mode: str, size: int, t
         "relay_us_per_pkt": 1e6 * sum(relay_cpu) / received if received else None,
         "client_cpu_s": cli_cpu, "client_us_per_pkt": 1e6 * cli_cpu / received if received else None,
         "machine_busy_pct": 100.0 * busy / total if total else None,
-        "others_cpu_s": max(0.0, busy - sum(relay_cpu) - cli_cpu),
+        "others_cpu_s": max(0.0, busy - steal - sum(relay_cpu) - cli_cpu), "steal_s": steal,
         "window_s": m1 - m0,
         "relay_counted": {"A": deltas[0][0], "B": deltas[1][0]},
         "relay_drops": {"A": deltas[0][1], "B": deltas[1][1]},
@@ -330,7 +337,7 @@ fmt = br.fmt
 
 def print_results(results: list[dict], args) -> None:
     cols = ("mode", "size", "topology", "pkt/s", "MB/s", "loss %", "p50 µs", "p99 µs", "relay A CPU s",
-            "relay B CPU s", "relays µs/pkt", "cli CPU s", "machine busy %", "others CPU s", "relay drops")
+            "relay B CPU s", "relays µs/pkt", "cli CPU s", "machine busy %", "others CPU s", "steal s", "relay drops")
     rows = []
     for r in results:
         cpu = r["relay_cpu_s"]
@@ -341,7 +348,7 @@ def print_results(results: list[dict], args) -> None:
             f"{cpu['A']:.2f} ({100 * cpu['A'] / r['window_s']:.0f}%)",
             f"{cpu['B']:.2f} ({100 * cpu['B'] / r['window_s']:.0f}%)",
             fmt(r["relay_us_per_pkt"], ".2f"), fmt(r["client_cpu_s"], ".2f"), fmt(r["machine_busy_pct"], ".0f"),
-            fmt(r["others_cpu_s"], ".2f"), drops,
+            fmt(r["others_cpu_s"], ".2f"), fmt(r["steal_s"], ".2f"), drops,
         ))
     br.table(cols, rows)
 
@@ -361,6 +368,14 @@ def print_results(results: list[dict], args) -> None:
     for line in target_checks(results):
         print()
         print(line)
+
+
+def median_runs(runs: list[dict]) -> list[dict]:
+    """Per case and topology, the run with the median delivered pkt/s (the lower one of an even count)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["mode"], r["size"], r["topology"]), []).append(r)
+    return [sorted(g, key=lambda r: r["pkt_s"])[(len(g) - 1) // 2] for g in groups.values()]
 
 
 def paired(results: list[dict]):
@@ -398,6 +413,8 @@ def parse_args():
     ap.add_argument("--sample-every", type=int, default=8, help="latency: sample every k-th packet (default 8)")
     ap.add_argument("--client-procs", type=int, default=1, help="client processes (default 1)")
     ap.add_argument("--client-loop", choices=("uvloop", "asyncio"), default="uvloop")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run every case N times, single and cross alternated; report the median (default 1)")
     ap.add_argument("--topologies", default="single,cross", help="single,cross (default both)")
     ap.add_argument("--route-timeout", type=float, default=10.0,
                     help="seconds to wait for probes to arrive before a case (default 10)")
@@ -418,6 +435,8 @@ def parse_args():
         ap.error("--modes: windowed and/or flood")
     if not args.topologies or any(t not in TOPOLOGIES for t in args.topologies):
         ap.error("--topologies: single and/or cross")
+    if args.repeat < 1:
+        ap.error("--repeat must be positive")
     if args.pairs < 1 or args.window < 1 or args.sample_every < 1 or args.seconds <= 0 or args.route_timeout <= 0:
         ap.error("--pairs, --window, --sample-every, --seconds and --route-timeout must be positive")
     if not 1 <= args.ack_every <= args.window:
@@ -436,7 +455,7 @@ def main() -> int:
         relay_argv += ["--relay-path", args.relay_path]
     log = sys.stderr
     started = time.monotonic()
-    results: list[dict] = []
+    runs: list[dict] = []
     relays: list[benchlib.ServerProcess] = []
     try:
         for name in ("A", "B"):
@@ -446,9 +465,10 @@ def main() -> int:
               + f"; client: {args.client_procs} process(es), {args.client_loop}; {os.cpu_count()} CPUs", file=log)
         for mode in args.modes:
             for size in args.sizes:
-                for topology in args.topologies:
-                    r = run_case(relays, args, mode, size, topology)
-                    results.append(r)
+                for _ in range(args.repeat):
+                    for topology in args.topologies:  # alternated: background load hits both alike
+                        r = run_case(relays, args, mode, size, topology)
+                        runs.append(r)
                     cpu = r["relay_cpu_s"]
                     print(f"  {mode:8} {size:>5} B {topology:6}: {r['pkt_s']:>10,.0f} pkt/s {r['mb_s']:>8,.1f} MB/s "
                           f"loss {r['loss_pct']:.2f} %  p50 {fmt(r['p50_us'])} µs  p99 {fmt(r['p99_us'])} µs  "
@@ -464,21 +484,24 @@ def main() -> int:
                 p.post("/bench/mesh", {"peers": []}, timeout=2)
         for p in reversed(relays):
             p.stop()
-    for r in results:
+    results = median_runs(runs)
+    for r in runs:
         for line in consistency_warnings(r):
             print("WARNING: " + line, file=log)
-    lossy = [r for r in results if r["mode"] == "windowed" and r["sent_total"] != r["received_total"]]
+    lossy = [r for r in runs if r["mode"] == "windowed" and r["sent_total"] != r["received_total"]]
     if args.json:
         json.dump({"args": vars(args), "cpus": os.cpu_count(), "wall_seconds": time.monotonic() - started,
-                   "results": results, "targets": target_checks(results)}, sys.stdout, indent=2)
+                   "results": results, "runs": runs if args.repeat > 1 else None,
+                   "targets": target_checks(results)}, sys.stdout, indent=2)
         print()
     else:
         print_results(results, args)
         print(f"\n({time.monotonic() - started:.0f} s. {args.pairs} pairs; single = both ends on relay A, cross = "
               f"senders on A, receivers on B. MB = 10^6 bytes of packet payload. Latency is one-way, sampled every "
               f"{args.sample_every}th packet. CPU s over the {args.seconds:g} s measured, % = of one core; relays "
-              f"µs/pkt = CPU of A + B per delivered packet; machine busy = all {os.cpu_count()} CPUs; others = CPU "
-              f"used by neither the relays nor the client (other processes, uncharged softirq).)")
+              f"µs/pkt = CPU of A + B per delivered packet; machine busy = all {os.cpu_count()} CPUs, incl. steal; others "
+              f"= CPU used by neither the relays nor the client (other processes, uncharged softirq); steal = CPU "
+              f"the hypervisor gave to other guests. With --repeat, each row is the run with the median pkt/s.)")
     if lossy:
         print(f"ERROR: windowed mode lost packets in {len(lossy)} case(s)", file=log)
         return 1

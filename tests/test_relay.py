@@ -469,3 +469,20 @@ async def test_client_address_from_trusted_proxy_header():
             present = await watcher.recv(timeout=5)
             assert (present.key, present.ip, present.port) == (a.public_key, "203.0.113.7", 4242)
             await watcher.close()
+
+
+async def test_relay_sockets_get_derper_tcp_timers(relay):
+    import psutil
+
+    url, _ = relay
+    async with await DerpClient.connect(url) as a:
+        port = a.transport.get_extra_info("sockname")[1]
+        # the relay runs in this process: find its end of our connection and read its options
+        (server_side,) = [c for c in psutil.Process().net_connections("tcp") if c.raddr and c.raddr.port == port]
+        sock = socket.socket(fileno=os.dup(server_side.fd))
+        try:
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 15000
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        finally:
+            os.close(sock.detach())
