@@ -469,12 +469,12 @@ def main() -> int:
                     for topology in args.topologies:  # alternated: background load hits both alike
                         r = run_case(relays, args, mode, size, topology)
                         runs.append(r)
-                    cpu = r["relay_cpu_s"]
-                    print(f"  {mode:8} {size:>5} B {topology:6}: {r['pkt_s']:>10,.0f} pkt/s {r['mb_s']:>8,.1f} MB/s "
-                          f"loss {r['loss_pct']:.2f} %  p50 {fmt(r['p50_us'])} µs  p99 {fmt(r['p99_us'])} µs  "
-                          f"relay CPU A {cpu['A']:.2f} s B {cpu['B']:.2f} s  client CPU {r['client_cpu_s']:.2f} s  "
-                          f"others {r['others_cpu_s']:.2f} s  (route after {r['probes']} probes, "
-                          f"{r['route_ms']:.0f} ms)", file=log)
+                        cpu = r["relay_cpu_s"]
+                        print(f"  {mode:8} {size:>5} B {topology:6}: {r['pkt_s']:>10,.0f} pkt/s {r['mb_s']:>8,.1f} MB/s "
+                              f"loss {r['loss_pct']:.2f} %  p50 {fmt(r['p50_us'])} µs  p99 {fmt(r['p99_us'])} µs  "
+                              f"relay CPU A {cpu['A']:.2f} s B {cpu['B']:.2f} s  client CPU {r['client_cpu_s']:.2f} s  "
+                              f"others {r['others_cpu_s']:.2f} s  (route after {r['probes']} probes, "
+                              f"{r['route_ms']:.0f} ms)", file=log)
     except KeyboardInterrupt:
         print("interrupted", file=log)
         return 130

@@ -23,6 +23,17 @@ def pg_cluster():
 
 
 @pytest.fixture
+def own_cluster():
+    """A private Postgres this test may crash and restart; destroyed whatever happens."""
+    cluster = PgCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture
 def pg_url(pg_cluster):
     """A fresh, empty database on the shared server; dropped after the test."""
     name = "t_" + uuid.uuid4().hex[:12]

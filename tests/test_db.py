@@ -19,20 +19,10 @@ from coordinator.db import (
     format_server_version,
     load_migrations,
 )
-from pgcluster import PgCluster, free_port
+from pgcluster import free_port
 
 pytestmark = pytest.mark.anyio
 
-
-@pytest.fixture
-def own_cluster():
-    """A private server this test may crash and restart."""
-    cluster = PgCluster()
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.destroy()
 
 
 def test_version_check_is_a_pure_function():

@@ -26,7 +26,7 @@ from coordinator.pubsub import (
     PubSubError,
     QueueFull,
 )
-from pgcluster import PgCluster, free_port
+from pgcluster import free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -89,16 +89,6 @@ async def ps(pg_url):
     async with PubSub(pg_url, **FAST) as ps:
         yield ps
 
-
-@pytest.fixture
-def own_cluster():
-    """A Postgres this test may kill and restart."""
-    cluster = PgCluster()
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.destroy()
 
 
 async def test_round_trip_sync_and_async_handlers(ps):

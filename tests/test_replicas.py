@@ -18,7 +18,6 @@ import pytest
 from coordinator.db import Database
 from coordinator.pubsub import PubSub
 from coordinator.replicas import CHANNEL, Replica, ReplicaRegistry
-from pgcluster import PgCluster
 
 pytestmark = pytest.mark.anyio
 
@@ -301,16 +300,6 @@ async def test_schema_recreated_if_the_database_is_replaced(db, ps, pg_url, capl
                          "the row to be re-inserted")
         assert "re-applied migrations" in caplog.text
 
-
-@pytest.fixture
-def own_cluster():
-    """A private server this test may crash and restart; destroyed whatever happens."""
-    cluster = PgCluster()
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.destroy()
 
 
 async def test_postgres_crash_and_restart(own_cluster, caplog):
