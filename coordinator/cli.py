@@ -51,6 +51,41 @@ def cmd_postgres_url(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_api_token(args: argparse.Namespace) -> int:
+    import asyncio
+    import secrets
+
+    from coordinator.db import Database, DatabaseError
+    from coordinator.embedded import embedded_url
+
+    settings = _settings_from(args)
+    if settings.api_token:
+        print(settings.api_token)
+        return 0
+    url = settings.pg_url or embedded_url(settings.data_path)
+    if not url:
+        print("coordinator: no database: give --pg-url (or run from the data directory of a replica that uses "
+              "the embedded PostgreSQL)", file=sys.stderr)
+        return 2
+
+    async def fetch() -> str:
+        async with await Database.open(url, wait=settings.db_wait) as db:
+            return await db.get_or_create_site_config("api_token", lambda: secrets.token_urlsafe(32))
+
+    try:
+        print(asyncio.run(fetch()))
+    except DatabaseError as exc:
+        print(f"coordinator: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from coordinator.probe import main as probe_main
+
+    return probe_main(args.probe_args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from coordinator.demo import run_demo
 
@@ -68,6 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     pg = sub.add_parser("postgres-url", help="print the URL of the embedded PostgreSQL of a data directory")
     pg.add_argument("--data-dir", default=None, help="data directory [$COORDINATOR_DATA_DIR]")
     pg.set_defaults(func=cmd_postgres_url)
+    token = sub.add_parser("api-token", help="print the operator API's bearer token (created once, stored in Postgres)")
+    for flag in ("--pg-url", "--data-dir", "--api-token", "--db-wait"):
+        token.add_argument(flag, default=None)
+    token.set_defaults(func=cmd_api_token)
+    probe = sub.add_parser("probe", help="measure latency to the database, pub/sub and every replica (see --help)",
+                           add_help=False)
+    probe.add_argument("probe_args", nargs=argparse.REMAINDER)
+    probe.set_defaults(func=cmd_probe)
     demo = sub.add_parser("demo", help="start 3 local replicas (+ nginx if installed) and show packets crossing them")
     demo.add_argument("--replicas", type=int, default=3)
     demo.add_argument("--base-port", type=int, default=0, help="first port (default: free ports)")

@@ -126,6 +126,16 @@ class Settings:
     db_wait: float = _setting(
         "COORDINATOR_PG_WAIT", 30.0, kind="duration", help="how long to wait for Postgres at start before giving up",
     )
+    latency_threshold: float = _setting(
+        "COORDINATOR_LATENCY_THRESHOLD", 0.010, kind="duration",
+        help="warn when a peer, Postgres or the pub/sub is slower than this (median round trip)",
+    )
+    peer_timeout: float = _setting(
+        "COORDINATOR_PEER_TIMEOUT", 3.0, kind="duration", help="timeout of one latency probe to a peer",
+    )
+    api_token: str = _setting(
+        "COORDINATOR_API_TOKEN", "", help="bearer token of the operator API (default: generated once, stored in Postgres)",
+    )
     log_level: str = _setting("COORDINATOR_LOG_LEVEL", "info", help="debug, info, warning or error")
     extra: dict = field(default_factory=dict)
 
@@ -154,6 +164,8 @@ class Settings:
                 )
         if self.heartbeat <= 0:
             raise ConfigError("COORDINATOR_REPLICA_HEARTBEAT must be positive")
+        if self.latency_threshold <= 0 or self.peer_timeout <= 0:
+            raise ConfigError("COORDINATOR_LATENCY_THRESHOLD and COORDINATOR_PEER_TIMEOUT must be positive")
         if self.keepalive <= 0:
             raise ConfigError("COORDINATOR_DERP_KEEPALIVE must be positive")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):

@@ -6,18 +6,30 @@ retries on its own and reports its state for the health endpoints.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import secrets
 import socket
 
 from coordinator import __version__
 from coordinator.config import Settings
 from coordinator.db import Database
 from coordinator.derp import DerpRelay
+from coordinator.latency import Finding, LatencyMonitor
 from coordinator.mesh import Mesh
 from coordinator.pubsub import PubSub
 from coordinator.replicas import Replica, ReplicaRegistry
 
 log = logging.getLogger("coordinator.controlplane")
+
+DIAL_ERROR = "Failed to dial peers: "
+
+
+def merge_dial_errors(*errors: str | None) -> str | None:
+    """One ``Failed to dial peers: a; b`` string from several such strings."""
+    parts = [e.removeprefix(DIAL_ERROR) for e in errors if e]
+    return DIAL_ERROR + "; ".join(parts) if parts else None
 
 
 class ControlPlane:
@@ -31,16 +43,24 @@ class ControlPlane:
         self.pubsub: PubSub | None = None
         self.registry: ReplicaRegistry | None = None
         self.mesh: Mesh | None = None
+        self.monitor: LatencyMonitor | None = None
+        self.api_token: str = settings.api_token
         self._warned_no_relay_url = False
+        self._monitor_task: asyncio.Task | None = None
 
     async def start(self, *, db_wait: float = 30.0) -> None:
         """Open the database (bounded wait), install the mesh key, join the replica set."""
         s = self.settings
         self.db = await Database.open(self.pg_url, wait=db_wait)
         self.relay.set_mesh_key(await self.db.derp_mesh_key(s.mesh_key or None))
+        if not self.api_token:
+            self.api_token = await self.db.get_or_create_site_config("api_token", lambda: secrets.token_urlsafe(32))
         self.pubsub = PubSub(self.pg_url)
         await self.pubsub.start()
-        self.mesh = Mesh(self.relay, on_error=self._on_mesh_error)
+        self.mesh = Mesh(self.relay, on_error=self._on_dial_error)
+        self.monitor = LatencyMonitor(
+            threshold=s.latency_threshold, peer_timeout=s.peer_timeout, pubsub=self.pubsub, derp_ping=self.mesh.ping,
+        )
         self.registry = ReplicaRegistry(
             self.db,
             self.pubsub,
@@ -50,16 +70,42 @@ class ControlPlane:
             version=__version__,
             heartbeat=s.heartbeat,
             on_change=self._on_peers,
+            on_probe=self.monitor.database_sample,
         )
         await self.registry.start()
+        self._monitor_task = asyncio.create_task(self._measure_loop(), name="latency monitor")
         log.info(
             "replica %s joined (region %d, relay URL %s, %d live peers)",
             self.registry.id, s.region_id, s.relay_url or "(none)", len(self.registry.peers()),
         )
 
-    def _on_mesh_error(self, error: str | None) -> None:
-        if self.registry is not None:
-            self.registry.set_error(error)
+    def _on_dial_error(self, _: str | None = None) -> None:
+        if self.registry is not None and self.mesh is not None and self.monitor is not None:
+            self.registry.set_error(merge_dial_errors(self.mesh.error(), self.monitor.peer_error()))
+
+    async def _measure_loop(self) -> None:
+        """Once per heartbeat: peers, pub/sub; the results ride on our next heartbeat write."""
+        assert self.registry is not None and self.monitor is not None
+        while True:
+            started = asyncio.get_running_loop().time()
+            try:
+                await self.monitor.measure(self.registry.regional_peers())
+                self.registry.set_measurements(self.monitor.matrix_row(), self.monitor.pubsub_median)
+                self._on_dial_error()
+            except Exception:  # never let a measuring bug take the replica down
+                log.exception("latency measurement failed")
+            elapsed = asyncio.get_running_loop().time() - started
+            await asyncio.sleep(max(0.05, self.settings.heartbeat - elapsed))
+
+    def findings(self) -> list[Finding]:
+        """Coded problems for the health report."""
+        if self.monitor is None or self.registry is None:
+            return [Finding("EDB01", "error", "control plane not started")]
+        if not self.registry.healthy:
+            self.monitor.database_failed(self.registry.last_error or "heartbeats failing")
+        return self.monitor.findings(
+            database_ok=self.registry.healthy, pubsub_connected=bool(self.pubsub and self.pubsub.connected),
+        )
 
     async def _on_peers(self, peers: list[Replica]) -> None:
         regional = [p for p in peers if p.region_id == self.settings.region_id]
@@ -88,6 +134,12 @@ class ControlPlane:
 
     async def stop(self) -> None:
         """Leave gracefully: peers drop this replica at once; then close every connection."""
+        if self._monitor_task is not None:
+            self._monitor_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor_task
+        if self.monitor is not None:
+            self.monitor.close()
         if self.registry is not None:
             try:
                 await self.registry.stop()

@@ -46,6 +46,7 @@ class MeshLink:
         self.error: str | None = None
         self.connected = asyncio.Event()
         self.keys: set[bytes] = set()
+        self.client: DerpClient | None = None
         self.is_self = False
         self._task = asyncio.create_task(self._run(), name=f"mesh-link {url}")
 
@@ -78,6 +79,7 @@ class MeshLink:
         relay = self.mesh.relay
         client = await DerpClient.connect(self.url, relay.key, mesh_key=self.mesh.mesh_key(), timeout=self.mesh.dial_timeout)
         forwarder = None
+        self.client = client
         try:
             if client.server_key == relay.public_key:
                 raise SelfConnection()
@@ -107,7 +109,15 @@ class MeshLink:
                 for key in self.keys:
                     relay.server.remove_forwarder(key, forwarder)
             self.keys.clear()
+            self.client = None
             await client.close()
+
+    async def ping(self, timeout: float = 5.0) -> float | None:
+        """DERP Ping round trip over the mesh link in seconds, or None while it is down."""
+        client = self.client
+        if client is None or not self.connected.is_set():
+            return None
+        return await client.ping(timeout)
 
     async def stop(self) -> None:
         self._task.cancel()
@@ -153,6 +163,11 @@ class Mesh:
             log.info("mesh: dialling peer relay %s", url)
             self.links[url] = MeshLink(self, url)
         self.notify_error()
+
+    async def ping(self, relay_url: str) -> float | None:
+        """DERP round trip to the peer at ``relay_url`` over its mesh link (None if not linked)."""
+        link = self.links.get(normalize_relay_url(relay_url) or "")
+        return await link.ping() if link is not None else None
 
     def error(self) -> str | None:
         """Coder's error string for the replicas table, or None when every peer is reachable."""

@@ -25,7 +25,7 @@ import math
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 from uuid import UUID, uuid4
@@ -33,6 +33,7 @@ from uuid import UUID, uuid4
 import anyio
 import psycopg
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 from psycopg_pool import PoolTimeout
 
 from coordinator.db import Database, DatabaseUnavailable
@@ -56,7 +57,8 @@ _UPDATE_SELF = """
     UPDATE replicas
     SET updated_at = now(), stopped_at = NULL, hostname = %(hostname)s, region_id = %(region_id)s,
         relay_url = %(relay_url)s, version = %(version)s, database_latency = %(latency)s,
-        error = %(error)s, heartbeat_ms = %(heartbeat_ms)s
+        error = %(error)s, heartbeat_ms = %(heartbeat_ms)s,
+        peer_latencies = %(peer_latencies)s, pubsub_latency = %(pubsub_latency)s
     WHERE id = %(id)s
     RETURNING *"""
 # started_at/created_at come back from our previous row (database time) when re-inserting.
@@ -104,6 +106,9 @@ class Replica:
     updated_at: datetime
     stopped_at: datetime | None
     alive: bool
+    peer_latencies: dict = field(default_factory=dict)  # what this replica measured to each peer
+    pubsub_latency: int = 0  # microseconds
+
 
     @classmethod
     def from_row(cls, row: dict, alive: bool | None = None) -> Replica:
@@ -113,6 +118,7 @@ class Replica:
             heartbeat=row["heartbeat_ms"] / 1000.0, created_at=row["created_at"], started_at=row["started_at"],
             updated_at=row["updated_at"], stopped_at=row["stopped_at"],
             alive=row["alive"] if alive is None else alive,
+            peer_latencies=row.get("peer_latencies") or {}, pubsub_latency=row.get("pubsub_latency") or 0,
         )
 
 
@@ -145,6 +151,7 @@ class ReplicaRegistry:
         cleanup_after: float = DEFAULT_CLEANUP_AFTER,
         recovery_grace: float = RECOVERY_GRACE,
         on_change: OnChange | None = None,
+        on_probe: Callable[[float], None] | None = None,
     ):
         if heartbeat <= 0:
             raise ValueError("heartbeat must be positive")
@@ -159,6 +166,8 @@ class ReplicaRegistry:
         self.cleanup_after = cleanup_after
         self.recovery_grace = recovery_grace
         self.on_change = on_change
+        self.on_probe = on_probe  # called with each heartbeat's database round trip (seconds)
+        self._measurements: dict = {"peer_latencies": Jsonb({}), "pubsub_latency": 0}
         self.clock_skew = 0.0  # database clock minus ours, seconds
 
         self._self_row: Replica | None = None
@@ -214,6 +223,13 @@ class ReplicaRegistry:
         """Every row as of the last sync, dead ones and this one included (for the operator API)."""
         rows = [r for r in self._rows if r.id != self.id]
         return ([self._self_row] if self._self_row else []) + rows
+
+    def set_measurements(self, peer_latencies: dict, pubsub_latency: float | None) -> None:
+        """Latencies this replica measured (the matrix row, pub/sub round trip in seconds), written at the next heartbeat."""
+        self._measurements = {
+            "peer_latencies": Jsonb(peer_latencies),
+            "pubsub_latency": min(int((pubsub_latency or 0) * 1e6), 2**31 - 1),
+        }
 
     def set_error(self, text: str | None) -> None:
         """Record an error (e.g. "Failed to dial peers: ...") written to our row at the next heartbeat."""
@@ -353,6 +369,7 @@ class ReplicaRegistry:
                 "heartbeat_ms": max(1, round(self.heartbeat * 1000)),
                 "created_at": previous.created_at if previous else None,
                 "started_at": previous.started_at if previous else None,
+                **self._measurements,
             }
             cur = conn.cursor(row_factory=dict_row)
             row = None
@@ -364,6 +381,8 @@ class ReplicaRegistry:
                 await cur.execute(_INSERT_SELF, params)
                 row = await cur.fetchone()
         self._check_skew(probe.skew)
+        if self.on_probe is not None:
+            self.on_probe(probe.latency)
         if reinserted:
             log.warning("replica %s: our row was deleted externally; re-inserted it", self.id)
         self._self_row = Replica.from_row(row, alive=True)

@@ -9,10 +9,8 @@ import signal
 import sys
 
 import uvicorn
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
 
+from coordinator.api import api_routes
 from coordinator.app import create_app
 from coordinator.config import Settings
 from coordinator.controlplane import ControlPlane
@@ -67,17 +65,7 @@ def run_server(settings: Settings) -> int:
               file=sys.stderr, flush=True)
     control = ControlPlane(settings, relay, pg_url)
 
-    async def debug_status(request: Request) -> JSONResponse:
-        """This replica's view of the cluster: database, pub/sub, peers, mesh links, relay counters."""
-        reg = control.registry
-        return JSONResponse({
-            "replica_id": str(reg.id) if reg else None,
-            "server_key": relay.key.public_text,
-            **control.status(),
-            "relay": relay.stats(),
-        })
-
-    app = create_app(relay, extra_routes=[Route("/debug/status", debug_status)])
+    app = create_app(relay, extra_routes=api_routes(control, relay))
     app.state.control = control
     server = ReplicaServer(uvicorn_config(settings, app))
 

@@ -27,20 +27,27 @@ class Replica:
         self.data.mkdir(exist_ok=True)
         self.proc: Proc | None = None
         self.cluster = cluster
+        self.relay_url = self.url  # what peers dial; a test may point it at a delaying proxy
+        self.pg_url = cluster.pg_url  # likewise for this replica's database connection
 
     def start(self) -> None:
         c = self.cluster
         self.proc = Proc(
             [python(), "-m", "coordinator", "server", "--address", f"127.0.0.1:{self.port}", "--data-dir", str(self.data),
-             "--relay-url", self.url, "--access-url", c.access_url or "http://lb.invalid", "--pg-url", c.pg_url,
+             "--relay-url", self.relay_url, "--access-url", c.access_url or "http://lb.invalid", "--pg-url", self.pg_url,
              "--heartbeat", c.heartbeat, "--log-level", "info"],
+            env={"COORDINATOR_API_TOKEN": c.api_token},
             log=self.data / f"server-{int(time.time() * 1000)}.log",
         )
         self.proc.wait_http(self.url + "/healthz")
 
-    def status(self) -> dict:
-        with urllib.request.urlopen(self.url + "/debug/status", timeout=2) as resp:
+    def api(self, path: str):
+        request = urllib.request.Request(self.url + path, headers={"Authorization": f"Bearer {self.cluster.api_token}"})
+        with urllib.request.urlopen(request, timeout=5) as resp:
             return json.load(resp)
+
+    def status(self) -> dict:
+        return self.api("/api/v2/debug/status")
 
     @property
     def server_key(self) -> bytes:
@@ -60,6 +67,7 @@ class HACluster:
         self.base = Path(tempfile.mkdtemp(prefix="coordtest-ha-"))
         self.pg_url = pg_url
         self.heartbeat = heartbeat
+        self.api_token = "test-api-token"
         self.replicas: list[Replica] = []
         self.nginx: Proc | None = None
         self.access_port = free_port()

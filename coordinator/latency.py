@@ -1,0 +1,294 @@
+"""Continuous latency measurement: peers (HTTP and DERP), Postgres and pub/sub, against a limit.
+
+Every replica must sit within 10 ms of every other and of Postgres. Each heartbeat this module
+probes every live peer of the region in parallel, records database and pub/sub round trips, keeps a
+short window per target (median and p99, so one slow sample raises no alarm), warns when a median
+crosses the limit (on change, then at most once a minute), logs recovery, and turns all of it into
+coded health findings and Prometheus histograms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import statistics
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from prometheus_client import CollectorRegistry, Histogram
+
+log = logging.getLogger("coordinator.latency")
+
+WINDOW = 10
+REPEAT_WARNING = 60.0
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class Window:
+    """The last ``size`` samples of one figure, in seconds."""
+
+    def __init__(self, size: int = WINDOW):
+        self.samples: deque[float] = deque(maxlen=size)
+
+    def add(self, seconds: float) -> None:
+        self.samples.append(seconds)
+
+    def clear(self) -> None:
+        self.samples.clear()
+
+    @property
+    def median(self) -> float | None:
+        return statistics.median(self.samples) if self.samples else None
+
+    @property
+    def p99(self) -> float | None:
+        if not self.samples:
+            return None
+        ordered = sorted(self.samples)
+        return ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One coded problem for the health report."""
+
+    code: str
+    severity: str  # "warning" or "error"
+    message: str
+
+    def as_dict(self) -> dict:
+        return {"code": self.code, "severity": self.severity, "message": self.message}
+
+
+class Alarm:
+    """Threshold state of one target: warn on change, repeat at most once a minute, log recovery."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.over = False
+        self.last_warned = 0.0
+
+    def update(self, median: float | None, limit: float) -> None:
+        now = time.monotonic()
+        over = median is not None and median > limit
+        if over and (not self.over or now - self.last_warned >= REPEAT_WARNING):
+            log.warning("latency to %s is %.1f ms (median), above the %.0f ms limit", self.name, median * 1e3, limit * 1e3)
+            self.last_warned = now
+        elif not over and self.over and median is not None:
+            log.info("latency to %s recovered: %.1f ms (median), within the %.0f ms limit", self.name, median * 1e3, limit * 1e3)
+        self.over = over
+
+
+class HttpPinger:
+    """GET ``/derp/latency-check`` on a kept-alive connection, so the figure is one request round trip."""
+
+    def __init__(self, base_url: str, timeout: float):
+        parts = urlsplit(base_url)
+        self.host = parts.hostname or ""
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.tls = ssl.create_default_context() if parts.scheme == "https" else None
+        self.request = (
+            f"GET /derp/latency-check HTTP/1.1\r\nHost: {parts.netloc}\r\nUser-Agent: coordinator-latency\r\n\r\n"
+        ).encode()
+        self.timeout = timeout
+        self.streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def _once(self) -> float:
+        reader, writer = self.streams  # type: ignore[misc]
+        start = time.perf_counter()
+        writer.write(self.request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        elapsed = time.perf_counter() - start
+        status = head.split(b" ", 2)[1] if head.count(b" ") >= 2 else b""
+        if status != b"200":
+            raise ConnectionError(f"latency check answered {head.splitlines()[0].decode('latin-1', 'replace')}")
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":", 1)[1])
+        if length:
+            await reader.readexactly(length)
+        return elapsed
+
+    async def ping(self) -> float:
+        async with asyncio.timeout(self.timeout):
+            try:
+                if self.streams is None:
+                    self.streams = await asyncio.open_connection(self.host, self.port, ssl=self.tls)
+                    await self._once()  # the first request pays for the TCP (and TLS) handshake
+                return await self._once()
+            except BaseException:
+                self.close()
+                raise
+
+    def close(self) -> None:
+        if self.streams is not None:
+            self.streams[1].close()
+            self.streams = None
+
+
+def describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+        return "timed out"
+    return str(exc) or type(exc).__name__
+
+
+class PeerState:
+    def __init__(self, peer, timeout: float):
+        self.peer = peer
+        self.http = Window()
+        self.derp = Window()
+        self.pinger = HttpPinger(peer.relay_url, timeout)
+        self.error: str | None = None
+        self.alarm = Alarm(f"replica {peer.hostname} ({peer.relay_url})")
+
+    @property
+    def median(self) -> float | None:
+        return self.http.median
+
+    def record(self) -> dict:
+        ms = lambda v: None if v is None else round(v * 1e3, 3)  # noqa: E731
+        return {
+            "relay_url": self.peer.relay_url, "hostname": self.peer.hostname,
+            "http_ms": ms(self.http.median), "derp_ms": ms(self.derp.median), "p99_ms": ms(self.http.p99),
+            "error": self.error,
+        }
+
+
+class LatencyMonitor:
+    """Measures, judges and reports; the control plane calls :meth:`measure` once per heartbeat."""
+
+    def __init__(
+        self,
+        *,
+        threshold: float = 0.010,
+        peer_timeout: float = 3.0,
+        pubsub=None,
+        derp_ping: Callable[[str], object] | None = None,
+        registry: CollectorRegistry | None = None,
+    ):
+        self.threshold = threshold
+        self.peer_timeout = peer_timeout
+        self.pubsub = pubsub
+        self.derp_ping = derp_ping  # relay URL -> awaitable RTT seconds, or None without a mesh link
+        self.peers: dict[str, PeerState] = {}
+        self.database = Window()
+        self.pubsub_window = Window()
+        self.database_alarm = Alarm("PostgreSQL")
+        self.pubsub_alarm = Alarm("the pub/sub (NOTIFY round trip)")
+        self.database_error: str | None = None
+        self.pubsub_error: str | None = None
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.peer_hist = Histogram(
+            "coordinator_replica_peer_latency_seconds", "Round trip to a peer replica", ["peer", "kind"],
+            buckets=BUCKETS, registry=self.registry,
+        )
+        self.db_hist = Histogram(
+            "coordinator_database_latency_seconds", "Round trip to PostgreSQL", buckets=BUCKETS, registry=self.registry,
+        )
+
+    # -- samples ------------------------------------------------------------------------------
+
+    def database_sample(self, seconds: float) -> None:
+        """A database round trip (the registry's heartbeat probe)."""
+        self.database.add(seconds)
+        self.database_error = None
+        self.db_hist.observe(seconds)
+        self.database_alarm.update(self.database.median, self.threshold)
+
+    def database_failed(self, error: str) -> None:
+        self.database_error = error
+
+    async def measure(self, peers) -> None:
+        """Probe every peer (in parallel) and the pub/sub once; update windows, alarms and errors."""
+        wanted = {p.relay_url: p for p in peers if p.relay_url}
+        for url in list(self.peers):
+            if url not in wanted:
+                self.peers.pop(url).pinger.close()
+        for url, peer in wanted.items():
+            state = self.peers.get(url)
+            if state is None:
+                self.peers[url] = PeerState(peer, self.peer_timeout)
+            else:
+                state.peer = peer
+        await asyncio.gather(self._measure_pubsub(), *(self._measure_peer(s) for s in self.peers.values()))
+
+    async def _measure_peer(self, state: PeerState) -> None:
+        url = state.peer.relay_url
+        try:
+            rtt = await state.pinger.ping()
+        except (TimeoutError, OSError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+            state.error = describe(exc)
+            state.http.clear()
+            return
+        state.error = None
+        state.http.add(rtt)
+        self.peer_hist.labels(peer=url, kind="http").observe(rtt)
+        if self.derp_ping is not None:
+            with contextlib.suppress(Exception):  # the mesh link reports its own errors
+                rtt_derp = await asyncio.wait_for(self.derp_ping(url), self.peer_timeout)
+                if rtt_derp is not None:
+                    state.derp.add(rtt_derp)
+                    self.peer_hist.labels(peer=url, kind="derp").observe(rtt_derp)
+        state.alarm.update(state.median, self.threshold)
+
+    async def _measure_pubsub(self) -> None:
+        if self.pubsub is None:
+            return
+        try:
+            _, recv = await self.pubsub.measure_latency(timeout=self.peer_timeout)
+        except Exception as exc:
+            self.pubsub_error = describe(exc)
+            return
+        self.pubsub_error = None
+        self.pubsub_window.add(recv)
+        self.pubsub_alarm.update(self.pubsub_window.median, self.threshold)
+
+    # -- reports ------------------------------------------------------------------------------
+
+    def matrix_row(self) -> dict[str, dict]:
+        """This replica's latencies to its peers, keyed by peer id, for the ``replicas`` table."""
+        return {str(s.peer.id): s.record() for s in self.peers.values()}
+
+    def peer_error(self) -> str | None:
+        """Coder's wording for unreachable peers, for the ``error`` column."""
+        failed = [
+            f"ping sibling replica {s.peer.hostname} ({s.peer.relay_url}): {s.error}"
+            for s in self.peers.values() if s.error
+        ]
+        return "Failed to dial peers: " + "; ".join(failed) if failed else None
+
+    def findings(self, *, database_ok: bool, pubsub_connected: bool) -> list[Finding]:
+        limit = self.threshold * 1e3
+        out: list[Finding] = []
+        if not database_ok:
+            out.append(Finding("EDB01", "error", f"database unreachable: {self.database_error or 'heartbeats failing'}"))
+        elif self.database.median is not None and self.database.median > self.threshold:
+            out.append(Finding("EDB02", "warning",
+                               f"database slow: {self.database.median * 1e3:.1f} ms median round trip (limit {limit:.0f} ms)"))
+        for s in sorted(self.peers.values(), key=lambda s: s.peer.relay_url):
+            who = f"replica {s.peer.hostname} ({s.peer.relay_url})"
+            if s.error:
+                out.append(Finding("EDERP01", "error", f"peer unreachable: {who}: {s.error}"))
+            elif s.median is not None and s.median > self.threshold:
+                out.append(Finding("EDERP02", "warning", f"peer slow: {who}: {s.median * 1e3:.1f} ms median (limit {limit:.0f} ms)"))
+        if self.pubsub is not None:
+            if not pubsub_connected:
+                out.append(Finding("EPS01", "error", "pub/sub disconnected: the LISTEN connection to PostgreSQL is down"))
+            elif self.pubsub_window.median is not None and self.pubsub_window.median > self.threshold:
+                out.append(Finding("EPS02", "warning",
+                                   f"pub/sub slow: {self.pubsub_window.median * 1e3:.1f} ms median round trip (limit {limit:.0f} ms)"))
+        return out
+
+    @property
+    def pubsub_median(self) -> float | None:
+        return self.pubsub_window.median
+
+    def close(self) -> None:
+        for s in self.peers.values():
+            s.pinger.close()
