@@ -162,3 +162,14 @@ def test_demo_shows_packets_crossing_replicas():
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.count("packet delivered") >= 3, out.stdout
     assert "replica up" in out.stdout and "Traceback" not in out.stderr
+
+
+def test_missing_compiled_relay_fails_with_build_instructions(tmp_path):
+    pkg = tmp_path / "_relay"
+    pkg.mkdir()
+    for src in (ROOT / "_relay").glob("*.py*"):  # sources only, no compiled module
+        if not src.name.endswith(".so"):
+            (pkg / src.name).write_bytes(src.read_bytes())
+    out = subprocess.run([python(), "-c", "import _relay"], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 1
+    assert "compiled DERP relay" in out.stderr and "pip install ." in out.stderr
