@@ -173,6 +173,8 @@ def client_worker(pipe, spec: dict) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     benchlib.die_with_parent()
+    if spec["cpus"]:
+        os.sched_setaffinity(0, spec["cpus"])
     try:
         result = benchlib.run(client_case(pipe, spec), spec["client_loop"])
         pipe.send(("done", result))
@@ -222,7 +224,7 @@ def run_case(relays: list[benchlib.ServerProcess], args, mode: str, size: int, t
                 "pairs": len(range(i, args.pairs, nproc)), "size": size, "mode": mode,
                 "window": args.window, "ack_every": args.ack_every, "sample_every": args.sample_every,
                 "warmup": args.warmup, "seconds": args.seconds, "client_loop": args.client_loop,
-                "route_timeout": args.route_timeout,
+                "route_timeout": args.route_timeout, "cpus": args.client_cpus,
             }
             parent_end, child_end = ctx.Pipe()
             proc = ctx.Process(target=client_worker, args=(child_end, spec), daemon=True)
@@ -418,6 +420,9 @@ def parse_args():
     ap.add_argument("--topologies", default="single,cross", help="single,cross (default both)")
     ap.add_argument("--route-timeout", type=float, default=10.0,
                     help="seconds to wait for probes to arrive before a case (default 10)")
+    ap.add_argument("--pin", action="store_true",
+                    help="pin both relays to the last CPU and the client to the others (default: the scheduler "
+                         "places them; pinning shows what a quiet, well-placed machine can do)")
     ap.add_argument("--relay-path", metavar="DIR",
                     help="benchmark a modified relay: import _relay from DIR/_relay (built there with "
                          "'python setup.py build_ext --inplace') instead of the installed one")
@@ -441,6 +446,12 @@ def parse_args():
         ap.error("--pairs, --window, --sample-every, --seconds and --route-timeout must be positive")
     if not 1 <= args.ack_every <= args.window:
         ap.error("--ack-every must be between 1 and --window (else the window deadlocks)")
+    args.relay_cpus = args.client_cpus = None
+    if args.pin:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            ap.error("--pin needs at least 2 CPUs")
+        args.relay_cpus, args.client_cpus = cpus[-1:], cpus[:-1]
     return args
 
 
@@ -460,9 +471,13 @@ def main() -> int:
     try:
         for name in ("A", "B"):
             relays.append(benchlib.ServerProcess(relay_argv, name).__enter__())
+        if args.relay_cpus:
+            for p in relays:
+                os.sched_setaffinity(p.pid, args.relay_cpus)
         mesh_relays(relays, 20.0)
+        pinned = f"; pinned: relays on CPU {args.relay_cpus}, client on {args.client_cpus}" if args.pin else ""
         print("relays (meshed): " + ", ".join(f"{p.name} pid {p.pid} port {p.port}" for p in relays)
-              + f"; client: {args.client_procs} process(es), {args.client_loop}; {os.cpu_count()} CPUs", file=log)
+              + f"; client: {args.client_procs} process(es), {args.client_loop}; {os.cpu_count()} CPUs{pinned}", file=log)
         for mode in args.modes:
             for size in args.sizes:
                 for _ in range(args.repeat):
@@ -496,7 +511,7 @@ def main() -> int:
         print()
     else:
         print_results(results, args)
-        print(f"\n({time.monotonic() - started:.0f} s. {args.pairs} pairs; single = both ends on relay A, cross = "
+        print(f"\n({time.monotonic() - started:.0f} s. {args.pairs} pairs{' (pinned)' if args.pin else ''}; single = both ends on relay A, cross = "
               f"senders on A, receivers on B. MB = 10^6 bytes of packet payload. Latency is one-way, sampled every "
               f"{args.sample_every}th packet. CPU s over the {args.seconds:g} s measured, % = of one core; relays "
               f"µs/pkt = CPU of A + B per delivered packet; machine busy = all {os.cpu_count()} CPUs, incl. steal; others "

@@ -170,6 +170,6 @@ def test_missing_compiled_relay_fails_with_build_instructions(tmp_path):
     for src in (ROOT / "_relay").glob("*.py*"):  # sources only, no compiled module
         if not src.name.endswith(".so"):
             (pkg / src.name).write_bytes(src.read_bytes())
-    out = subprocess.run([python(), "-c", "import _relay"], capture_output=True, text=True, cwd=tmp_path)
+    out = subprocess.run([python(), "-S", "-c", "import _relay"], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 1
     assert "compiled DERP relay" in out.stderr and "pip install ." in out.stderr
