@@ -14,11 +14,12 @@ the control plane; nothing here knows about HTTP, Postgres or configuration.
 """
 
 cimport cython
+from cpython.bytearray cimport PyByteArray_AS_STRING
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_GetItem
 from cpython.object cimport PyObject
 from libc.stdlib cimport free, malloc, realloc
-from libc.string cimport memcmp, memcpy
+from libc.string cimport memcmp, memcpy, memset
 from libc.stdint cimport uint64_t
 
 from _relay cimport proto as P
@@ -64,6 +65,8 @@ cdef enum:
     ST_CLOSED = 2
 
 cdef enum:
+    ROUTE_CACHE = 4
+    READ_BUFFER_SIZE = 262144
     SCRATCH_SIZE = 65536
     IDLE_BUFFER_KEEP = 4096      # output buffers above this are freed when a conn goes idle
 
@@ -242,8 +245,9 @@ cdef class Forwarder(Writer):
     cdef readonly str name
     cdef public Py_ssize_t max_buffer
     cdef bint closed
+    cdef Py_ssize_t pending_frames, pending_bytes   # in the output buffer, not yet written
 
-    def __cinit__(self, RelayServer server, transport, str name="", Py_ssize_t max_buffer=4 << 20):
+    def __cinit__(self, RelayServer server, transport, str name="", Py_ssize_t max_buffer=512 * 1024):
         self.server = server
         self.transport = transport
         self.name = name
@@ -263,16 +267,21 @@ cdef class Forwarder(Writer):
         memcpy(p + P.FRAME_HEADER_LEN + P.KEY_LEN, dst, P.KEY_LEN)
         memcpy(p + P.FRAME_HEADER_LEN + 2 * P.KEY_LEN, pkt, n)
         self.olen += P.FRAME_HEADER_LEN + 2 * P.KEY_LEN + n
-        c.forwarded_out += 1
+        self.pending_frames += 1
+        self.pending_bytes += n
         self.mark_dirty()
         return 0
 
     cdef int write_out(self, bytes out) except -1:
-        # A mesh link that stopped draining sheds load instead of buffering without bound.
+        cdef Counters c = self.server.counters
+        frames, nbytes = self.pending_frames, self.pending_bytes
+        self.pending_frames = self.pending_bytes = 0
+        # A mesh link that stopped draining sheds load (newest first) instead of buffering without bound.
         if self.transport.get_write_buffer_size() > self.max_buffer:
-            self.server.counters.drops[DROP_QUEUE_TAIL] += 1
-            self.server.counters.drop_bytes[DROP_QUEUE_TAIL] += len(out)
+            c.drops[DROP_QUEUE_TAIL] += frames
+            c.drop_bytes[DROP_QUEUE_TAIL] += nbytes
             return 0
+        c.forwarded_out += frames
         self.transport.write(out)
         return 0
 
@@ -288,6 +297,9 @@ cdef class Forwarder(Writer):
         """Stop forwarding through this link (its keys must be removed by the caller)."""
         self.closed = True
         self.olen = 0
+        self.server.counters.drops[DROP_GONE] += self.pending_frames
+        self.server.counters.drop_bytes[DROP_GONE] += self.pending_bytes
+        self.pending_frames = self.pending_bytes = 0
 
     def __repr__(self):
         return f"<Forwarder {self.name}>"
@@ -322,10 +334,14 @@ cdef class Conn(Writer):
     cdef object queue, disco_queue
     # NotHere limiter: 1/s, burst 3
     cdef double nh_tokens, nh_last
-    # route cache: the last destination looked up
-    cdef unsigned char last_dst[32]
-    cdef object last_target
-    cdef unsigned long long last_gen
+    # route cache: the last ROUTE_CACHE destinations looked up (a mesh link interleaves many)
+    cdef unsigned char rc_key[ROUTE_CACHE][32]
+    cdef list rc_target
+    cdef unsigned long long rc_gen
+    cdef int rc_next
+    # who last sent to this connection, so "heard from" is recorded once per source, not per packet
+    cdef unsigned char hc_key[32]
+    cdef unsigned long long hc_gen
     # incoming WebSocket framing
     cdef unsigned char ws_hdr[14]
     cdef int ws_hlen, ws_op, ws_moff
@@ -353,19 +369,24 @@ cdef class Conn(Writer):
 
     def data_received(self, data):
         cdef const unsigned char[:] view
-        cdef const unsigned char* p
-        cdef Py_ssize_t n
         if self.state == ST_CLOSED:
             return
         if type(data) is bytes:
-            p = <const unsigned char*>PyBytes_AS_STRING(data)
-            n = PyBytes_GET_SIZE(data)
+            self.consume(<const unsigned char*>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
         else:
             view = data
-            n = view.shape[0]
-            if n == 0:
-                return
-            p = &view[0]
+            if view.shape[0]:
+                self.consume(&view[0], view.shape[0])
+
+    # uvloop and asyncio read straight into the relay's shared buffer (no bytes object per read)
+    def get_buffer(self, sizehint):
+        return self.server.read_view
+
+    def buffer_updated(self, Py_ssize_t nbytes):
+        if self.state != ST_CLOSED and nbytes > 0:
+            self.consume(self.server.read_buf, nbytes)
+
+    cdef int consume(self, const unsigned char* p, Py_ssize_t n) except -1:
         if self.cset is not None and self.cset.active is not self:
             self.server.make_active(self)
         try:
@@ -377,6 +398,7 @@ cdef class Conn(Writer):
             self.close(str(exc), True)
         finally:
             self.server.flush_dirty()
+        return 0
 
     def eof_received(self):
         return False
@@ -445,7 +467,7 @@ cdef class Conn(Writer):
                     self.flush()
                 self.transport.close()
         self.olen = 0
-        self.last_target = None
+        self.rc_target = None
         if self.ibuf != NULL:
             free(self.ibuf)
             self.ibuf = NULL
@@ -592,7 +614,7 @@ cdef class Conn(Writer):
             c.bytes_in += n - 2 * P.KEY_LEN
             target = self.route(p + P.KEY_LEN, False)
             if type(target) is Conn:
-                server.note_heard(PyBytes_FromStringAndSize(<const char*>p, P.KEY_LEN), <Conn>target)
+                (<Conn>target).heard_from_ptr(p)
                 (<Conn>target).enqueue(p, p + 2 * P.KEY_LEN, n - 2 * P.KEY_LEN)
             else:
                 # Never re-forward: packets travel at most one mesh hop.
@@ -614,20 +636,43 @@ cdef class Conn(Writer):
         return 0
 
     cdef object route(self, const unsigned char* dst, bint note):
-        """The local Conn or Forwarder for ``dst``, or None; the last answer is cached per sender."""
+        """The local Conn or Forwarder for ``dst``, or None; recent answers are cached per sender."""
         cdef RelayServer server = self.server
         cdef PyObject* found
-        if self.last_gen == server.gen and memcmp(dst, self.last_dst, P.KEY_LEN) == 0:
-            return self.last_target
+        cdef int i
+        if self.rc_gen == server.gen:
+            for i in range(ROUTE_CACHE):
+                if memcmp(dst, self.rc_key[i], P.KEY_LEN) == 0:
+                    return self.rc_target[i]
+        else:
+            self.rc_gen = server.gen
+            self.rc_target = [None] * ROUTE_CACHE
+            memset(self.rc_key, 0xff, sizeof(self.rc_key))  # an all-ones key is never a real destination
         key = PyBytes_FromStringAndSize(<const char*>dst, P.KEY_LEN)
         found = PyDict_GetItem(server.routes, key)
         target = <object>found if found != NULL else None
-        memcpy(self.last_dst, dst, P.KEY_LEN)
-        self.last_target = target
-        self.last_gen = server.gen
+        i = self.rc_next
+        self.rc_next = (i + 1) % ROUTE_CACHE
+        memcpy(self.rc_key[i], dst, P.KEY_LEN)
+        self.rc_target[i] = target
         if note and type(target) is Conn:
-            server.note_heard(self.key, <Conn>target)
+            (<Conn>target).heard_from(self.key)
         return target
+
+    cdef inline int heard_from(self, bytes src) except -1:
+        """Remember that ``src`` sent to us, for PeerGone when it leaves the region."""
+        cdef const unsigned char* k = <const unsigned char*>PyBytes_AS_STRING(src)
+        if self.hc_gen == self.server.gen and memcmp(self.hc_key, k, P.KEY_LEN) == 0:
+            return 0
+        self.server.note_heard(src, self)
+        memcpy(self.hc_key, k, P.KEY_LEN)
+        self.hc_gen = self.server.gen
+        return 0
+
+    cdef inline int heard_from_ptr(self, const unsigned char* src) except -1:
+        if self.hc_gen == self.server.gen and memcmp(self.hc_key, src, P.KEY_LEN) == 0:
+            return 0
+        return self.heard_from(PyBytes_FromStringAndSize(<const char*>src, P.KEY_LEN))
 
     cdef int drop_unknown(self, const unsigned char* dst, const unsigned char* pkt, Py_ssize_t n, int reason) except -1:
         cdef Counters c = self.server.counters
@@ -910,6 +955,9 @@ cdef class RelayServer:
     cdef list dirty
     cdef unsigned long long gen
     cdef unsigned char* scratch
+    cdef bytearray read_bytes
+    cdef unsigned char* read_buf
+    cdef object read_view
     cdef object tick_handle
     cdef bint flush_scheduled
 
@@ -941,6 +989,10 @@ cdef class RelayServer:
         self.scratch = <unsigned char*>malloc(SCRATCH_SIZE)
         if self.scratch == NULL:
             raise MemoryError()
+        # One read buffer for every connection: reads are consumed before the next one starts.
+        self.read_bytes = bytearray(READ_BUFFER_SIZE)
+        self.read_buf = <unsigned char*>PyByteArray_AS_STRING(self.read_bytes)
+        self.read_view = memoryview(self.read_bytes)
 
     def __dealloc__(self):
         if self.scratch != NULL:
@@ -1008,6 +1060,12 @@ cdef class RelayServer:
         conn = Conn(self, transport, websocket, str(ip), int(port or 0), not_ideal)
         self.counters.accepts += 1
         transport.set_protocol(conn)
+        try:
+            # uvloop picks its read callbacks when reading starts: restart reading to use get_buffer
+            transport.pause_reading()
+            transport.resume_reading()
+        except NotImplementedError:
+            pass  # a transport that pushes data to us (the ASGI WebSocket bridge)
         conn.start(prefix, pending)
         self.flush_dirty()
         return conn

@@ -26,9 +26,16 @@ fast as TCP back-pressure allows and shows the relays' drops as loss.
 
 Reported per case and topology: delivered packets/s and MB/s, loss %, one-way latency p50/p99,
 CPU seconds of relay A and relay B (/proc/<pid>/stat, over the measured window) and of the client,
-relay CPU per delivered packet (A + B), and "others CPU s": machine CPU (/proc/stat) used by
-neither the relays nor the client, i.e. other work on a shared machine. A second table gives
-cross / single ratios; the issue's target is windowed 1000 B cross >= 0.6x single.
+relay CPU per delivered packet (A + B), "others CPU s": machine CPU (/proc/stat) used by
+neither the relays nor the client, i.e. other work on a shared machine (and softirq time the kernel
+charges to no process), and "steal s", CPU time the hypervisor gave to other guests. A second table
+gives cross / single ratios; the issue's target is windowed 1000 B cross >= 0.6x single.
+
+The figures are noisy on a shared 2-CPU machine: other load slows the single-replica case (two
+busy processes) more than the cross case (three processes that mostly wait on each other), which
+*raises* the ratio. Trust rows whose "others CPU s" is small; ``--repeat N`` runs each case N
+times, single and cross alternated, and reports the median run. ``--pin`` puts both relays on the
+last CPU and the client on the others, which takes the scheduler's placement out of the figures.
 """
 
 from __future__ import annotations
@@ -49,7 +56,7 @@ import benchlib
 
 TARGET = ("windowed", 1000, 0.6)  # mode, size, minimum cross/single pkt/s ratio (from the issue)
 TOPOLOGIES = ("single", "cross")
-PROBE_TAG = b"bench-mesh-probe"  # a payload length no benchmark frame has
+PROBE_TAG = b"bench-mesh-probe"  # + a 4-byte sequence number; probes never reach the benchmark protocols
 
 
 # ======================================================================================
