@@ -280,6 +280,7 @@ class DerpClient:
         self._held: deque = deque()  # frames a ping read on behalf of recv
         self._read_lock = asyncio.Lock()
         self._pings: dict[bytes, asyncio.Future] = {}
+        self._receivers = 0  # recv calls in progress: ping then leaves the reading to them
         self._closed = False
 
     @classmethod
@@ -362,6 +363,13 @@ class DerpClient:
 
     async def recv(self, timeout: float | None = None):
         """The next frame from the server, decoded (RecvPacket, PeerGone, KeepAlive, ...)."""
+        self._receivers += 1
+        try:
+            return await self._recv(timeout)
+        finally:
+            self._receivers -= 1
+
+    async def _recv(self, timeout: float | None):
         async with self._read_lock:
             while True:
                 if self._held:
@@ -420,7 +428,7 @@ class DerpClient:
         await self.send_raw(codec.forward_packet(src, dst, data))
 
     async def ping(self, timeout: float = 5.0) -> float:
-        """Round-trip time in seconds of a DERP Ping, read concurrently with ``recv`` callers."""
+        """Round-trip time in seconds of a DERP Ping; works alongside a task blocked in ``recv``."""
         data = os.urandom(8)
         fut = asyncio.get_running_loop().create_future()
         self._pings[data] = fut
@@ -432,14 +440,13 @@ class DerpClient:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError()
-                if self._read_lock.locked():
+                if self._receivers or self._read_lock.locked():
+                    # a recv call reads (or is about to): it resolves our future when the Pong arrives
                     await asyncio.wait({fut}, timeout=min(left, 0.05))
                     continue
                 async with self._read_lock:
                     ftype, payload = await asyncio.wait_for(self._read_frame(), left)
                     frame = parse_frame(ftype, payload)
-                    if isinstance(frame, Pong) and frame.data == data:
-                        return time.perf_counter() - start
                     if isinstance(frame, Pong) and frame.data in self._pings:
                         self._pings.pop(frame.data).set_result(time.perf_counter())
                     else:

@@ -90,7 +90,9 @@ class ControlPlane:
             started = asyncio.get_running_loop().time()
             try:
                 await self.monitor.measure(self.registry.regional_peers())
-                self.registry.set_measurements(self.monitor.matrix_row(), self.monitor.pubsub_median)
+                self.registry.set_measurements(
+                    self.monitor.matrix_row(), self.monitor.pubsub_median, self.monitor.database.median,
+                )
                 self._on_dial_error()
             except Exception:  # never let a measuring bug take the replica down
                 log.exception("latency measurement failed")

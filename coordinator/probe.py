@@ -36,7 +36,6 @@ import time
 import traceback
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import permutations
@@ -48,7 +47,7 @@ DEFAULT_SAMPLES = 5
 DEFAULT_TIMEOUT = 3.0  # seconds, per connection attempt and per sample
 THRESHOLD_ENV = "COORDINATOR_LATENCY_THRESHOLD"
 PG_URL_ENV = ("COORDINATOR_PG_CONNECTION_URL", "CODER_PG_CONNECTION_URL")
-TOKEN_ENV = ("COORDINATOR_SESSION_TOKEN", "CODER_SESSION_TOKEN")
+TOKEN_ENV = ("COORDINATOR_API_TOKEN",)  # the replicas' own setting: set in their pods already
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
@@ -110,22 +109,6 @@ class Figure:
         }
 
 
-async def _sample(fig: Figure, once: Callable[[], Awaitable[float]], samples: int, *, warmup: int = 1) -> Figure:
-    """Run ``once`` ``warmup + samples`` times, keeping the last ``samples``; stop at the first failure."""
-    for i in range(warmup + samples):
-        try:
-            value = await once()
-        except Exception as exc:
-            if not fig.samples:  # a failure after good samples still leaves a median to judge
-                fig.error = _describe(exc)
-            else:
-                fig.error = f"{_describe(exc)} (after {len(fig.samples)} samples)"
-            return fig
-        if i >= warmup:
-            fig.samples.append(value)
-    return fig
-
-
 @dataclass
 class ReplicaInfo:
     """One replica as discovered (database row or API object)."""
@@ -147,8 +130,8 @@ class ReplicaInfo:
 
     @property
     def label(self) -> str:
-        where = self.relay_url or "no relay URL"
-        return f"replica {self.short} ({self.hostname}, {where})" if self.hostname else f"replica {self.short} ({where})"
+        where = ", ".join(x for x in (self.hostname, self.relay_url) if x)
+        return f"replica {self.short} ({where})" if where else f"replica {self.short}"
 
 
 @dataclass
@@ -335,39 +318,63 @@ def _fetch_replicas_api(url: str, token: str | None, timeout: float, insecure: b
 
 
 # -- measurements from here --------------------------------------------------------------------------
+#
+# Three phases. Set-up, all targets at once: connections are opened and each figure's first
+# round trip (which may pay for a handshake or a lazily dialled connection) is discarded. Then
+# sampling, one round trip at a time, round-robin over the figures, so no measurement shares the
+# event loop with another or with the CPU-heavy handshakes. Last the mesh pairs (each needs a
+# probe client on both relays, and routes take a few ms to spread).
 
 
-async def _measure_db(conn, samples: int, timeout: float) -> Figure:
-    async def once() -> float:
-        async with asyncio.timeout(timeout):
-            start = time.perf_counter()
-            await conn.execute("SELECT 1")
-            return time.perf_counter() - start
+class _Check:
+    """One figure measured from here: ``setup`` (connect, warm up), then ``once`` per sample."""
 
-    return await _sample(Figure(), once, samples)
+    def __init__(self, fig: Figure):
+        self.fig = fig
+        self.ready = False
+
+    async def setup(self) -> None:
+        await self.once()  # the warm-up round trip
+
+    async def once(self) -> float:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        pass
 
 
-async def _measure_pubsub(url: str, samples: int, timeout: float) -> Figure:
-    from coordinator.pubsub import PubSub
+class _DatabaseCheck(_Check):
+    def __init__(self, fig: Figure, conn):
+        super().__init__(fig)
+        self.conn = conn
 
-    fig = Figure()
-    ps = PubSub(url, application_name="coordinator-probe", ping_interval=0, connect_timeout=timeout,
-                publish_connections=1, publish_timeout=timeout)
-    try:
-        async with asyncio.timeout(timeout + 1.0):
-            await ps.start()
-    except Exception as exc:
-        fig.error = f"cannot start a LISTEN connection: {_describe(exc)}"
-        await ps.close()
-        return fig
-    try:
-        async def once() -> float:
-            return (await ps.measure_latency(timeout=timeout))[1]
+    async def once(self) -> float:
+        start = time.perf_counter()
+        await self.conn.execute("SELECT 1")
+        return time.perf_counter() - start
 
-        # The first round trip also dials the publish connection: it is the warm-up.
-        return await _sample(fig, once, samples)
-    finally:
-        await ps.close()
+
+class _PubSubCheck(_Check):
+    def __init__(self, fig: Figure, url: str, timeout: float):
+        from coordinator.pubsub import PubSub
+
+        super().__init__(fig)
+        self.timeout = timeout
+        self.ps = PubSub(url, application_name="coordinator-probe", ping_interval=0, connect_timeout=timeout,
+                         publish_connections=1, publish_timeout=timeout)
+
+    async def setup(self) -> None:
+        try:
+            await self.ps.start()
+        except Exception as exc:
+            raise ConnectionError(f"cannot open a LISTEN connection: {_describe(exc)}") from None
+        await self.once()  # also dials the publish connection
+
+    async def once(self) -> float:
+        return (await self.ps.measure_latency(timeout=self.timeout))[1]
+
+    async def close(self) -> None:
+        await self.ps.close()
 
 
 class _HttpConnection:
@@ -412,7 +419,9 @@ class _HttpConnection:
             raise TimeoutError(f"no answer to GET {path} within {self.timeout:g} s") from None
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
             await self.close()
-            raise ConnectionError(f"GET {path}: {_describe(exc) or 'connection closed'}") from None
+            if isinstance(exc, asyncio.IncompleteReadError) and not exc.partial:
+                raise ConnectionError(f"GET {path}: the server closed the connection without answering") from None
+            raise ConnectionError(f"GET {path}: {_describe(exc)}") from None
         if not keep:
             await self.close()
         if status != 200:
@@ -454,36 +463,56 @@ class _HttpConnection:
                 await asyncio.wait_for(writer.wait_closed(), 1)
 
 
-async def _measure_http(r: ReplicaInfo, samples: int, timeout: float, insecure: bool) -> None:
-    base = _relay_base(r.relay_url)
-    if base is None:
-        r.http.error = "no usable relay URL"
-        return
-    conn = _HttpConnection(base, timeout, insecure)
-    try:
-        await _sample(r.http, lambda: conn.get("/derp/latency-check"), samples)
-    finally:
-        await conn.close()
+class _HttpCheck(_Check):
+    """``GET /derp/latency-check`` on one kept-alive connection."""
+
+    def __init__(self, r: ReplicaInfo, timeout: float, insecure: bool):
+        super().__init__(r.http)
+        self.base = _relay_base(r.relay_url)
+        self.conn = _HttpConnection(self.base or "http://invalid", timeout, insecure)
+
+    async def setup(self) -> None:
+        if self.base is None:
+            raise ConnectionError("no usable relay URL")
+        await self.once()  # the first request pays for the TCP (and TLS) handshake
+
+    async def once(self) -> float:
+        return await self.conn.get("/derp/latency-check")
+
+    async def close(self) -> None:
+        await self.conn.close()
 
 
-class _ProbeClient:
-    """The probe's DERP client on one replica's relay: pings it, and echoes mesh probes."""
+class _DerpCheck(_Check):
+    """The probe's DERP client on one replica's relay: DERP pings, then it echoes mesh probes.
 
-    def __init__(self, replica: ReplicaInfo, pending: dict[bytes, asyncio.Future]):
-        self.replica = replica
-        self.pending = pending  # nonce -> future resolved with the arrival time of its echo
+    Pings are done before the echo reader starts: ``DerpClient.ping`` racing a ``recv`` for the
+    read lock can stall until the next frame arrives.
+    """
+
+    def __init__(self, r: ReplicaInfo, timeout: float, insecure: bool, pending: dict[bytes, asyncio.Future]):
+        super().__init__(r.derp)
+        self.replica = r
+        self.timeout, self.insecure = timeout, insecure
+        self.pending = pending  # nonce -> future resolved with the arrival time of its echo (shared)
         self.client = None
         self.reader: asyncio.Task | None = None
         self.lost: str | None = None
 
-    async def connect(self, timeout: float, insecure: bool) -> None:
+    async def setup(self) -> None:
         from coordinator.client import DerpClient
 
         base = _relay_base(self.replica.relay_url)
         if base is None:
             raise ConnectionError("no usable relay URL")
-        self.client = await DerpClient.connect(base + "/derp", timeout=timeout, insecure=insecure)
+        self.client = await DerpClient.connect(base + "/derp", timeout=self.timeout, insecure=self.insecure)
         self.replica.server_key = self.client.server_key
+        await self.once()
+
+    async def once(self) -> float:
+        return await self.client.ping(self.timeout)
+
+    def start_echo(self) -> None:
         self.reader = asyncio.create_task(self._read(), name=f"probe-reader {self.replica.short}")
 
     async def _read(self) -> None:
@@ -505,11 +534,6 @@ class _ProbeClient:
         except (DerpError, OSError) as exc:
             self.lost = _describe(exc)
 
-    async def ping(self, timeout: float) -> float:
-        if self.lost:
-            raise ConnectionError(self.lost)
-        return await self.client.ping(timeout)
-
     async def close(self) -> None:
         if self.reader is not None:
             self.reader.cancel()
@@ -518,7 +542,30 @@ class _ProbeClient:
             await self.client.close()
 
 
-async def _measure_mesh(pair: MeshPair, a: _ProbeClient, b: _ProbeClient, samples: int, timeout: float,
+async def _setup(check: _Check, timeout: float) -> None:
+    try:
+        async with asyncio.timeout(2 * timeout + 1):  # connect, then one round trip
+            await check.setup()
+        check.ready = True
+    except Exception as exc:
+        check.fig.error = _describe(exc) if not isinstance(exc, TimeoutError) else f"no answer within {2 * timeout + 1:g} s"
+
+
+async def _sample_round_robin(checks: list[_Check], samples: int, timeout: float) -> None:
+    for _ in range(samples):
+        for check in checks:
+            if not check.ready:
+                continue
+            try:
+                async with asyncio.timeout(timeout):
+                    check.fig.samples.append(await check.once())
+            except Exception as exc:
+                check.ready = False
+                why = f"no answer within {timeout:g} s" if isinstance(exc, TimeoutError) else _describe(exc)
+                check.fig.error = f"{why} (after {len(check.fig.samples)} good samples)" if check.fig.samples else why
+
+
+async def _measure_mesh(pair: MeshPair, a: _DerpCheck, b: _DerpCheck, samples: int, timeout: float,
                         gate: asyncio.Semaphore) -> None:
     loop = asyncio.get_running_loop()
     pending = a.pending
@@ -546,51 +593,52 @@ async def _measure_mesh(pair: MeshPair, a: _ProbeClient, b: _ProbeClient, sample
         pair.rtt.error = f"mesh probe failed: {_describe(exc)}"
         return
 
-    async def once() -> float:
-        fut = loop.create_future()
-        start = time.perf_counter()
-        await send_probe(fut)
-        try:
-            async with asyncio.timeout(timeout):
-                return await fut - start
-        except TimeoutError:
-            raise TimeoutError(f"an echo did not come back within {timeout:g} s") from None
-
     async with gate:
-        await _sample(pair.rtt, once, samples, warmup=0)
+        for _ in range(samples):
+            fut = loop.create_future()
+            try:
+                async with asyncio.timeout(timeout):
+                    start = time.perf_counter()
+                    await send_probe(fut)
+                    pair.rtt.samples.append(await fut - start)
+            except Exception as exc:
+                why = f"an echo did not come back within {timeout:g} s" if isinstance(exc, TimeoutError) else _describe(exc)
+                pair.rtt.error = f"{why} (after {len(pair.rtt.samples)} good samples)" if pair.rtt.samples else why
+                return
 
 
-async def _measure_replicas(replicas: list[ReplicaInfo], samples: int, timeout: float,
-                            insecure: bool) -> list[MeshPair]:
+async def _measure(replicas: list[ReplicaInfo], conn, pg_url: str | None, samples: int, timeout: float,
+                   insecure: bool) -> tuple[Figure | None, Figure | None, list[MeshPair]]:
     pending: dict[bytes, asyncio.Future] = {}
-    clients = {r.id: _ProbeClient(r, pending) for r in replicas}
-
-    async def derp(pc: _ProbeClient) -> None:
-        try:
-            await pc.connect(timeout, insecure)
-        except Exception as exc:
-            pc.replica.derp.error = _describe(exc)
-            return
-        await _sample(pc.replica.derp, lambda: pc.ping(timeout), samples)
-
+    database = pubsub = None
+    checks: list[_Check] = []
+    if conn is not None:
+        database, pubsub = Figure(), Figure()
+        checks += [_DatabaseCheck(database, conn), _PubSubCheck(pubsub, pg_url, timeout)]
+    derps = {r.id: _DerpCheck(r, timeout, insecure, pending) for r in replicas if r.relay_url}
+    checks += [_HttpCheck(r, timeout, insecure) for r in replicas if r.relay_url]
+    checks += list(derps.values())
     pairs = [MeshPair(a, b) for a, b in permutations(replicas, 2)
              if a.region_id == b.region_id and a.relay_url and b.relay_url]
     try:
-        await asyncio.gather(*(_measure_http(r, samples, timeout, insecure) for r in replicas),
-                             *(derp(pc) for pc in clients.values()))
+        await asyncio.gather(*(_setup(c, timeout) for c in checks))
+        await _sample_round_robin(checks, samples, timeout)
+        for d in derps.values():
+            if d.client is not None:
+                d.start_echo()
         gate = asyncio.Semaphore(_PAIR_CONCURRENCY)
         jobs = []
         for pair in pairs:
-            a, b = clients[pair.a.id], clients[pair.b.id]
-            if a.client is None or b.client is None:
-                pair.rtt.error = "not measured: " + ", ".join(
-                    f"{pc.replica.short}'s relay is unreachable" for pc in (a, b) if pc.client is None)
+            a, b = derps[pair.a.id], derps[pair.b.id]
+            down = [d.replica.short for d in (a, b) if d.client is None]
+            if down:
+                pair.rtt.error = "not measured: no DERP connection to " + " and ".join(down)
                 continue
             jobs.append(_measure_mesh(pair, a, b, samples, timeout, gate))
         await asyncio.gather(*jobs)
     finally:
-        await asyncio.gather(*(pc.close() for pc in clients.values()), return_exceptions=True)
-    return pairs
+        await asyncio.gather(*(c.close() for c in checks), return_exceptions=True)
+    return database, pubsub, pairs
 
 
 # -- the report -------------------------------------------------------------------------------
@@ -601,6 +649,10 @@ def _fmt(ms: float | None, threshold_ms: float | None = None) -> str:
         return "-"
     text = f"{ms:.2f} ms" if ms < 100 else f"{ms:.0f} ms"
     return text + (" !" if threshold_ms is not None and ms > threshold_ms else "")
+
+
+def _fmt_threshold(ms: float) -> str:
+    return f"{ms:g} ms"
 
 
 def _reported_ms(us: int | None) -> float | None:
@@ -627,8 +679,11 @@ def _build_report(*, source: dict, threshold: float, samples: int, started_at: d
         if med is None:
             problem("unreachable" if unreachable else "failed", subject, f"{what}: {fig.error or 'no samples'}",
                     replica=replica, peer=peer, figure=figure)
-        elif med > threshold:
-            problem("latency", subject, f"{what} {_fmt(_ms(med))} over the {_fmt(th_ms)} threshold",
+            return
+        if fig.error:  # answered, then stopped answering
+            problem("failed", subject, f"{what}: {fig.error}", replica=replica, peer=peer, figure=figure)
+        if med > threshold:
+            problem("latency", subject, f"{what} {_fmt(_ms(med))} over the {_fmt_threshold(th_ms)} threshold",
                     replica=replica, peer=peer, figure=figure, value_ms=_ms(med))
 
     def section(fig: Figure | None, note: str) -> dict:
@@ -661,7 +716,7 @@ def _build_report(*, source: dict, threshold: float, samples: int, started_at: d
         for key, what in (("database_ms", "its database latency"), ("pubsub_ms", "its pub/sub round trip")):
             if reported[key] is not None and reported[key] > th_ms:
                 problem("latency", "replica", f"{r.label} reports {what} {_fmt(reported[key])} over the "
-                        f"{_fmt(th_ms)} threshold", replica=r, figure="reported_" + key[:-3], value_ms=reported[key])
+                        f"{_fmt_threshold(th_ms)} threshold", replica=r, figure="reported_" + key[:-3], value_ms=reported[key])
         replicas_json.append({
             "id": r.id, "short": r.short, "hostname": r.hostname, "region_id": r.region_id, "relay_url": r.relay_url,
             "reachable": bool(r.relay_url) and r.http.median is not None and r.derp.median is not None,
@@ -687,7 +742,7 @@ def _build_report(*, source: dict, threshold: float, samples: int, started_at: d
         if relays is None:
             judge(p.rtt, "mesh", what, replica=p.a, peer=p.b, figure="mesh")
         elif relays > threshold:
-            problem("latency", "mesh", f"{what}: relays' share {_fmt(_ms(relays))} over the {_fmt(th_ms)} threshold "
+            problem("latency", "mesh", f"{what}: relays' share {_fmt(_ms(relays))} over the {_fmt_threshold(th_ms)} threshold "
                     f"(round trip {_fmt(_ms(p.rtt.median))})", replica=p.a, peer=p.b, figure="mesh",
                     value_ms=_ms(relays))
         mesh_json.append({
@@ -715,7 +770,7 @@ def _build_report(*, source: dict, threshold: float, samples: int, started_at: d
                         replica=r, peer=peer, figure="matrix")
             for k in over:
                 problem("latency", "matrix", f"{r.label} measures {peer.short}: {k[:-3]} {_fmt(cell[k])} over the "
-                        f"{_fmt(th_ms)} threshold", replica=r, peer=peer, figure="matrix_" + k[:-3], value_ms=cell[k])
+                        f"{_fmt_threshold(th_ms)} threshold", replica=r, peer=peer, figure="matrix_" + k[:-3], value_ms=cell[k])
         matrix[r.id] = row
 
     return {
@@ -775,16 +830,11 @@ async def run_probe(
         not_alive = [r for r in found if not r.alive]
         _short_ids(found)
 
-        jobs: list[Awaitable] = [_measure_replicas(alive, samples, timeout, insecure)]
-        if conn is not None:
-            jobs += [_measure_db(conn, samples, timeout), _measure_pubsub(pg_url, samples, timeout)]
-        results = await asyncio.gather(*jobs)
+        database, pubsub, mesh = await _measure(alive, conn, pg_url, samples, timeout, insecure)
     finally:
         if conn is not None:
             with contextlib.suppress(Exception):
                 await conn.close()
-    mesh = results[0]
-    database, pubsub = (results[1], results[2]) if len(results) == 3 else (None, None)
     return _build_report(source=source, threshold=threshold, samples=samples, started_at=started_at,
                          duration=time.perf_counter() - t0, database=database, pubsub=pubsub,
                          replicas=alive, not_alive=not_alive, mesh=mesh)
@@ -809,7 +859,7 @@ def render_text(report: dict) -> str:
     where = f"PostgreSQL at {src['target']}" if src["mode"] == "database" else f"the API of {src['target']}"
     out = [
         f"Latency probe: {len(replicas)} live replica{'s' if len(replicas) != 1 else ''} from {where}",
-        f"Threshold {_fmt(th)} (medians of {report['samples']} samples; '!' marks a figure over it); "
+        f"Threshold {_fmt_threshold(th)} (medians of {report['samples']} samples; '!' marks a figure over it); "
         f"took {report['duration_ms'] / 1000:.2f} s",
         "",
         "From this host",
@@ -851,7 +901,8 @@ def render_text(report: dict) -> str:
         for m in report["mesh"]:
             rtt = m["rtt"]
             rows.append([short[m["from"]], short[m["to"]], _fmt(rtt["median_ms"]),
-                         _fmt(m["relays_ms"], th) if rtt["median_ms"] is not None else f"FAILED: {rtt['error']}"])
+                         _fmt(m["relays_ms"], th) if rtt["median_ms"] is not None
+                         else rtt["error"] if rtt["error"].startswith("not measured") else f"FAILED: {rtt['error']}"])
         out += _table(["A", "B", "round trip", "relays"], rows)
     else:
         out.append("  (no pairs: fewer than two reachable replicas in one region)")
@@ -880,7 +931,7 @@ def render_text(report: dict) -> str:
 
     out.append("")
     if report["ok"]:
-        out.append(f"OK: every figure is within {_fmt(th)} and every replica answers.")
+        out.append(f"OK: every figure is within {_fmt_threshold(th)} and every replica answers.")
     else:
         n = len(report["problems"])
         out.append(f"FAIL: {n} problem{'s' if n != 1 else ''}")

@@ -168,6 +168,7 @@ class ReplicaRegistry:
         self.on_change = on_change
         self.on_probe = on_probe  # called with each heartbeat's database round trip (seconds)
         self._measurements: dict = {"peer_latencies": Jsonb({}), "pubsub_latency": 0}
+        self._database_median: float | None = None
         self.clock_skew = 0.0  # database clock minus ours, seconds
 
         self._self_row: Replica | None = None
@@ -224,12 +225,17 @@ class ReplicaRegistry:
         rows = [r for r in self._rows if r.id != self.id]
         return ([self._self_row] if self._self_row else []) + rows
 
-    def set_measurements(self, peer_latencies: dict, pubsub_latency: float | None) -> None:
-        """Latencies this replica measured (the matrix row, pub/sub round trip in seconds), written at the next heartbeat."""
+    def set_measurements(self, peer_latencies: dict, pubsub_latency: float | None,
+                         database_latency: float | None = None) -> None:
+        """Latencies this replica measured (matrix row; pub/sub and database medians in seconds).
+
+        Written at the next heartbeat; a database median replaces the heartbeat's single sample.
+        """
         self._measurements = {
             "peer_latencies": Jsonb(peer_latencies),
             "pubsub_latency": min(int((pubsub_latency or 0) * 1e6), 2**31 - 1),
         }
+        self._database_median = database_latency
 
     def set_error(self, text: str | None) -> None:
         """Record an error (e.g. "Failed to dial peers: ...") written to our row at the next heartbeat."""
@@ -365,7 +371,7 @@ class ReplicaRegistry:
             params = {
                 "id": self.id, "hostname": self.hostname, "region_id": self.region_id,
                 "relay_url": self.relay_url, "version": self.version, "error": error,
-                "latency": min(int(probe.latency * 1e6), 2**31 - 1),
+                "latency": min(int((self._database_median or probe.latency) * 1e6), 2**31 - 1),
                 "heartbeat_ms": max(1, round(self.heartbeat * 1000)),
                 "created_at": previous.created_at if previous else None,
                 "started_at": previous.started_at if previous else None,

@@ -8,10 +8,10 @@ import urllib.error
 import urllib.request
 
 import pytest
-
 from cluster import HACluster
-from coordinator.latency import Alarm, Window
 from delayproxy import DelayProxy
+
+from coordinator.latency import Alarm, Window
 from pgcluster import PgCluster
 
 pytestmark = pytest.mark.anyio

@@ -486,3 +486,14 @@ async def test_relay_sockets_get_derper_tcp_timers(relay):
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
         finally:
             os.close(sock.detach())
+
+
+async def test_ping_while_another_task_waits_in_recv(relay):
+    url, _ = relay
+    async with await DerpClient.connect(url) as a:
+        reader = asyncio.create_task(a.recv())  # blocks: nothing will arrive
+        await asyncio.sleep(0.01)
+        for _ in range(3):
+            assert 0 < await a.ping(timeout=2) < 2  # each Pong is resolved by the waiting recv
+        assert not reader.done()
+        reader.cancel()
