@@ -135,7 +135,8 @@ def parse_frame(ftype: int, payload: bytes):
 # -- transports ----------------------------------------------------------------------------
 
 
-def _ssl_context(insecure: bool) -> ssl_module.SSLContext:
+def ssl_context(insecure: bool = False) -> ssl_module.SSLContext:
+    """A client TLS context offering ALPN http/1.1 only (HTTP/2 cannot carry the DERP upgrade)."""
     ctx = ssl_module.create_default_context()
     if insecure:
         ctx.check_hostname = False
@@ -202,7 +203,7 @@ async def _open_raw(url: str, *, timeout: float, insecure: bool, headers: dict[s
     parts = urlsplit(url)
     host = parts.hostname or ""
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    ctx = _ssl_context(insecure) if parts.scheme == "https" else None
+    ctx = ssl_context(insecure) if parts.scheme == "https" else None
     reader, writer = await asyncio.wait_for(
         asyncio.open_connection(host, port, ssl=ctx, server_hostname=host if ctx else None, limit=1 << 20),
         timeout,
@@ -248,7 +249,7 @@ async def _open_websocket(url: str, *, timeout: float, insecure: bool, headers: 
 
     parts = urlsplit(url)
     ws_url = parts._replace(scheme="wss" if parts.scheme == "https" else "ws").geturl()
-    ctx = _ssl_context(insecure) if parts.scheme == "https" else None
+    ctx = ssl_context(insecure) if parts.scheme == "https" else None
     try:
         ws = await websockets.connect(
             ws_url, subprotocols=["derp"], compression=None, max_size=None, ssl=ctx,

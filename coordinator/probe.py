@@ -41,6 +41,8 @@ from datetime import UTC, datetime
 from itertools import permutations
 from urllib.parse import urlsplit
 
+from coordinator.client import ssl_context
+
 SCHEMA = "coordinator.probe/v1"
 DEFAULT_THRESHOLD = 0.010  # seconds
 DEFAULT_SAMPLES = 5
@@ -172,15 +174,6 @@ def _relay_base(relay_url: str) -> str | None:
     return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
 
 
-def _ssl_context(insecure: bool) -> ssl_module.SSLContext:
-    ctx = ssl_module.create_default_context()
-    if insecure:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl_module.CERT_NONE
-    ctx.set_alpn_protocols(["http/1.1"])
-    return ctx
-
-
 # -- discovery: the database ---------------------------------------------------------------------
 
 
@@ -262,7 +255,7 @@ def _fetch_replicas_api(url: str, token: str | None, timeout: float, insecure: b
     headers = {"Accept": "application/json", "User-Agent": "coordinator-probe"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    ctx = _ssl_context(insecure) if api.startswith("https:") else None
+    ctx = ssl_context(insecure) if api.startswith("https:") else None
     try:
         with urllib.request.urlopen(urllib.request.Request(api, headers=headers), timeout=timeout, context=ctx) as resp:
             ctype = resp.headers.get("Content-Type", "")
@@ -385,7 +378,7 @@ class _HttpConnection:
         self.host = parts.hostname or ""
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
         self.netloc = parts.netloc.rpartition("@")[2]
-        self.ssl = _ssl_context(insecure) if parts.scheme == "https" else None
+        self.ssl = ssl_context(insecure) if parts.scheme == "https" else None
         self.timeout = timeout
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
