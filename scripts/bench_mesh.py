@@ -47,7 +47,6 @@ import json
 import multiprocessing
 import os
 import secrets
-import signal
 import sys
 import time
 
@@ -95,7 +94,7 @@ async def client_case(pipe, spec: dict) -> dict:
     """One client process's share of a case (``bench_relay.client_case`` with two relay URLs)."""
     from coordinator.client import DerpClient
 
-    pairs, size, mode = spec["pairs"], spec["size"], spec["mode"]
+    pairs = spec["pairs"]
     shared = br.Shared()
     urls = (spec["send_url"], spec["recv_url"])
     clients = await asyncio.gather(*(DerpClient.connect(urls[i % 2], timeout=30) for i in range(2 * pairs)))
@@ -111,88 +110,15 @@ async def client_case(pipe, spec: dict) -> dict:
 
     senders, receivers, transports = [], [], []
     for i in range(pairs):
-        (s_client, s_left), (r_client, r_left) = conns[2 * i], conns[2 * i + 1]
-        rcv = br.Receiver(s_client.public_key, size, shared, spec["sample_every"],
-                          spec["ack_every"] if mode == "windowed" else 0)
-        if mode == "windowed":
-            snd = br.WindowSender(r_client.public_key, size, spec["window"])
-        else:
-            snd = br.FloodSender(r_client.public_key, size)
-        for proto, client, left in ((rcv, r_client, r_left), (snd, s_client, s_left)):
-            t = client.transport
-            t.set_protocol(proto)
-            t.set_write_buffer_limits(high=256 * 1024)
-            proto.transport = t
-            transports.append(t)
-            if left:
-                proto.data_received(left)
+        snd, rcv = br.attach_pair(conns[2 * i], conns[2 * i + 1], spec, shared, transports)
         senders.append(snd)
         receivers.append(rcv)
-
-    def snapshot() -> tuple[float, int, int, float]:
-        return (time.monotonic(), sum(s.sent for s in senders), sum(r.count for r in receivers),
-                benchlib.self_cpu_seconds())
-
-    async def sleep_until(t: float) -> None:
-        await asyncio.sleep(max(0.0, t - time.monotonic()))
-
-    pipe.send(("ready", {"probes": sum(probes), "route_ms": route_ms}))
-    t0 = pipe.recv()  # blocking is fine: nothing is in flight yet
-    await sleep_until(t0)
-    for s in senders:
-        s.start()
-    await sleep_until(t0 + spec["warmup"])
-    shared.measuring = True
-    a = snapshot()
-    await sleep_until(t0 + spec["warmup"] + spec["seconds"])
-    b = snapshot()
-    shared.measuring = False
-    for s in senders:
-        s.stop()
-    # Drain: windowed until everything sent has arrived; flood until the receivers go quiet.
-    deadline = time.monotonic() + 5.0
-    last, quiet_since = -1, time.monotonic()
-    while time.monotonic() < deadline:
-        got = sum(r.count for r in receivers)
-        sent = sum(s.sent for s in senders)
-        if got >= sent:
-            break
-        if mode == "flood":
-            if got != last or any(t.get_write_buffer_size() for t in transports):
-                last, quiet_since = got, time.monotonic()
-            elif time.monotonic() - quiet_since > 0.3:
-                break
-        await asyncio.sleep(0.01)
-    sent_total = sum(s.sent for s in senders)
-    recv_total = sum(r.count for r in receivers)
-    for t in transports:
-        t.close()
-    await asyncio.sleep(0.05)
-    return {
-        "elapsed": b[0] - a[0], "sent": b[1] - a[1], "received": b[2] - a[2], "cpu": b[3] - a[3],
-        "sent_total": sent_total, "received_total": recv_total, "latency_ns": shared.lat,
-        "other_frames": sum(r.other_frames for r in receivers), "acks": sum(r.acks for r in receivers),
-    }
+    return await br.measure(pipe, spec, shared, senders, receivers, transports,
+                            {"probes": sum(probes), "route_ms": route_ms})
 
 
 def client_worker(pipe, spec: dict) -> None:
-    # The parent handles Ctrl-C and stops us; SIGTERM (from it or PR_SET_PDEATHSIG) ends us quietly.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    benchlib.die_with_parent()
-    if spec["cpus"]:
-        os.sched_setaffinity(0, spec["cpus"])
-    try:
-        result = benchlib.run(client_case(pipe, spec), spec["client_loop"])
-        pipe.send(("done", result))
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent
-        try:
-            pipe.send(("error", f"{type(exc).__name__}: {exc}"))
-        except OSError:
-            pass
-        if isinstance(exc, KeyboardInterrupt):
-            return
-        raise
+    br.client_worker(pipe, spec, client_case)
 
 
 # ======================================================================================

@@ -292,30 +292,26 @@ class FloodSender(asyncio.Protocol):
         self.running = False
 
 
-async def client_case(pipe, spec: dict) -> dict:
-    """One client process's share of a case: connect, wait for the start time, run, report."""
-    url, pairs, size, mode = spec["url"], spec["pairs"], spec["size"], spec["mode"]
-    shared = Shared()
-    conns = await asyncio.gather(*(benchlib.connect_raw(url) for _ in range(2 * pairs)))
-    senders, receivers, transports = [], [], []
-    for i in range(pairs):
-        (s_client, s_left), (r_client, r_left) = conns[2 * i], conns[2 * i + 1]
-        rcv = Receiver(s_client.public_key, size, shared, spec["sample_every"],
-                       spec["ack_every"] if mode == "windowed" else 0)
-        if mode == "windowed":
-            snd = WindowSender(r_client.public_key, size, spec["window"])
-        else:
-            snd = FloodSender(r_client.public_key, size)
-        for proto, client, left in ((rcv, r_client, r_left), (snd, s_client, s_left)):
-            t = client.transport
-            t.set_protocol(proto)
-            t.set_write_buffer_limits(high=256 * 1024)
-            proto.transport = t
-            transports.append(t)
-            if left:
-                proto.data_received(left)
-        senders.append(snd)
-        receivers.append(rcv)
+def attach_pair(s_conn, r_conn, spec: dict, shared: Shared, transports: list):
+    """Put a sender and a receiver protocol on two connected clients; returns (sender, receiver)."""
+    (s_client, s_left), (r_client, r_left) = s_conn, r_conn
+    size, mode = spec["size"], spec["mode"]
+    rcv = Receiver(s_client.public_key, size, shared, spec["sample_every"], spec["ack_every"] if mode == "windowed" else 0)
+    snd = WindowSender(r_client.public_key, size, spec["window"]) if mode == "windowed" else FloodSender(r_client.public_key, size)
+    for proto, client, left in ((rcv, r_client, r_left), (snd, s_client, s_left)):
+        t = client.transport
+        t.set_protocol(proto)
+        t.set_write_buffer_limits(high=256 * 1024)
+        proto.transport = t
+        transports.append(t)
+        if left:
+            proto.data_received(left)
+    return snd, rcv
+
+
+async def measure(pipe, spec: dict, shared: Shared, senders: list, receivers: list, transports: list,
+                  ready_info=None) -> dict:
+    """Report ready, wait for the common start time, run warm-up and measurement, drain, report."""
 
     def snapshot() -> tuple[float, int, int, float]:
         return (time.monotonic(), sum(s.sent for s in senders), sum(r.count for r in receivers),
@@ -324,7 +320,7 @@ async def client_case(pipe, spec: dict) -> dict:
     async def sleep_until(t: float) -> None:
         await asyncio.sleep(max(0.0, t - time.monotonic()))
 
-    pipe.send(("ready", None))
+    pipe.send(("ready", ready_info))
     t0 = pipe.recv()  # blocking is fine: nothing is in flight yet
     await sleep_until(t0)
     for s in senders:
@@ -345,7 +341,7 @@ async def client_case(pipe, spec: dict) -> dict:
         sent = sum(s.sent for s in senders)
         if got >= sent:
             break
-        if mode == "flood":
+        if spec["mode"] == "flood":
             if got != last or any(t.get_write_buffer_size() for t in transports):
                 last, quiet_since = got, time.monotonic()
             elif time.monotonic() - quiet_since > 0.3:
@@ -363,13 +359,28 @@ async def client_case(pipe, spec: dict) -> dict:
     }
 
 
-def client_worker(pipe, spec: dict) -> None:
+async def client_case(pipe, spec: dict) -> dict:
+    """One client process's share of a case: connect, wait for the start time, run, report."""
+    shared = Shared()
+    conns = await asyncio.gather(*(benchlib.connect_raw(spec["url"]) for _ in range(2 * spec["pairs"])))
+    senders, receivers, transports = [], [], []
+    for i in range(spec["pairs"]):
+        snd, rcv = attach_pair(conns[2 * i], conns[2 * i + 1], spec, shared, transports)
+        senders.append(snd)
+        receivers.append(rcv)
+    return await measure(pipe, spec, shared, senders, receivers, transports)
+
+
+def client_worker(pipe, spec: dict, case=None) -> None:
+    """Entry of a client process: run ``case`` (default: client_case) and send its result up the pipe."""
     # The parent handles Ctrl-C and stops us; SIGTERM (from it or PR_SET_PDEATHSIG) ends us quietly.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     benchlib.die_with_parent()
+    if spec.get("cpus"):
+        os.sched_setaffinity(0, spec["cpus"])
     try:
-        result = benchlib.run(client_case(pipe, spec), spec["client_loop"])
+        result = benchlib.run((case or client_case)(pipe, spec), spec["client_loop"])
         pipe.send(("done", result))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
         try:
