@@ -389,7 +389,9 @@ def test_slow_database_of_one_replica_is_reported(deployment):
     r1 = deployment.replicas[1]
     r1_id = replica_id(deployment, r1)
     def reported(report):
-        return [p for p in report["problems"] if p["replica"] == r1_id and p["figure"] == "reported_database"]
+        # the column holds the median of the replica's last heartbeats: wait until the delay fills it
+        return [p for p in report["problems"] if p["replica"] == r1_id and p["figure"] == "reported_database"
+                and p["value_ms"] >= 2 * DELAY * 1000]
 
     deployment.pg_proxy.delay = DELAY
     try:
