@@ -12,15 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 import statistics
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, Histogram
+
+from coordinator.httpclient import KeepAliveHttp, describe
 
 log = logging.getLogger("coordinator.latency")
 
@@ -85,57 +85,20 @@ class Alarm:
 
 
 class HttpPinger:
-    """GET ``/derp/latency-check`` on a kept-alive connection, so the figure is one request round trip."""
+    """``GET /derp/latency-check`` on a kept-alive connection, so the figure is one request round trip."""
+
+    PATH = "/derp/latency-check"
 
     def __init__(self, base_url: str, timeout: float):
-        parts = urlsplit(base_url)
-        self.host = parts.hostname or ""
-        self.port = parts.port or (443 if parts.scheme == "https" else 80)
-        self.tls = ssl.create_default_context() if parts.scheme == "https" else None
-        self.request = (
-            f"GET /derp/latency-check HTTP/1.1\r\nHost: {parts.netloc}\r\nUser-Agent: coordinator-latency\r\n\r\n"
-        ).encode()
-        self.timeout = timeout
-        self.streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
-
-    async def _once(self) -> float:
-        reader, writer = self.streams  # type: ignore[misc]
-        start = time.perf_counter()
-        writer.write(self.request)
-        head = await reader.readuntil(b"\r\n\r\n")
-        elapsed = time.perf_counter() - start
-        status = head.split(b" ", 2)[1] if head.count(b" ") >= 2 else b""
-        if status != b"200":
-            raise ConnectionError(f"latency check answered {head.splitlines()[0].decode('latin-1', 'replace')}")
-        length = 0
-        for line in head.split(b"\r\n"):
-            if line.lower().startswith(b"content-length:"):
-                length = int(line.split(b":", 1)[1])
-        if length:
-            await reader.readexactly(length)
-        return elapsed
+        self.http = KeepAliveHttp(base_url, timeout)
 
     async def ping(self) -> float:
-        async with asyncio.timeout(self.timeout):
-            try:
-                if self.streams is None:
-                    self.streams = await asyncio.open_connection(self.host, self.port, ssl=self.tls)
-                    await self._once()  # the first request pays for the TCP (and TLS) handshake
-                return await self._once()
-            except BaseException:
-                self.close()
-                raise
+        if not self.http.connected:
+            await self.http.get(self.PATH)  # the first request pays for the TCP (and TLS) handshake
+        return await self.http.get(self.PATH)
 
     def close(self) -> None:
-        if self.streams is not None:
-            self.streams[1].close()
-            self.streams = None
-
-
-def describe(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
-        return "timed out"
-    return str(exc) or type(exc).__name__
+        self.http.abort()
 
 
 class PeerState:
