@@ -193,27 +193,14 @@ def run_case(relays: list[benchlib.ServerProcess], args, mode: str, size: int, t
                 proc.join(5)
             pipe.close()
 
-    elapsed = sum(r["elapsed"] for r in results) / len(results)
-    received = sum(r["received"] for r in results)
-    sent = sum(r["sent"] for r in results)
-    sent_total = sum(r["sent_total"] for r in results)
-    recv_total = sum(r["received_total"] for r in results)
-    lat = sorted(x for r in results for x in r["latency_ns"])
-
-    def pct(p: float) -> float | None:
-        return lat[min(len(lat) - 1, int(p * len(lat)))] / 1000 if lat else None
-
+    traffic = br.client_totals(results, size)
+    received = traffic["received"]
     relay_cpu = [c1 - c0 for c0, c1 in zip(cpu0, cpu1, strict=True)]
     cli_cpu = sum(r["cpu"] for r in results)
     busy, total, steal = mach1[0] - mach0[0], mach1[1] - mach0[1], st1 - st0
     deltas = [counter_delta(s0, s1) for s0, s1 in zip(stats0, stats1, strict=True)]
-    pps = received / elapsed
     return {
-        "mode": mode, "size": size, "topology": topology, "pairs": args.pairs, "seconds": elapsed,
-        "pkt_s": pps, "mb_s": pps * size / 1e6, "sent_pkt_s": sent / elapsed,
-        "loss_pct": 100.0 * (1 - recv_total / sent_total) if sent_total else 0.0,
-        "sent_total": sent_total, "received_total": recv_total, "acks": sum(r["acks"] for r in results),
-        "p50_us": pct(0.50), "p99_us": pct(0.99), "latency_samples": len(lat),
+        "mode": mode, "size": size, "topology": topology, "pairs": args.pairs, **traffic,
         "relay_cpu_s": {"A": relay_cpu[0], "B": relay_cpu[1]},
         "relay_us_per_pkt": 1e6 * sum(relay_cpu) / received if received else None,
         "client_cpu_s": cli_cpu, "client_us_per_pkt": 1e6 * cli_cpu / received if received else None,
@@ -223,7 +210,6 @@ def run_case(relays: list[benchlib.ServerProcess], args, mode: str, size: int, t
         "relay_counted": {"A": deltas[0][0], "B": deltas[1][0]},
         "relay_drops": {"A": deltas[0][1], "B": deltas[1][1]},
         "probes": sum(r["probes"] for r in ready), "route_ms": max(r["route_ms"] for r in ready),
-        "other_frames": sum(r["other_frames"] for r in results),
     }
 
 

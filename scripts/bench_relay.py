@@ -397,6 +397,28 @@ def client_worker(pipe, spec: dict, case=None) -> None:
 # ======================================================================================
 
 
+def client_totals(results: list[dict], size: int) -> dict:
+    """What the client processes measured, summed: rates, loss, latency percentiles."""
+    elapsed = sum(r["elapsed"] for r in results) / len(results)
+    received = sum(r["received"] for r in results)
+    sent_total = sum(r["sent_total"] for r in results)
+    recv_total = sum(r["received_total"] for r in results)
+    lat = sorted(x for r in results for x in r["latency_ns"])
+
+    def pct(p: float) -> float | None:
+        return lat[min(len(lat) - 1, int(p * len(lat)))] / 1000 if lat else None
+
+    return {
+        "seconds": elapsed, "received": received,
+        "pkt_s": received / elapsed, "mb_s": received / elapsed * size / 1e6,
+        "sent_pkt_s": sum(r["sent"] for r in results) / elapsed,
+        "loss_pct": 100.0 * (1 - recv_total / sent_total) if sent_total else 0.0,
+        "sent_total": sent_total, "received_total": recv_total, "acks": sum(r["acks"] for r in results),
+        "p50_us": pct(0.50), "p99_us": pct(0.99), "latency_samples": len(lat),
+        "other_frames": sum(r["other_frames"] for r in results),
+    }
+
+
 def run_case(server: benchlib.ServerProcess, args, mode: str, size: int) -> dict:
     ctx = multiprocessing.get_context("fork")
     nproc = max(1, min(args.client_procs, args.pairs))
@@ -444,22 +466,12 @@ def run_case(server: benchlib.ServerProcess, args, mode: str, size: int) -> dict
                 proc.join(5)
             pipe.close()
 
-    elapsed = sum(r["elapsed"] for r in results) / len(results)
-    received = sum(r["received"] for r in results)
-    sent = sum(r["sent"] for r in results)
-    sent_total = sum(r["sent_total"] for r in results)
-    recv_total = sum(r["received_total"] for r in results)
-    acks = sum(r["acks"] for r in results)
-    lat = sorted(x for r in results for x in r["latency_ns"])
-
-    def pct(p: float) -> float | None:
-        return lat[min(len(lat) - 1, int(p * len(lat)))] / 1000 if lat else None
-
+    traffic = client_totals(results, size)
+    received = traffic["received"]
     drops = {}
     if stats0 and stats1:
         d0, d1 = stats0.get("drops", {}), stats1.get("drops", {})
         drops = {k: d1[k] - d0.get(k, 0) for k in d1 if d1[k] - d0.get(k, 0)}
-    pps = received / elapsed
     srv_cpu = cpu1 - cpu0
     cli_cpu = sum(r["cpu"] for r in results)
     busy, total = mach1[0] - mach0[0], mach1[1] - mach0[1]
@@ -467,11 +479,7 @@ def run_case(server: benchlib.ServerProcess, args, mode: str, size: int) -> dict
     if stats0 and stats1:
         counted = {k: stats1[k] - stats0.get(k, 0) for k in ("packets_in", "packets_out")}
     return {
-        "mode": mode, "size": size, "pairs": args.pairs, "seconds": elapsed,
-        "pkt_s": pps, "mb_s": pps * size / 1e6, "sent_pkt_s": sent / elapsed,
-        "loss_pct": 100.0 * (1 - recv_total / sent_total) if sent_total else 0.0,
-        "sent_total": sent_total, "received_total": recv_total, "acks": acks,
-        "p50_us": pct(0.50), "p99_us": pct(0.99), "latency_samples": len(lat),
+        "mode": mode, "size": size, "pairs": args.pairs, **traffic,
         "server_cpu_s": srv_cpu, "server_cpu_pct": 100.0 * srv_cpu / (m1 - m0),
         "client_cpu_s": cli_cpu, "client_us_per_pkt": 1e6 * cli_cpu / received if received else None,
         "server_us_per_pkt": 1e6 * srv_cpu / received if received else None,
@@ -480,7 +488,7 @@ def run_case(server: benchlib.ServerProcess, args, mode: str, size: int) -> dict
         "machine_busy_pct": 100.0 * busy / total if total else None,
         "others_cpu_s": max(0.0, busy - srv_cpu - cli_cpu),
         "server_counted": counted,
-        "server_drops": drops, "other_frames": sum(r["other_frames"] for r in results),
+        "server_drops": drops,
     }
 
 

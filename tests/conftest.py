@@ -6,6 +6,15 @@ import pytest
 from pgcluster import PgCluster
 
 
+def _running_cluster():
+    cluster = PgCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
 @pytest.fixture
 def anyio_backend():
     return "asyncio"
@@ -13,24 +22,14 @@ def anyio_backend():
 
 @pytest.fixture(scope="session")
 def pg_cluster():
-    """One real Postgres server for the whole run; tests that kill it use their own ``PgCluster``."""
-    cluster = PgCluster()
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.destroy()
+    """One real Postgres server for the whole run; tests that kill it use ``own_cluster``."""
+    yield from _running_cluster()
 
 
 @pytest.fixture
 def own_cluster():
     """A private Postgres this test may crash and restart; destroyed whatever happens."""
-    cluster = PgCluster()
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.destroy()
+    yield from _running_cluster()
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 import asyncio
 import os
 import socket
-import struct
 
 import pytest
 import websockets
@@ -208,10 +207,8 @@ async def test_mesh_watch_forward_and_close_peer():
             assert isinstance(present, PeerPresent)
             assert present.key == a.public_key and present.ip == "127.0.0.1"
             assert present.port == a.transport.get_extra_info("sockname")[1]
+            # flags are only parsed from a payload of >= 51 bytes: key, v4-mapped address, port, flags
             assert present.flags == codec.PEER_PRESENT_IS_REGULAR
-            raw = codec.FrameReader()  # the wire form is the 51-byte payload
-            assert len(codec.frame(codec.PEER_PRESENT, a.public_key, bytes(19))) - 5 == 51
-            del raw
             b = await DerpClient.connect(url)
             assert (await watcher.recv(timeout=5)).key == b.public_key
             remote = NodeKey.generate().public
@@ -457,7 +454,6 @@ async def test_counters(relay):
         assert s["bytes_in"] == 60 and s["bytes_out"] == 60
         assert s["current_connections"] == 2 and s["current_home_connections"] == 1
         assert s["accepts"] == 2
-    assert struct.calcsize(">I") == 4
 
 
 async def test_client_address_from_trusted_proxy_header():
