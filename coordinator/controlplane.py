@@ -48,8 +48,8 @@ class ControlPlane:
         self._warned_no_relay_url = False
         self._monitor_task: asyncio.Task | None = None
 
-    async def start(self, *, db_wait: float = 30.0) -> None:
-        """Open the database (bounded wait), install the mesh key, join the replica set."""
+    async def start(self, *, db_wait: float = 30.0, join: bool = True) -> None:
+        """Open the database (bounded wait), install the mesh key; with ``join``, also :meth:`join`."""
         s = self.settings
         self.db = await Database.open(self.pg_url, wait=db_wait)
         self.relay.set_mesh_key(await self.db.derp_mesh_key(s.mesh_key or None))
@@ -72,6 +72,13 @@ class ControlPlane:
             on_change=self._on_peers,
             on_probe=self.monitor.database_sample,
         )
+        if join:
+            await self.join()
+
+    async def join(self) -> None:
+        """Register in the replica set: call once this replica's relay URL answers, or peers dial in vain."""
+        assert self.registry is not None
+        s = self.settings
         await self.registry.start()
         self._monitor_task = asyncio.create_task(self._measure_loop(), name="latency monitor")
         log.info(

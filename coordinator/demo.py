@@ -88,7 +88,7 @@ def run_demo(replicas: int = 3, base_port: int = 0, data_dir: str | None = None,
             log.close()
         urls = [f"http://127.0.0.1:{p}" for p in ports]
         for url, proc in zip(urls, procs, strict=True):
-            _wait_http(url + "/healthz", proc)
+            _wait_http(url + "/readyz", proc)
             print(f"  replica up: {url}  (relay URL {url}/derp, log {base}/replica{urls.index(url) + 1}.log)")
         lb = None
         if nginx.nginx_binary() and nginx.EXAMPLE.exists():

@@ -71,18 +71,29 @@ def run_server(settings: Settings) -> int:
 
     async def main() -> int:
         try:
-            await control.start(db_wait=settings.db_wait)
+            await control.start(db_wait=settings.db_wait, join=False)
         except DatabaseError as exc:
             await control.stop()
             print(f"coordinator: cannot start: {exc}", file=sys.stderr, flush=True)
             return 1
-        host, port = settings.listen
-        scheme = "https" if settings.tls_cert_file else "http"
-        log.info("replica listening on %s://%s:%d (DERP relay at /derp)", scheme, host, port)
+        serving = asyncio.create_task(server.serve())
+        failed = None
         try:
-            await server.serve()
+            # Join the replica set only once we listen: peers dial our relay URL as soon as they see us.
+            while not server.started and not serving.done():
+                await asyncio.sleep(0.01)
+            if server.started:
+                try:
+                    await control.join()
+                except DatabaseError as exc:
+                    failed = f"coordinator: cannot join the replica set: {exc}"
+                    server.should_exit = True
+            await serving
         finally:
             await control.stop()
+        if failed:
+            print(failed, file=sys.stderr, flush=True)
+            return 1
         return 0 if server.started else 1
 
     try:

@@ -39,7 +39,7 @@ class Replica:
             env={"COORDINATOR_API_TOKEN": c.api_token},
             log=self.data / f"server-{int(time.time() * 1000)}.log",
         )
-        self.proc.wait_http(self.url + "/healthz")
+        self.proc.wait_http(self.url + "/readyz")  # ready: listening and registered
 
     def api(self, path: str):
         request = urllib.request.Request(self.url + path, headers={"Authorization": f"Bearer {self.cluster.api_token}"})

@@ -61,7 +61,7 @@ async def test_coordinator_server_serves_and_stops_on_sigterm(tmp_path, procs):
     p = Proc([python(), "-m", "coordinator", "server", "--address", f"127.0.0.1:{port}", "--data-dir", str(tmp_path)],
              log=tmp_path / "server.log")
     procs.append(p)
-    p.wait_http(f"http://127.0.0.1:{port}/healthz")
+    p.wait_http(f"http://127.0.0.1:{port}/readyz")
     await roundtrip(f"http://127.0.0.1:{port}/derp")
     assert "embedded PostgreSQL" in p.output
     url = subprocess.run([python(), "-m", "coordinator", "postgres-url", "--data-dir", str(tmp_path)],

@@ -166,7 +166,7 @@ async def test_sigterm_peers_drop_it_and_new_replica_joins_mesh(cluster):
     assert time.monotonic() - t0 < 10
 
     newcomer = cluster.add_replica(start=False)
-    newcomer.start()  # returns once /healthz answers: the replica has registered by then
+    newcomer.start()  # returns once /readyz answers: listening and registered
     joined = await wait_until(lambda: full_mesh(cluster, [*stayers, newcomer]), 10)
     print(f"new replica: every peer has a mesh link to it {joined * 1000:.0f} ms after it came up (target <= 1000 ms)")
 
