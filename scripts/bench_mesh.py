@@ -24,7 +24,17 @@ senders start. Modes, warm-up, loss, latency sampling and the client's CPU econo
 sender, acknowledged by the receiver through the relays, and must be lossless; ``flood`` writes as
 fast as TCP back-pressure allows and shows the relays' drops as loss.
 
-Reported per case and topology: delivered packets/s and MB/s, loss %, one-way latency p50/p99,
+The floor
+---------
+Unless ``--no-floor``, every case also runs against two copies of ``floor_relay.c`` (compiled here
+with ``cc -O2``): a zero-work relay in C, one epoll thread, that routes SendPacket, ForwardPacket
+and RecvPacket with no checks, queues, watchers or Python, and flushes once per read like ours.
+Same client, same pairs, same run; windowed mode only (the floor has no drop policy, so under flood
+its buffers would only grow). Its cross / single ratio is what the extra hop itself costs on
+this machine; ours divided by it is the share of that our relay keeps. (The floor skips the NaCl
+boxes: the client does not wait for ServerInfo there, and the mesh link is a fixed connection.)
+
+Reported per relay, case and topology: delivered packets/s and MB/s, loss %, one-way latency p50/p99,
 CPU seconds of relay A and relay B (/proc/<pid>/stat, over the measured window) and of the client,
 relay CPU per delivered packet (A + B), "others CPU s": machine CPU (/proc/stat) used by
 neither the relays nor the client, i.e. other work on a shared machine (and softirq time the kernel
@@ -47,7 +57,10 @@ import json
 import multiprocessing
 import os
 import secrets
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 
 import bench_relay as br
@@ -97,7 +110,9 @@ async def client_case(pipe, spec: dict) -> dict:
     pairs = spec["pairs"]
     shared = br.Shared()
     urls = (spec["send_url"], spec["recv_url"])
-    clients = await asyncio.gather(*(DerpClient.connect(urls[i % 2], timeout=30) for i in range(2 * pairs)))
+    wait_info = spec.get("wait_server_info", True)
+    clients = await asyncio.gather(*(DerpClient.connect(urls[i % 2], timeout=30, wait_server_info=wait_info)
+                                     for i in range(2 * pairs)))
     t_probe = time.monotonic()
     deadline = t_probe + spec["route_timeout"]
 
@@ -144,7 +159,8 @@ def counter_delta(s0: dict, s1: dict) -> tuple[dict, dict]:
     return counted, {k: d1[k] - d0.get(k, 0) for k in d1 if d1[k] - d0.get(k, 0)}
 
 
-def run_case(relays: list[benchlib.ServerProcess], args, mode: str, size: int, topology: str) -> dict:
+def run_case(relays: list[benchlib.ServerProcess], args, mode: str, size: int, topology: str,
+             floor: bool = False) -> dict:
     a, b = relays
     ctx = multiprocessing.get_context("fork")
     nproc = max(1, min(args.client_procs, args.pairs))
@@ -158,6 +174,7 @@ def run_case(relays: list[benchlib.ServerProcess], args, mode: str, size: int, t
                 "window": args.window, "ack_every": args.ack_every, "sample_every": args.sample_every,
                 "warmup": args.warmup, "seconds": args.seconds, "client_loop": args.client_loop,
                 "route_timeout": args.route_timeout, "cpus": args.client_cpus,
+                "wait_server_info": not floor,
             }
             parent_end, child_end = ctx.Pipe()
             proc = ctx.Process(target=client_worker, args=(child_end, spec), daemon=True)
@@ -200,6 +217,7 @@ def run_case(relays: list[benchlib.ServerProcess], args, mode: str, size: int, t
     busy, total, steal = mach1[0] - mach0[0], mach1[1] - mach0[1], st1 - st0
     deltas = [counter_delta(s0, s1) for s0, s1 in zip(stats0, stats1, strict=True)]
     return {
+        "relay": "floor" if floor else "ours",
         "mode": mode, "size": size, "topology": topology, "pairs": args.pairs, **traffic,
         "relay_cpu_s": {"A": relay_cpu[0], "B": relay_cpu[1]},
         "relay_us_per_pkt": 1e6 * sum(relay_cpu) / received if received else None,
@@ -211,6 +229,39 @@ def run_case(relays: list[benchlib.ServerProcess], args, mode: str, size: int, t
         "relay_drops": {"A": deltas[0][1], "B": deltas[1][1]},
         "probes": sum(r["probes"] for r in ready), "route_ms": max(r["route_ms"] for r in ready),
     }
+
+
+class FloorProcess(benchlib.ServerProcess):
+    """A ``floor_relay`` process: it keeps no counters and speaks no HTTP."""
+
+    def stats(self, timeout: float = 5.0, path: str = "") -> dict:
+        return {}
+
+
+def build_floor(workdir: str, log) -> str | None:
+    """Compile ``floor_relay.c`` into ``workdir``; None (with a note) if there is no C compiler."""
+    cc = shutil.which(os.environ.get("CC", "cc"))
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "floor_relay.c")
+    out = os.path.join(workdir, "floor_relay")
+    if cc is None:
+        print("note: no C compiler, so no floor relay to compare with (--no-floor to silence)", file=log)
+        return None
+    done = subprocess.run([cc, "-O2", "-o", out, src], capture_output=True, text=True)
+    if done.returncode:
+        print(f"note: floor_relay.c did not compile, so no floor to compare with:\n{done.stderr}", file=log)
+        return None
+    return out
+
+
+def start_floor(binary: str) -> list[benchlib.ServerProcess]:
+    """Floor relays A and B, A dialing B as its mesh peer."""
+    b = FloorProcess([binary], "floor B").__enter__()
+    try:
+        a = FloorProcess([binary, str(b.port)], "floor A").__enter__()
+    except BaseException:
+        b.stop()
+        raise
+    return [a, b]
 
 
 def mesh_relays(relays: list[benchlib.ServerProcess], timeout: float) -> dict:
@@ -257,14 +308,14 @@ fmt = br.fmt
 
 
 def print_results(results: list[dict], args) -> None:
-    cols = ("mode", "size", "topology", "pkt/s", "MB/s", "loss %", "p50 µs", "p99 µs", "relay A CPU s",
+    cols = ("relay", "mode", "size", "topology", "pkt/s", "MB/s", "loss %", "p50 µs", "p99 µs", "relay A CPU s",
             "relay B CPU s", "relays µs/pkt", "cli CPU s", "machine busy %", "others CPU s", "steal s", "relay drops")
     rows = []
     for r in results:
         cpu = r["relay_cpu_s"]
         drops = ",".join(f"{n}:{k}={v}" for n in ("A", "B") for k, v in r["relay_drops"][n].items()) or "0"
         rows.append((
-            r["mode"], str(r["size"]), r["topology"], fmt(r["pkt_s"]), fmt(r["mb_s"], ",.1f"),
+            r["relay"], r["mode"], str(r["size"]), r["topology"], fmt(r["pkt_s"]), fmt(r["mb_s"], ",.1f"),
             fmt(r["loss_pct"], ".2f"), fmt(r["p50_us"]), fmt(r["p99_us"]),
             f"{cpu['A']:.2f} ({100 * cpu['A'] / r['window_s']:.0f}%)",
             f"{cpu['B']:.2f} ({100 * cpu['B'] / r['window_s']:.0f}%)",
@@ -275,47 +326,75 @@ def print_results(results: list[dict], args) -> None:
 
     print()
     print("cross / single (same client, same workload; for latency and CPU per packet lower is better)")
-    cols = ("mode", "size", "pkt/s", "MB/s", "p50 µs", "p99 µs", "relays µs/pkt", "relays CPU s", "loss % s/c")
+    cols = ("relay", "mode", "size", "pkt/s", "MB/s", "p50 µs", "p99 µs", "relays µs/pkt", "relays CPU s", "loss % s/c")
     rows = []
-    for (mode, size), single, cross in paired(results):
+    for (relay, mode, size), single, cross in paired(results):
         def ratio(k, s=single, c=cross):
             return "-" if s[k] is None or c[k] is None or not s[k] else f"{c[k] / s[k]:.2f}"
 
         cpu_s, cpu_c = sum(single["relay_cpu_s"].values()), sum(cross["relay_cpu_s"].values())
-        rows.append((mode, str(size), ratio("pkt_s"), ratio("mb_s"), ratio("p50_us"), ratio("p99_us"),
+        rows.append((relay, mode, str(size), ratio("pkt_s"), ratio("mb_s"), ratio("p50_us"), ratio("p99_us"),
                      ratio("relay_us_per_pkt"), f"{cpu_c / cpu_s:.2f}" if cpu_s else "-",
                      f"{single['loss_pct']:.2f} / {cross['loss_pct']:.2f}"))
     br.table(cols, rows)
+    vs_floor = list(against_floor(results))
+    if vs_floor:
+        print()
+        print("ours / floor (share of the zero-work C relay's figure that ours reaches; higher is better)")
+        cols = ("mode", "size", "single pkt/s", "cross pkt/s", "cross/single ratio")
+        br.table(cols, [(m, str(z), f"{a:.2f}", f"{b:.2f}", f"{c:.2f}") for m, z, a, b, c in vs_floor])
     for line in target_checks(results):
         print()
         print(line)
 
 
 def median_runs(runs: list[dict]) -> list[dict]:
-    """Per case and topology, the run with the median delivered pkt/s (the lower one of an even count)."""
+    """Per relay, case and topology, the run with the median pkt/s (the lower one of an even count)."""
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
-        groups.setdefault((r["mode"], r["size"], r["topology"]), []).append(r)
+        groups.setdefault((r["relay"], r["mode"], r["size"], r["topology"]), []).append(r)
     return [sorted(g, key=lambda r: r["pkt_s"])[(len(g) - 1) // 2] for g in groups.values()]
 
 
 def paired(results: list[dict]):
-    by = {(r["mode"], r["size"], r["topology"]): r for r in results}
+    """((relay, mode, size), single, cross) for every case measured in both topologies."""
+    by = {(r["relay"], r["mode"], r["size"], r["topology"]): r for r in results}
     for r in results:
-        if r["topology"] == "single" and (r["mode"], r["size"], "cross") in by:
-            yield (r["mode"], r["size"]), r, by[(r["mode"], r["size"], "cross")]
+        key = (r["relay"], r["mode"], r["size"])
+        if r["topology"] == "single" and (*key, "cross") in by:
+            yield key, r, by[(*key, "cross")]
+
+
+def pkt_ratio(single: dict, cross: dict) -> float:
+    return cross["pkt_s"] / single["pkt_s"] if single["pkt_s"] else 0.0
+
+
+def against_floor(results: list[dict]):
+    """(mode, size, single, cross, ratio): ours over the floor's, for cases measured on both."""
+    pairs = {key: (s, c) for key, s, c in paired(results)}
+    for (relay, mode, size), (s, c) in pairs.items():
+        floor = pairs.get(("floor", mode, size))
+        if relay == "ours" and floor and floor[0]["pkt_s"] and floor[1]["pkt_s"]:
+            fs, fc = floor
+            yield (mode, size, s["pkt_s"] / fs["pkt_s"], c["pkt_s"] / fc["pkt_s"],
+                   pkt_ratio(s, c) / pkt_ratio(fs, fc) if pkt_ratio(fs, fc) else 0.0)
 
 
 def target_checks(results: list[dict]) -> list[str]:
     mode, size, minimum = TARGET
     out = []
-    for (m, s), single, cross in paired(results):
-        if (m, s) == (mode, size):
-            ratio = cross["pkt_s"] / single["pkt_s"] if single["pkt_s"] else 0.0
+    for (relay, m, s), single, cross in paired(results):
+        if (m, s) != (mode, size):
+            continue
+        ratio = pkt_ratio(single, cross)
+        if relay == "ours":
             ok = ratio >= minimum and cross["loss_pct"] == 0
             out.append(f"target {mode} {size} B across two replicas >= {minimum}x one replica, no loss: "
                        f"{'MET' if ok else 'NOT MET'} ({ratio:.2f}x: {cross['pkt_s']:,.0f} vs "
                        f"{single['pkt_s']:,.0f} pkt/s, loss {cross['loss_pct']:.2f} %)")
+        else:
+            out.append(f"floor: the zero-work C relay reaches {ratio:.2f}x on this machine with the same client "
+                       f"({cross['pkt_s']:,.0f} vs {single['pkt_s']:,.0f} pkt/s): what one extra hop costs here")
     return out
 
 
@@ -345,6 +424,8 @@ def parse_args():
     ap.add_argument("--relay-path", metavar="DIR",
                     help="benchmark a modified relay: import _relay from DIR/_relay (built there with "
                          "'python setup.py build_ext --inplace') instead of the installed one")
+    ap.add_argument("--no-floor", dest="floor", action="store_false",
+                    help="skip the floor: the same cases against floor_relay.c, a zero-work C relay (see above)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON instead of tables")
     args = ap.parse_args()
     try:
@@ -387,28 +468,37 @@ def main() -> int:
     started = time.monotonic()
     runs: list[dict] = []
     relays: list[benchlib.ServerProcess] = []
+    floor: list[benchlib.ServerProcess] = []
+    workdir = tempfile.mkdtemp(prefix="bench-mesh-")
     try:
         for name in ("A", "B"):
             relays.append(benchlib.ServerProcess(relay_argv, name).__enter__())
+        binary = build_floor(workdir, log) if args.floor else None
+        if binary:
+            floor = start_floor(binary)
         if args.relay_cpus:
-            for p in relays:
+            for p in relays + floor:
                 os.sched_setaffinity(p.pid, args.relay_cpus)
         mesh_relays(relays, 20.0)
         pinned = f"; pinned: relays on CPU {args.relay_cpus}, client on {args.client_cpus}" if args.pin else ""
-        print("relays (meshed): " + ", ".join(f"{p.name} pid {p.pid} port {p.port}" for p in relays)
+        print("relays (meshed): " + ", ".join(f"{p.name} pid {p.pid} port {p.port}" for p in relays + floor)
               + f"; client: {args.client_procs} process(es), {args.client_loop}; {os.cpu_count()} CPUs{pinned}", file=log)
+        sets = [("ours", relays)] + ([("floor", floor)] if floor else [])
         for mode in args.modes:
             for size in args.sizes:
                 for _ in range(args.repeat):
-                    for topology in args.topologies:  # alternated: background load hits both alike
-                        r = run_case(relays, args, mode, size, topology)
-                        runs.append(r)
-                        cpu = r["relay_cpu_s"]
-                        print(f"  {mode:8} {size:>5} B {topology:6}: {r['pkt_s']:>10,.0f} pkt/s {r['mb_s']:>8,.1f} MB/s "
-                              f"loss {r['loss_pct']:.2f} %  p50 {fmt(r['p50_us'])} µs  p99 {fmt(r['p99_us'])} µs  "
-                              f"relay CPU A {cpu['A']:.2f} s B {cpu['B']:.2f} s  client CPU {r['client_cpu_s']:.2f} s  "
-                              f"others {r['others_cpu_s']:.2f} s  (route after {r['probes']} probes, "
-                              f"{r['route_ms']:.0f} ms)", file=log)
+                    for name, pair in sets:
+                        if name == "floor" and mode != "windowed":
+                            continue  # the floor has no drop policy: under flood its buffers only grow
+                        for topology in args.topologies:  # alternated: background load hits both alike
+                            r = run_case(pair, args, mode, size, topology, floor=name == "floor")
+                            runs.append(r)
+                            cpu = r["relay_cpu_s"]
+                            print(f"  {name:5} {mode:8} {size:>5} B {topology:6}: {r['pkt_s']:>10,.0f} pkt/s "
+                                  f"{r['mb_s']:>8,.1f} MB/s loss {r['loss_pct']:.2f} %  p50 {fmt(r['p50_us'])} µs  "
+                                  f"p99 {fmt(r['p99_us'])} µs  relay CPU A {cpu['A']:.2f} s B {cpu['B']:.2f} s  "
+                                  f"client CPU {r['client_cpu_s']:.2f} s  others {r['others_cpu_s']:.2f} s  "
+                                  f"(route after {r['probes']} probes, {r['route_ms']:.0f} ms)", file=log)
     except KeyboardInterrupt:
         print("interrupted", file=log)
         return 130
@@ -416,8 +506,9 @@ def main() -> int:
         for p in relays:  # unmesh first: a link whose peer vanishes logs a warning and redials
             with contextlib.suppress(Exception):
                 p.post("/bench/mesh", {"peers": []}, timeout=2)
-        for p in reversed(relays):
+        for p in reversed(relays + floor):
             p.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
     results = median_runs(runs)
     for r in runs:
         for line in consistency_warnings(r):
@@ -426,7 +517,9 @@ def main() -> int:
     if args.json:
         json.dump({"args": vars(args), "cpus": os.cpu_count(), "wall_seconds": time.monotonic() - started,
                    "results": results, "runs": runs if args.repeat > 1 else None,
-                   "targets": target_checks(results)}, sys.stdout, indent=2)
+                   "targets": target_checks(results),
+                   "ours_over_floor": [dict(zip(("mode", "size", "single", "cross", "ratio"), row, strict=True))
+                                       for row in against_floor(results)]}, sys.stdout, indent=2)
         print()
     else:
         print_results(results, args)
