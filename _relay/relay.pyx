@@ -6,7 +6,10 @@ implemented here. Frames are parsed in place from the bytes the event loop hands
 dict from 32-byte key to destination, and copied once into the destination's output buffer. Every
 destination touched while handling one read is flushed once at its end (write coalescing). When a
 destination's transport pushes back, packets wait in bounded queues (data and disco apart) that
-drop the oldest packet when full, so a sender is never blocked by a slow receiver.
+drop the oldest packet when full, so a sender is never blocked by a slow receiver. A mesh link is
+different (as in Go's derper, whose forwarding write stalls the sender's reader): while its
+transport holds more than ``max_buffer`` unsent bytes, the senders that route to it stop being read
+until it drains, which pushes back on them over TCP instead of dropping.
 
 Only per-connection events (handshake, registration, close, keepalive ticks) touch Python objects
 beyond the dict lookup. The handshake itself (NaCl boxes, JSON) is a Python callable injected by
@@ -69,6 +72,7 @@ cdef enum:
     READ_BUFFER_SIZE = 262144
     SCRATCH_SIZE = 65536
     IDLE_BUFFER_KEEP = 4096      # output buffers above this are freed when a conn goes idle
+    MESH_HARD_LIMIT_FACTOR = 8   # a mesh link sheds forwarded packets past this many x max_buffer
 
 cdef enum:
     WS_OP_CONT = 0x0
@@ -138,7 +142,7 @@ cdef class Counters:
     cdef public unsigned long long packets_in, bytes_in, packets_out, bytes_out
     cdef public unsigned long long forwarded_in, forwarded_out, accepts, handshake_failures
     cdef public unsigned long long pings, pongs, keepalives, peer_gone_disconnected, peer_gone_not_here
-    cdef public unsigned long long home_conns_total, protocol_errors
+    cdef public unsigned long long home_conns_total, protocol_errors, mesh_pushbacks
     cdef unsigned long long drops[N_DROPS]
     cdef unsigned long long drop_bytes[N_DROPS]
 
@@ -244,22 +248,33 @@ cdef class Forwarder(Writer):
 
     cdef readonly str name
     cdef public Py_ssize_t max_buffer
+    cdef public object on_congested  # called (no arguments) when the link starts pushing back
+    cdef readonly bint congested
     cdef bint closed
     cdef Py_ssize_t pending_frames, pending_bytes   # in the output buffer, not yet written
+    cdef list paused                                # senders not read until this link drains
 
-    def __cinit__(self, RelayServer server, transport, str name="", Py_ssize_t max_buffer=512 * 1024):
+    def __cinit__(self, RelayServer server, transport, str name="", Py_ssize_t max_buffer=512 * 1024,
+                  on_congested=None):
         self.server = server
         self.transport = transport
         self.name = name
         self.max_buffer = max_buffer
+        self.on_congested = on_congested
+        self.paused = []
 
-    cdef int forward(self, const unsigned char* src, const unsigned char* dst,
+    cdef int forward(self, Conn sender, const unsigned char* src, const unsigned char* dst,
                      const unsigned char* pkt, Py_ssize_t n) except -1:
         cdef Counters c = self.server.counters
         if self.closed:
             c.drops[DROP_GONE] += 1
             c.drop_bytes[DROP_GONE] += n
             return 0
+        if self.congested and sender is not None and not sender.read_paused:
+            # The rest of the sender's current read still goes out; nothing more is read from it.
+            if sender.pause_reading():
+                self.paused.append(sender)
+                c.mesh_pushbacks += 1
         self.reserve(P.FRAME_HEADER_LEN + 2 * P.KEY_LEN + n)
         cdef unsigned char* p = self.obuf + self.olen
         P.write_header(p, P.FRAME_FORWARD_PACKET, <unsigned int>(2 * P.KEY_LEN + n))
@@ -274,10 +289,17 @@ cdef class Forwarder(Writer):
 
     cdef int write_out(self, bytes out) except -1:
         cdef Counters c = self.server.counters
+        cdef Py_ssize_t unsent = self.transport.get_write_buffer_size()
         frames, nbytes = self.pending_frames, self.pending_bytes
         self.pending_frames = self.pending_bytes = 0
-        # A mesh link that stopped draining sheds load (newest first) instead of buffering without bound.
-        if self.transport.get_write_buffer_size() > self.max_buffer:
+        if unsent > self.max_buffer and not self.congested:
+            self.congested = True
+            if self not in self.server.congested:
+                self.server.congested.append(self)
+            if self.on_congested is not None:
+                self.on_congested()
+        if unsent > MESH_HARD_LIMIT_FACTOR * self.max_buffer:
+            # Only senders that cannot be paused (the ASGI WebSocket bridge) get this far: shed them.
             c.drops[DROP_QUEUE_TAIL] += frames
             c.drop_bytes[DROP_QUEUE_TAIL] += nbytes
             return 0
@@ -285,11 +307,22 @@ cdef class Forwarder(Writer):
         self.transport.write(out)
         return 0
 
+    def resume(self) -> None:
+        """The link drained (or is going away): read the senders it paused again."""
+        self.congested = False
+        paused, self.paused = self.paused, []
+        for conn in paused:
+            (<Conn>conn).resume_reading()
+
+    def unsent(self) -> int:
+        """Bytes the link's transport holds, not yet taken by the socket."""
+        return 0 if self.closed else self.transport.get_write_buffer_size()
+
     def send(self, src: bytes, dst: bytes, packet: bytes) -> None:
         """Forward one packet from Python (tests, tools); the hot path calls the C method."""
         if len(src) != P.KEY_LEN or len(dst) != P.KEY_LEN or len(packet) > P.MAX_PACKET_SIZE:
             raise ValueError("keys must be 32 bytes and packets at most 64 KiB")
-        self.forward(<const unsigned char*>PyBytes_AS_STRING(src), <const unsigned char*>PyBytes_AS_STRING(dst),
+        self.forward(None, <const unsigned char*>PyBytes_AS_STRING(src), <const unsigned char*>PyBytes_AS_STRING(dst),
                      <const unsigned char*>PyBytes_AS_STRING(packet), len(packet))
         self.server.flush_soon()
 
@@ -300,6 +333,7 @@ cdef class Forwarder(Writer):
         self.server.counters.drops[DROP_GONE] += self.pending_frames
         self.server.counters.drop_bytes[DROP_GONE] += self.pending_bytes
         self.pending_frames = self.pending_bytes = 0
+        self.resume()
 
     def __repr__(self):
         return f"<Forwarder {self.name}>"
@@ -324,6 +358,7 @@ cdef class Conn(Writer):
     cdef bytes addr18                    # remote address as 16-byte IPv6 + port, for PeerPresent
     cdef int state
     cdef bint paused, watcher, ws_closing
+    cdef readonly bint read_paused      # by a congested mesh link (Forwarder.paused)
     cdef double paused_at, next_keepalive, write_timeout
     cdef object hs_timer
     cdef ClientSet cset
@@ -409,6 +444,24 @@ cdef class Conn(Writer):
         else:
             self.close(f"connection lost: {exc}", False)
         self.transport = None
+
+    cdef bint pause_reading(self):
+        """Stop reading this connection (a mesh link it sends to is congested); False if we cannot."""
+        if self.state == ST_CLOSED or self.transport is None:
+            return False
+        try:
+            self.transport.pause_reading()
+        except (NotImplementedError, AttributeError, RuntimeError):
+            return False  # a bridge transport: its packets are shed past the link's hard limit
+        self.read_paused = True
+        return True
+
+    cdef void resume_reading(self):
+        if not self.read_paused:
+            return
+        self.read_paused = False
+        if self.state != ST_CLOSED and self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
 
     def pause_writing(self):
         self.paused = True
@@ -607,7 +660,7 @@ cdef class Conn(Writer):
             elif type(target) is Conn:
                 (<Conn>target).enqueue(<const unsigned char*>PyBytes_AS_STRING(self.key), p + P.KEY_LEN, n - P.KEY_LEN)
             else:
-                (<Forwarder>target).forward(<const unsigned char*>PyBytes_AS_STRING(self.key), p,
+                (<Forwarder>target).forward(self, <const unsigned char*>PyBytes_AS_STRING(self.key), p,
                                             p + P.KEY_LEN, n - P.KEY_LEN)
         elif ftype == P.FRAME_FORWARD_PACKET:
             c.forwarded_in += 1
@@ -953,6 +1006,7 @@ cdef class RelayServer:
     cdef dict conns             # Conn -> None for every registered connection
     cdef list watchers
     cdef list dirty
+    cdef list congested         # Forwarders pushing back on their senders
     cdef unsigned long long gen
     cdef unsigned char* scratch
     cdef bytearray read_bytes
@@ -985,6 +1039,7 @@ cdef class RelayServer:
         self.conns = {}
         self.watchers = []
         self.dirty = []
+        self.congested = []
         self.gen = 1
         self.scratch = <unsigned char*>malloc(SCRATCH_SIZE)
         if self.scratch == NULL:
@@ -1025,9 +1080,24 @@ cdef class RelayServer:
                 conn.put_frame(P.FRAME_KEEP_ALIVE, NULL, 0, NULL, 0)
             elif not conn.dirty:
                 conn.release_buffer()
+        if self.congested:
+            self.check_congested()
         self.flush_dirty()
         if self.tick_handle is not None:
             self.tick_handle = self.loop.call_later(self.tick_interval(), self.tick)
+
+    cdef void check_congested(self):
+        """Resume senders of links that drained without telling us (no on_congested handler)."""
+        cdef Forwarder fwd
+        still = []
+        for fwd in self.congested:
+            if not fwd.congested:
+                continue
+            if fwd.closed or fwd.transport.get_write_buffer_size() <= fwd.max_buffer // 4:
+                fwd.resume()
+            else:
+                still.append(fwd)
+        self.congested = still
 
     cdef int flush_dirty(self) except -1:
         cdef list batch
@@ -1252,6 +1322,9 @@ cdef class RelayServer:
             "keepalives": c.keepalives,
             "peer_gone_disconnected": c.peer_gone_disconnected,
             "peer_gone_not_here": c.peer_gone_not_here,
+            "mesh_pushbacks": c.mesh_pushbacks,
+            "mesh_links_congested": sum(1 for f in self.congested if (<Forwarder>f).congested),
+            "senders_paused": sum(len((<Forwarder>f).paused) for f in self.congested),
             "drops": {DROP_REASONS[i]: c.drops[i] for i in range(N_DROPS)},
             "drop_bytes": {DROP_REASONS[i]: c.drop_bytes[i] for i in range(N_DROPS)},
         }

@@ -15,7 +15,8 @@ from starlette.routing import Route
 from coordinator.controlplane import ControlPlane
 from coordinator.derp import DerpRelay
 
-GAUGES = {"current_connections", "current_home_connections", "clients_local", "clients_remote", "watchers", "duplicate_keys"}
+GAUGES = {"current_connections", "current_home_connections", "clients_local", "clients_remote", "watchers", "duplicate_keys",
+          "mesh_links_congested", "senders_paused"}
 
 
 class RelayCollector:

@@ -399,6 +399,10 @@ class DerpClient:
 
     # -- sending -----------------------------------------------------------------------------
 
+    async def drain(self) -> None:
+        """Wait until the connection's write buffer is below its low-water mark."""
+        await self._stream.drain()
+
     async def send(self, dst: bytes, data: bytes) -> None:
         """Send one packet to the client with public key ``dst``."""
         self._stream.write(codec.send_packet(dst, data))

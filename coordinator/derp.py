@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from _relay.relay import Forwarder, RelayServer
@@ -54,9 +55,14 @@ class DerpRelay:
     def accept(self, transport, prefix: bytes = b"", pending: bytes = b"", **kwargs):
         return self.server.accept(transport, prefix, pending, **kwargs)
 
-    def forwarder(self, transport, name: str = "") -> Forwarder:
-        """A Forwarder that sends ForwardPacket frames over ``transport`` (a raw DERP mesh link)."""
-        return Forwarder(self.server, transport, name)
+    def forwarder(self, transport, name: str = "", on_congested: Callable[[], None] | None = None) -> Forwarder:
+        """A Forwarder that sends ForwardPacket frames over ``transport`` (a raw DERP mesh link).
+
+        ``on_congested`` is called when the link starts pushing back on its senders; whoever
+        handles it calls ``Forwarder.resume()`` once the transport drains (else the relay's
+        once-a-second ticker does).
+        """
+        return Forwarder(self.server, transport, name, on_congested=on_congested)
 
     def start(self) -> None:
         self.server.start()

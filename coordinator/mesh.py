@@ -5,6 +5,10 @@ sends WatchConns, and turns PeerPresent / PeerGone into forwarder entries of the
 table; packets for those keys then leave as ForwardPacket on the link without Python per packet.
 When a link breaks, every forwarder learned through it is removed at once and the link redials
 with backoff for as long as the peer stays in the set.
+
+A link that stops draining pushes back on the senders that route to it (the relay stops reading
+them) until it drains; one that stays stuck for ``stall_timeout`` (5 s, as Go's derper) is closed
+and redialled, which resumes them.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ class MeshLink:
         self.keys: set[bytes] = set()
         self.client: DerpClient | None = None
         self.is_self = False
+        self._drain: asyncio.Task | None = None
         self._task = asyncio.create_task(self._run(), name=f"mesh-link {url}")
 
     async def _run(self) -> None:
@@ -86,6 +91,7 @@ class MeshLink:
             if client.transport is None:
                 raise DerpError("mesh links need a raw DERP connection")
             forwarder = relay.forwarder(client.transport, self.url)
+            forwarder.on_congested = lambda: self._congested(client, forwarder)
             await client.watch_conns()
             if self.error is not None:
                 log.info("mesh: link to %s restored", self.url)
@@ -104,6 +110,9 @@ class MeshLink:
         except TimeoutError:
             raise DerpError(f"no frame from {self.url} for {self.mesh.read_timeout:.0f} s") from None
         finally:
+            if self._drain is not None:
+                self._drain.cancel()
+                self._drain = None
             if forwarder is not None:
                 forwarder.close()
                 for key in self.keys:
@@ -111,6 +120,25 @@ class MeshLink:
             self.keys.clear()
             self.client = None
             await client.close()
+
+    def _congested(self, client: DerpClient, forwarder) -> None:
+        if self._drain is None or self._drain.done():
+            self._drain = asyncio.create_task(self._wait_drained(client, forwarder), name=f"mesh-drain {self.url}")
+
+    async def _wait_drained(self, client: DerpClient, forwarder) -> None:
+        """Resume the paused senders once the link drains; close a link that stays stuck."""
+        try:
+            await asyncio.wait_for(client.drain(), self.mesh.stall_timeout)
+        except TimeoutError:
+            log.warning("mesh: link to %s took nothing for %.0f s (%d KiB waiting); reconnecting",
+                        self.url, self.mesh.stall_timeout, forwarder.unsent() // 1024)
+            forwarder.close()  # its senders are read again; their packets for this peer are dropped
+            if client.transport is not None:
+                client.transport.abort()  # the session's recv fails, and the link redials
+        except (OSError, DerpError):
+            pass  # the connection is going away: the session cleans up
+        finally:
+            forwarder.resume()
 
     async def ping(self, timeout: float = 5.0) -> float | None:
         """DERP Ping round trip over the mesh link in seconds, or None while it is down."""
@@ -136,12 +164,14 @@ class Mesh:
         on_error: Callable[[str | None], None] | None = None,
         dial_timeout: float = 5.0,
         read_timeout: float = 150.0,
+        stall_timeout: float = 5.0,
     ):
         self.relay = relay
         self.mesh_key = mesh_key or (lambda: relay.mesh_key)
         self.on_error = on_error
         self.dial_timeout = dial_timeout
         self.read_timeout = read_timeout  # keepalives arrive every 60-65 s
+        self.stall_timeout = stall_timeout  # a link that takes nothing this long is redialled
         self.links: dict[str, MeshLink] = {}
         self._last_error: str | None = None
 

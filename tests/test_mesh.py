@@ -1,9 +1,14 @@
 """Mesh links between relays (in one process here; across processes and nginx in test_ha)."""
 
+import asyncio
+import signal
+
 import pytest
 
 from coordinator.client import DerpClient, RecvPacket
 from coordinator.mesh import Mesh, normalize_relay_url
+from pgcluster import free_port
+from procs import Proc, python
 from relayfix import serve_relay, wait_for
 
 pytestmark = pytest.mark.anyio
@@ -48,5 +53,97 @@ async def test_wrong_mesh_key_reported_as_dial_error():
             await wait_for(lambda: m1.error() is not None)
             assert m1.error().startswith("Failed to dial peers: " + normalize_relay_url(url2))
             assert errors[-1] == m1.error()
+        finally:
+            await m1.close()
+
+
+@pytest.fixture
+def stoppable_relay(tmp_path):
+    """A relay in its own process (plain uvicorn), so a test can SIGSTOP it; yields (url, proc)."""
+    port = free_port()
+    proc = Proc(
+        [python(), "-m", "uvicorn", "coordinator.app:app", "--http", "coordinator.http:DerpHttpProtocol",
+         "--port", str(port), "--log-level", "warning"],
+        env={"COORDINATOR_DATA_DIR": str(tmp_path), "COORDINATOR_DERP_MESH_KEY": KEY}, log=tmp_path / "peer.log",
+    )
+    try:
+        proc.wait_http(f"http://127.0.0.1:{port}/healthz")
+        yield f"http://127.0.0.1:{port}/derp", proc
+    finally:
+        proc.signal(signal.SIGCONT)
+        proc.stop()
+
+
+async def flood(sender: DerpClient, dst: bytes, count: int, size: int) -> None:
+    for i in range(count):
+        await sender.send(dst, i.to_bytes(4, "big") + bytes(size - 4))
+
+
+async def test_stuck_mesh_link_pushes_back_on_its_sender_instead_of_dropping(stoppable_relay):
+    url2, peer = stoppable_relay
+    count, size = 2000, 16384  # 33 MB: more than every socket buffer on the way (~10 MB at most)
+    async with serve_relay(mesh_key=KEY) as (url1, r1):
+        m1 = Mesh(r1, stall_timeout=60)
+        try:
+            await m1.set_peers([url2])
+            async with await DerpClient.connect(url1) as a, await DerpClient.connect(url2) as b, \
+                    await DerpClient.connect(url1) as c, await DerpClient.connect(url1) as d:
+                await wait_for(lambda: r1.server.lookup(b.public_key) is not None)
+                got: list[int] = []
+
+                async def receive():
+                    while not got or got[-1] != count - 1:
+                        got.append(int.from_bytes((await b.recv_packet(timeout=30)).data[:4], "big"))
+
+                peer.signal(signal.SIGSTOP)
+                sending = asyncio.create_task(flood(a, b.public_key, count, size))
+                await wait_for(lambda: r1.stats()["senders_paused"] == 1, timeout=20)
+                stats = r1.stats()
+                assert stats["mesh_links_congested"] == 1 and stats["mesh_pushbacks"] >= 1
+                assert stats["drops"]["queue_tail"] == 0
+                await asyncio.sleep(0.3)
+                assert not sending.done()  # TCP pushed back all the way to the sender
+
+                # Everyone else keeps working while `a` waits.
+                await d.send(c.public_key, b"local")
+                assert await c.recv_packet(timeout=5) == RecvPacket(d.public_key, b"local")
+
+                receiving = asyncio.create_task(receive())
+                peer.signal(signal.SIGCONT)
+                await asyncio.wait_for(sending, 60)
+                await asyncio.wait_for(receiving, 60)
+                # This relay forwarded every packet, in order. (The peer may still shed some for b, a
+                # Python client slower than the relay: local delivery drops the oldest, as in Go.)
+                stats = r1.stats()
+                assert stats["forwarded_out"] == count and stats["drops"]["queue_tail"] == 0
+                assert got == sorted(set(got)) and got[-1] == count - 1
+                await wait_for(lambda: r1.stats()["senders_paused"] == 0)
+        finally:
+            await m1.close()
+
+
+async def test_mesh_link_stuck_past_the_stall_timeout_is_redialled(stoppable_relay):
+    url2, peer = stoppable_relay
+    async with serve_relay(mesh_key=KEY) as (url1, r1):
+        m1 = Mesh(r1, stall_timeout=1.0)
+        try:
+            await m1.set_peers([url2])
+            async with await DerpClient.connect(url1) as a, await DerpClient.connect(url2) as b, \
+                    await DerpClient.connect(url1) as c:
+                await wait_for(lambda: r1.server.lookup(b.public_key) is not None)
+                link = m1.links[normalize_relay_url(url2)]
+                peer.signal(signal.SIGSTOP)
+                sending = asyncio.create_task(flood(a, b.public_key, 600, 16384))
+                await wait_for(lambda: r1.stats()["senders_paused"] == 1, timeout=20)
+                # After the stall timeout the link is closed: `a` is read again (its packets for b are
+                # dropped while b is unreachable) and the link redials.
+                await wait_for(lambda: r1.stats()["senders_paused"] == 0, timeout=10)
+                await wait_for(lambda: not link.connected.is_set(), timeout=5)
+                await asyncio.wait_for(sending, 30)
+                await a.send(c.public_key, b"still here")
+                assert await c.recv_packet(timeout=5) == RecvPacket(a.public_key, b"still here")
+                peer.signal(signal.SIGCONT)
+                await wait_for(lambda: link.connected.is_set(), timeout=15)
+                await wait_for(lambda: r1.server.lookup(b.public_key) is not None, timeout=15)
         finally:
             await m1.close()

@@ -256,6 +256,37 @@ async def test_forwarder_sends_forward_packets(relay):
     right.close()
 
 
+async def test_congested_forwarder_pauses_its_sender_until_the_link_drains(relay):
+    """Without an on_congested handler the relay's own ticker notices the drain and resumes."""
+    url, r = relay
+    loop = asyncio.get_running_loop()
+    left, right = socket.socketpair()
+    right.setblocking(False)
+    transport, _ = await loop.create_connection(asyncio.Protocol, sock=left)
+    fwd = r.forwarder(transport, "slow-peer")
+    remote = NodeKey.generate().public
+    r.server.add_forwarder(remote, fwd)
+    count, size = 200, 16384  # 3.3 MB against ~0.2 MB of socket buffer
+    try:
+        async with await DerpClient.connect(url) as a:
+            sending = asyncio.create_task(a.send_many(remote, [bytes(size)] * count))
+            await wait_for(lambda: r.stats()["senders_paused"] == 1)  # nobody reads `right`
+            assert fwd.congested and r.stats()["mesh_links_congested"] == 1
+            expected = count * (5 + 64 + size)
+            received = 0
+            while received < expected:  # drain the link: the ticker resumes `a` within a second
+                received += len(await asyncio.wait_for(loop.sock_recv(right, 1 << 20), 5))
+            await asyncio.wait_for(sending, 5)
+            assert received == expected
+            stats = r.stats()
+            assert stats["forwarded_out"] == count and stats["drops"]["queue_tail"] == 0
+            assert stats["senders_paused"] == 0 and not fwd.congested
+    finally:
+        fwd.close()
+        transport.close()
+        right.close()
+
+
 async def test_multi_forwarder_rules(relay):
     _, r = relay
     loop = asyncio.get_running_loop()
