@@ -114,6 +114,7 @@ def test_operator_api_matrix_health_and_metrics(cluster):
     assert status == 200
     for metric in ("coordinator_derp_packets_in_total", "coordinator_derp_current_connections",
                    "coordinator_derp_packets_dropped_total{reason=\"queue_head\"}",
+                   "coordinator_derp_senders_paused ", "coordinator_derp_mesh_pushbacks_total",
                    "coordinator_pubsub_", "coordinator_replica_peer_latency_seconds_bucket",
                    "coordinator_database_latency_seconds_count"):
         assert metric in text, metric
