@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -36,6 +37,26 @@ _refs_lock = threading.Lock()
 
 class EmbeddedPostgresError(RuntimeError):
     """The embedded server could not be started or stopped."""
+
+
+# sun_path holds 108 bytes on Linux (104 on the BSDs and macOS), the terminating NUL included.
+_MAX_SOCKET_PATH = 103 if sys.platform == "darwin" or "bsd" in sys.platform else 107
+_SOCKET_NAME = ".s.PGSQL.5432"
+
+
+def _check_socket_path(pgdata: Path) -> None:
+    """Refuse a data directory too long to hold the server's unix socket.
+
+    pgserver would then put the socket in a shared runtime directory made world-writable, where
+    any local user could connect with trust authentication.
+    """
+    path = os.fsencode(pgdata / _SOCKET_NAME)
+    if len(path) > _MAX_SOCKET_PATH:
+        raise EmbeddedPostgresError(
+            f"the data directory's path is too long for the embedded PostgreSQL's unix socket "
+            f"({len(path)} bytes for {pgdata / _SOCKET_NAME}, at most {_MAX_SOCKET_PATH}): use a shorter "
+            f"--data-dir, or give a database URL with --pg-url"
+        )
 
 
 def _pgserver():
@@ -171,6 +192,8 @@ def start_embedded(data_dir: Path) -> EmbeddedPostgres:
     with PostgresServer._lock:
         _prune_handles(pgdata)
         already = _running_postmaster(pgdata)
+    if already is None:
+        _check_socket_path(pgdata)
     # cleanup_mode=None: pgserver's own atexit hook only drops our pid; stopping is decided here.
     server = PostgresServer(pgdata, cleanup_mode=None, postgres_version=version)
     try:

@@ -56,9 +56,13 @@ def run_server(settings: Settings) -> int:
     embedded = None
     pg_url = settings.pg_url
     if not pg_url:
-        from coordinator.embedded import start_embedded
+        from coordinator.embedded import EmbeddedPostgresError, start_embedded
 
-        embedded = start_embedded(data)
+        try:
+            embedded = start_embedded(data)
+        except EmbeddedPostgresError as exc:
+            print(f"coordinator: cannot start: {exc}", file=sys.stderr, flush=True)
+            return 1
         pg_url = embedded.url
         how = "started" if embedded.started else "shared with another local replica"
         print(f"coordinator: no COORDINATOR_PG_CONNECTION_URL; using embedded PostgreSQL in {embedded.pgdata} ({how})",

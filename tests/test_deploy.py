@@ -92,6 +92,17 @@ def test_coordinator_server_refuses_unreachable_database(tmp_path):
     assert "secret" not in out.stderr and "Traceback" not in out.stderr
 
 
+def test_coordinator_server_refuses_a_data_dir_too_long_for_the_embedded_socket(tmp_path):
+    """pgserver would move the socket to a world-writable directory; we refuse instead."""
+    data = tmp_path / ("d" * 110)
+    out = subprocess.run([python(), "-m", "coordinator", "server", "--data-dir", str(data),
+                          "--address", f"127.0.0.1:{free_port()}"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1, out
+    assert "too long for the embedded PostgreSQL's unix socket" in out.stderr and "--pg-url" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (data / "postgres" / "postmaster.pid").exists()
+
+
 def test_coordinator_server_refuses_bad_config(tmp_path):
     for args, message in [
         (["--address", "nonsense"], "COORDINATOR_ADDRESS"),
