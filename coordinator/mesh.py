@@ -130,7 +130,7 @@ class MeshLink:
         try:
             await asyncio.wait_for(client.drain(), self.mesh.stall_timeout)
         except TimeoutError:
-            log.warning("mesh: link to %s took nothing for %.0f s (%d KiB waiting); reconnecting",
+            log.warning("mesh: link to %s did not drain for %.0f s (%d KiB waiting); reconnecting",
                         self.url, self.mesh.stall_timeout, forwarder.unsent() // 1024)
             forwarder.close()  # its senders are read again; their packets for this peer are dropped
             if client.transport is not None:
