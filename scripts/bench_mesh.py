@@ -54,7 +54,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import multiprocessing
 import os
 import secrets
 import shutil
@@ -150,72 +149,25 @@ def steal_seconds() -> float:
     return int(v[8]) / benchlib.CLK_TCK if len(v) > 8 else 0.0
 
 
-def counter_delta(s0: dict, s1: dict) -> tuple[dict, dict]:
-    """(counters, drops) that changed between two /bench/stats answers ({} if one is missing)."""
-    if not (s0 and s1):
-        return {}, {}
-    counted = {k: s1[k] - s0.get(k, 0) for k in COUNTERS}
-    d0, d1 = s0.get("drops", {}), s1.get("drops", {})
-    return counted, {k: d1[k] - d0.get(k, 0) for k in d1 if d1[k] - d0.get(k, 0)}
-
-
 def run_case(relays: list[benchlib.ServerProcess], args, mode: str, size: int, topology: str,
              floor: bool = False) -> dict:
     a, b = relays
-    ctx = multiprocessing.get_context("fork")
-    nproc = max(1, min(args.client_procs, args.pairs))
-    workers = []
-    ok = False
-    try:
-        for i in range(nproc):
-            spec = {
-                "send_url": a.url, "recv_url": b.url if topology == "cross" else a.url,
-                "pairs": len(range(i, args.pairs, nproc)), "size": size, "mode": mode,
-                "window": args.window, "ack_every": args.ack_every, "sample_every": args.sample_every,
-                "warmup": args.warmup, "seconds": args.seconds, "client_loop": args.client_loop,
-                "route_timeout": args.route_timeout, "cpus": args.client_cpus,
-                "wait_server_info": not floor,
-            }
-            parent_end, child_end = ctx.Pipe()
-            proc = ctx.Process(target=client_worker, args=(child_end, spec), daemon=True)
-            proc.start()
-            child_end.close()
-            workers.append((proc, parent_end))
 
-        def receive(pipe, timeout: float):
-            if not pipe.poll(timeout):
-                raise RuntimeError("client process did not answer in time")
-            kind, value = pipe.recv()
-            if kind == "error":
-                raise RuntimeError(f"client process failed: {value}")
-            return value
+    def sample():
+        return [r.cpu() for r in relays], benchlib.machine_cpu_seconds(), steal_seconds(), time.monotonic()
 
-        ready = [receive(pipe, 60 + args.route_timeout) for _, pipe in workers]
-        stats0 = [r.stats() for r in relays]
-        t0 = time.monotonic() + 0.05
-        for _, pipe in workers:
-            pipe.send(t0)
-        time.sleep(max(0.0, t0 + args.warmup - time.monotonic()))
-        cpu0, mach0, st0, m0 = [r.cpu() for r in relays], benchlib.machine_cpu_seconds(), steal_seconds(), time.monotonic()
-        time.sleep(max(0.0, t0 + args.warmup + args.seconds - time.monotonic()))
-        cpu1, mach1, st1, m1 = [r.cpu() for r in relays], benchlib.machine_cpu_seconds(), steal_seconds(), time.monotonic()
-        results = [receive(pipe, 60) for _, pipe in workers]
-        stats1 = [r.stats() for r in relays]
-        ok = True
-    finally:
-        for proc, pipe in workers:
-            proc.join(5 if ok else 0)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(5)
-            pipe.close()
-
+    specs = br.client_specs(args, size, mode, send_url=a.url, recv_url=b.url if topology == "cross" else a.url,
+                            route_timeout=args.route_timeout, cpus=args.client_cpus, wait_server_info=not floor)
+    run = br.drive_clients(specs, client_worker, args, lambda: [r.stats() for r in relays], sample,
+                           ready_timeout=60 + args.route_timeout)
+    ready, results, (stats0, stats1) = run["ready"], run["results"], run["counters"]
+    (cpu0, mach0, st0, m0), (cpu1, mach1, st1, m1) = run["samples"]
     traffic = br.client_totals(results, size)
     received = traffic["received"]
     relay_cpu = [c1 - c0 for c0, c1 in zip(cpu0, cpu1, strict=True)]
     cli_cpu = sum(r["cpu"] for r in results)
     busy, total, steal = mach1[0] - mach0[0], mach1[1] - mach0[1], st1 - st0
-    deltas = [counter_delta(s0, s1) for s0, s1 in zip(stats0, stats1, strict=True)]
+    deltas = [br.counter_delta(s0, s1, COUNTERS) for s0, s1 in zip(stats0, stats1, strict=True)]
     return {
         "relay": "floor" if floor else "ours",
         "mode": mode, "size": size, "topology": topology, "pairs": args.pairs, **traffic,

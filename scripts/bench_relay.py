@@ -419,44 +419,53 @@ def client_totals(results: list[dict], size: int) -> dict:
     }
 
 
-def run_case(server: benchlib.ServerProcess, args, mode: str, size: int) -> dict:
-    ctx = multiprocessing.get_context("fork")
+def client_specs(args, size: int, mode: str, **extra) -> list[dict]:
+    """One spec per client process, the ``--pairs`` spread over ``--client-procs``."""
     nproc = max(1, min(args.client_procs, args.pairs))
+    return [{
+        "pairs": len(range(i, args.pairs, nproc)), "size": size, "mode": mode,
+        "window": args.window, "ack_every": args.ack_every, "sample_every": args.sample_every,
+        "warmup": args.warmup, "seconds": args.seconds, "client_loop": args.client_loop, **extra,
+    } for i in range(nproc)]
+
+
+def drive_clients(specs: list[dict], worker, args, counters, sample, ready_timeout: float = 60.0) -> dict:
+    """Run one client process per spec through a case; the processes are reaped whatever happens.
+
+    They start, connect and report ready; ``counters()`` is read; they are released together;
+    ``sample()`` is read when the measured window opens (after ``--warmup``) and when it closes;
+    their results are collected and ``counters()`` is read again.
+    """
+    ctx = multiprocessing.get_context("fork")
     workers = []
     ok = False
+
+    def receive(pipe, timeout: float):
+        if not pipe.poll(timeout):
+            raise RuntimeError("client process did not answer in time")
+        kind, value = pipe.recv()
+        if kind == "error":
+            raise RuntimeError(f"client process failed: {value}")
+        return value
+
     try:
-        for i in range(nproc):
-            spec = {
-                "url": server.url, "pairs": len(range(i, args.pairs, nproc)), "size": size, "mode": mode,
-                "window": args.window, "ack_every": args.ack_every, "sample_every": args.sample_every,
-                "warmup": args.warmup, "seconds": args.seconds, "client_loop": args.client_loop,
-            }
+        for spec in specs:
             parent_end, child_end = ctx.Pipe()
-            proc = ctx.Process(target=client_worker, args=(child_end, spec), daemon=True)
+            proc = ctx.Process(target=worker, args=(child_end, spec), daemon=True)
             proc.start()
             child_end.close()
             workers.append((proc, parent_end))
-
-        def receive(pipe, timeout: float):
-            if not pipe.poll(timeout):
-                raise RuntimeError("client process did not answer in time")
-            kind, value = pipe.recv()
-            if kind == "error":
-                raise RuntimeError(f"client process failed: {value}")
-            return value
-
-        for _, pipe in workers:
-            receive(pipe, 60)
-        stats0 = server.stats()
+        ready = [receive(pipe, ready_timeout) for _, pipe in workers]
+        counters0 = counters()
         t0 = time.monotonic() + 0.05
         for _, pipe in workers:
             pipe.send(t0)
         time.sleep(max(0.0, t0 + args.warmup - time.monotonic()))
-        cpu0, mach0, m0 = server.cpu(), benchlib.machine_cpu_seconds(), time.monotonic()
+        sample0 = sample()
         time.sleep(max(0.0, t0 + args.warmup + args.seconds - time.monotonic()))
-        cpu1, mach1, m1 = server.cpu(), benchlib.machine_cpu_seconds(), time.monotonic()
+        sample1 = sample()
         results = [receive(pipe, 60) for _, pipe in workers]
-        stats1 = server.stats()
+        counters1 = counters()
         ok = True
     finally:
         for proc, pipe in workers:
@@ -465,19 +474,30 @@ def run_case(server: benchlib.ServerProcess, args, mode: str, size: int) -> dict
                 proc.terminate()
                 proc.join(5)
             pipe.close()
+    return {"ready": ready, "results": results, "counters": (counters0, counters1), "samples": (sample0, sample1)}
 
+
+def counter_delta(s0: dict, s1: dict, keys) -> tuple[dict, dict]:
+    """(counters in ``keys``, drops) that changed between two /bench/stats answers ({} if one is missing)."""
+    if not (s0 and s1):
+        return {}, {}
+    d0, d1 = s0.get("drops", {}), s1.get("drops", {})
+    return {k: s1[k] - s0.get(k, 0) for k in keys}, {k: d1[k] - d0.get(k, 0) for k in d1 if d1[k] - d0.get(k, 0)}
+
+
+def run_case(server: benchlib.ServerProcess, args, mode: str, size: int) -> dict:
+    def sample():
+        return server.cpu(), benchlib.machine_cpu_seconds(), time.monotonic()
+
+    run = drive_clients(client_specs(args, size, mode, url=server.url), client_worker, args, server.stats, sample)
+    results, (stats0, stats1) = run["results"], run["counters"]
+    (cpu0, mach0, m0), (cpu1, mach1, m1) = run["samples"]
     traffic = client_totals(results, size)
     received = traffic["received"]
-    drops = {}
-    if stats0 and stats1:
-        d0, d1 = stats0.get("drops", {}), stats1.get("drops", {})
-        drops = {k: d1[k] - d0.get(k, 0) for k in d1 if d1[k] - d0.get(k, 0)}
+    counted, drops = counter_delta(stats0, stats1, ("packets_in", "packets_out"))
     srv_cpu = cpu1 - cpu0
     cli_cpu = sum(r["cpu"] for r in results)
     busy, total = mach1[0] - mach0[0], mach1[1] - mach0[1]
-    counted = {}
-    if stats0 and stats1:
-        counted = {k: stats1[k] - stats0.get(k, 0) for k in ("packets_in", "packets_out")}
     return {
         "mode": mode, "size": size, "pairs": args.pairs, **traffic,
         "server_cpu_s": srv_cpu, "server_cpu_pct": 100.0 * srv_cpu / (m1 - m0),
