@@ -44,15 +44,3 @@ async def serve_relay(*, ssl_certfile: str | None = None, ssl_keyfile: str | Non
             await asyncio.wait_for(task, 10)
         sock.close()
 
-
-async def wait_for(predicate, timeout: float = 5.0, interval: float = 0.01):
-    """Poll ``predicate`` until true; fail the test after ``timeout`` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if loop.time() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await asyncio.sleep(interval)

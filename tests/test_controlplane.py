@@ -7,7 +7,8 @@ import pytest
 from coordinator.config import load_settings
 from coordinator.controlplane import ControlPlane
 from coordinator.mesh import normalize_relay_url
-from relayfix import serve_relay, wait_for
+from polling import wait_for
+from relayfix import serve_relay
 
 pytestmark = pytest.mark.anyio
 

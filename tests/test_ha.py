@@ -10,21 +10,12 @@ from cluster import HACluster
 from coordinator.client import DerpClient, DerpError, RecvPacket
 from coordinator.mesh import normalize_relay_url
 from coordinator.nginx import nginx_binary
+from polling import wait_until
 
 pytestmark = [
     pytest.mark.anyio,
     pytest.mark.skipif(nginx_binary() is None, reason="nginx not installed (COORDINATOR_WITH_NGINX=1 scripts/bootstrap.sh)"),
 ]
-
-
-async def wait_until(predicate, timeout: float, interval: float = 0.01) -> float:
-    """Seconds until ``predicate()`` held; fails after ``timeout``."""
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await asyncio.sleep(interval)
-    return time.monotonic() - start
 
 
 def full_mesh(cluster: HACluster, replicas=None) -> bool:

@@ -3,7 +3,6 @@
 import json
 import logging
 import signal
-import time
 import urllib.error
 import urllib.request
 
@@ -13,6 +12,7 @@ from delayproxy import DelayProxy
 
 from coordinator.latency import Alarm, Window
 from pgcluster import PgCluster
+from polling import wait_blocking as wait
 
 pytestmark = pytest.mark.anyio
 
@@ -49,17 +49,6 @@ def get(url: str, token: str | None = None):
             return resp.status, (json.loads(body) if resp.headers.get_content_type() == "application/json" else body.decode())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read() or b"null")
-
-
-def wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        time.sleep(0.1)
 
 
 def codes(replica) -> list[str]:

@@ -8,8 +8,9 @@ import pytest
 from coordinator.client import DerpClient, RecvPacket
 from coordinator.mesh import Mesh, normalize_relay_url
 from pgcluster import free_port
+from polling import wait_for
 from procs import Proc, python
-from relayfix import serve_relay, wait_for
+from relayfix import serve_relay
 
 pytestmark = pytest.mark.anyio
 KEY = "ef" * 32

@@ -21,6 +21,7 @@ from delayproxy import DelayProxy
 
 from coordinator.db import Database
 from coordinator.probe import SCHEMA, main
+from polling import wait_blocking
 from procs import ROOT, free_port, python
 
 SCRIPT = str(ROOT / "scripts" / "latency_probe.py")
@@ -97,20 +98,6 @@ def probe_ok(*args: str, **kwargs):
         time.sleep(0.6)
     assert out.returncode == 0, out.stdout + out.stderr
     return out, report
-
-
-def wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = predicate()
-        except OSError:
-            value = None
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        time.sleep(0.1)
 
 
 # -- the delaying proxy ------------------------------------------------------------------------
@@ -252,7 +239,7 @@ def deployment(pg_cluster):
                     for p in row["peer_latencies"].values())
                 for row in rows)
 
-        wait(steady, 30, "3 replicas measuring each other")
+        wait_blocking(steady, 30, "3 replicas measuring each other", ignore=(OSError,))
         yield SimpleNamespace(cluster=cluster, db_url=db_url, replicas=(r0, r1, r2), pg_proxy=pg_proxy,
                               relay_proxy=relay_proxy, ids={}, token=cluster.api_token)
     except BaseException:

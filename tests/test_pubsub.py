@@ -27,6 +27,7 @@ from coordinator.pubsub import (
     QueueFull,
 )
 from pgcluster import free_port
+from polling import wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -39,15 +40,6 @@ FAST = dict(
     publish_timeout=3.0,
     connect_timeout=2.0,
 )
-
-
-async def wait_for(cond, what: str, timeout: float = 10.0) -> None:
-    """Poll ``cond`` until true; fail the test (never hang) after ``timeout`` seconds."""
-    deadline = anyio.current_time() + timeout
-    while not cond():
-        if anyio.current_time() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        await anyio.sleep(0.01)
 
 
 async def query(url: str, sql: str, params: tuple = ()) -> list[tuple]:
@@ -103,7 +95,7 @@ async def test_round_trip_sync_and_async_handlers(ps):
     await ps.subscribe("other", other.append)
     await ps.publish("greetings", b"hello")
     await ps.publish("greetings", "w\u00f6rld")
-    await wait_for(lambda: len(sync_got) == 2 and len(async_got) == 2, "both handlers")
+    await wait_for(lambda: len(sync_got) == 2 and len(async_got) == 2, 10, "both handlers")
     assert sync_got == async_got == [b"hello", "w\u00f6rld".encode()]
     assert other == []
     assert ps.connected
@@ -120,7 +112,7 @@ async def test_fifo_under_slow_handlers(ps):
     await ps.subscribe("ordered", lambda p: fast.append(int(p)))
     for i in range(100):
         await ps.publish("ordered", str(i))
-    await wait_for(lambda: len(slow) == 100, "slow subscriber")
+    await wait_for(lambda: len(slow) == 100, 10, "slow subscriber")
     assert slow == fast == list(range(100))
 
 
@@ -140,11 +132,11 @@ async def test_full_queue_delivers_2048_then_dropped_then_later(ps):
         for i in range(total):
             await bp.publish("flood", f"m-{i}")
     # The blocked subscriber stalls neither the listener nor its sibling.
-    await wait_for(lambda: len(fast) == total, "the fast subscriber")
-    await wait_for(lambda: ps.metrics["dropped_messages"] == total - QUEUE_SIZE, "drops to be counted")
+    await wait_for(lambda: len(fast) == total, 10, "the fast subscriber")
+    await wait_for(lambda: ps.metrics["dropped_messages"] == total - QUEUE_SIZE, 10, "drops to be counted")
     release.set()
     await ps.publish("flood", "later")
-    await wait_for(lambda: slow and slow[-1] == b"later", "the later message")
+    await wait_for(lambda: slow and slow[-1] == b"later", 10, "the later message")
     assert slow[:QUEUE_SIZE] == [f"m-{i}".encode() for i in range(QUEUE_SIZE)]
     assert isinstance(slow[QUEUE_SIZE], DroppedMessages)
     assert slow[QUEUE_SIZE].count == total - QUEUE_SIZE
@@ -162,7 +154,7 @@ async def test_handler_errors_do_not_stop_delivery(ps):
     await ps.subscribe("flaky", flaky)
     await ps.publish("flaky", "boom")
     await ps.publish("flaky", "fine")
-    await wait_for(lambda: len(got) == 2, "delivery after a raising handler")
+    await wait_for(lambda: len(got) == 2, 10, "delivery after a raising handler")
 
 
 async def test_cancel_unlistens_last_subscriber_only(ps):
@@ -174,7 +166,7 @@ async def test_cancel_unlistens_last_subscriber_only(ps):
     await cancel_a()  # idempotent
     assert "shared" in await ps.listening_channels()
     await ps.publish("shared", "x")
-    await wait_for(lambda: b == [b"x"], "the remaining subscriber")
+    await wait_for(lambda: b == [b"x"], 10, "the remaining subscriber")
     await cancel_b()
     assert await ps.listening_channels() == set()
     assert a == []
@@ -192,7 +184,7 @@ async def test_cancel_from_inside_the_handler(ps):
     cancel = await ps.subscribe("once", once)
     for i in range(5):
         await ps.publish("once", str(i))
-    await wait_for(lambda: ps.metrics["channels"] == 0, "the cancel")
+    await wait_for(lambda: ps.metrics["channels"] == 0, 10, "the cancel")
     assert got == [b"0"]
     assert await ps.listening_channels() == set()
 
@@ -240,7 +232,7 @@ async def test_500_channels_subscribe_and_cancel_concurrently(ps):
             async with ps.batcher() as bp:
                 for c in channels:
                     await bp.publish(c, c)
-            await wait_for(lambda: all(len(v) == 1 for v in new_got.values()), "one message per channel", 20)
+            await wait_for(lambda: all(len(v) == 1 for v in new_got.values()), 20, "one message per channel")
             assert all(v == [c.encode()] for c, v in new_got.items())
             assert old_got == []
 
@@ -276,7 +268,7 @@ async def test_payload_and_channel_limits(ps):
     await ps.subscribe(longest, got.append)
     await ps.publish(longest, "short")
     await ps.publish("limits", "y" * 7999)
-    await wait_for(lambda: len(got) == 2, "the largest allowed payload")
+    await wait_for(lambda: len(got) == 2, 10, "the largest allowed payload")
     assert sorted(got, key=len) == [b"short", b"y" * 7999]
     assert ps.metrics["publish_errors"] == 7  # the batcher.publish rejection is not a PubSub.publish
     assert ps.metrics["subscribe_errors"] == 4
@@ -296,7 +288,7 @@ async def test_malformed_payload_from_database_does_not_crash_listener(pg_cluste
             await ps.subscribe_with_err("raw", lambda p, e: got.append(e or p))
             await query(url, "SELECT pg_notify('raw', E'\\xff\\xfe\\x80 not utf-8')")
             await ps.publish("raw", "fine")
-            await wait_for(lambda: len(got) == 2, "both messages")
+            await wait_for(lambda: len(got) == 2, 10, "both messages")
             assert got == [b"\xff\xfe\x80 not utf-8", b"fine"]
             assert ps.connected and ps.metrics["reconnects"] == 0
     finally:
@@ -309,12 +301,12 @@ async def test_terminated_listener_reconnects_and_signals_drops(pg_url, ps):
     await ps.subscribe("kick", plain.append)
     old_pid = await listener_pid(pg_url, ps)
     await query(pg_url, "SELECT pg_terminate_backend(%s)", (old_pid,))
-    await wait_for(lambda: ps.metrics["reconnects"] >= 1 and ps.connected, "reconnect")
+    await wait_for(lambda: ps.metrics["reconnects"] >= 1 and ps.connected, 10, "reconnect")
     await listener_pid(pg_url, ps, not_pid=old_pid)
     assert "kick" in await ps.listening_channels()
     await ps.publish("kick", "after")
     await wait_for(
-        lambda: plain == [b"after"] and events and events[-1] == b"after", "delivery after reconnect"
+        lambda: plain == [b"after"] and events and events[-1] == b"after", 10, "delivery after reconnect"
     )
     assert isinstance(events[0], DroppedMessages) and events[1:] == [b"after"]
     assert ps.metrics["disconnections"] >= 1
@@ -327,13 +319,13 @@ async def test_unresponsive_listener_is_detected_by_the_active_check(pg_url, ps)
     old_pid = await listener_pid(pg_url, ps)
     os.kill(old_pid, signal.SIGSTOP)
     try:
-        await wait_for(lambda: ps.metrics["ping_failures"] >= 1, "the listener check to fail")
-        await wait_for(lambda: ps.connected and ps.metrics["reconnects"] >= 1, "reconnect")
+        await wait_for(lambda: ps.metrics["ping_failures"] >= 1, 10, "the listener check to fail")
+        await wait_for(lambda: ps.connected and ps.metrics["reconnects"] >= 1, 10, "reconnect")
     finally:
         os.kill(old_pid, signal.SIGCONT)
     await listener_pid(pg_url, ps, not_pid=old_pid)
     await ps.publish("kick", "after")
-    await wait_for(lambda: events and events[-1] == b"after", "delivery after reconnect")
+    await wait_for(lambda: events and events[-1] == b"after", 10, "delivery after reconnect")
     assert isinstance(events[0], DroppedMessages)
 
 
@@ -346,7 +338,7 @@ async def test_postgres_killed_and_restarted(own_cluster):
         await ps.subscribe("ev", plain.append)
         for i in range(10):
             await ps.publish("ev", f"before-{i}")
-        await wait_for(lambda: len(plain) == 10, "messages before the crash")
+        await wait_for(lambda: len(plain) == 10, 10, "messages before the crash")
 
         await anyio.to_thread.run_sync(own_cluster.kill)
         with anyio.fail_after(10):  # fails, and fails in bounded time
@@ -354,7 +346,7 @@ async def test_postgres_killed_and_restarted(own_cluster):
                 await ps.publish("ev", "while-down")
             with pytest.raises(PublishError):
                 await ps.publish("ev", "while-down")
-        await wait_for(lambda: not ps.connected, "the listener to notice")
+        await wait_for(lambda: not ps.connected, 10, "the listener to notice")
         assert ps.metrics["last_error"]
 
         # While Postgres is down nothing hangs: subscribing returns, a PubSub can start in the
@@ -379,7 +371,7 @@ async def test_postgres_killed_and_restarted(own_cluster):
 
             await anyio.to_thread.run_sync(own_cluster.start)
             await publish_until_ok(ps, "ev", "first-after")
-            await wait_for(lambda: ps.connected, "the listener to reconnect", 20)
+            await wait_for(lambda: ps.connected, 20, "the listener to reconnect")
             assert await background.wait_connected(20)
             await bp.flush(timeout=20)
             assert ps.metrics["batched_messages"] == accepted
@@ -387,7 +379,7 @@ async def test_postgres_killed_and_restarted(own_cluster):
             for i in range(5):
                 await ps.publish("ev", f"after-{i}")
             await wait_for(
-                lambda: b"after-4" in events and b"after-4" in late and b"after-4" in plain, "new messages"
+                lambda: b"after-4" in events and b"after-4" in late and b"after-4" in plain, 10, "new messages"
             )
         finally:
             await background.close()
@@ -410,7 +402,7 @@ async def test_batch_publisher_keeps_order_with_fewer_commits(ps):
         for _ in range(3):  # Postgres folds repeats within a transaction: each must still arrive
             await bp.publish("batched", "same")
         await bp.flush(timeout=10)
-    await wait_for(lambda: len(got) == n + 3, "all batched messages")
+    await wait_for(lambda: len(got) == n + 3, 10, "all batched messages")
     assert got == [str(i).encode() for i in range(n)] + [b"same"] * 3
     m = ps.metrics
     assert m["batched_messages"] == n + 3
@@ -425,7 +417,7 @@ async def test_metrics_and_latency(pg_url, caplog):
         await ps.publish("m", "abc")
         await ps.publish("m", b"x" * 7600)
         await ps.publish("m", "\u00e9")
-        await wait_for(lambda: len(got) == 3, "three messages")
+        await wait_for(lambda: len(got) == 3, 10, "three messages")
         m = ps.metrics
         assert (m["publishes"], m["publish_errors"], m["subscribes"]) == (3, 0, 1)
         assert m["messages_received"] == 3 and m["colossal_messages_received"] == 1
@@ -443,7 +435,7 @@ async def test_metrics_and_latency(pg_url, caplog):
         assert 0 < send <= recv
         assert ps.metrics["latency_measures"] == 1 and ps.metrics["latency_measure_errors"] == 0
         assert ps.registry.get_sample_value("coordinator_pubsub_receive_latency_seconds_count") == 1
-        await wait_for(lambda: "unexpected message" in caplog.text, "the foreign payload to be logged")
+        await wait_for(lambda: "unexpected message" in caplog.text, 10, "the foreign payload to be logged")
 
 
 async def test_unreachable_postgres_fails_fast_and_close_releases_everything(pg_url):

@@ -18,7 +18,8 @@ from coordinator.client import (
     RecvPacket,
 )
 from coordinator.keys import NodeKey
-from relayfix import serve_relay, wait_for
+from polling import wait_for
+from relayfix import serve_relay
 
 pytestmark = pytest.mark.anyio
 

@@ -18,21 +18,12 @@ import pytest
 from coordinator.db import Database
 from coordinator.pubsub import PubSub
 from coordinator.replicas import CHANNEL, Replica, ReplicaRegistry
+from polling import wait_until
 
 pytestmark = pytest.mark.anyio
 
 ROOT = Path(__file__).resolve().parents[1]
 HB = 0.3  # heartbeat used by most tests
-
-
-async def wait_until(predicate, timeout: float, what: str) -> float:
-    """Poll ``predicate`` until true; return the seconds it took, fail after ``timeout``."""
-    t0 = time.monotonic()
-    while not predicate():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await anyio.sleep(0.01)
-    return time.monotonic() - t0
 
 
 class Changes:
