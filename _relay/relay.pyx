@@ -248,7 +248,7 @@ cdef class Forwarder(Writer):
 
     cdef readonly str name
     cdef public Py_ssize_t max_buffer
-    cdef public object on_congested  # called (no arguments) when the link starts pushing back
+    cdef public object on_congested  # called with this Forwarder when the link starts pushing back
     cdef readonly bint congested
     cdef bint closed
     cdef Py_ssize_t pending_frames, pending_bytes   # in the output buffer, not yet written
@@ -297,7 +297,7 @@ cdef class Forwarder(Writer):
             if self not in self.server.congested:
                 self.server.congested.append(self)
             if self.on_congested is not None:
-                self.on_congested()
+                self.on_congested(self)
         if unsent > MESH_HARD_LIMIT_FACTOR * self.max_buffer:
             # Only senders that cannot be paused (the ASGI WebSocket bridge) get this far: shed them.
             c.drops[DROP_QUEUE_TAIL] += frames

@@ -55,11 +55,13 @@ class DerpRelay:
     def accept(self, transport, prefix: bytes = b"", pending: bytes = b"", **kwargs):
         return self.server.accept(transport, prefix, pending, **kwargs)
 
-    def forwarder(self, transport, name: str = "", on_congested: Callable[[], None] | None = None) -> Forwarder:
+    def forwarder(
+        self, transport, name: str = "", on_congested: Callable[[Forwarder], None] | None = None
+    ) -> Forwarder:
         """A Forwarder that sends ForwardPacket frames over ``transport`` (a raw DERP mesh link).
 
-        ``on_congested`` is called when the link starts pushing back on its senders; whoever
-        handles it calls ``Forwarder.resume()`` once the transport drains (else the relay's
+        ``on_congested(forwarder)`` is called when the link starts pushing back on its senders;
+        whoever handles it calls ``forwarder.resume()`` once the transport drains (else the relay's
         once-a-second ticker does).
         """
         return Forwarder(self.server, transport, name, on_congested=on_congested)

@@ -90,8 +90,7 @@ class MeshLink:
                 raise SelfConnection()
             if client.transport is None:
                 raise DerpError("mesh links need a raw DERP connection")
-            forwarder = relay.forwarder(client.transport, self.url)
-            forwarder.on_congested = lambda: self._congested(client, forwarder)
+            forwarder = relay.forwarder(client.transport, self.url, lambda fwd: self._congested(client, fwd))
             await client.watch_conns()
             if self.error is not None:
                 log.info("mesh: link to %s restored", self.url)
