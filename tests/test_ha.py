@@ -28,13 +28,15 @@ def full_mesh(cluster: HACluster, replicas=None) -> bool:
 
 
 @pytest.fixture
-def cluster(pg_url):
+def cluster(pg_url, request):
     c = HACluster(pg_url)
     try:
         for _ in range(3):
             c.add_replica()
         c.start_nginx()
         yield c
+        if getattr(request.node, "report_call", None) is not None and request.node.report_call.failed:
+            print(c.logs())  # shown with the failure: what the replicas said
     except BaseException:
         print(c.logs())
         raise
