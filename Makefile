@@ -2,7 +2,7 @@
 # Both create .venv and install the package (compiling the Cython relay) on first use.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-SOURCES := pyproject.toml setup.py $(wildcard _relay/*.pyx _relay/*.pxd)
+SOURCES := pyproject.toml setup.py $(wildcard _relay/*.pyx _relay/*.pxd _relay/*.pxi)
 
 .PHONY: run test lint bench wheel clean
 
@@ -21,6 +21,7 @@ test: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check coordinator tests scripts
+	$(VENV)/bin/cython-lint _relay/*.pyx _relay/*.pxd _relay/*.pxi
 
 bench: $(VENV)/.installed
 	$(PY) scripts/bench_relay.py

@@ -1,0 +1,579 @@
+# One client connection (Conn) and the set of connections of one key; included by relay.pyx.
+
+@cython.final
+cdef class ClientSet:
+    """All live connections of one key; the last one to send is the active one (tailscale#2745)."""
+
+
+@cython.final
+cdef class Conn(Writer):
+    """One DERP client connection: an asyncio protocol that owns its transport after the upgrade."""
+
+    def __cinit__(self, RelayServer server, transport, bint websocket, str remote_ip, int remote_port, bint not_ideal):
+        self.server = server
+        self.transport = transport
+        self.ws = websocket
+        self.websocket = websocket
+        self.remote_ip = remote_ip
+        self.remote_port = remote_port
+        self.not_ideal = not_ideal
+        self.state = ST_HANDSHAKE
+        self.not_here.tokens = self.not_here.burst = 3.0
+        self.not_here.rate = 1.0
+        self.write_timeout = server.write_timeout
+
+    # -- asyncio.Protocol -------------------------------------------------------------
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        cdef const unsigned char[:] view
+        if self.state == ST_CLOSED:
+            return
+        if type(data) is bytes:
+            self.consume(<const unsigned char*>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+        else:
+            view = data
+            if view.shape[0]:
+                self.consume(&view[0], view.shape[0])
+
+    # uvloop and asyncio read straight into the relay's shared buffer (no bytes object per read)
+    def get_buffer(self, sizehint):
+        return self.server.read_view
+
+    def buffer_updated(self, Py_ssize_t nbytes):
+        if self.state != ST_CLOSED and nbytes > 0:
+            self.consume(self.server.read_buf, nbytes)
+
+    cdef int consume(self, const unsigned char* p, Py_ssize_t n) except -1:
+        if self.cset is not None and self.cset.active is not self:
+            self.server.make_active(self)
+        try:
+            if self.ws:
+                self.ws_feed(p, n)
+            else:
+                self.feed(p, n)
+        except ProtocolViolation as exc:
+            self.close(str(exc), True)
+        finally:
+            self.server.flush_dirty()
+        return 0
+
+    def eof_received(self):
+        return False
+
+    def connection_lost(self, exc):
+        if exc is None:
+            self.close("client disconnected", False)
+        else:
+            self.close(f"connection lost: {exc}", False)
+        self.transport = None
+
+    cdef bint pause_reading(self):
+        """Stop reading this connection (a mesh link it sends to is congested); False if we cannot."""
+        if self.state == ST_CLOSED or self.transport is None:
+            return False
+        try:
+            self.transport.pause_reading()
+        except (NotImplementedError, AttributeError, RuntimeError):
+            return False  # a bridge transport: its packets are shed past the link's hard limit
+        self.read_paused = True
+        return True
+
+    cdef void resume_reading(self):
+        if not self.read_paused:
+            return
+        self.read_paused = False
+        if self.state != ST_CLOSED and self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def pause_writing(self):
+        self.paused = True
+        self.paused_at = monotonic()
+
+    def resume_writing(self):
+        self.paused = False
+        self.drain_queues()
+        self.server.flush_dirty()
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    cdef start(self, bytes prefix, bytes pending):
+        """Send ``prefix`` (the HTTP response, if any) with ServerKey, then read what arrived early."""
+        server = self.server
+        self.transport.set_write_buffer_limits(server.high_water, server.high_water // 4)
+        self.hs_timer = server.loop.call_later(server.handshake_timeout, self.handshake_timeout)
+        if self.ws:
+            if prefix:
+                self.transport.write(prefix)
+            self.put_frame(P.FRAME_SERVER_KEY, <const unsigned char*>P.DERP_MAGIC, P.MAGIC_LEN,
+                           <const unsigned char*>PyBytes_AS_STRING(server.public_key), P.KEY_LEN)
+            self.flush()
+        else:
+            self.transport.write(prefix + server.server_key_frame)
+        if pending:
+            self.data_received(pending)
+
+    def handshake_timeout(self):
+        if self.state == ST_HANDSHAKE:
+            self.server.counters.handshake_failures += 1
+            self.close("handshake not completed within %.0f s" % self.server.handshake_timeout, True)
+
+    cpdef close(self, str reason, bint error=False):
+        """Close the connection, logging ``reason``; safe to call more than once."""
+        cdef int was = self.state
+        if was == ST_CLOSED:
+            return
+        self.state = ST_CLOSED
+        if self.hs_timer is not None:
+            self.hs_timer.cancel()
+            self.hs_timer = None
+        if error:
+            self.server.counters.protocol_errors += 1
+            log.warning("derp %s:%d %s: closed: %s", self.remote_ip, self.remote_port, self.short_key(), reason)
+        else:
+            log.debug("derp %s:%d %s: closed: %s", self.remote_ip, self.remote_port, self.short_key(), reason)
+        if was == ST_ACTIVE:
+            self.server.unregister(self)
+        self.drop_queued(DROP_GONE)
+        if self.transport is not None:
+            if error:
+                self.transport.abort()
+            else:
+                if self.olen:
+                    self.flush()
+                self.transport.close()
+        self.olen = 0
+        self.rc_target = None
+        if self.ibuf != NULL:
+            free(self.ibuf)
+            self.ibuf = NULL
+            self.icap = self.ilen = 0
+
+    def short_key(self) -> str:
+        if self.key is None:
+            return "[handshake]"
+        import base64
+        return "[" + base64.b64encode(self.key).decode()[:5] + "]"
+
+    def __dealloc__(self):
+        if self.ibuf != NULL:
+            free(self.ibuf)
+
+    # -- incoming DERP frames ---------------------------------------------------------
+
+    cdef int check_header(self, int ftype, Py_ssize_t length) except -1:
+        """0: buffer and handle this frame; 1: skip its payload. Raises for violations."""
+        if self.state == ST_HANDSHAKE:
+            if ftype != P.FRAME_CLIENT_INFO:
+                raise ProtocolViolation(f"first frame must be ClientInfo, got type 0x{ftype:02x}")
+            if length < P.CLIENT_INFO_MIN or length > P.CLIENT_INFO_MAX:
+                raise ProtocolViolation(
+                    f"ClientInfo frame of {length} bytes (allowed {P.CLIENT_INFO_MIN}..{P.CLIENT_INFO_MAX})")
+            return 0
+        if ftype == P.FRAME_SEND_PACKET:
+            if length < P.KEY_LEN or length > P.KEY_LEN + P.MAX_PACKET_SIZE:
+                raise ProtocolViolation(f"SendPacket frame of {length} bytes (packet limit {P.MAX_PACKET_SIZE})")
+        elif ftype == P.FRAME_FORWARD_PACKET:
+            if not self.can_mesh:
+                raise ProtocolViolation("ForwardPacket from a client without the mesh key")
+            if length < 2 * P.KEY_LEN or length > 2 * P.KEY_LEN + P.MAX_PACKET_SIZE:
+                raise ProtocolViolation(f"ForwardPacket frame of {length} bytes (packet limit {P.MAX_PACKET_SIZE})")
+        elif ftype == P.FRAME_PING:
+            if length < P.PING_MIN or length > P.PING_MAX:
+                raise ProtocolViolation(f"Ping frame of {length} bytes (allowed {P.PING_MIN}..{P.PING_MAX})")
+        elif ftype == P.FRAME_NOTE_PREFERRED:
+            if length != 1:
+                raise ProtocolViolation(f"NotePreferred frame of {length} bytes (must be 1)")
+        elif ftype == P.FRAME_WATCH_CONNS:
+            if not self.can_mesh:
+                raise ProtocolViolation("WatchConns from a client without the mesh key")
+            if length != 0:
+                raise ProtocolViolation(f"WatchConns frame of {length} bytes (must be 0)")
+        elif ftype == P.FRAME_CLOSE_PEER:
+            if not self.can_mesh:
+                raise ProtocolViolation("ClosePeer from a client without the mesh key")
+            if length != P.KEY_LEN:
+                raise ProtocolViolation(f"ClosePeer frame of {length} bytes (must be 32)")
+        else:
+            return 1  # unknown or client-bound types are skipped, as Go servers do
+        return 0
+
+    cdef int ibuf_append(self, const unsigned char* p, Py_ssize_t n) except -1:
+        cdef Py_ssize_t cap
+        cdef unsigned char* nb
+        if self.ilen + n > self.icap:
+            cap = max(self.ilen + n, <Py_ssize_t>P.FRAME_HEADER_LEN + 256)
+            nb = <unsigned char*>realloc(self.ibuf, cap)
+            if nb == NULL:
+                raise MemoryError()
+            self.ibuf = nb
+            self.icap = cap
+        memcpy(self.ibuf + self.ilen, p, n)
+        self.ilen += n
+        return 0
+
+    cdef int feed(self, const unsigned char* p, Py_ssize_t n) except -1:
+        """Consume DERP stream bytes: whole frames straight from ``p``, partial ones via ``ibuf``."""
+        cdef Py_ssize_t k, length
+        cdef int ftype, r
+        while n > 0 and self.state != ST_CLOSED:
+            if self.skip:
+                k = min(self.skip, n)
+                self.skip -= k
+                p += k
+                n -= k
+                continue
+            if self.ilen:
+                if self.ilen < P.FRAME_HEADER_LEN:
+                    k = min(<Py_ssize_t>P.FRAME_HEADER_LEN - self.ilen, n)
+                    self.ibuf_append(p, k)
+                    p += k
+                    n -= k
+                    if self.ilen < P.FRAME_HEADER_LEN:
+                        return 0
+                    length = P.read_be32(self.ibuf + 1)
+                    if self.check_header(self.ibuf[0], length):
+                        self.ilen = 0
+                        self.skip = length
+                        continue
+                    self.ineed = P.FRAME_HEADER_LEN + length
+                k = min(self.ineed - self.ilen, n)
+                if k:
+                    self.ibuf_append(p, k)
+                    p += k
+                    n -= k
+                if self.ilen < self.ineed:
+                    return 0
+                self.ilen = 0
+                self.on_frame(self.ibuf[0], self.ibuf + P.FRAME_HEADER_LEN, self.ineed - P.FRAME_HEADER_LEN)
+                if self.icap > 2 * P.FRAME_HEADER_LEN + P.CLIENT_INFO_MAX // 4:
+                    free(self.ibuf)  # a big reassembly buffer is not kept for an idle connection
+                    self.ibuf = NULL
+                    self.icap = 0
+                continue
+            if n < P.FRAME_HEADER_LEN:
+                self.ibuf_append(p, n)
+                return 0
+            ftype = p[0]
+            length = P.read_be32(p + 1)
+            if self.check_header(ftype, length):
+                self.skip = length
+                p += P.FRAME_HEADER_LEN
+                n -= P.FRAME_HEADER_LEN
+                continue
+            if n - P.FRAME_HEADER_LEN >= length:
+                self.on_frame(ftype, p + P.FRAME_HEADER_LEN, length)
+                p += P.FRAME_HEADER_LEN + length
+                n -= P.FRAME_HEADER_LEN + length
+                continue
+            self.ineed = P.FRAME_HEADER_LEN + length
+            self.ibuf_append(p, n)
+            return 0
+        return 0
+
+    cdef int on_frame(self, int ftype, const unsigned char* p, Py_ssize_t n) except -1:
+        cdef RelayServer server = self.server
+        cdef Counters c = server.counters
+        cdef object target
+        if ftype == P.FRAME_SEND_PACKET:
+            c.packets_in += 1
+            c.bytes_in += n - P.KEY_LEN
+            target = self.route(p, True)
+            if target is None:
+                self.drop_unknown(p, p + P.KEY_LEN, n - P.KEY_LEN, DROP_UNKNOWN_DEST)
+            elif type(target) is Conn:
+                (<Conn>target).enqueue(<const unsigned char*>PyBytes_AS_STRING(self.key), p + P.KEY_LEN, n - P.KEY_LEN)
+            else:
+                (<Forwarder>target).forward(self, <const unsigned char*>PyBytes_AS_STRING(self.key), p,
+                                            p + P.KEY_LEN, n - P.KEY_LEN)
+        elif ftype == P.FRAME_FORWARD_PACKET:
+            c.forwarded_in += 1
+            c.bytes_in += n - 2 * P.KEY_LEN
+            target = self.route(p + P.KEY_LEN, False)
+            if type(target) is Conn:
+                (<Conn>target).heard_from_ptr(p)
+                (<Conn>target).enqueue(p, p + 2 * P.KEY_LEN, n - 2 * P.KEY_LEN)
+            else:
+                # Never re-forward: packets travel at most one mesh hop.
+                self.drop_unknown(p + P.KEY_LEN, p + 2 * P.KEY_LEN, n - 2 * P.KEY_LEN, DROP_UNKNOWN_DEST_ON_FWD)
+        elif ftype == P.FRAME_PING:
+            c.pings += 1
+            c.pongs += 1
+            self.put_frame(P.FRAME_PONG, p, 8, NULL, 0)
+        elif ftype == P.FRAME_NOTE_PREFERRED:
+            self.preferred = p[0] != 0
+        elif ftype == P.FRAME_CLIENT_INFO:
+            self.finish_handshake(PyBytes_FromStringAndSize(<const char*>p, n))
+        elif ftype == P.FRAME_WATCH_CONNS:
+            server.add_watcher(self)
+        elif ftype == P.FRAME_CLOSE_PEER:
+            server.close_peer(PyBytes_FromStringAndSize(<const char*>p, P.KEY_LEN))
+        return 0
+
+    cdef object route(self, const unsigned char* dst, bint note):
+        """The local Conn or Forwarder for ``dst``, or None; recent answers are cached per sender."""
+        cdef RelayServer server = self.server
+        cdef PyObject* found
+        cdef int i
+        if self.rc.gen == server.gen:
+            for i in range(ROUTE_CACHE):
+                if memcmp(dst, self.rc.key[i], P.KEY_LEN) == 0:
+                    return self.rc_target[i]
+        else:
+            self.rc.gen = server.gen
+            self.rc_target = [None] * ROUTE_CACHE
+            memset(self.rc.key, 0xff, sizeof(self.rc.key))  # an all-ones key is never a real destination
+        key = PyBytes_FromStringAndSize(<const char*>dst, P.KEY_LEN)
+        found = PyDict_GetItem(server.routes, key)
+        target = <object>found if found != NULL else None
+        i = self.rc.next
+        self.rc.next = (i + 1) % ROUTE_CACHE
+        memcpy(self.rc.key[i], dst, P.KEY_LEN)
+        self.rc_target[i] = target
+        if note and type(target) is Conn:
+            (<Conn>target).heard_from(self.key)
+        return target
+
+    cdef inline int heard_from(self, bytes src) except -1:
+        """Remember that ``src`` sent to us, for PeerGone when it leaves the region."""
+        cdef const unsigned char* k = <const unsigned char*>PyBytes_AS_STRING(src)
+        if self.hc_gen == self.server.gen and memcmp(self.hc_key, k, P.KEY_LEN) == 0:
+            return 0
+        self.server.note_heard(src, self)
+        memcpy(self.hc_key, k, P.KEY_LEN)
+        self.hc_gen = self.server.gen
+        return 0
+
+    cdef inline int heard_from_ptr(self, const unsigned char* src) except -1:
+        if self.hc_gen == self.server.gen and memcmp(self.hc_key, src, P.KEY_LEN) == 0:
+            return 0
+        return self.heard_from(PyBytes_FromStringAndSize(<const char*>src, P.KEY_LEN))
+
+    cdef int drop_unknown(self, const unsigned char* dst, const unsigned char* pkt, Py_ssize_t n, int reason) except -1:
+        cdef Counters c = self.server.counters
+        c.drop(reason, 1, n)
+        if not looks_like_disco(pkt, n) or not bucket_take(&self.not_here, monotonic(), 1.0):
+            return 0
+        cdef unsigned char reason_byte = P.PEER_GONE_NOT_HERE
+        c.peer_gone_not_here += 1
+        self.put_frame(P.FRAME_PEER_GONE, dst, P.KEY_LEN, &reason_byte, 1)
+        return 0
+
+    # -- outgoing packets -------------------------------------------------------------
+
+    cdef int enqueue(self, const unsigned char* src, const unsigned char* pkt, Py_ssize_t n) except -1:
+        cdef Counters c = self.server.counters
+        cdef bytes frame
+        cdef unsigned char* f
+        if self.state != ST_ACTIVE:
+            c.drop(DROP_GONE, 1, n)
+            return 0
+        if not self.paused:
+            self.reserve(P.FRAME_HEADER_LEN + P.KEY_LEN + n)
+            f = self.obuf + self.olen
+            P.write_header(f, P.FRAME_RECV_PACKET, <unsigned int>(P.KEY_LEN + n))
+            memcpy(f + P.FRAME_HEADER_LEN, src, P.KEY_LEN)
+            memcpy(f + P.FRAME_HEADER_LEN + P.KEY_LEN, pkt, n)
+            self.olen += P.FRAME_HEADER_LEN + P.KEY_LEN + n
+            c.packets_out += 1
+            c.bytes_out += n
+            self.mark_dirty()
+            return 0
+        # The transport pushes back: hold the frame in a bounded queue, dropping the oldest.
+        frame = PyBytes_FromStringAndSize(NULL, P.FRAME_HEADER_LEN + P.KEY_LEN + n)
+        f = <unsigned char*>PyBytes_AS_STRING(frame)
+        P.write_header(f, P.FRAME_RECV_PACKET, <unsigned int>(P.KEY_LEN + n))
+        memcpy(f + P.FRAME_HEADER_LEN, src, P.KEY_LEN)
+        memcpy(f + P.FRAME_HEADER_LEN + P.KEY_LEN, pkt, n)
+        queue = self.disco_queue if looks_like_disco(pkt, n) else self.queue
+        if queue is None:
+            queue = deque()
+            if looks_like_disco(pkt, n):
+                self.disco_queue = queue
+            else:
+                self.queue = queue
+        if len(queue) >= self.server.queue_depth:
+            if self.server.queue_depth == 0:
+                c.drop(DROP_QUEUE_TAIL, 1, n)
+                return 0
+            old = queue.popleft()
+            c.drop(DROP_QUEUE_HEAD, 1, len(old) - P.FRAME_HEADER_LEN - P.KEY_LEN)
+        queue.append(frame)
+        return 0
+
+    cdef int drain_queues(self) except -1:
+        cdef Counters c = self.server.counters
+        cdef bytes frame
+        cdef Py_ssize_t n
+        for queue in (self.disco_queue, self.queue):
+            if not queue or self.state != ST_ACTIVE:
+                continue
+            while queue:
+                frame = queue.popleft()
+                n = PyBytes_GET_SIZE(frame)
+                self.reserve(n)
+                memcpy(self.obuf + self.olen, PyBytes_AS_STRING(frame), n)
+                self.olen += n
+                c.packets_out += 1
+                c.bytes_out += n - P.FRAME_HEADER_LEN - P.KEY_LEN
+            self.mark_dirty()
+        return 0
+
+    cdef void drop_queued(self, int reason):
+        cdef Counters c = self.server.counters
+        for queue in (self.disco_queue, self.queue):
+            if queue:
+                for frame in queue:
+                    c.drop(reason, 1, len(frame) - P.FRAME_HEADER_LEN - P.KEY_LEN)
+                queue.clear()
+
+    cdef int put_peer_gone(self, bytes key, unsigned char reason) except -1:
+        self.put_frame(P.FRAME_PEER_GONE, <const unsigned char*>PyBytes_AS_STRING(key), P.KEY_LEN, &reason, 1)
+        if reason == P.PEER_GONE_DISCONNECTED:
+            self.server.counters.peer_gone_disconnected += 1
+        return 0
+
+    cdef int put_peer_present(self, Conn who) except -1:
+        cdef unsigned char tail[19]
+        cdef unsigned char flags = 0
+        memcpy(tail, PyBytes_AS_STRING(who.addr18), 18)
+        if who.can_mesh:
+            flags |= P.PEER_PRESENT_IS_MESH_PEER
+        if who.is_prober:
+            flags |= P.PEER_PRESENT_IS_PROBER
+        if who.not_ideal:
+            flags |= P.PEER_PRESENT_NOT_IDEAL
+        tail[18] = flags if flags else P.PEER_PRESENT_IS_REGULAR
+        self.put_frame(P.FRAME_PEER_PRESENT, <const unsigned char*>PyBytes_AS_STRING(who.key), P.KEY_LEN, tail, 19)
+        return 0
+
+    # -- handshake (Python, once per connection) --------------------------------------
+
+    cdef int finish_handshake(self, bytes payload) except -1:
+        server = self.server
+        try:
+            key, info, can_mesh, server_info = server.handshake(payload)
+        except Exception as exc:
+            server.counters.handshake_failures += 1
+            raise ProtocolViolation(f"handshake refused: {exc}") from None
+        if self.hs_timer is not None:
+            self.hs_timer.cancel()
+            self.hs_timer = None
+        self.key = key
+        self.can_mesh = can_mesh
+        self.is_prober = bool(info.get("isprober"))
+        if can_mesh:
+            self.write_timeout = server.mesh_write_timeout
+        self.addr18 = address18(self.remote_ip, self.remote_port)
+        # ServerInfo is always the first frame after ServerKey: write it before anyone can enqueue.
+        self.put_frame(P.FRAME_SERVER_INFO, <const unsigned char*>PyBytes_AS_STRING(server_info),
+                       PyBytes_GET_SIZE(server_info), NULL, 0)
+        self.state = ST_ACTIVE
+        self.next_keepalive = monotonic() + server.keepalive + random.random() * server.keepalive_jitter
+        server.register(self)
+        return 0
+
+    # -- WebSocket framing (client frames are masked; ours are not) -------------------
+
+    cdef int ws_feed(self, const unsigned char* p, Py_ssize_t n) except -1:
+        cdef WsDecoder* d = &self.wsd
+        cdef unsigned char* scratch = self.server.scratch
+        cdef Py_ssize_t k
+        while n > 0 and self.state != ST_CLOSED:
+            if not d.in_payload:
+                k = ws_take_header(d, p, n)
+                p += k
+                n -= k
+                if d.in_payload:
+                    self.ws_begin_frame()
+                continue
+            k = <Py_ssize_t>min(<unsigned long long>n, d.rem, <unsigned long long>SCRATCH_SIZE)
+            ws_unmask(scratch, p, k, d.mask, d.moff)
+            d.moff = (d.moff + k) & 3
+            d.rem -= k
+            p += k
+            n -= k
+            if d.op >= 0x8:
+                self.ws_ctrl += (<char*>scratch)[:k]
+            else:
+                # Message boundaries mean nothing: the payload is just more of the DERP stream.
+                self.feed(scratch, k)
+            if d.rem == 0:
+                d.in_payload = False
+                if d.op >= 0x8:
+                    self.ws_control()
+        return 0
+
+    cdef int ws_begin_frame(self) except -1:
+        """Check the header ``ws_take_header`` just decoded; handle an empty frame at once."""
+        cdef WsDecoder* d = &self.wsd
+        cdef int op = d.op
+        if not (d.hdr[1] & 0x80):
+            raise ProtocolViolation("unmasked WebSocket frame from client")
+        if op == WS_OP_TEXT:
+            self.ws_close_with(1003, b"derp: binary messages only")
+            raise ProtocolViolation("text WebSocket message (DERP needs binary)")
+        if op >= 0x8:
+            if op not in (WS_OP_CLOSE, WS_OP_PING, WS_OP_PONG) or d.rem > 125 or not d.fin:
+                raise ProtocolViolation(f"bad WebSocket control frame (opcode {op}, {d.rem} bytes)")
+            self.ws_ctrl = bytearray()
+        elif op not in (WS_OP_CONT, WS_OP_BINARY):
+            raise ProtocolViolation(f"unknown WebSocket opcode {op}")
+        if d.rem == 0:
+            d.in_payload = False
+            if op >= 0x8:
+                self.ws_control()
+        return 0
+
+    cdef int ws_control(self) except -1:
+        cdef bytes body = bytes(self.ws_ctrl) if self.ws_ctrl is not None else b""
+        cdef unsigned char hdr[10]
+        cdef Py_ssize_t h
+        self.ws_ctrl = None
+        if self.wsd.op == WS_OP_PING:
+            if self.olen:
+                self.flush()
+            h = ws_put_header(hdr, WS_OP_PONG, len(body))
+            self.transport.write((<char*>hdr)[:h] + body)
+        elif self.wsd.op == WS_OP_CLOSE:
+            self.ws_close_with(int.from_bytes(body[:2], "big") if len(body) >= 2 else 1000, b"")
+            self.close("WebSocket closed by client", False)
+        return 0
+
+    cdef void ws_close_with(self, int code, bytes reason):
+        cdef unsigned char hdr[10]
+        cdef Py_ssize_t h
+        if self.ws_closing or self.transport is None:
+            return
+        self.ws_closing = True
+        body = code.to_bytes(2, "big") + reason[:120]
+        h = ws_put_header(hdr, WS_OP_CLOSE, len(body))
+        if self.olen:
+            self.flush()
+        self.transport.write((<char*>hdr)[:h] + body)
+
+    # -- Python view --------------------------------------------------------------------
+
+    @property
+    def active(self) -> bool:
+        return self.state == ST_ACTIVE
+
+    @property
+    def closed(self) -> bool:
+        return self.state == ST_CLOSED
+
+    def __repr__(self):
+        return f"<Conn {self.short_key()} {self.remote_ip}:{self.remote_port}>"
+
+
+def address18(str ip, int port) -> bytes:
+    """``ip`` as 16 bytes (IPv4 mapped into IPv6) plus a big-endian port; zeros if not an IP."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return bytes(18)
+    if addr.version == 4:
+        addr = ipaddress.IPv6Address("::ffff:" + str(addr))
+    return addr.packed + port.to_bytes(2, "big")

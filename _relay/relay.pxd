@@ -1,0 +1,249 @@
+# The relay's map: every cdef class with its fields, grouped by who owns them, and its C methods.
+# The code is in relay.pyx and the parts it includes (writer.pxi, websocket.pxi, conn.pxi,
+# server.pxi); wire constants are in proto.pxd.
+
+cimport cython
+
+from _relay cimport proto as P
+
+cdef extern from "<time.h>" nogil:
+    ctypedef long time_t
+    cdef struct timespec:
+        time_t tv_sec
+        long tv_nsec
+    int clock_gettime(int clk_id, timespec *tp)
+    int CLOCK_MONOTONIC
+
+
+# Drop reasons: indexes into Counters.drops, named in relay.pyx's DROP_REASONS.
+cdef enum:
+    DROP_UNKNOWN_DEST = 0
+    DROP_UNKNOWN_DEST_ON_FWD = 1
+    DROP_GONE = 2
+    DROP_QUEUE_HEAD = 3
+    DROP_QUEUE_TAIL = 4
+    DROP_WRITE_ERROR = 5
+    N_DROPS = 6
+
+# Conn.state
+cdef enum:
+    ST_HANDSHAKE = 0
+    ST_ACTIVE = 1
+    ST_CLOSED = 2
+
+cdef enum:
+    ROUTE_CACHE = 4
+    READ_BUFFER_SIZE = 262144
+    SCRATCH_SIZE = 65536
+    IDLE_BUFFER_KEEP = 4096      # output buffers above this are freed when a conn goes idle
+    MESH_HARD_LIMIT_FACTOR = 8   # a mesh link sheds forwarded packets past this many x max_buffer
+    WS_MAX_HEADER = 14
+
+cdef enum:
+    WS_OP_CONT = 0x0
+    WS_OP_TEXT = 0x1
+    WS_OP_BINARY = 0x2
+    WS_OP_CLOSE = 0x8
+    WS_OP_PING = 0x9
+    WS_OP_PONG = 0xA
+
+
+cdef struct TokenBucket:
+    double tokens, last          # tokens left, and when they were counted (monotonic seconds)
+    double rate, burst           # refill per second, and the most it holds
+
+
+cdef struct RouteCache:
+    # The last ROUTE_CACHE destinations a sender looked up (a mesh link interleaves many); the
+    # targets themselves are Python objects, kept beside it in Conn.rc_target.
+    unsigned char key[ROUTE_CACHE][P.KEY_LEN]
+    unsigned long long gen       # RelayServer.gen when filled: any routing change empties it
+    int next
+
+
+cdef struct WsDecoder:
+    # The header of the incoming WebSocket frame, and how much of its payload is still to come.
+    unsigned char hdr[WS_MAX_HEADER]
+    int hlen                     # header bytes read so far
+    int op
+    bint fin, in_payload
+    unsigned long long rem       # payload bytes still to read
+    unsigned char mask[4]
+    int moff                     # position in the mask of the next payload byte
+
+
+@cython.final
+cdef class Counters:
+    cdef public unsigned long long packets_in, bytes_in, packets_out, bytes_out
+    cdef public unsigned long long forwarded_in, forwarded_out, accepts, handshake_failures
+    cdef public unsigned long long pings, pongs, keepalives, peer_gone_disconnected, peer_gone_not_here
+    cdef public unsigned long long protocol_errors, mesh_pushbacks
+    cdef unsigned long long drops[N_DROPS]
+    cdef unsigned long long drop_bytes[N_DROPS]
+
+    cdef inline void drop(self, int reason, unsigned long long packets, Py_ssize_t nbytes) noexcept
+
+
+cdef class Writer:
+    # set by the subclass's constructor
+    cdef RelayServer server
+    cdef object transport
+    cdef bint ws                 # frame output as WebSocket binary messages
+    # output buffer, flushed once per event-loop turn that wrote to it
+    cdef unsigned char* obuf
+    cdef Py_ssize_t olen, ocap
+    cdef bint dirty              # listed in server.dirty
+    cdef bint used               # written since the last tick (idle buffers are freed)
+
+    cdef int reserve(self, Py_ssize_t extra) except -1
+    cdef inline void mark_dirty(self)
+    cdef int put_frame(self, unsigned char ftype, const unsigned char* a, Py_ssize_t na,
+                       const unsigned char* b, Py_ssize_t nb) except -1
+    cdef int flush(self) except -1
+    cdef int write_out(self, bytes out) except -1
+    cdef void release_buffer(self) noexcept
+
+
+@cython.final
+cdef class Forwarder(Writer):
+    # set by the control plane
+    cdef readonly str name
+    cdef public Py_ssize_t max_buffer
+    cdef public object on_congested  # called with this Forwarder when the link starts pushing back
+    # push-back
+    cdef readonly bint congested
+    cdef list paused                 # senders not read until this link drains
+    cdef bint closed
+    # in the output buffer, not yet written
+    cdef Py_ssize_t pending_frames, pending_bytes
+
+    cdef int forward(self, Conn sender, const unsigned char* src, const unsigned char* dst,
+                     const unsigned char* pkt, Py_ssize_t n) except -1
+
+
+@cython.final
+cdef class ClientSet:
+    cdef bytes key
+    cdef list conns              # ordered by recency: the last is active
+    cdef Conn active
+
+
+@cython.final
+cdef class Conn(Writer):
+    # identity: the peer's address at accept, the rest from the handshake
+    cdef readonly str remote_ip
+    cdef readonly int remote_port
+    cdef readonly bint websocket, not_ideal
+    cdef readonly bytes key
+    cdef readonly bint can_mesh, is_prober, preferred
+    cdef bytes addr18            # remote address as 16-byte IPv6 + port, for PeerPresent
+    # lifecycle
+    cdef int state
+    cdef object hs_timer
+    cdef double next_keepalive
+    # owned by RelayServer's registry
+    cdef ClientSet cset
+    cdef bint watcher
+    # flow control: our transport pushing back, and a congested mesh link pausing our reads
+    cdef bint paused
+    cdef double paused_at, write_timeout
+    cdef object queue, disco_queue   # bounded, used only while paused
+    cdef readonly bint read_paused
+    # incoming DERP frame reassembly
+    cdef unsigned char* ibuf
+    cdef Py_ssize_t ilen, icap, ineed, skip
+    # routing: recent destinations, and who last sent to us ("heard from" once per source)
+    cdef RouteCache rc
+    cdef list rc_target
+    cdef unsigned char hc_key[P.KEY_LEN]
+    cdef unsigned long long hc_gen
+    cdef TokenBucket not_here    # PeerGone(NotHere) answers: 1/s, burst 3
+    # incoming WebSocket framing
+    cdef WsDecoder wsd
+    cdef bytearray ws_ctrl       # control frame payload being read
+    cdef bint ws_closing         # our close frame is sent
+
+    cdef int consume(self, const unsigned char* p, Py_ssize_t n) except -1
+    cdef bint pause_reading(self)
+    cdef void resume_reading(self)
+    cdef start(self, bytes prefix, bytes pending)
+    cpdef close(self, str reason, bint error=*)
+    cdef int check_header(self, int ftype, Py_ssize_t length) except -1
+    cdef int ibuf_append(self, const unsigned char* p, Py_ssize_t n) except -1
+    cdef int feed(self, const unsigned char* p, Py_ssize_t n) except -1
+    cdef int on_frame(self, int ftype, const unsigned char* p, Py_ssize_t n) except -1
+    cdef object route(self, const unsigned char* dst, bint note)
+    cdef int heard_from(self, bytes src) except -1
+    cdef int heard_from_ptr(self, const unsigned char* src) except -1
+    cdef int drop_unknown(self, const unsigned char* dst, const unsigned char* pkt, Py_ssize_t n,
+                          int reason) except -1
+    cdef int enqueue(self, const unsigned char* src, const unsigned char* pkt, Py_ssize_t n) except -1
+    cdef int drain_queues(self) except -1
+    cdef void drop_queued(self, int reason)
+    cdef int put_peer_gone(self, bytes key, unsigned char reason) except -1
+    cdef int put_peer_present(self, Conn who) except -1
+    cdef int finish_handshake(self, bytes payload) except -1
+    cdef int ws_feed(self, const unsigned char* p, Py_ssize_t n) except -1
+    cdef int ws_begin_frame(self) except -1
+    cdef int ws_control(self) except -1
+    cdef void ws_close_with(self, int code, bytes reason)
+
+
+@cython.final
+cdef class RelayServer:
+    # identity
+    cdef readonly bytes public_key
+    cdef readonly bytes server_key_frame
+    cdef readonly Counters counters
+    # set by the control plane
+    cdef public object handshake
+    cdef public object loop
+    cdef public double keepalive, keepalive_jitter, write_timeout, mesh_write_timeout, handshake_timeout
+    cdef public Py_ssize_t queue_depth, high_water
+    # registry and routing table
+    cdef dict routes             # key -> active local Conn, else preferred Forwarder
+    cdef dict clients            # key -> ClientSet of local connections
+    cdef dict mesh               # key -> [Forwarder, ...], first registered preferred
+    cdef dict heard              # source key -> {Conn: None} that received packets from it
+    cdef dict conns              # Conn -> None for every registered connection
+    cdef list watchers
+    cdef unsigned long long gen  # bumped on every routing change (route caches compare it)
+    # output coalescing and push-back
+    cdef list dirty              # Writers written this turn, flushed at its end
+    cdef list congested          # Forwarders pushing back on their senders
+    cdef bint flush_scheduled
+    cdef object tick_handle
+    # buffers shared by every connection (reads are consumed before the next one starts)
+    cdef unsigned char* scratch
+    cdef bytearray read_bytes
+    cdef unsigned char* read_buf
+    cdef object read_view
+
+    cdef double tick_interval(self)
+    cdef void check_congested(self)
+    cdef int flush_dirty(self) except -1
+    cdef int note_heard(self, bytes src, Conn dst) except -1
+    cdef int register(self, Conn conn) except -1
+    cdef int make_active(self, Conn conn) except -1
+    cdef int unregister(self, Conn conn) except -1
+    cdef int left_region(self, bytes key) except -1
+    cdef int add_watcher(self, Conn conn) except -1
+
+
+cdef inline double monotonic() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cdef inline bint bucket_take(TokenBucket* b, double now, double cost) noexcept nogil:
+    """Refill ``b`` for the time since it was last used, then take ``cost`` if it holds that much."""
+    cdef double tokens = b.tokens + (now - b.last) * b.rate
+    b.last = now
+    if tokens > b.burst:
+        tokens = b.burst
+    if tokens < cost:
+        b.tokens = tokens
+        return False
+    b.tokens = tokens - cost
+    return True

@@ -1,0 +1,175 @@
+# Output buffers (Writer) and mesh forwarders (Forwarder); included by relay.pyx.
+
+cdef class Writer:
+    """An output buffer bound to a transport, flushed once per event-loop turn that wrote to it."""
+
+    cdef int reserve(self, Py_ssize_t extra) except -1:
+        cdef Py_ssize_t need = self.olen + extra
+        cdef Py_ssize_t cap
+        cdef unsigned char* nb
+        if need <= self.ocap:
+            return 0
+        cap = self.ocap * 2 if self.ocap else 256
+        while cap < need:
+            cap *= 2
+        nb = <unsigned char*>realloc(self.obuf, cap)
+        if nb == NULL:
+            raise MemoryError()
+        self.obuf = nb
+        self.ocap = cap
+        return 0
+
+    cdef inline void mark_dirty(self):
+        self.used = True
+        if not self.dirty:
+            self.dirty = True
+            self.server.dirty.append(self)
+
+    cdef int put_frame(self, unsigned char ftype, const unsigned char* a, Py_ssize_t na,
+                       const unsigned char* b, Py_ssize_t nb) except -1:
+        """Append one frame whose payload is ``a`` then ``b``; flushed at the end of this turn."""
+        self.reserve(P.FRAME_HEADER_LEN + na + nb)
+        cdef unsigned char* p = self.obuf + self.olen
+        P.write_header(p, ftype, <unsigned int>(na + nb))
+        if na:
+            memcpy(p + P.FRAME_HEADER_LEN, a, na)
+        if nb:
+            memcpy(p + P.FRAME_HEADER_LEN + na, b, nb)
+        self.olen += P.FRAME_HEADER_LEN + na + nb
+        self.mark_dirty()
+        return 0
+
+    cdef int flush(self) except -1:
+        cdef bytes out
+        cdef Py_ssize_t n = self.olen, total, pos, k, w
+        cdef unsigned char* q
+        if n == 0 or self.transport is None:
+            self.olen = 0
+            return 0
+        if not self.ws:
+            out = PyBytes_FromStringAndSize(<char*>self.obuf, n)
+        else:
+            # One WebSocket binary message per 32 KiB: Go clients refuse larger messages.
+            total = n + ((n + P.WS_MAX_OUT_MESSAGE - 1) // P.WS_MAX_OUT_MESSAGE) * 4
+            out = PyBytes_FromStringAndSize(NULL, total)
+            q = <unsigned char*>PyBytes_AS_STRING(out)
+            pos = 0
+            w = 0
+            while pos < n:
+                k = min(n - pos, <Py_ssize_t>P.WS_MAX_OUT_MESSAGE)
+                w += ws_put_header(q + w, WS_OP_BINARY, k)
+                memcpy(q + w, self.obuf + pos, k)
+                w += k
+                pos += k
+            if w != total:
+                out = out[:w]
+        self.olen = 0
+        self.write_out(out)
+        return 0
+
+    cdef int write_out(self, bytes out) except -1:
+        self.transport.write(out)
+        return 0
+
+    cdef void release_buffer(self) noexcept:
+        """Free an idle output buffer: idle connections should cost almost nothing."""
+        if self.olen == 0 and self.obuf != NULL and (not self.used or self.ocap > IDLE_BUFFER_KEEP):
+            free(self.obuf)
+            self.obuf = NULL
+            self.ocap = 0
+        self.used = False
+
+    def __dealloc__(self):
+        if self.obuf != NULL:
+            free(self.obuf)
+            self.obuf = NULL
+
+
+@cython.final
+cdef class Forwarder(Writer):
+    """Sends ForwardPacket frames for keys that live on a mesh peer, over that peer's link.
+
+    The control plane creates one per outgoing mesh connection (its transport must speak raw DERP
+    framing) and registers it for each key the peer reports present.
+    """
+
+    def __cinit__(self, RelayServer server, transport, str name="", Py_ssize_t max_buffer=512 * 1024,
+                  on_congested=None):
+        self.server = server
+        self.transport = transport
+        self.name = name
+        self.max_buffer = max_buffer
+        self.on_congested = on_congested
+        self.paused = []
+
+    cdef int forward(self, Conn sender, const unsigned char* src, const unsigned char* dst,
+                     const unsigned char* pkt, Py_ssize_t n) except -1:
+        cdef Counters c = self.server.counters
+        if self.closed:
+            c.drop(DROP_GONE, 1, n)
+            return 0
+        if self.congested and sender is not None and not sender.read_paused:
+            # The rest of the sender's current read still goes out; nothing more is read from it.
+            if sender.pause_reading():
+                self.paused.append(sender)
+                c.mesh_pushbacks += 1
+        self.reserve(P.FRAME_HEADER_LEN + 2 * P.KEY_LEN + n)
+        cdef unsigned char* p = self.obuf + self.olen
+        P.write_header(p, P.FRAME_FORWARD_PACKET, <unsigned int>(2 * P.KEY_LEN + n))
+        memcpy(p + P.FRAME_HEADER_LEN, src, P.KEY_LEN)
+        memcpy(p + P.FRAME_HEADER_LEN + P.KEY_LEN, dst, P.KEY_LEN)
+        memcpy(p + P.FRAME_HEADER_LEN + 2 * P.KEY_LEN, pkt, n)
+        self.olen += P.FRAME_HEADER_LEN + 2 * P.KEY_LEN + n
+        self.pending_frames += 1
+        self.pending_bytes += n
+        self.mark_dirty()
+        return 0
+
+    cdef int write_out(self, bytes out) except -1:
+        cdef Counters c = self.server.counters
+        cdef Py_ssize_t unsent = self.transport.get_write_buffer_size()
+        frames, nbytes = self.pending_frames, self.pending_bytes
+        self.pending_frames = self.pending_bytes = 0
+        if unsent > self.max_buffer and not self.congested:
+            self.congested = True
+            if self not in self.server.congested:
+                self.server.congested.append(self)
+            if self.on_congested is not None:
+                self.on_congested(self)
+        if unsent > MESH_HARD_LIMIT_FACTOR * self.max_buffer:
+            # Only senders that cannot be paused (the ASGI WebSocket bridge) get this far: shed them.
+            c.drop(DROP_QUEUE_TAIL, frames, nbytes)
+            return 0
+        c.forwarded_out += frames
+        self.transport.write(out)
+        return 0
+
+    def resume(self) -> None:
+        """The link drained (or is going away): read the senders it paused again."""
+        self.congested = False
+        paused, self.paused = self.paused, []
+        for conn in paused:
+            (<Conn>conn).resume_reading()
+
+    def unsent(self) -> int:
+        """Bytes the link's transport holds, not yet taken by the socket."""
+        return 0 if self.closed else self.transport.get_write_buffer_size()
+
+    def send(self, src: bytes, dst: bytes, packet: bytes) -> None:
+        """Forward one packet from Python (tests, tools); the hot path calls the C method."""
+        if len(src) != P.KEY_LEN or len(dst) != P.KEY_LEN or len(packet) > P.MAX_PACKET_SIZE:
+            raise ValueError("keys must be 32 bytes and packets at most 64 KiB")
+        self.forward(None, <const unsigned char*>PyBytes_AS_STRING(src), <const unsigned char*>PyBytes_AS_STRING(dst),
+                     <const unsigned char*>PyBytes_AS_STRING(packet), len(packet))
+        self.server.flush_soon()
+
+    def close(self) -> None:
+        """Stop forwarding through this link (its keys must be removed by the caller)."""
+        self.closed = True
+        self.olen = 0
+        self.server.counters.drop(DROP_GONE, self.pending_frames, self.pending_bytes)
+        self.pending_frames = self.pending_bytes = 0
+        self.resume()
+
+    def __repr__(self):
+        return f"<Forwarder {self.name}>"
