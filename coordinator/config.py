@@ -74,6 +74,10 @@ def same_url(a: str, b: str) -> bool:
     )
 
 
+DEFAULT_PROMETHEUS_ADDRESS = "127.0.0.1:2112"  # Coder's default
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
 def _setting(env: str, default, *, aliases: tuple[str, ...] = (), help: str = "", kind: str = "str"):
     return field(default=default, metadata={"env": env, "aliases": aliases, "help": help, "kind": kind})
 
@@ -137,6 +141,15 @@ class Settings:
         "COORDINATOR_API_TOKEN", "", help="bearer token of the operator API (default: generated once, stored in Postgres)",
     )
     log_level: str = _setting("COORDINATOR_LOG_LEVEL", "info", help="debug, info, warning or error")
+    # --- Prometheus listener (issue 13): one block, kept apart so it merges easily ---
+    prometheus_address: str = _setting(
+        "COORDINATOR_PROMETHEUS_ADDRESS", "", aliases=("CODER_PROMETHEUS_ADDRESS",),
+        help="host:port serving /metrics without the API token (off when empty); never the main address",
+    )
+    prometheus_enable: str = _setting(
+        "COORDINATOR_PROMETHEUS_ENABLE", "", aliases=("CODER_PROMETHEUS_ENABLE",),
+        help=f"true: serve /metrics on --prometheus-address (default {DEFAULT_PROMETHEUS_ADDRESS}); false: never",
+    )
     extra: dict = field(default_factory=dict)
 
     @property
@@ -150,9 +163,33 @@ class Settings:
         base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
         return Path(base) / "coordinator"
 
+    @property
+    def prometheus_listen(self) -> tuple[str, int] | None:
+        """Where the token-free /metrics listener binds, or None when it is off (the default)."""
+        enable = self.prometheus_enable.strip().lower()
+        if enable and enable not in _BOOLS:
+            raise ConfigError(f"COORDINATOR_PROMETHEUS_ENABLE: {self.prometheus_enable!r} is not true or false")
+        if enable and not _BOOLS[enable]:
+            return None
+        address = self.prometheus_address or (DEFAULT_PROMETHEUS_ADDRESS if enable else "")
+        return parse_address(address, "COORDINATOR_PROMETHEUS_ADDRESS") if address else None
+
+    def _validate_prometheus(self) -> None:
+        metrics = self.prometheus_listen
+        if metrics is None:
+            return
+        host, port = self.listen
+        wildcard = ("0.0.0.0", "::")
+        if metrics[1] == port != 0 and (metrics[0] == host or host in wildcard or metrics[0] in wildcard):
+            raise ConfigError(
+                f"COORDINATOR_PROMETHEUS_ADDRESS ({self.prometheus_address or DEFAULT_PROMETHEUS_ADDRESS}) must differ from "
+                f"COORDINATOR_ADDRESS ({self.address}): the metrics listener has no token and needs its own port"
+            )
+
     def validate(self) -> None:
         """Raise ConfigError for settings that can never work; every message names the variable."""
         self.listen  # noqa: B018 - parses and raises
+        self._validate_prometheus()
         if self.access_url:
             check_http_url(self.access_url, "COORDINATOR_ACCESS_URL")
         if self.relay_url:

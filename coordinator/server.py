@@ -17,6 +17,8 @@ from coordinator.controlplane import ControlPlane
 from coordinator.db import DatabaseError
 from coordinator.derp import DerpRelay
 from coordinator.http import DerpHttpProtocol
+from coordinator.prometheus import start_prometheus
+from coordinator.status import status_routes
 
 log = logging.getLogger("coordinator.server")
 
@@ -69,14 +71,16 @@ def run_server(settings: Settings) -> int:
               file=sys.stderr, flush=True)
     control = ControlPlane(settings, relay, pg_url)
 
-    app = create_app(relay, extra_routes=api_routes(control, relay))
+    app = create_app(relay, extra_routes=api_routes(control, relay) + status_routes(control, relay))
     app.state.control = control
     server = ReplicaServer(uvicorn_config(settings, app))
 
     async def main() -> int:
+        metrics = None
         try:
             await control.start(db_wait=settings.db_wait, join=False)
-        except DatabaseError as exc:
+            metrics = await start_prometheus(settings, control, relay)
+        except (DatabaseError, OSError) as exc:
             await control.stop()
             print(f"coordinator: cannot start: {exc}", file=sys.stderr, flush=True)
             return 1
@@ -94,6 +98,8 @@ def run_server(settings: Settings) -> int:
                     server.should_exit = True
             await serving
         finally:
+            if metrics is not None:
+                await metrics.close()
             await control.stop()
         if failed:
             print(failed, file=sys.stderr, flush=True)
