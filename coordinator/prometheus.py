@@ -13,13 +13,14 @@ import asyncio
 import contextlib
 import logging
 
-from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from coordinator.derp import DerpRelay
 
 log = logging.getLogger("coordinator.prometheus")
+disable_created_metrics()  # no x_created series beside every counter: process_start_time_seconds says it once
 
 GAUGES = {"current_connections", "current_home_connections", "clients_local", "clients_remote", "watchers", "duplicate_keys",
           "mesh_links_congested", "senders_paused"}
