@@ -10,7 +10,12 @@ import shutil
 import subprocess
 from pathlib import Path
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "deploy" / "nginx" / "coordinator.conf"
+_HERE = Path(__file__).resolve().parent
+# In an installed wheel the example sits inside the package (setup.py puts it there); in a source
+# checkout (and an editable install) it is deploy/nginx/ of the repository.
+EXAMPLE = next((p for p in (_HERE / "deploy" / "nginx" / "coordinator.conf",
+                            _HERE.parent / "deploy" / "nginx" / "coordinator.conf") if p.is_file()),
+               _HERE.parent / "deploy" / "nginx" / "coordinator.conf")
 
 
 def nginx_binary() -> str | None:
