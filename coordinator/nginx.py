@@ -22,13 +22,18 @@ def nginx_binary() -> str | None:
     return shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
 
 
-def render_site(example: str, upstreams: list[tuple[str, int]], listen: tuple[str, int]) -> str:
-    """The example site with its upstream servers and listen address replaced."""
+def render_upstreams(example: str, upstreams: list[tuple[str, int]]) -> str:
+    """The example with its upstream servers replaced (the only edit an operator must make)."""
     servers = "".join(f"    server {h}:{p} max_fails=1 fail_timeout=5s;\n" for h, p in upstreams)
     out, n = re.subn(r"(upstream coordinator_replicas \{\n)(?:    server [^\n]*\n)+", lambda m: m.group(1) + servers, example)
     if n != 1:
         raise ValueError("upstream block not found in the nginx example")
-    out, n = re.subn(r"listen 80;", f"listen {listen[0]}:{listen[1]};", out)
+    return out
+
+
+def render_site(example: str, upstreams: list[tuple[str, int]], listen: tuple[str, int]) -> str:
+    """The example site with its upstream servers and listen address replaced."""
+    out, n = re.subn(r"listen 80;", f"listen {listen[0]}:{listen[1]};", render_upstreams(example, upstreams))
     if n != 1:
         raise ValueError("listen line not found in the nginx example")
     return out
