@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -65,4 +66,14 @@ def python() -> str:
     return sys.executable
 
 
-__all__ = ["Proc", "free_port", "python", "ROOT"]
+def http_get(url: str, token: str | None = None) -> tuple[int, str]:
+    """(status, body) of a GET, with the operator's bearer token if given; HTTP errors are answers too."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+__all__ = ["Proc", "free_port", "http_get", "python", "ROOT"]

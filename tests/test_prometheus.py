@@ -5,27 +5,16 @@ import json
 import re
 import socket
 import subprocess
-import urllib.error
-import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from coordinator.config import ConfigError, load_settings
-from procs import ROOT, Proc, free_port, python
+from procs import ROOT, Proc, free_port, http_get, python
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "coordinator-dashboard.json"
 SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "summary": ("_count", "_sum"),
             "gauge": ("",), "untyped": ("",), "info": ("_info",)}
-
-
-def fetch(url: str, token: str | None = None) -> tuple[int, str]:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
 
 
 @pytest.fixture
@@ -52,12 +41,12 @@ def exported(text: str) -> dict[str, str]:
 
 def test_metrics_without_token_on_their_own_listener(replica):
     main, metrics, proc = replica
-    code, text = fetch(metrics + "/metrics")
+    code, text = http_get(metrics + "/metrics")
     assert code == 200 and "coordinator_derp_current_connections" in text and "coordinator_pubsub_connected 1.0" in text
     assert "process_resident_memory_bytes" in text
-    assert fetch(metrics + "/status")[0] == 404 and fetch(metrics + "/api/v2/replicas")[0] == 404
-    assert fetch(main + "/metrics")[0] == 401  # the main listener still wants the token
-    assert fetch(main + "/metrics", "tok")[0] == 200
+    assert http_get(metrics + "/status")[0] == 404 and http_get(metrics + "/api/v2/replicas")[0] == 404
+    assert http_get(main + "/metrics")[0] == 401  # the main listener still wants the token
+    assert http_get(main + "/metrics", "tok")[0] == 200
     host, port = metrics.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=5) as s:  # junk: closed, nothing else
         s.sendall(b"\x16\x03\x01" + b"A" * 20000)
@@ -65,13 +54,13 @@ def test_metrics_without_token_on_their_own_listener(replica):
         with contextlib.suppress(ConnectionResetError, BrokenPipeError):
             while s.recv(65536):
                 pass
-    assert fetch(metrics + "/metrics")[0] == 200
+    assert http_get(metrics + "/metrics")[0] == 200
     assert proc.proc.poll() is None
 
 
 def test_metric_names_follow_prometheus_conventions(replica):
     _, metrics, _ = replica
-    for family in text_string_to_metric_families(fetch(metrics + "/metrics")[1]):
+    for family in text_string_to_metric_families(http_get(metrics + "/metrics")[1]):
         name = family.name
         assert name.startswith(("coordinator_", "process_")), name
         if family.type == "counter":
@@ -85,7 +74,7 @@ def test_metric_names_follow_prometheus_conventions(replica):
 
 def test_grafana_dashboard_uses_only_exported_metrics(replica):
     _, metrics, _ = replica
-    names = exported(fetch(metrics + "/metrics")[1])
+    names = exported(http_get(metrics + "/metrics")[1])
     dashboard = json.loads(DASHBOARD.read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
     assert len(exprs) >= 10

@@ -9,8 +9,6 @@ import os
 import shutil
 import signal
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ from cluster import HACluster
 from delayproxy import DelayProxy
 
 from polling import wait_blocking as wait
-from procs import ROOT
+from procs import ROOT, http_get
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -68,21 +66,14 @@ def cluster(pg_url):
         c.close()
 
 
-def get(url: str, token: str | None = None) -> tuple[int, str]:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
-def log_in(driver, url: str, token: str) -> None:
+def log_in(driver, url: str, token: str, expect: str) -> None:
+    """Submit the login form and wait for the page it leads to (the element with id ``expect``)."""
     driver.get(url + "/status")
     field = driver.find_element(By.ID, "token")
     field.clear()
     field.send_keys(token)
     driver.find_element(By.ID, "login-button").click()
+    wait(lambda: driver.find_elements(By.ID, expect), 30, f"#{expect} after logging in", ignore=(Exception,))
 
 
 def rows(driver) -> dict[str, str]:
@@ -102,7 +93,7 @@ def latency_levels(driver, to: str) -> dict[str, str]:
 
 def test_without_or_with_a_wrong_token_a_login_and_no_data(cluster, browser):
     r = cluster.add_replica()
-    replica_id = json.loads(get(r.url + "/status/data", cluster.api_token)[1])["replica_id"]
+    replica_id = json.loads(http_get(r.url + "/status/data", cluster.api_token)[1])["replica_id"]
     browser.get(r.url + "/status")
     assert browser.find_elements(By.ID, "token") and not browser.find_elements(By.ID, "dashboard")
     assert replica_id not in browser.page_source
@@ -112,17 +103,17 @@ def test_without_or_with_a_wrong_token_a_login_and_no_data(cluster, browser):
         "const done = arguments[0]; fetch('/status/data').then(r => done(r.status));")
     assert status == 401
     wrong = "x" + cluster.api_token[1:]  # all but one character right: still no hint
-    log_in(browser, r.url, wrong)
+    log_in(browser, r.url, wrong, expect="login-error")
     error = browser.find_element(By.ID, "login-error").text
     assert error == "That token is not valid."
     assert not browser.find_elements(By.ID, "dashboard") and replica_id not in browser.page_source
     assert browser.get_cookies() == []
     screenshot(browser, "login-wrong-token.png")
     for token in (None, wrong):
-        code, body = get(r.url + "/status/data", token)
+        code, body = http_get(r.url + "/status/data", token)
         assert code == 401 and replica_id not in body and cluster.api_token not in body
-        assert get(r.url + "/status", token)[0] == 401
-    assert get(r.url + "/status/data", cluster.api_token)[0] == 200  # Bearer works for scripts
+        assert http_get(r.url + "/status", token)[0] == 401
+    assert http_get(r.url + "/status/data", cluster.api_token)[0] == 200  # Bearer works for scripts
 
 
 def test_live_page_three_replicas_sigkill_and_delay(cluster, browser):
@@ -131,9 +122,8 @@ def test_live_page_three_replicas_sigkill_and_delay(cluster, browser):
     with DelayProxy("127.0.0.1", slow.port, delay=0.0) as proxy:
         slow.relay_url = f"http://127.0.0.1:{proxy.port}"
         slow.start()
-        ids = [json.loads(get(r.url + "/status/data", cluster.api_token)[1])["replica_id"] for r in (r0, r1, slow)]
-        log_in(browser, r0.url, cluster.api_token)
-        assert browser.find_elements(By.ID, "dashboard")
+        ids = [json.loads(http_get(r.url + "/status/data", cluster.api_token)[1])["replica_id"] for r in (r0, r1, slow)]
+        log_in(browser, r0.url, cluster.api_token, expect="dashboard")
         cookie = browser.get_cookie("coordinator_status")
         assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["value"] != cluster.api_token
         assert "coordinator_status" not in browser.execute_script("return document.cookie")
@@ -144,8 +134,8 @@ def test_live_page_three_replicas_sigkill_and_delay(cluster, browser):
         wait(lambda: all(td.get_attribute("data-state") == "up"
                          for td in browser.find_elements(By.CSS_SELECTOR, f'#mesh tr[data-replica="{ids[0]}"] td[data-peer]')),
              30, "this replica's mesh links up", ignore=(Exception,))
-        assert browser.find_element(By.ID, "relay-clients").text
-        assert browser.find_elements(By.CSS_SELECTOR, "#drops tr")
+        wait(lambda: browser.find_element(By.ID, "relay-clients").text and browser.find_elements(By.CSS_SELECTOR, "#drops tr"),
+             10, "the relay counters", ignore=(Exception,))
         screenshot(browser, "healthy.png")
 
         started = time.monotonic()
