@@ -27,6 +27,12 @@ pytestmark = pytest.mark.skipif(kubectl is None, reason="kubectl not installed (
                                                         "scripts/bootstrap.sh installs it)")
 
 
+def kustomize_version() -> tuple[int, ...]:
+    out = subprocess.run([kubectl, "version", "--client"], capture_output=True, text=True, timeout=60).stdout
+    m = re.search(r"Kustomize Version: v(\d+)\.(\d+)", out)
+    return tuple(int(x) for x in m.groups()) if m else (0, 0)
+
+
 def render(path: Path) -> list[dict]:
     out = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -42,6 +48,14 @@ def quantity(text: str) -> float:
     m = re.fullmatch(r"(\d+(?:\.\d+)?)([KMG]i?|k)?", str(text))
     assert m, text
     return float(m.group(1)) * UNITS.get(m.group(2) or "", 1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def modern_kustomize():
+    version = kustomize_version()
+    if version < (4, 1):  # `labels:` and `replicas:` in the kustomizations
+        pytest.skip(f"{kubectl} bundles kustomize {'.'.join(map(str, version))}; the overlay needs kustomize >= 4.1 "
+                    "(kubectl >= 1.22)")
 
 
 @pytest.fixture(scope="module")
