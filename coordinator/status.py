@@ -49,6 +49,16 @@ def _ms(microseconds: int | None) -> float | None:
     return None if not microseconds else round(microseconds / 1000.0, 3)
 
 
+def _measured(latencies, peer_id: str) -> dict:
+    """One replica's stored figures for one peer; {} when absent or malformed (rows are other processes' writes)."""
+    entry = latencies.get(peer_id) if isinstance(latencies, dict) else None
+    return entry if isinstance(entry, dict) else {}
+
+
+def _number(value) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
 def mesh_state(row, peer, mine: bool, links: dict, alive: bool) -> dict:
     """The link from replica ``row`` to ``peer``: live for this replica, as reported for the others."""
     if not alive:
@@ -60,11 +70,11 @@ def mesh_state(row, peer, mine: bool, links: dict, alive: bool) -> dict:
         if link is None:
             return {"state": "none"}
         return {"state": "up" if link["connected"] else "down", "error": link["error"]}
-    seen = (row.peer_latencies or {}).get(str(peer.id))
+    seen = _measured(row.peer_latencies, str(peer.id))
     if not seen:
         return {"state": "unknown"}
     if seen.get("error"):
-        return {"state": "down", "error": seen["error"]}
+        return {"state": "down", "error": str(seen["error"])}
     return {"state": "up" if seen.get("derp_ms") is not None else "unknown"}
 
 
@@ -98,9 +108,9 @@ async def snapshot(control: ControlPlane, relay: DerpRelay) -> dict:
             "region_id": row.region_id, "alive": row.alive, "self": is_self, "error": row.error or None,
             "heartbeat_age_s": ages.get(rid), "heartbeat_s": row.heartbeat,
         })
-        seen = mine if is_self else (row.peer_latencies or {})
+        seen = mine if is_self else row.peer_latencies
         mesh[rid] = {str(p.id): mesh_state(row, p, is_self, links, row.alive and p.alive) for p in rows if p.id != row.id}
-        cells = {str(p.id): (seen.get(str(p.id)) or {}).get("http_ms") for p in rows if p.id != row.id}
+        cells = {str(p.id): _number(_measured(seen, str(p.id)).get("http_ms")) for p in rows if p.id != row.id}
         if row.alive:
             cells["database"] = _ms(row.database_latency)
             cells["pubsub"] = _ms(row.pubsub_latency)
