@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from coordinator.nginx import nginx_binary
 from procs import ROOT, Proc, free_port, python
 
 pytestmark = pytest.mark.timeout(1200)
@@ -103,3 +104,8 @@ def test_installs_without_a_compiler_and_starts_a_replica(dist, tmp_path, pg_url
     finally:
         p.stop()
     assert "Traceback" not in p.log_path.read_text()
+    if nginx_binary() is not None:  # the installed demo finds the example in the wheel and runs it
+        demo = subprocess.run([str(bin_dir / "coordinator"), "demo", "--once"], capture_output=True, text=True,
+                              env=bare, cwd=tmp_path, timeout=240)
+        assert demo.returncode == 0, demo.stdout + demo.stderr
+        assert "nginx not found" not in demo.stdout and "two clients through nginx: packet delivered" in demo.stdout
