@@ -16,7 +16,7 @@ from coordinator.controlplane import ControlPlane
 from coordinator.derp import DerpRelay
 
 GAUGES = {"current_connections", "current_home_connections", "clients_local", "clients_remote", "watchers", "duplicate_keys",
-          "mesh_links_congested", "senders_paused"}
+          "mesh_links_congested", "senders_paused", "admission_pending"}
 
 
 class RelayCollector:

@@ -330,6 +330,8 @@ class DerpClient:
         await self._stream.drain()
         if wait_server_info:
             ftype, payload = await self._read_frame()
+            if ftype == codec.HEALTH:  # why the server is about to close (e.g. admission refused)
+                raise DerpRefused(f"{self.url}: {payload.decode(errors='replace')}")
             if ftype != codec.SERVER_INFO:
                 raise DerpError(f"{self.url}: expected ServerInfo, got frame type 0x{ftype:02x}")
             self.server_info = open_server_info(self.key, self.server_key, payload)
