@@ -569,9 +569,10 @@ cdef class Conn(Writer):
             log.debug("derp %s:%d %s: closed: %s", self.remote_ip, self.remote_port, self.short_key(), reason)
         if was == ST_ACTIVE:
             self.server.unregister(self)
-        elif was == ST_ADMITTING:
+        elif self.admission is not None:
             self.admission[0].cancel()
             self.admission = None
+            self.server.admitting -= 1
         if self.rl is not None and self.rl.timer is not None:
             self.rl.timer.cancel()
             self.rl.timer = None
@@ -930,6 +931,7 @@ cdef class Conn(Writer):
             if inspect.isawaitable(verdict):
                 self.admission = [asyncio.ensure_future(verdict), server_info, bytearray()]
                 self.state = ST_ADMITTING
+                server.admitting += 1
                 self.hold_reads(PAUSE_ADMIT)  # what the client sends meanwhile waits in the kernel
                 self.admission[0].add_done_callback(self.admission_done)
                 return 0
@@ -943,6 +945,7 @@ cdef class Conn(Writer):
             return  # closed meanwhile
         _, server_info, held = self.admission
         self.admission = None
+        self.server.admitting -= 1
         if future.cancelled() or future.exception() is not None:
             log.warning("derp %s %s: admission hook failed, refusing: %r", self.remote_ip, self.short_key(),
                         None if future.cancelled() else future.exception())
@@ -1134,6 +1137,7 @@ cdef class RelayServer:
     cdef public Py_ssize_t queue_depth, high_water
     cdef public object admit
     cdef readonly double rate_limit, rate_burst
+    cdef Py_ssize_t admitting   # connections waiting for their admission decision
     cdef object rate_view       # the read buffer cut to one burst, for rate-limited connections
     cdef dict routes            # key -> active local Conn, else preferred Forwarder
     cdef dict clients           # key -> ClientSet of local connections
@@ -1467,7 +1471,7 @@ cdef class RelayServer:
             "peer_gone_not_here": c.peer_gone_not_here,
             "mesh_pushbacks": c.mesh_pushbacks,
             "admission_refused": c.admission_refused,
-            "admission_pending": sum(1 for conn in self.conns if (<Conn>conn).state == ST_ADMITTING),
+            "admission_pending": self.admitting,
             "rate_limited": c.rate_limited,
             "mesh_links_congested": sum(1 for f in self.congested if (<Forwarder>f).congested),
             "senders_paused": sum(len((<Forwarder>f).paused) for f in self.congested),

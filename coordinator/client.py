@@ -179,7 +179,9 @@ class _WebSocketStream:
 
         try:
             msg = await self.ws.recv()
-        except websockets.ConnectionClosed:
+        except websockets.ConnectionClosed as exc:
+            if exc.rcvd is not None and exc.rcvd.code == 1008:  # policy: e.g. refused by admission control
+                raise DerpRefused(f"WebSocket closed by the server: {exc.rcvd.reason}") from None
             return b""
         if isinstance(msg, str):
             raise DerpError("server sent a text WebSocket message")
