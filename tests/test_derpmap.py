@@ -3,7 +3,6 @@
 import asyncio
 import json
 import subprocess
-import sys
 import urllib.error
 import urllib.request
 
@@ -15,7 +14,7 @@ from coordinator.config import load_settings
 from coordinator.derp import DerpRelay
 from coordinator.derpmap import PublishedMap, derp_map, render
 from coordinator.keys import NodeKey
-from procs import Proc, free_port, python
+from procs import Proc, free_port, python, refused_at_start
 from relayfix import serve_app
 
 pytestmark = pytest.mark.anyio
@@ -100,7 +99,4 @@ async def test_fetched_map_leads_a_client_to_a_working_relay(pg_url, tmp_path):
 ])
 def test_bad_region_settings_are_refused_in_one_line(flags, named):
     access = [] if not flags or flags[0] == "--access-url" else ["--access-url", "https://lb.corp"]
-    proc = subprocess.run([sys.executable, "-m", "coordinator", "derpmap", *access, *flags],
-                          capture_output=True, text=True, timeout=60)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and named in lines[0] and not proc.stdout, proc.stderr
+    refused_at_start(["derpmap", *access, *flags], named)

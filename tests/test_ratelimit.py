@@ -2,12 +2,11 @@
 
 import json
 import subprocess
-import sys
 import urllib.request
 
 import pytest
 
-from procs import ROOT, Proc, free_port, python
+from procs import ROOT, Proc, free_port, python, refused_at_start
 
 LIMIT = 4_000_000          # bytes/s the replica allows each client
 BURST = 262_144
@@ -75,8 +74,5 @@ def test_limited_sender_gets_its_limit_and_an_unlimited_pair_is_unaffected(pg_ur
     (["--per-client-rate-burst", "100000"], "--per-client-rate-burst"),
 ])
 def test_bad_rate_settings_are_refused_at_start(flags, named, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "coordinator", "server", "--data-dir", str(tmp_path), *flags],
-                          capture_output=True, text=True, timeout=60)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and named in lines[0], proc.stderr
+    refused_at_start(["server", "--data-dir", str(tmp_path), *flags], named)
     assert list(tmp_path.iterdir()) == []
