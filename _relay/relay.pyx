@@ -13,7 +13,9 @@ until it drains, which pushes back on them over TCP instead of dropping.
 
 Only per-connection events (handshake, registration, close, keepalive ticks) touch Python objects
 beyond the dict lookup. The handshake itself (NaCl boxes, JSON) is a Python callable injected by
-the control plane; nothing here knows about HTTP, Postgres or configuration.
+the control plane, and so is admission (asked once per handshake, possibly asynchronously);
+nothing here knows about HTTP, Postgres or configuration. A per-client rate limit is a token
+bucket charged once per read; while it is in debt the connection is not read.
 """
 
 cimport cython

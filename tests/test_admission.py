@@ -15,8 +15,9 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from _relay import codec
-from coordinator.admission import WebhookAdmission
+from coordinator.admission import WebhookAdmission, WebhookFailure, parse_answer
 from coordinator.client import DerpClient, DerpRefused, RecvPacket
+from coordinator.config import load_settings
 from coordinator.keys import NodeKey
 from polling import wait_for
 from procs import refused_at_start
@@ -204,6 +205,33 @@ async def test_embedder_hook(caplog):
         assert relay.stats()["admission_refused"] == 3
     failures = warnings(caplog)
     assert len(failures) == 1 and "policy store unavailable" in failures[0], failures
+
+
+@pytest.mark.parametrize(("status", "body", "outcome"), [
+    (200, b'{"Allow": true}', True),
+    (200, b'{"Allow": false, "Reason": "unknown node"}', False),
+    (200, b'{"allow": true}', True),            # Go matches field names case-insensitively
+    (200, b'{"Allow": "yes"}', "no-allow"),     # ... but only a JSON boolean decodes into a bool
+    (200, b"[true]", "no-allow"),
+    (200, b"<html>", "not-json"),
+    (403, b'{"Allow": true}', "status"),
+])
+def test_webhook_answers(status, body, outcome):
+    if isinstance(outcome, bool):
+        assert parse_answer(status, body) is outcome
+    else:
+        with pytest.raises(WebhookFailure) as failure:
+            parse_answer(status, body)
+        assert failure.value.kind == outcome
+
+
+def test_admission_settings_from_the_environment():
+    s = load_settings(environ={"COORDINATOR_DERP_VERIFY_CLIENT_URL": "https://hooks.corp/admit",
+                               "COORDINATOR_DERP_VERIFY_CLIENT_URL_FAIL_OPEN": "false",
+                               "COORDINATOR_DERP_VERIFY_CLIENT_URL_TIMEOUT": "750ms"})
+    assert (s.verify_client_url, s.verify_client_url_fail_open, s.verify_client_url_timeout) == (
+        "https://hooks.corp/admit", False, 0.75)
+    assert load_settings(environ={}).verify_client_url_fail_open is True  # derper's default
 
 
 @pytest.mark.parametrize(("flags", "named"), [

@@ -6,6 +6,9 @@ import urllib.request
 
 import pytest
 
+from coordinator.config import load_settings
+from coordinator.derp import DerpRelay
+from coordinator.keys import NodeKey
 from procs import ROOT, Proc, free_port, python, refused_at_start
 
 LIMIT = 4_000_000          # bytes/s the replica allows each client
@@ -65,6 +68,13 @@ def test_limited_sender_gets_its_limit_and_an_unlimited_pair_is_unaffected(pg_ur
         assert metric(base, "coordinator_derp_rate_limited_total") > 0
     finally:
         replica.stop()
+
+
+def test_burst_is_never_below_one_maximum_size_packet():
+    assert DerpRelay(NodeKey.generate(), rate_limit=1000, rate_burst=10).server.rate_burst == 5 + 32 + 65536
+    assert DerpRelay(NodeKey.generate(), rate_limit=1000, rate_burst=10**6).server.rate_burst == 10**6
+    s = load_settings(environ={"COORDINATOR_DERP_PER_CLIENT_RATE_LIMIT": "1000000"})
+    assert (s.per_client_rate_limit, s.per_client_rate_burst) == (1_000_000, 0)
 
 
 @pytest.mark.parametrize(("flags", "named"), [
