@@ -1126,8 +1126,9 @@ cdef class RelayServer:
     meanwhile is held (its reading paused) until the answer, and a refused client is closed.
 
     ``rate_limit`` (bytes/s, 0 = off) limits what each client without the mesh key may send, by
-    not reading from it while its token bucket (depth ``rate_burst``, at least one largest
-    SendPacket frame) is in debt: TCP pushes back on the sender, nothing is dropped.
+    not reading from it while its token bucket (depth ``rate_burst``, default 0.1 s of the rate,
+    at least one largest SendPacket frame) is in debt: TCP pushes back on the sender, nothing is
+    dropped.
     """
 
     cdef readonly bytes public_key
@@ -1195,7 +1196,9 @@ cdef class RelayServer:
         if rate_limit < 0:
             raise ValueError("rate_limit must be 0 (off) or positive")
         self.rate_limit = rate_limit
-        self.rate_burst = max(rate_burst, <Py_ssize_t>MAX_FRAME)
+        # Default: a tenth of a second of the rate, so a replica that is scheduled late (a busy
+        # machine) does not cost a limited client its rate; never less than the largest frame.
+        self.rate_burst = max(<double>rate_burst if rate_burst > 0 else rate_limit / 10, <double>MAX_FRAME)
         self.rate_view = self.read_view[:min(<Py_ssize_t>self.rate_burst, <Py_ssize_t>READ_BUFFER_SIZE)]
 
     def __dealloc__(self):

@@ -180,7 +180,7 @@ class Settings:
     )
     per_client_rate_burst: int = _setting(
         "COORDINATOR_DERP_PER_CLIENT_RATE_BURST", 0, kind="bytes",
-        help="bytes a client may send at once above the rate (at least one maximum-size packet)",
+        help="bytes a client may send at once above the rate (default 0.1 s of it; at least one maximum-size packet)",
     )
     extra: dict = field(default_factory=dict)
 

@@ -37,7 +37,7 @@ class DerpRelay:
             tuning.update(rate_limit=rate_limit, rate_burst=rate_burst)
         self.server = RelayServer(server_key.public, self.handshake, keepalive=keepalive, **tuning)
         if rate_limit:
-            log.info("per-client rate limit %d B/s, burst %d B%s", rate_limit, self.server.rate_burst,
+            log.info("per-client rate limit %d B/s, burst %.0f B%s", rate_limit, self.server.rate_burst,
                      " (raised to one maximum-size packet)" if 0 < rate_burst < self.server.rate_burst else "")
 
     @classmethod

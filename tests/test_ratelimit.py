@@ -73,6 +73,8 @@ def test_limited_sender_gets_its_limit_and_an_unlimited_pair_is_unaffected(pg_ur
 def test_burst_is_never_below_one_maximum_size_packet():
     assert DerpRelay(NodeKey.generate(), rate_limit=1000, rate_burst=10).server.rate_burst == 5 + 32 + 65536
     assert DerpRelay(NodeKey.generate(), rate_limit=1000, rate_burst=10**6).server.rate_burst == 10**6
+    assert DerpRelay(NodeKey.generate(), rate_limit=1000).server.rate_burst == 5 + 32 + 65536
+    assert DerpRelay(NodeKey.generate(), rate_limit=10**7).server.rate_burst == 10**6  # 0.1 s of the rate
     s = load_settings(environ={"COORDINATOR_DERP_PER_CLIENT_RATE_LIMIT": "1000000"})
     assert (s.per_client_rate_limit, s.per_client_rate_burst) == (1_000_000, 0)
 
