@@ -140,7 +140,8 @@ async def test_webhook_outcomes_follow_fail_open_and_log_once_per_change(webhook
         print(f"\n{'fail-open' if fail_open else 'fail-closed'}: {outcomes}; log lines: {warnings(caplog)}")
 
 
-async def test_frames_sent_before_admission_wait_for_it(webhook):
+@pytest.mark.parametrize("websocket", [False, True], ids=["raw", "websocket"])
+async def test_frames_sent_before_admission_wait_for_it(webhook, websocket):
     """A client that sends right after ClientInfo: ServerInfo comes first, then its packet is relayed."""
     webhook.delay = 0.3
     admission = WebhookAdmission(webhook.url, timeout=5, cache=0)
@@ -148,7 +149,7 @@ async def test_frames_sent_before_admission_wait_for_it(webhook):
         keys = NodeKey.generate(), NodeKey.generate()
         webhook.allowed.update(nodekey(k) for k in keys)
         async with await DerpClient.connect(url, keys[0]) as receiver:
-            sender = await DerpClient.connect(url, keys[1], wait_server_info=False)
+            sender = await DerpClient.connect(url, keys[1], wait_server_info=False, websocket=websocket)
             async with sender:
                 await sender.send(receiver.public_key, b"sent before admission")
                 await wait_for(lambda: relay.stats()["admission_pending"] == 1, what="the sender to wait for admission")
