@@ -13,7 +13,9 @@ until it drains, which pushes back on them over TCP instead of dropping.
 
 Only per-connection events (handshake, registration, close, keepalive ticks) touch Python objects
 beyond the dict lookup. The handshake itself (NaCl boxes, JSON) is a Python callable injected by
-the control plane; nothing here knows about HTTP, Postgres or configuration.
+the control plane, and so is admission (asked once per handshake, possibly asynchronously);
+nothing here knows about HTTP, Postgres or configuration. A per-client rate limit is a token
+bucket charged once per read; while it is in debt the connection is not read.
 """
 
 cimport cython
@@ -27,6 +29,8 @@ from libc.stdint cimport uint64_t
 
 from _relay cimport proto as P
 
+import asyncio
+import inspect
 import ipaddress
 import logging
 import random
@@ -65,7 +69,8 @@ cdef enum:
 cdef enum:
     ST_HANDSHAKE = 0
     ST_ACTIVE = 1
-    ST_CLOSED = 2
+    ST_ADMITTING = 2             # handshake done, waiting for RelayServer.admit; frames are held
+    ST_CLOSED = 3
 
 cdef enum:
     ROUTE_CACHE = 4
@@ -73,6 +78,13 @@ cdef enum:
     SCRATCH_SIZE = 65536
     IDLE_BUFFER_KEEP = 4096      # output buffers above this are freed when a conn goes idle
     MESH_HARD_LIMIT_FACTOR = 8   # a mesh link sheds forwarded packets past this many x max_buffer
+
+cdef enum:                       # why a connection is not read (Conn.pause_why bits)
+    PAUSE_MESH = 1               # a mesh link it sends to is congested (Forwarder.paused)
+    PAUSE_RATE = 2               # over its per-client rate limit
+    PAUSE_ADMIT = 4              # waiting for the admission decision
+    HOLD_LIMIT = 2 * READ_BUFFER_SIZE  # bytes a client may send before it is admitted
+    MAX_FRAME = P.FRAME_HEADER_LEN + P.KEY_LEN + P.MAX_PACKET_SIZE  # a SendPacket of the largest packet
 
 cdef enum:
     WS_OP_CONT = 0x0
@@ -143,6 +155,7 @@ cdef class Counters:
     cdef public unsigned long long forwarded_in, forwarded_out, accepts, handshake_failures
     cdef public unsigned long long pings, pongs, keepalives, peer_gone_disconnected, peer_gone_not_here
     cdef public unsigned long long home_conns_total, protocol_errors, mesh_pushbacks
+    cdef public unsigned long long admission_refused, rate_limited
     cdef unsigned long long drops[N_DROPS]
     cdef unsigned long long drop_bytes[N_DROPS]
 
@@ -340,6 +353,24 @@ cdef class Forwarder(Writer):
 
 
 @cython.final
+cdef class RateLimit:
+    """One client's token bucket, in bytes read from its connection: in debt, it is not read."""
+    cdef double tokens, last
+    cdef object timer           # the call_later that reads the client again
+
+    cdef int charge(self, Conn conn, Py_ssize_t n) except -1:
+        """``n`` bytes were read: pay for them; in debt, stop reading until the bucket refills."""
+        cdef RelayServer server = conn.server
+        cdef double now = monotonic()
+        self.tokens = min(server.rate_burst, self.tokens + (now - self.last) * server.rate_limit) - n
+        self.last = now
+        if self.tokens < 0 and self.timer is None and conn.state == ST_ACTIVE and conn.hold_reads(PAUSE_RATE):
+            server.counters.rate_limited += 1
+            self.timer = server.loop.call_later(-self.tokens / server.rate_limit, conn.rate_refilled)
+        return 0
+
+
+@cython.final
 cdef class ClientSet:
     """All live connections of one key; the last one to send is the active one (tailscale#2745)."""
     cdef bytes key
@@ -359,6 +390,9 @@ cdef class Conn(Writer):
     cdef int state
     cdef bint paused, watcher, ws_closing
     cdef readonly bint read_paused      # by a congested mesh link (Forwarder.paused)
+    cdef int pause_why                  # PAUSE_* bits: the transport is not read while any is set
+    cdef RateLimit rl                   # None when unlimited (or a mesh peer): one pointer test per read
+    cdef list admission                 # while ST_ADMITTING: [future, ServerInfo payload, held bytes]
     cdef double paused_at, next_keepalive, write_timeout
     cdef object hs_timer
     cdef ClientSet cset
@@ -415,6 +449,8 @@ cdef class Conn(Writer):
 
     # uvloop and asyncio read straight into the relay's shared buffer (no bytes object per read)
     def get_buffer(self, sizehint):
+        if self.rl is not None:
+            return self.server.rate_view  # reads of at most one burst keep a limited sender smooth
         return self.server.read_view
 
     def buffer_updated(self, Py_ssize_t nbytes):
@@ -433,6 +469,8 @@ cdef class Conn(Writer):
             self.close(str(exc), True)
         finally:
             self.server.flush_dirty()
+        if self.rl is not None:
+            self.rl.charge(self, n)
         return 0
 
     def eof_received(self):
@@ -447,11 +485,7 @@ cdef class Conn(Writer):
 
     cdef bint pause_reading(self):
         """Stop reading this connection (a mesh link it sends to is congested); False if we cannot."""
-        if self.state == ST_CLOSED or self.transport is None:
-            return False
-        try:
-            self.transport.pause_reading()
-        except (NotImplementedError, AttributeError, RuntimeError):
+        if not self.hold_reads(PAUSE_MESH):
             return False  # a bridge transport: its packets are shed past the link's hard limit
         self.read_paused = True
         return True
@@ -460,8 +494,34 @@ cdef class Conn(Writer):
         if not self.read_paused:
             return
         self.read_paused = False
-        if self.state != ST_CLOSED and self.transport is not None and not self.transport.is_closing():
+        self.release_reads(PAUSE_MESH)
+
+    cdef bint hold_reads(self, int why):
+        """Stop reading for reason ``why`` (a PAUSE_* bit); False if the transport cannot pause."""
+        if self.state == ST_CLOSED or self.transport is None:
+            return False
+        if not self.pause_why:
+            try:
+                self.transport.pause_reading()
+            except (NotImplementedError, AttributeError, RuntimeError):
+                return False
+        self.pause_why |= why
+        return True
+
+    cdef void release_reads(self, int why):
+        """Reason ``why`` is over: read again unless another reason still holds."""
+        if not self.pause_why & why:
+            return
+        self.pause_why &= ~why
+        if (not self.pause_why and self.state != ST_CLOSED and self.transport is not None
+                and not self.transport.is_closing()):
             self.transport.resume_reading()
+
+    def rate_refilled(self):
+        """The rate limiter's timer: the bucket has paid its debt."""
+        if self.rl is not None:
+            self.rl.timer = None
+        self.release_reads(PAUSE_RATE)
 
     def pause_writing(self):
         self.paused = True
@@ -491,7 +551,7 @@ cdef class Conn(Writer):
             self.data_received(pending)
 
     def handshake_timeout(self):
-        if self.state == ST_HANDSHAKE:
+        if self.state == ST_HANDSHAKE or self.state == ST_ADMITTING:
             self.server.counters.handshake_failures += 1
             self.close("handshake not completed within %.0f s" % self.server.handshake_timeout, True)
 
@@ -511,6 +571,13 @@ cdef class Conn(Writer):
             log.debug("derp %s:%d %s: closed: %s", self.remote_ip, self.remote_port, self.short_key(), reason)
         if was == ST_ACTIVE:
             self.server.unregister(self)
+        elif self.admission is not None:
+            self.admission[0].cancel()
+            self.admission = None
+            self.server.admitting -= 1
+        if self.rl is not None and self.rl.timer is not None:
+            self.rl.timer.cancel()
+            self.rl.timer = None
         self.drop_queued(DROP_GONE)
         if self.transport is not None:
             if error:
@@ -592,7 +659,7 @@ cdef class Conn(Writer):
         """Consume DERP stream bytes: whole frames straight from ``p``, partial ones via ``ibuf``."""
         cdef Py_ssize_t k, length
         cdef int ftype, r
-        while n > 0 and self.state != ST_CLOSED:
+        while n > 0 and self.state <= ST_ACTIVE:
             if self.skip:
                 k = min(self.skip, n)
                 self.skip -= k
@@ -645,6 +712,16 @@ cdef class Conn(Writer):
             self.ineed = P.FRAME_HEADER_LEN + length
             self.ibuf_append(p, n)
             return 0
+        if n > 0 and self.state == ST_ADMITTING:
+            self.hold(p, n)
+        return 0
+
+    cdef int hold(self, const unsigned char* p, Py_ssize_t n) except -1:
+        """Keep what a client sends while its admission is pending; it is handled once admitted."""
+        cdef bytearray held = self.admission[2]
+        if len(held) + n > HOLD_LIMIT:
+            raise ProtocolViolation(f"sent more than {HOLD_LIMIT} bytes before it was admitted")
+        held += (<const char*>p)[:n]
         return 0
 
     cdef int on_frame(self, int ftype, const unsigned char* p, Py_ssize_t n) except -1:
@@ -847,13 +924,62 @@ cdef class Conn(Writer):
         except Exception as exc:
             server.counters.handshake_failures += 1
             raise ProtocolViolation(f"handshake refused: {exc}") from None
-        if self.hs_timer is not None:
-            self.hs_timer.cancel()
-            self.hs_timer = None
         self.key = key
         self.can_mesh = can_mesh
         self.is_prober = bool(info.get("isprober"))
-        if can_mesh:
+        if server.admit is not None and not can_mesh:
+            # Admission is decided before ServerInfo, once per handshake; mesh peers are trusted.
+            verdict = server.admit(key, self.remote_ip)
+            if inspect.isawaitable(verdict):
+                self.admission = [asyncio.ensure_future(verdict), server_info, bytearray()]
+                self.state = ST_ADMITTING
+                server.admitting += 1
+                self.hold_reads(PAUSE_ADMIT)  # what the client sends meanwhile waits in the kernel
+                self.admission[0].add_done_callback(self.admission_done)
+                return 0
+            if not verdict:
+                return self.refuse()
+        return self.admitted(server_info)
+
+    def admission_done(self, future):
+        """The admission awaitable resolved: go on with the handshake, or refuse the client."""
+        if self.state != ST_ADMITTING:
+            return  # closed meanwhile
+        _, server_info, held = self.admission
+        self.admission = None
+        self.server.admitting -= 1
+        if future.cancelled() or future.exception() is not None:
+            log.warning("derp %s %s: admission hook failed, refusing: %r", self.remote_ip, self.short_key(),
+                        None if future.cancelled() else future.exception())
+            self.refuse()
+        elif not future.result():
+            self.refuse()
+        else:
+            self.admitted(server_info)
+            self.release_reads(PAUSE_ADMIT)
+            try:
+                self.feed(<const unsigned char*>PyByteArray_AS_STRING(held), len(held))
+            except ProtocolViolation as exc:
+                self.close(str(exc), True)
+        self.server.flush_dirty()
+
+    cdef int refuse(self) except -1:
+        """Admission control said no: a clear close (Health frame or WebSocket 1008), counted, logged at debug."""
+        cdef bytes why = b"refused by the server's admission control"
+        self.server.counters.admission_refused += 1
+        if self.ws:
+            self.ws_close_with(1008, why)
+        else:
+            self.put_frame(P.FRAME_HEALTH, <const unsigned char*>PyBytes_AS_STRING(why), len(why), NULL, 0)
+        self.close("refused by admission control", False)
+        return 0
+
+    cdef int admitted(self, bytes server_info) except -1:
+        server = self.server
+        if self.hs_timer is not None:
+            self.hs_timer.cancel()
+            self.hs_timer = None
+        if self.can_mesh:
             self.write_timeout = server.mesh_write_timeout
         self.addr18 = address18(self.remote_ip, self.remote_port)
         # ServerInfo is always the first frame after ServerKey: write it before anyone can enqueue.
@@ -861,6 +987,10 @@ cdef class Conn(Writer):
                        PyBytes_GET_SIZE(server_info), NULL, 0)
         self.state = ST_ACTIVE
         self.next_keepalive = monotonic() + server.keepalive + random.random() * server.keepalive_jitter
+        if server.rate_limit > 0 and not self.can_mesh:
+            self.rl = RateLimit()
+            self.rl.tokens = server.rate_burst
+            self.rl.last = monotonic()
         server.register(self)
         return 0
 
@@ -990,6 +1120,15 @@ cdef class RelayServer:
 
     ``handshake(payload) -> (client_key, client_info, can_mesh, server_info_payload)`` receives the
     ClientInfo frame's payload and raises to refuse the client.
+
+    ``admit(client_key, remote_ip) -> bool`` (or an awaitable of one), if given, is asked once per
+    handshake of a client without the mesh key, before ServerInfo is sent; what the client sends
+    meanwhile is held (its reading paused) until the answer, and a refused client is closed.
+
+    ``rate_limit`` (bytes/s, 0 = off) limits what each client without the mesh key may send, by
+    not reading from it while its token bucket (depth ``rate_burst``, default 0.1 s of the rate,
+    at least one largest SendPacket frame) is in debt: TCP pushes back on the sender, nothing is
+    dropped.
     """
 
     cdef readonly bytes public_key
@@ -999,6 +1138,10 @@ cdef class RelayServer:
     cdef public object loop
     cdef public double keepalive, keepalive_jitter, write_timeout, mesh_write_timeout, handshake_timeout
     cdef public Py_ssize_t queue_depth, high_water
+    cdef public object admit
+    cdef readonly double rate_limit, rate_burst
+    cdef Py_ssize_t admitting   # connections waiting for their admission decision
+    cdef object rate_view       # the read buffer cut to one burst, for rate-limited connections
     cdef dict routes            # key -> active local Conn, else preferred Forwarder
     cdef dict clients           # key -> ClientSet of local connections
     cdef dict mesh              # key -> [Forwarder, ...], first registered preferred
@@ -1017,7 +1160,8 @@ cdef class RelayServer:
 
     def __cinit__(self, bytes public_key not None, handshake, *, double keepalive=60.0, double keepalive_jitter=5.0,
                   Py_ssize_t queue_depth=32, double write_timeout=2.0, double mesh_write_timeout=30.0,
-                  double handshake_timeout=10.0, Py_ssize_t high_water=256 * 1024):
+                  double handshake_timeout=10.0, Py_ssize_t high_water=256 * 1024, admit=None,
+                  double rate_limit=0.0, Py_ssize_t rate_burst=0):
         if len(public_key) != P.KEY_LEN:
             raise ValueError("server public key must be 32 bytes")
         self.public_key = public_key
@@ -1048,6 +1192,14 @@ cdef class RelayServer:
         self.read_bytes = bytearray(READ_BUFFER_SIZE)
         self.read_buf = <unsigned char*>PyByteArray_AS_STRING(self.read_bytes)
         self.read_view = memoryview(self.read_bytes)
+        self.admit = admit
+        if rate_limit < 0:
+            raise ValueError("rate_limit must be 0 (off) or positive")
+        self.rate_limit = rate_limit
+        # Default: a tenth of a second of the rate, so a replica that is scheduled late (a busy
+        # machine) does not cost a limited client its rate; never less than the largest frame.
+        self.rate_burst = max(<double>rate_burst if rate_burst > 0 else rate_limit / 10, <double>MAX_FRAME)
+        self.rate_view = self.read_view[:min(<Py_ssize_t>self.rate_burst, <Py_ssize_t>READ_BUFFER_SIZE)]
 
     def __dealloc__(self):
         if self.scratch != NULL:
@@ -1323,6 +1475,9 @@ cdef class RelayServer:
             "peer_gone_disconnected": c.peer_gone_disconnected,
             "peer_gone_not_here": c.peer_gone_not_here,
             "mesh_pushbacks": c.mesh_pushbacks,
+            "admission_refused": c.admission_refused,
+            "admission_pending": self.admitting,
+            "rate_limited": c.rate_limited,
             "mesh_links_congested": sum(1 for f in self.congested if (<Forwarder>f).congested),
             "senders_paused": sum(len((<Forwarder>f).paused) for f in self.congested),
             "drops": {DROP_REASONS[i]: c.drops[i] for i in range(N_DROPS)},

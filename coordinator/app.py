@@ -18,6 +18,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from coordinator.derp import DerpRelay
+from coordinator.derpmap import PublishedMap
 
 log = logging.getLogger("coordinator.app")
 
@@ -49,6 +50,18 @@ async def generate_204(request: Request) -> Response:
     if _CHALLENGE.match(challenge):
         headers["X-Tailscale-Response"] = "response " + challenge
     return Response(status_code=204, headers=headers)
+
+
+async def derpmap_default(request: Request) -> Response:
+    """The deployment's ``tailcfg.DERPMap`` (public and cacheable; the same on every replica)."""
+    published: PublishedMap | None = request.app.state.derp_map
+    if published is None or not published.body:
+        reason = published.missing if published else "this app was built without settings"
+        return PlainTextResponse(f"no DERP map: {reason}\n", status_code=404)
+    headers = {"Cache-Control": "public, max-age=300", "ETag": published.etag}
+    if published.etag in request.headers.get("if-none-match", ""):
+        return Response(status_code=304, headers=headers)
+    return Response(published.body, media_type="application/json", headers=headers)
 
 
 async def healthz(request: Request) -> Response:
@@ -137,8 +150,9 @@ async def derp_websocket(websocket: WebSocket) -> None:
             await asyncio.wait_for(sender, 5)
 
 
-def create_app(relay: DerpRelay, *, extra_routes: list | None = None, lifespan=None) -> Starlette:
-    """The Starlette app of one replica, serving ``relay``."""
+def create_app(relay: DerpRelay, *, extra_routes: list | None = None, lifespan=None,
+               derp_map: PublishedMap | None = None) -> Starlette:
+    """The Starlette app of one replica, serving ``relay`` (and ``derp_map`` at /derpmap/default)."""
 
     @contextlib.asynccontextmanager
     async def relay_lifespan(app: Starlette):
@@ -158,12 +172,14 @@ def create_app(relay: DerpRelay, *, extra_routes: list | None = None, lifespan=N
         Route("/derp/probe", probe, methods=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]),
         Route("/derp/latency-check", probe, methods=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]),
         Route("/generate_204", generate_204),
+        Route("/derpmap/default", derpmap_default, methods=["GET", "HEAD"]),
         Route("/healthz", healthz),
         Route("/robots.txt", robots),
         *(extra_routes or []),
     ]
     app = Starlette(routes=routes, lifespan=relay_lifespan)
     app.state.derp_relay = relay
+    app.state.derp_map = derp_map
     return app
 
 
@@ -177,9 +193,7 @@ class _LazyApp:
         from coordinator.config import load_settings
 
         settings = load_settings()
-        relay = DerpRelay.from_data_dir(settings.data_path, mesh_key=settings.mesh_key or None,
-                                        keepalive=settings.keepalive)
-        return create_app(relay)
+        return create_app(DerpRelay.from_settings(settings), derp_map=PublishedMap.from_settings(settings))
 
     async def __call__(self, scope, receive, send) -> None:
         if self.app is None:

@@ -80,6 +80,13 @@ def cmd_api_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_derpmap(args: argparse.Namespace) -> int:
+    from coordinator.derpmap import derp_map, render
+
+    print(render(derp_map(_settings_from(args))).decode())
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from coordinator.demo import run_demo
 
@@ -106,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("--pg-url", "--data-dir", "--api-token", "--db-wait"):
         token.add_argument(flag, default=None)
     token.set_defaults(func=cmd_api_token)
+    derpmap = sub.add_parser("derpmap", help="print the DERP map (tailcfg.DERPMap JSON) that /derpmap/default serves")
+    for flag in ("--access-url", "--region-id", "--region-code", "--region-name"):
+        derpmap.add_argument(flag, default=None)
+    derpmap.set_defaults(func=cmd_derpmap)
     # `coordinator probe ...` is handed to coordinator.probe whole (see main below); listed here for --help.
     sub.add_parser("probe", help="measure latency to the database, pub/sub and every replica (probe --help)",
                    add_help=False)

@@ -179,7 +179,9 @@ class _WebSocketStream:
 
         try:
             msg = await self.ws.recv()
-        except websockets.ConnectionClosed:
+        except websockets.ConnectionClosed as exc:
+            if exc.rcvd is not None and exc.rcvd.code == 1008:  # policy: e.g. refused by admission control
+                raise DerpRefused(f"WebSocket closed by the server: {exc.rcvd.reason}") from None
             return b""
         if isinstance(msg, str):
             raise DerpError("server sent a text WebSocket message")
@@ -330,6 +332,8 @@ class DerpClient:
         await self._stream.drain()
         if wait_server_info:
             ftype, payload = await self._read_frame()
+            if ftype == codec.HEALTH:  # why the server is about to close (e.g. admission refused)
+                raise DerpRefused(f"{self.url}: {payload.decode(errors='replace')}")
             if ftype != codec.SERVER_INFO:
                 raise DerpError(f"{self.url}: expected ServerInfo, got frame type 0x{ftype:02x}")
             self.server_info = open_server_info(self.key, self.server_key, payload)

@@ -37,6 +37,18 @@ def parse_duration(text: str | float | int, name: str = "duration") -> float:
     return total
 
 
+def parse_bool(text: str | bool, name: str = "flag") -> bool:
+    """``true``/``false`` (also 1/0, yes/no, on/off), as Go's strconv.ParseBool and shells spell them."""
+    if isinstance(text, bool):
+        return text
+    raw = str(text).strip().lower()
+    if raw in ("1", "t", "true", "yes", "on"):
+        return True
+    if raw in ("0", "f", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}: {text!r} is not true or false")
+
+
 def parse_address(text: str, name: str = "address") -> tuple[str, int]:
     """Parse ``host:port`` (``[::1]:3000`` for IPv6); an empty host means all interfaces."""
     raw = text.strip()
@@ -105,7 +117,7 @@ class Settings:
         help="PostgreSQL URL; empty starts an embedded Postgres in the data directory",
     )
     region_id: int = _setting(
-        "COORDINATOR_DERP_SERVER_REGION_ID", 999, aliases=("CODER_DERP_SERVER_REGION_ID",), kind="int",
+        "COORDINATOR_DERP_SERVER_REGION_ID", 999, aliases=("CODER_DERP_SERVER_REGION_ID",), kind="region_id",
         help="DERP region of this replica; replicas mesh within one region",
     )
     heartbeat: float = _setting(
@@ -149,6 +161,39 @@ class Settings:
     prometheus_enable: str = _setting(
         "COORDINATOR_PROMETHEUS_ENABLE", "", aliases=("CODER_PROMETHEUS_ENABLE",),
         help=f"true: serve /metrics on --prometheus-address (default {DEFAULT_PROMETHEUS_ADDRESS}); false: never",
+    )
+    # -- DERP map, admission control, per-client rate limits (docs/tailscale.md) --------------------
+    region_code: str = _setting(
+        "COORDINATOR_DERP_SERVER_REGION_CODE", "coordinator", aliases=("CODER_DERP_SERVER_REGION_CODE",),
+        help="short code of the DERP region in the DERP map (/derpmap/default)",
+    )
+    region_name: str = _setting(
+        "COORDINATOR_DERP_SERVER_REGION_NAME", "Coordinator Embedded Relay", aliases=("CODER_DERP_SERVER_REGION_NAME",),
+        help="long name of the DERP region in the DERP map",
+    )
+    verify_client_url: str = _setting(
+        "COORDINATOR_DERP_VERIFY_CLIENT_URL", "", kind="http_url",
+        help="admission webhook: POST {NodePublic, Source} per new client, admit only on {\"Allow\": true}",
+    )
+    verify_client_url_fail_open: bool = _setting(
+        "COORDINATOR_DERP_VERIFY_CLIENT_URL_FAIL_OPEN", True, kind="bool",
+        help="admit clients while the admission webhook fails (down, slow, garbage answers)",
+    )
+    verify_client_url_timeout: float = _setting(
+        "COORDINATOR_DERP_VERIFY_CLIENT_URL_TIMEOUT", 5.0, kind="duration",
+        help="how long one admission webhook request may take before it counts as failed",
+    )
+    verify_client_url_cache: float = _setting(
+        "COORDINATOR_DERP_VERIFY_CLIENT_URL_CACHE", 5.0, kind="duration",
+        help="how long an admission decision is reused for the same key and address (0: ask every time)",
+    )
+    per_client_rate_limit: int = _setting(
+        "COORDINATOR_DERP_PER_CLIENT_RATE_LIMIT", 0, kind="bytes",
+        help="bytes/s each client may send (0: unlimited); enforced by reading less, mesh peers exempt",
+    )
+    per_client_rate_burst: int = _setting(
+        "COORDINATOR_DERP_PER_CLIENT_RATE_BURST", 0, kind="bytes",
+        help="bytes a client may send at once above the rate (default 0.1 s of it; at least one maximum-size packet)",
     )
     extra: dict = field(default_factory=dict)
 
@@ -212,6 +257,21 @@ class Settings:
                 raise ConfigError(f"{name}: {path} is not a readable file")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError(f"COORDINATOR_LOG_LEVEL: {self.log_level!r} is not one of debug, info, warning, error")
+        self._validate_relay_policy()
+
+    def _validate_relay_policy(self) -> None:
+        """The DERP map, admission and rate-limit block (see the fields above)."""
+        for name, value in (("--region-code / COORDINATOR_DERP_SERVER_REGION_CODE", self.region_code),
+                            ("--region-name / COORDINATOR_DERP_SERVER_REGION_NAME", self.region_name)):
+            if not value.strip() or not value.isprintable():
+                raise ConfigError(f"{name}: {value!r} must be non-empty printable text")
+        if self.verify_client_url_timeout <= 0:
+            raise ConfigError("--verify-client-url-timeout / COORDINATOR_DERP_VERIFY_CLIENT_URL_TIMEOUT must be positive")
+        if self.verify_client_url_cache < 0:
+            raise ConfigError("--verify-client-url-cache / COORDINATOR_DERP_VERIFY_CLIENT_URL_CACHE must not be negative")
+        if self.per_client_rate_burst and not self.per_client_rate_limit:
+            raise ConfigError("--per-client-rate-burst / COORDINATOR_DERP_PER_CLIENT_RATE_BURST needs "
+                              "--per-client-rate-limit / COORDINATOR_DERP_PER_CLIENT_RATE_LIMIT")
 
 
 def _convert(kind: str, value, name: str):
@@ -222,6 +282,20 @@ def _convert(kind: str, value, name: str):
             raise ConfigError(f"{name}: {value!r} is not an integer") from None
     if kind == "duration":
         return parse_duration(value, name)
+    if kind == "bool":
+        return parse_bool(value, name)
+    if kind == "bytes":  # a size or a rate: a whole number of bytes, 0 meaning off
+        number = _convert("int", value, name)
+        if number < 0:
+            raise ConfigError(f"{name}: {value!r} must be 0 or more (bytes)")
+        return number
+    if kind == "region_id":  # tailcfg: positive, and it must fit in a JavaScript number
+        number = _convert("int", value, name)
+        if not 0 < number <= 2**53:
+            raise ConfigError(f"{name}: {value!r} must be a positive integer")
+        return number
+    if kind == "http_url":
+        return check_http_url(value, name) if value else value
     return value
 
 

@@ -23,7 +23,7 @@ log = logging.getLogger("coordinator.prometheus")
 disable_created_metrics()  # no x_created series beside every counter: process_start_time_seconds says it once
 
 GAUGES = {"current_connections", "current_home_connections", "clients_local", "clients_remote", "watchers", "duplicate_keys",
-          "mesh_links_congested", "senders_paused"}
+          "mesh_links_congested", "senders_paused", "admission_pending"}
 # Relay counters whose stats() key does not make a conventional name (unit last).
 COUNTER_NAMES = {
     "packets_in": "received_packets", "packets_out": "sent_packets",

@@ -16,6 +16,7 @@ from coordinator.config import Settings
 from coordinator.controlplane import ControlPlane
 from coordinator.db import DatabaseError
 from coordinator.derp import DerpRelay
+from coordinator.derpmap import PublishedMap
 from coordinator.http import DerpHttpProtocol
 from coordinator.prometheus import start_prometheus
 from coordinator.status import status_routes
@@ -54,7 +55,7 @@ class ReplicaServer(uvicorn.Server):
 def run_server(settings: Settings) -> int:
     data = settings.data_path
     data.mkdir(parents=True, exist_ok=True)
-    relay = DerpRelay.from_data_dir(data, mesh_key=settings.mesh_key or None, keepalive=settings.keepalive)
+    relay = DerpRelay.from_settings(settings)
     embedded = None
     pg_url = settings.pg_url
     if not pg_url:
@@ -71,7 +72,8 @@ def run_server(settings: Settings) -> int:
               file=sys.stderr, flush=True)
     control = ControlPlane(settings, relay, pg_url)
 
-    app = create_app(relay, extra_routes=api_routes(control, relay) + status_routes(control, relay))
+    app = create_app(relay, extra_routes=api_routes(control, relay) + status_routes(control, relay),
+                     derp_map=PublishedMap.from_settings(settings))
     app.state.control = control
     server = ReplicaServer(uvicorn_config(settings, app))
 

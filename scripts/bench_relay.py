@@ -725,6 +725,10 @@ def parse_args():
                     help="benchmark a modified relay: import _relay from DIR/_relay (built there with "
                          "'python setup.py build_ext --inplace') instead of the installed one")
     ap.add_argument("--no-baseline", action="store_true", help="skip the pure-Python baseline relay")
+    ap.add_argument("--before-path", metavar="DIR",
+                    help="also benchmark the relay built in DIR (e.g. the commit before a change) in the same run")
+    ap.add_argument("--rate-limit", action="append", default=[], metavar="BYTES[:BURST]",
+                    help="also benchmark the relay with this per-client rate limit (bytes/s); repeatable")
     ap.add_argument("--json", action="store_true", help="print the results as JSON instead of tables")
     ap.add_argument("--serve-baseline", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -741,7 +745,16 @@ def parse_args():
         ap.error("--pairs, --window, --sample-every and --seconds must be positive")
     if not 1 <= args.ack_every <= args.window:
         ap.error("--ack-every must be between 1 and --window (else the window deadlocks)")
+    try:
+        args.rate_limit = [tuple(int(v) for v in (spec + ":0").split(":")[:2]) for spec in args.rate_limit]
+    except ValueError:
+        ap.error("--rate-limit: BYTES or BYTES:BURST, integers")
     return args
+
+
+def limit_name(rate: int, burst: int) -> str:
+    """The server name of a ``--rate-limit`` run (bytes/s, and the burst if given)."""
+    return f"limit={rate}" + (f":{burst}" if burst else "")
 
 
 def main() -> int:
@@ -753,10 +766,13 @@ def main() -> int:
         return 0
     benchlib.sigterm_as_interrupt()
     here = os.path.dirname(os.path.abspath(__file__))
-    relay_argv = [sys.executable, os.path.join(here, "benchlib.py"), "relay", "--keepalive", "3600"]
-    if args.relay_path:
-        relay_argv += ["--relay-path", args.relay_path]
+    server_argv = [sys.executable, os.path.join(here, "benchlib.py"), "relay", "--keepalive", "3600"]
+    relay_argv = server_argv + (["--relay-path", args.relay_path] if args.relay_path else [])
     servers = [("relay", relay_argv)]
+    if args.before_path:
+        servers.insert(0, ("before", server_argv + ["--relay-path", args.before_path]))
+    for rate, burst in args.rate_limit:
+        servers.append((limit_name(rate, burst), relay_argv + ["--rate-limit", str(rate), "--rate-burst", str(burst)]))
     if not args.no_baseline:
         servers.append(("baseline", [sys.executable, os.path.abspath(__file__), "--serve-baseline",
                                      "--baseline-loop", args.baseline_loop]))
@@ -803,6 +819,14 @@ def main() -> int:
               f"every {args.sample_every}th packet. CPU s over the {args.seconds:g} s measured; srv % = of one core; "
               f"µs/pkt = CPU per delivered packet; machine busy = all {os.cpu_count()} CPUs; others = CPU used by "
               f"neither server nor client (other processes, uncharged softirq).)")
+    for rate, burst in args.rate_limit:
+        for r in results[limit_name(rate, burst)]:
+            share = rate * r["size"] / (r["size"] + 5 + KEY_LEN)  # the limit counts the framing too
+            per_sender = r["mb_s"] * 1e6 / r["pairs"]
+            if per_sender < share / 2:
+                continue  # the limit did not bind: this run measured its cost, not its effect
+            print(f"{limit_name(rate, burst)} {r['mode']} {r['size']} B: each sender got {per_sender / 1e6:.3f} MB/s of "
+                  f"payload = {100 * per_sender / share:.1f} % of what the limit allows")
     if lossy:
         print(f"ERROR: windowed mode lost packets in {len(lossy)} case(s)", file=log)
         return 1

@@ -280,7 +280,7 @@ def use_relay_build(path: str) -> None:
 
 
 def serve_relay(keepalive: float, tracemalloc_frames: int = 0, relay_path: str | None = None,
-                mesh_key: str | None = None) -> None:
+                mesh_key: str | None = None, rate_limit: int = 0, rate_burst: int = 0) -> None:
     if tracemalloc_frames:
         import tracemalloc
 
@@ -298,7 +298,8 @@ def serve_relay(keepalive: float, tracemalloc_frames: int = 0, relay_path: str |
 
     if relay_path:
         print(f"relay server: _relay from {os.path.dirname(_relay.relay.__file__)}", file=sys.stderr, flush=True)
-    relay = DerpRelay(NodeKey.generate(), keepalive=keepalive, mesh_key=mesh_key)
+    limits = {"rate_limit": rate_limit, "rate_burst": rate_burst} if rate_limit else {}  # older builds lack them
+    relay = DerpRelay(NodeKey.generate(), keepalive=keepalive, mesh_key=mesh_key, **limits)
     mesh = None
     if mesh_key:
         from coordinator.mesh import Mesh
@@ -367,13 +368,15 @@ def main() -> None:
                    help="trace Python allocations (GET /bench/trace) with this many frames (default off)")
     p.add_argument("--mesh-key", metavar="KEY",
                    help="accept mesh peers with this key and mesh with the relays POSTed to /bench/mesh")
+    p.add_argument("--rate-limit", type=int, default=0, help="per-client rate limit, bytes/s (default 0: off)")
+    p.add_argument("--rate-burst", type=int, default=0, help="per-client burst, bytes (default: one largest packet)")
     args = ap.parse_args()
     die_with_parent()
     raise_nofile()
     if args.cmd == "relay":
         if args.relay_path:
             use_relay_build(args.relay_path)
-        serve_relay(args.keepalive, args.tracemalloc, args.relay_path, args.mesh_key)
+        serve_relay(args.keepalive, args.tracemalloc, args.relay_path, args.mesh_key, args.rate_limit, args.rate_burst)
 
 
 if __name__ == "__main__":

@@ -76,4 +76,12 @@ def http_get(url: str, token: str | None = None) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
-__all__ = ["Proc", "free_port", "http_get", "python", "ROOT"]
+def refused_at_start(args: list[str], named: str) -> str:
+    """Run ``coordinator <args>``, expect exit 2 with one stderr line naming ``named``; return that line."""
+    proc = subprocess.run([python(), "-m", "coordinator", *args], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and named in lines[0] and not proc.stdout, proc.stderr
+    return lines[0]
+
+
+__all__ = ["Proc", "free_port", "http_get", "python", "refused_at_start", "ROOT"]
