@@ -285,7 +285,7 @@ class ReplicaRegistry:
         """Leave gracefully within ``timeout`` s; False if we had registered and could not record it. Idempotent.
 
         Cancels the heartbeat first (so none can clear ``stopped_at`` again), then marks our row
-        stopped and announces it, so peers drop us at once.
+        stopped and announces it, so peers drop us at once, then unsubscribes.
         """
         if self._state == "new":
             self._state = "stopped"
@@ -329,14 +329,8 @@ class ReplicaRegistry:
         )
 
     async def _leave(self) -> None:
-        """Unsubscribe, and if we registered, record our stop; never longer than ``_leave_timeout``."""
-        with anyio.move_on_after(self._leave_timeout):
-            if self._unsubscribe is not None:
-                unsubscribe, self._unsubscribe = self._unsubscribe, None
-                try:
-                    await unsubscribe()
-                except Exception as exc:
-                    log.debug("unsubscribe from %r failed: %s", CHANNEL, _describe(exc))
+        """Record our stop if we registered, then unsubscribe; all within ``_leave_timeout``."""
+        deadline = anyio.current_time() + self._leave_timeout
         if self._self_row is not None:
             # With the database already down, don't hold up the stop hoping for it.
             timeout = self._leave_timeout if self._healthy else min(1.0, self._leave_timeout)
@@ -355,6 +349,13 @@ class ReplicaRegistry:
                     "replica %s could not record its stop (%s); peers drop it after %g s",
                     self.id, _describe(exc), MISSED_BEATS * self.heartbeat,
                 )
+        if self._unsubscribe is not None:
+            unsubscribe, self._unsubscribe = self._unsubscribe, None
+            with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
+                try:
+                    await unsubscribe()
+                except Exception as exc:
+                    log.debug("unsubscribe from %r failed: %s", CHANNEL, _describe(exc))
         self._healthy = False
         self._kick_send.close()
         self._kick_recv.close()
