@@ -219,3 +219,17 @@ async def test_many_peers_leaving_at_once_are_all_dropped(pg_url):
                 assert await r.stop()
         finally:
             done.set()
+
+
+async def test_graceful_close_sends_restarting_to_raw_and_websocket_clients():
+    async with serve_relay() as (url, relay):
+        raw, ws = await DerpClient.connect(url), await DerpClient.connect(url, websocket=True)
+        try:
+            await wait_for(lambda: relay.stats()["current_connections"] == 2)
+            relay.close(restarting=(250, RESTART_TRY_FOR_MS))
+            for client in (raw, ws):
+                frames = await frames_until_closed(client, 10)
+                assert frames[-1:] == [Restarting(250, RESTART_TRY_FOR_MS)], frames
+        finally:
+            await raw.close()
+            await ws.close()
