@@ -81,7 +81,11 @@ class _PoolOutageFilter(logging.Filter):
 
 
 def shut_socket(conn: psycopg.AsyncConnection) -> None:
-    """Shut the connection's socket so whatever waits on it fails now (the connection is then unusable)."""
+    """Shut the connection's socket so whatever waits on it fails now (the connection is then unusable).
+
+    The pending read returns EOF at once, where a server-side cancel would wait for a half-open or
+    frozen server for many seconds.
+    """
     try:
         sock = socket.socket(fileno=os.dup(conn.pgconn.socket))
     except (OSError, psycopg.Error):
