@@ -491,8 +491,9 @@ class Database:
             raise DatabaseError("the stored DERP mesh key is empty; delete it from site_config to regenerate")
         return key
 
-    async def close(self) -> None:
-        await self.pool.close()
+    async def close(self, timeout: float = 5.0) -> None:
+        """Close the pool, waiting at most ``timeout`` s for its background workers."""
+        await self.pool.close(timeout)
 
     async def __aenter__(self) -> Database:
         return self
