@@ -124,6 +124,8 @@ def api_routes(control: ControlPlane, relay: DerpRelay) -> list[Route]:
             parts.append(generate_latest(control.pubsub.registry))
         if control.monitor is not None:
             parts.append(generate_latest(control.monitor.registry))
+        if (door := getattr(request.app.state, "front_door", None)) is not None:
+            parts.append(generate_latest(door.registry))
         return Response(b"".join(parts), media_type=CONTENT_TYPE_LATEST)
 
     async def readyz(request: Request) -> Response:

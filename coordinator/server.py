@@ -12,10 +12,11 @@ import uvicorn
 
 from coordinator.api import api_routes
 from coordinator.app import create_app
-from coordinator.config import Settings
+from coordinator.config import Settings, ensure_data_dir
 from coordinator.controlplane import ControlPlane
 from coordinator.db import DatabaseError
 from coordinator.derp import DerpRelay
+from coordinator.frontdoor import FrontDoor, Limits, open_listener
 from coordinator.http import DerpHttpProtocol
 
 log = logging.getLogger("coordinator.server")
@@ -50,9 +51,10 @@ class ReplicaServer(uvicorn.Server):
 
 
 def run_server(settings: Settings) -> int:
-    data = settings.data_path
-    data.mkdir(parents=True, exist_ok=True)
-    relay = DerpRelay.from_data_dir(data, mesh_key=settings.mesh_key or None, keepalive=settings.keepalive)
+    listener = open_listener(settings)
+    data = ensure_data_dir(settings)
+    relay = DerpRelay.from_data_dir(data, mesh_key=settings.mesh_key or None, keepalive=settings.keepalive,
+                                    preauth_limit=settings.preauth_memory)
     embedded = None
     pg_url = settings.pg_url
     if not pg_url:
@@ -71,6 +73,7 @@ def run_server(settings: Settings) -> int:
 
     app = create_app(relay, extra_routes=api_routes(control, relay))
     app.state.control = control
+    app.state.front_door = FrontDoor(Limits.from_settings(settings))
     server = ReplicaServer(uvicorn_config(settings, app))
 
     async def main() -> int:
@@ -80,7 +83,7 @@ def run_server(settings: Settings) -> int:
             await control.stop()
             print(f"coordinator: cannot start: {exc}", file=sys.stderr, flush=True)
             return 1
-        serving = asyncio.create_task(server.serve())
+        serving = asyncio.create_task(server.serve(sockets=[listener]))
         failed = None
         try:
             # Join the replica set only once we listen: peers dial our relay URL as soon as they see us.
