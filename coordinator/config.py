@@ -310,6 +310,13 @@ def _read_secret_file(path: str, name: str) -> str:
     return text
 
 
+def _has_password(url: str) -> bool:
+    try:
+        return bool(urlsplit(url).password) or "password=" in url
+    except ValueError:
+        return False
+
+
 def _unknown_variables(environ) -> list[str]:
     known = set(OTHER_VARIABLES)
     for f in _FIELDS.values():
@@ -330,7 +337,7 @@ def load_settings(overrides: dict | None = None, environ: dict | None = None) ->
         if overrides.get(name) is not None:
             values[name] = _convert(meta["kind"], overrides[name], meta["flag"])
             sources[name] = meta["flag"]
-            if meta["secret"] and values[name]:
+            if meta["secret"] and values[name] and (name != "pg_url" or _has_password(values[name])):
                 notes.append(f"{meta['flag']} on the command line is readable by every local user (/proc/PID/cmdline); "
                              f"prefer {meta['env']}" + (f" or {meta['flag']}-file" if f"{name}_file" in _FIELDS else ""))
             continue
@@ -371,9 +378,13 @@ def ensure_data_dir(settings: Settings) -> Path:
 
 def default_text(f) -> str:
     """A setting's default as the operator would write it, for --help and the docs."""
-    value = f.default
-    if f.metadata["kind"] == "duration":
-        return f"{value:g}s"
+    value, kind = f.default, f.metadata["kind"]
+    if kind == "duration":
+        return f"{value * 1000:g}ms" if 0 < value < 1 else f"{value:g}s"
+    if kind == "size" and value:
+        for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+            if value % scale == 0:
+                return f"{value // scale}{unit}"
     if value in ("", 0, 0.0):
         return "-" if value == "" else "0"
     return str(value)

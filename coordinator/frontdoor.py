@@ -138,7 +138,6 @@ class FrontDoor:
 
 def open_listener(settings: Settings) -> socket.socket:
     """Raise the fd limit and bind the replica's listening socket now: a port in use is one line at start."""
-    raise_fd_limit()
     host, port = settings.listen
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -153,4 +152,5 @@ def open_listener(settings: Settings) -> socket.socket:
         raise ConfigError(f"{settings.source('address')} {settings.address}: cannot listen: "
                           f"{exc.strerror or exc}") from None
     sock.setblocking(False)
+    raise_fd_limit()
     return sock
