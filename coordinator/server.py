@@ -51,8 +51,8 @@ class ReplicaServer(uvicorn.Server):
 
 
 def run_server(settings: Settings) -> int:
-    listener = open_listener(settings)
     data = ensure_data_dir(settings)
+    listener = open_listener(settings)
     relay = DerpRelay.from_data_dir(data, mesh_key=settings.mesh_key or None, keepalive=settings.keepalive,
                                     preauth_limit=settings.preauth_memory)
     embedded = None
