@@ -11,6 +11,8 @@ from urllib.parse import urlsplit
 
 from coordinator.keys import InvalidKey, parse_mesh_key
 
+ROOT_DATA_DIR = "/var/lib/coordinator"
+
 
 class ConfigError(ValueError):
     """A setting is missing or malformed; the message says which and why."""
@@ -121,7 +123,7 @@ class Settings:
     )
     data_dir: str = _setting(
         "--data-dir", "COORDINATOR_DATA_DIR", "",
-        help="directory for the server key and embedded Postgres (empty: ~/.local/share/coordinator)",
+        help="directory for the server key and embedded Postgres (empty: ~/.local/share/coordinator, as root /var/lib/coordinator)",
     )
     access_url: str = _setting(
         "--access-url", "COORDINATOR_ACCESS_URL", "", aliases=("CODER_ACCESS_URL",),
@@ -199,7 +201,7 @@ class Settings:
     )
     header_timeout: float = _setting(
         "--header-timeout", "COORDINATOR_HEADER_TIMEOUT", 10.0, kind="duration",
-        help="a request head must be complete this soon after the connection or request starts (else 408)",
+        help="a request (head and body) must arrive this soon after the connection or request starts (else 408)",
     )
     max_request_head: int = _setting(
         "--max-request-head", "COORDINATOR_MAX_REQUEST_HEAD", 64 * 1024, kind="size",
@@ -226,6 +228,8 @@ class Settings:
     def data_path(self) -> Path:
         if self.data_dir:
             return Path(self.data_dir).expanduser()
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            return Path(ROOT_DATA_DIR)  # a system service's place; also one the embedded Postgres's user can reach
         base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
         return Path(base) / "coordinator"
 

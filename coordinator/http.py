@@ -6,7 +6,8 @@ the relay's protocol, so no ASGI machinery sits on the packet path.
 
 Before that, on every path, the listener's :class:`~coordinator.frontdoor.FrontDoor` applies: a
 connection over the cap or the accept rate gets 503 at once; a request head larger than the limit
-gets 431, one not complete within the header timeout 408 (a connection that sends nothing too);
+gets 431, a request (head and body) not complete within the header timeout 408 (a connection that
+sends nothing too);
 an upgrade pipelined behind requests still being answered gets 400. Each closes the connection.
 """
 
@@ -146,7 +147,7 @@ class DerpHttpProtocol(HttpToolsProtocol):
         self._arm_head_timer()
 
     def connection_lost(self, exc) -> None:
-        self._end_head()
+        self._end_request()
         super().connection_lost(exc)
 
     def _arm_head_timer(self) -> None:
@@ -154,21 +155,29 @@ class DerpHttpProtocol(HttpToolsProtocol):
             self._head_timer = self.loop.call_later(self.door.limits.header_timeout, self._head_timed_out)
 
     def _end_head(self) -> None:
-        """The request head is complete (or the connection gone): stop its timer, return its bytes."""
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        """The request head is complete: return its bytes to the listener's budget."""
         if self._head_bytes:
             self.door.head_bytes -= self._head_bytes
         self._head_bytes = None
 
+    def _end_request(self) -> None:
+        """The request arrived whole (or the connection is gone or upgraded): stop its timer too."""
+        self._end_head()
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
     def _head_timed_out(self) -> None:
+        # Head and body: a body trickling in would otherwise hold the connection forever, since
+        # every byte cancels uvicorn's keep-alive timer.
         self._head_timer = None
         if self.transport.is_closing():
             return
         self.door.count("head_timeout")
-        self._refuse(b"408 Request Timeout",
-                     f"request head not complete within {self.door.limits.header_timeout:g} s")
+        if self._head_bytes is None and self.cycle is not None and self.cycle.response_started:
+            self.transport.close()  # its response is out already: a 408 would answer nothing
+        else:
+            self._refuse(b"408 Request Timeout", f"request not complete within {self.door.limits.header_timeout:g} s")
 
     def _refuse(self, status: bytes, text: str) -> None:
         """Answer ``status`` and close, unless an earlier response is still being written: then only close."""
@@ -207,6 +216,7 @@ class DerpHttpProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         if not self._upgrade_refused:
+            self._end_request()
             super().on_message_complete()
 
     def on_response_complete(self) -> None:
@@ -270,7 +280,7 @@ class DerpHttpProtocol(HttpToolsProtocol):
         return self.parser is not None and not self.transport.is_closing() and not self._upgrade_refused
 
     def _plain_response(self, status: bytes, text: str, extra_headers: bytes = b"") -> None:
-        self._end_head()
+        self._end_request()
         body = text.encode()
         self.transport.write(
             b"HTTP/1.1 " + status + b"\r\ncontent-type: text/plain; charset=utf-8\r\n" + extra_headers +
@@ -296,7 +306,7 @@ class DerpHttpProtocol(HttpToolsProtocol):
             prefix = relay.upgrade_response()
         self.connections.discard(self)
         self._unset_keepalive_if_required()
-        self._end_head()
+        self._end_request()
         tune_socket(self.transport)
         relay.accept(
             self.transport,

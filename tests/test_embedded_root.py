@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import site
@@ -13,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.embedded import ROOT_PGDATA_BASE, embedded_url, start_embedded
+from coordinator.config import load_settings
+from coordinator.embedded import EmbeddedPostgresError, embedded_url, start_embedded
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root")
@@ -23,19 +23,29 @@ def test_root_never_widens_a_closed_data_directory():
     base = Path(tempfile.mkdtemp(prefix="coordtest-root-"))  # 0700, like /root
     data = base / "data"
     data.mkdir(mode=0o700)
-    relocated = ROOT_PGDATA_BASE / hashlib.sha256(str((data / "postgres").resolve()).encode()).hexdigest()[:16]
-    pg = None
     try:
-        pg = start_embedded(data)
-        assert pg.pgdata == relocated / "postgres"
-        assert embedded_url(data) == pg.url
+        with pytest.raises(EmbeddedPostgresError, match="we will not widen them") as refused:
+            start_embedded(data)
+        assert f"{data} is mode 700, {base} is mode 700" in str(refused.value)
         assert (base.stat().st_mode & 0o777, data.stat().st_mode & 0o777) == (0o700, 0o700)
-        print(f"\n{base} stays 0700; the embedded server lives in {pg.pgdata}")
+        assert embedded_url(data) is None
     finally:
-        if pg is not None:
-            pg.stop()
         shutil.rmtree(base, ignore_errors=True)
-        shutil.rmtree(relocated, ignore_errors=True)
+
+
+def test_roots_default_data_directory_needs_no_widening():
+    settings = load_settings(environ={})
+    assert settings.data_path == Path("/var/lib/coordinator")
+    assert [p for p in settings.data_path.parents if p.stat().st_mode & 0o055 != 0o055] == []
+
+
+def test_server_refusal_is_one_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "coordinator", "server", "--data-dir", str(tmp_path / "d"),
+                           "--address", "127.0.0.1:0"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("coordinator:")]
+    print(f"\n{errors}")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert len(errors) == 1 and "we will not widen them" in errors[0] and "--pg-url" in errors[0]
 
 
 def test_another_user_after_root_gets_one_line_about_the_lock_file(tmp_path):

@@ -159,6 +159,23 @@ async def test_a_big_head_gets_431_and_a_slow_one_408(replica):
     assert slow_reply.startswith(b"HTTP/1.1 408") and took < HEADER_TIMEOUT + 10
 
 
+async def test_a_trickling_body_is_closed_at_the_timeout(replica):
+    peer = await RawPeer.connect(replica.port)
+    await peer.send(b"POST /derp/probe HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n")
+    start = time.monotonic()
+    for _ in range(int(HEADER_TIMEOUT * 4)):
+        try:
+            await peer.send(b"x")  # each byte would cancel uvicorn's keep-alive timer
+        except (ConnectionError, OSError):
+            break
+        await asyncio.sleep(0.5)
+    closed = await peer.closed_within(HEADER_TIMEOUT + 10)
+    took = time.monotonic() - start
+    peer.close()
+    print(f"\nbody trickling 2 B/s: closed after {took:.2f} s")
+    assert closed and took < 2 * HEADER_TIMEOUT + 10
+
+
 async def test_partial_requests_closed_at_header_timeout_while_healthy_pair_relays(replica):
     pair = await HealthyPair.open(replica.url)
     stop = asyncio.Event()
