@@ -117,7 +117,7 @@ cdef inline Py_ssize_t ws_put_header(unsigned char* p, int opcode, Py_ssize_t n)
 
 
 cdef inline bint ws_close_code_valid(int code) noexcept nogil:
-    """Close codes a peer may send (RFC 6455 §7.4 and the IANA registry); 1005 and 1006 never go on the wire."""
+    """Close codes a peer may send (RFC 6455 §7.4, IANA registry); 1005 and 1006 never go on the wire."""
     return (1000 <= code <= 1003) or (1007 <= code <= 1014) or (3000 <= code <= 4999)
 
 
@@ -560,8 +560,8 @@ cdef class Conn(Writer):
         cdef RelayServer server = self.server
         if server.preauth_bytes + n > server.preauth_limit:
             server.counters.preauth_refused += 1
-            raise ProtocolViolation(f"pre-auth memory budget full ({server.preauth_bytes} bytes held by unfinished "
-                                    f"handshakes, limit {server.preauth_limit})")
+            raise ProtocolViolation(f"pre-auth memory budget full ({server.preauth_bytes} bytes held by "
+                                    f"unfinished handshakes, limit {server.preauth_limit})")
         server.preauth_bytes += n
         self.preauth_charged += n
         return 0
@@ -584,7 +584,8 @@ cdef class Conn(Writer):
             if ftype != P.FRAME_CLIENT_INFO:
                 raise ProtocolViolation(f"first frame must be ClientInfo, got type 0x{ftype:02x}")
             if length < P.CLIENT_INFO_MIN or length > self.server.client_info_max:
-                raise ProtocolViolation(f"ClientInfo frame of {length} bytes (allowed {P.CLIENT_INFO_MIN}..{self.server.client_info_max})")
+                raise ProtocolViolation(f"ClientInfo frame of {length} bytes "
+                                        f"(allowed {P.CLIENT_INFO_MIN}..{self.server.client_info_max})")
             return 0
         if ftype == P.FRAME_SEND_PACKET:
             if length < P.KEY_LEN or length > P.KEY_LEN + P.MAX_PACKET_SIZE:
