@@ -107,7 +107,7 @@ def _setting(flag: str, env: str, default, *, aliases: tuple[str, ...] = (), hel
     ``kind`` is str, int, float, duration or size; ``secret`` settings warn when given as a flag
     (every local user can read a process's command line).
     """
-    if not flag.startswith("--") or not env.startswith("COORDINATOR_"):
+    if not str(flag).startswith("--") or not str(env).startswith("COORDINATOR_"):
         raise TypeError(f"declare a setting as _setting('--flag', 'COORDINATOR_NAME', default, ...), not ({flag!r}, {env!r})")
     return field(default=default, metadata={"flag": flag, "env": env, "aliases": aliases, "help": help, "kind": kind,
                                             "secret": secret})

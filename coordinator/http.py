@@ -270,6 +270,7 @@ class DerpHttpProtocol(HttpToolsProtocol):
         except httptools.HttpParserUpgrade as exc:
             if self._upgrade_refused:
                 return False
+            self._end_request()  # the connection is someone else's now, or its request is being answered
             if self._derp_kind is not None:
                 self._hand_over((piece[exc.args[0] :] if exc.args else b"") + rest)
             elif super()._should_upgrade():
