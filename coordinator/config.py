@@ -100,14 +100,17 @@ def same_url(a: str, b: str) -> bool:
     )
 
 
-def _setting(flag: str, env: str, default, *, aliases: tuple[str, ...] = (), help: str = "", kind: str = "str",
+_MISSING = object()
+
+
+def _setting(flag: str, env: str, default=_MISSING, *, aliases: tuple[str, ...] = (), help: str = "", kind: str = "str",
              secret: bool = False):
     """One setting: its flag and environment names side by side (``aliases``: the seed's ``CODER_*`` names).
 
     ``kind`` is str, int, float, duration or size; ``secret`` settings warn when given as a flag
     (every local user can read a process's command line).
     """
-    if not str(flag).startswith("--") or not str(env).startswith("COORDINATOR_"):
+    if not str(flag).startswith("--") or not str(env).startswith("COORDINATOR_") or default is _MISSING:
         raise TypeError(f"declare a setting as _setting('--flag', 'COORDINATOR_NAME', default, ...), not ({flag!r}, {env!r})")
     return field(default=default, metadata={"flag": flag, "env": env, "aliases": aliases, "help": help, "kind": kind,
                                             "secret": secret})

@@ -172,3 +172,10 @@ def test_server_refusals_are_one_line_and_leave_nothing_running(tmp_path):
     line = one_line_failure("server", "--address", "127.0.0.1:0", "--data-dir", str(tmp_path / "afile"),
                             "--pg-url", "postgresql://x@127.0.0.1:1/x")
     assert "--data-dir: " in line and "not a directory" in line
+
+
+def test_a_setting_declared_without_its_flag_fails_at_once():
+    from coordinator.config import _setting
+
+    with pytest.raises(TypeError, match="declare a setting as _setting"):
+        _setting("COORDINATOR_NEW_THING", 1.0, kind="duration")
