@@ -282,6 +282,11 @@ def declared_settings() -> list:
     return list(_FIELDS.values())
 
 
+def settings_help() -> list[tuple[str, str, str]]:
+    """(flag, environment variable, help) for every setting."""
+    return [(f.metadata["flag"], f.metadata["env"], f.metadata["help"]) for f in _FIELDS.values()]
+
+
 def _check_tls(cert: str, key: str, cert_name: str, key_name: str) -> None:
     for name, path in ((cert_name, cert), (key_name, key)):
         if not Path(path).is_file():
