@@ -128,6 +128,11 @@ cdef inline Py_ssize_t ws_put_header(unsigned char* p, int opcode, Py_ssize_t n)
     return 10
 
 
+cdef inline bint ws_close_code_valid(int code) noexcept nogil:
+    """Close codes a peer may send (RFC 6455 §7.4, IANA registry); 1005 and 1006 never go on the wire."""
+    return (1000 <= code <= 1003) or (1007 <= code <= 1014) or (3000 <= code <= 4999)
+
+
 cdef void ws_unmask(unsigned char* dst, const unsigned char* src, Py_ssize_t n,
                     const unsigned char* mask, int offset) noexcept nogil:
     """XOR ``n`` bytes with the 4-byte mask starting at mask position ``offset``, 8 bytes at a time."""
@@ -155,7 +160,7 @@ cdef class Counters:
     cdef public unsigned long long forwarded_in, forwarded_out, accepts, handshake_failures
     cdef public unsigned long long pings, pongs, keepalives, peer_gone_disconnected, peer_gone_not_here
     cdef public unsigned long long home_conns_total, protocol_errors, mesh_pushbacks
-    cdef public unsigned long long admission_refused, rate_limited
+    cdef public unsigned long long admission_refused, rate_limited, pongs_dropped, preauth_refused
     cdef unsigned long long drops[N_DROPS]
     cdef unsigned long long drop_bytes[N_DROPS]
 
@@ -418,6 +423,12 @@ cdef class Conn(Writer):
     cdef unsigned long long ws_rem
     cdef unsigned char ws_mask[4]
     cdef bytearray ws_ctrl
+    cdef bint ws_fragmented              # inside a fragmented data message (FIN not yet seen)
+    # at most one reply pending while the transport pushes back (a ping flood buffers nothing more)
+    cdef bint pong_pending
+    cdef unsigned char pong_data[8]
+    cdef bytes ws_pong_pending
+    cdef Py_ssize_t preauth_charged      # bytes of an unfinished ClientInfo held in ibuf
 
     def __cinit__(self, RelayServer server, transport, bint websocket, str remote_ip, int remote_port, bint not_ideal):
         self.server = server
@@ -529,8 +540,19 @@ cdef class Conn(Writer):
 
     def resume_writing(self):
         self.paused = False
+        self.send_pending_pongs()
         self.drain_queues()
         self.server.flush_dirty()
+
+    cdef int send_pending_pongs(self) except -1:
+        if self.ws_pong_pending is not None and self.state != ST_CLOSED:
+            body, self.ws_pong_pending = self.ws_pong_pending, None
+            self.ws_write_control(WS_OP_PONG, body)
+        if self.pong_pending and self.state == ST_ACTIVE:
+            self.pong_pending = False
+            self.server.counters.pongs += 1
+            self.put_frame(P.FRAME_PONG, self.pong_data, 8, NULL, 0)
+        return 0
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -561,6 +583,8 @@ cdef class Conn(Writer):
         if was == ST_CLOSED:
             return
         self.state = ST_CLOSED
+        self.server.open_conns -= 1
+        self.release_preauth()
         if self.hs_timer is not None:
             self.hs_timer.cancel()
             self.hs_timer = None
@@ -580,7 +604,7 @@ cdef class Conn(Writer):
             self.rl.timer = None
         self.drop_queued(DROP_GONE)
         if self.transport is not None:
-            if error:
+            if error and not self.ws_closing:
                 self.transport.abort()
             else:
                 if self.olen:
@@ -592,6 +616,21 @@ cdef class Conn(Writer):
             free(self.ibuf)
             self.ibuf = NULL
             self.icap = self.ilen = 0
+
+    cdef void release_preauth(self) noexcept:
+        self.server.preauth_bytes -= self.preauth_charged
+        self.preauth_charged = 0
+
+    cdef int charge_preauth(self, Py_ssize_t n) except -1:
+        """Count ``n`` more buffered ClientInfo bytes against the relay-wide pre-auth budget."""
+        cdef RelayServer server = self.server
+        if server.preauth_bytes + n > server.preauth_limit:
+            server.counters.preauth_refused += 1
+            raise ProtocolViolation(f"pre-auth memory budget full ({server.preauth_bytes} bytes held by "
+                                    f"unfinished handshakes, limit {server.preauth_limit})")
+        server.preauth_bytes += n
+        self.preauth_charged += n
+        return 0
 
     def short_key(self) -> str:
         if self.key is None:
@@ -610,8 +649,9 @@ cdef class Conn(Writer):
         if self.state == ST_HANDSHAKE:
             if ftype != P.FRAME_CLIENT_INFO:
                 raise ProtocolViolation(f"first frame must be ClientInfo, got type 0x{ftype:02x}")
-            if length < P.CLIENT_INFO_MIN or length > P.CLIENT_INFO_MAX:
-                raise ProtocolViolation(f"ClientInfo frame of {length} bytes (allowed {P.CLIENT_INFO_MIN}..{P.CLIENT_INFO_MAX})")
+            if length < P.CLIENT_INFO_MIN or length > self.server.client_info_max:
+                raise ProtocolViolation(f"ClientInfo frame of {length} bytes "
+                                        f"(allowed {P.CLIENT_INFO_MIN}..{self.server.client_info_max})")
             return 0
         if ftype == P.FRAME_SEND_PACKET:
             if length < P.KEY_LEN or length > P.KEY_LEN + P.MAX_PACKET_SIZE:
@@ -644,6 +684,8 @@ cdef class Conn(Writer):
     cdef int ibuf_append(self, const unsigned char* p, Py_ssize_t n) except -1:
         cdef Py_ssize_t cap
         cdef unsigned char* nb
+        if self.state == ST_HANDSHAKE:
+            self.charge_preauth(n)
         if self.ilen + n > self.icap:
             cap = max(self.ilen + n, <Py_ssize_t>P.FRAME_HEADER_LEN + 256)
             nb = <unsigned char*>realloc(self.ibuf, cap)
@@ -751,8 +793,14 @@ cdef class Conn(Writer):
                 self.drop_unknown(p + P.KEY_LEN, p + 2 * P.KEY_LEN, n - 2 * P.KEY_LEN, DROP_UNKNOWN_DEST_ON_FWD)
         elif ftype == P.FRAME_PING:
             c.pings += 1
-            c.pongs += 1
-            self.put_frame(P.FRAME_PONG, p, 8, NULL, 0)
+            if not self.paused:
+                c.pongs += 1
+                self.put_frame(P.FRAME_PONG, p, 8, NULL, 0)
+            elif self.pong_pending:
+                c.pongs_dropped += 1  # as Go's derper: one Pong pending at most, extra Pings ignored
+            else:
+                self.pong_pending = True
+                memcpy(self.pong_data, p, 8)
         elif ftype == P.FRAME_NOTE_PREFERRED:
             if p[0] and not self.preferred:
                 c.home_conns_total += 1
@@ -924,6 +972,7 @@ cdef class Conn(Writer):
         except Exception as exc:
             server.counters.handshake_failures += 1
             raise ProtocolViolation(f"handshake refused: {exc}") from None
+        self.release_preauth()
         self.key = key
         self.can_mesh = can_mesh
         self.is_prober = bool(info.get("isprober"))
@@ -1013,8 +1062,10 @@ cdef class Conn(Writer):
                 n -= k
                 if self.ws_hlen < need or need == 2:
                     continue
+                if self.ws_hdr[0] & 0x70:
+                    self.ws_fail(1002, "WebSocket RSV bits set, but no extension was negotiated")
                 if not (self.ws_hdr[1] & 0x80):
-                    raise ProtocolViolation("unmasked WebSocket frame from client")
+                    self.ws_fail(1002, "unmasked WebSocket frame from client")
                 length = self.ws_hdr[1] & 0x7f
                 if length == 126:
                     length = (<unsigned long long>self.ws_hdr[2] << 8) | self.ws_hdr[3]
@@ -1027,14 +1078,21 @@ cdef class Conn(Writer):
                 self.ws_fin = (self.ws_hdr[0] & 0x80) != 0
                 self.ws_hlen = 0
                 if op == WS_OP_TEXT:
-                    self.ws_close_with(1003, b"derp: binary messages only")
-                    raise ProtocolViolation("text WebSocket message (DERP needs binary)")
+                    self.ws_fail(1003, "text WebSocket message (DERP needs binary)")
                 if op >= 0x8:
                     if op not in (WS_OP_CLOSE, WS_OP_PING, WS_OP_PONG) or length > 125 or not self.ws_fin:
-                        raise ProtocolViolation(f"bad WebSocket control frame (opcode {op}, {length} bytes)")
+                        self.ws_fail(1002, f"bad WebSocket control frame (opcode {op}, {length} bytes)")
                     self.ws_ctrl = bytearray()
-                elif op not in (WS_OP_CONT, WS_OP_BINARY):
-                    raise ProtocolViolation(f"unknown WebSocket opcode {op}")
+                elif op == WS_OP_CONT:
+                    if not self.ws_fragmented:
+                        self.ws_fail(1002, "WebSocket continuation frame without a message to continue")
+                    self.ws_fragmented = not self.ws_fin
+                elif op == WS_OP_BINARY:
+                    if self.ws_fragmented:
+                        self.ws_fail(1002, "new WebSocket message before the fragmented one ended")
+                    self.ws_fragmented = not self.ws_fin
+                else:
+                    self.ws_fail(1002, f"unknown WebSocket opcode {op}")
                 self.ws_op = op
                 self.ws_rem = length
                 self.ws_moff = 0
@@ -1064,30 +1122,52 @@ cdef class Conn(Writer):
 
     cdef int ws_control(self) except -1:
         cdef bytes body = bytes(self.ws_ctrl) if self.ws_ctrl is not None else b""
-        cdef unsigned char hdr[10]
-        cdef Py_ssize_t h
+        cdef int code = 1000
         self.ws_ctrl = None
         if self.ws_op == WS_OP_PING:
-            if self.olen:
-                self.flush()
-            h = ws_put_header(hdr, WS_OP_PONG, len(body))
-            self.transport.write((<char*>hdr)[:h] + body)
+            if not self.paused:
+                self.ws_write_control(WS_OP_PONG, body)
+            elif self.ws_pong_pending is None:
+                self.ws_pong_pending = body
+            else:
+                self.server.counters.pongs_dropped += 1
         elif self.ws_op == WS_OP_CLOSE:
-            self.ws_close_with(int.from_bytes(body[:2], "big") if len(body) >= 2 else 1000, b"")
+            # RFC 6455 §7.4: echo a valid code, never 1005/1006; a malformed Close is a protocol error.
+            if len(body) == 1:
+                self.ws_fail(1002, "one-byte WebSocket close payload")
+            if len(body) >= 2:
+                code = int.from_bytes(body[:2], "big")
+                if not ws_close_code_valid(code):
+                    self.ws_fail(1002, f"invalid WebSocket close code {code}")
+                try:
+                    body[2:].decode("utf-8")
+                except UnicodeDecodeError:
+                    self.ws_fail(1007, "WebSocket close reason is not UTF-8")
+            self.ws_close_with(code, b"")
             self.close("WebSocket closed by client", False)
         return 0
 
-    cdef void ws_close_with(self, int code, bytes reason):
+    cdef int ws_fail(self, int code, str why) except -1:
+        """Send a Close with ``code`` and fail the connection (it closes once the Close is written)."""
+        self.ws_close_with(code, b"")
+        raise ProtocolViolation(why)
+
+    cdef int ws_write_control(self, int opcode, bytes body) except -1:
         cdef unsigned char hdr[10]
-        cdef Py_ssize_t h
-        if self.ws_closing or self.transport is None:
-            return
-        self.ws_closing = True
-        body = code.to_bytes(2, "big") + reason[:120]
-        h = ws_put_header(hdr, WS_OP_CLOSE, len(body))
+        cdef Py_ssize_t h = ws_put_header(hdr, opcode, len(body))
+        if self.transport is None:
+            return 0
         if self.olen:
             self.flush()
         self.transport.write((<char*>hdr)[:h] + body)
+        return 0
+
+    cdef int ws_close_with(self, int code, bytes reason) except -1:
+        if self.ws_closing or self.transport is None:
+            return 0
+        self.ws_closing = True
+        self.ws_write_control(WS_OP_CLOSE, code.to_bytes(2, "big") + reason[:120])
+        return 0
 
     # -- Python view --------------------------------------------------------------------
 
@@ -1142,6 +1222,10 @@ cdef class RelayServer:
     cdef readonly double rate_limit, rate_burst
     cdef Py_ssize_t admitting   # connections waiting for their admission decision
     cdef object rate_view       # the read buffer cut to one burst, for rate-limited connections
+    cdef public Py_ssize_t preauth_limit        # bytes all unfinished handshakes may hold together
+    cdef public Py_ssize_t client_info_max      # largest ClientInfo frame one connection may send
+    cdef readonly Py_ssize_t preauth_bytes
+    cdef readonly Py_ssize_t open_conns         # accepted and not yet closed, handshakes included
     cdef dict routes            # key -> active local Conn, else preferred Forwarder
     cdef dict clients           # key -> ClientSet of local connections
     cdef dict mesh              # key -> [Forwarder, ...], first registered preferred
@@ -1161,7 +1245,8 @@ cdef class RelayServer:
     def __cinit__(self, bytes public_key not None, handshake, *, double keepalive=60.0, double keepalive_jitter=5.0,
                   Py_ssize_t queue_depth=32, double write_timeout=2.0, double mesh_write_timeout=30.0,
                   double handshake_timeout=10.0, Py_ssize_t high_water=256 * 1024, admit=None,
-                  double rate_limit=0.0, Py_ssize_t rate_burst=0):
+                  double rate_limit=0.0, Py_ssize_t rate_burst=0,
+                  Py_ssize_t preauth_limit=64 * 1024 * 1024, Py_ssize_t client_info_max=P.CLIENT_INFO_MAX):
         if len(public_key) != P.KEY_LEN:
             raise ValueError("server public key must be 32 bytes")
         self.public_key = public_key
@@ -1176,6 +1261,8 @@ cdef class RelayServer:
         self.mesh_write_timeout = mesh_write_timeout
         self.handshake_timeout = handshake_timeout
         self.high_water = high_water
+        self.preauth_limit = preauth_limit
+        self.client_info_max = min(client_info_max, <Py_ssize_t>P.CLIENT_INFO_MAX)
         self.routes = {}
         self.clients = {}
         self.mesh = {}
@@ -1281,6 +1368,7 @@ cdef class RelayServer:
         ip, port = (remote or ("", 0))[:2]
         conn = Conn(self, transport, websocket, str(ip), int(port or 0), not_ideal)
         self.counters.accepts += 1
+        self.open_conns += 1
         transport.set_protocol(conn)
         try:
             # uvloop picks its read callbacks when reading starts: restart reading to use get_buffer
@@ -1467,6 +1555,8 @@ cdef class RelayServer:
         return {
             "accepts": c.accepts,
             "current_connections": len(self.conns),
+            "open_connections": self.open_conns,
+            "preauth_bytes": self.preauth_bytes,
             "current_home_connections": sum(1 for conn in self.conns if (<Conn>conn).preferred),
             "clients_local": len(self.clients),
             "clients_remote": sum(1 for k in self.mesh if k not in self.clients),
@@ -1489,6 +1579,8 @@ cdef class RelayServer:
             "admission_refused": c.admission_refused,
             "admission_pending": self.admitting,
             "rate_limited": c.rate_limited,
+            "pongs_dropped": c.pongs_dropped,
+            "preauth_refused": c.preauth_refused,
             "mesh_links_congested": sum(1 for f in self.congested if (<Forwarder>f).congested),
             "senders_paused": sum(len((<Forwarder>f).paused) for f in self.congested),
             "drops": {DROP_REASONS[i]: c.drops[i] for i in range(N_DROPS)},

@@ -112,7 +112,8 @@ def api_routes(control: ControlPlane, relay: DerpRelay) -> list[Route]:
     async def metrics(request: Request) -> Response:
         if (denied := authorized(request)) is not None:
             return denied
-        return Response(exposition.render(), media_type=CONTENT_TYPE_LATEST)
+        return Response(exposition.render(getattr(request.app.state, "front_door", None)),
+                        media_type=CONTENT_TYPE_LATEST)
 
     async def readyz(request: Request) -> Response:
         """Fails while this replica cannot reach Postgres or its pub/sub listener is down."""

@@ -29,11 +29,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+def _last_line(log: Path | None) -> str:
+    try:
+        lines = log.read_text(errors="replace").strip().splitlines() if log else []
+    except OSError:
+        return ""
+    return f": {lines[-1]}" if lines else ""
+
+
+def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 60.0, log: Path | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{url}: process exited with status {proc.returncode}")
+            raise RuntimeError(f"{url}: process exited with status {proc.returncode}{_last_line(log)}")
         with contextlib.suppress(OSError):
             with urllib.request.urlopen(url, timeout=1):
                 return
@@ -64,13 +72,21 @@ async def _cross(src_url: str, dst_url: str, label: str) -> None:
 
 
 def run_demo(replicas: int = 3, base_port: int = 0, data_dir: str | None = None, once: bool = False) -> int:
-    from coordinator.embedded import start_embedded
+    from coordinator.embedded import EmbeddedPostgresError, start_embedded
 
     base = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="coordinator-demo-"))
     base.mkdir(parents=True, exist_ok=True)
+    if not data_dir:
+        base.chmod(0o755)  # our own directory: as root, the embedded Postgres's user must traverse it
     procs: list[subprocess.Popen] = []
     print(f"coordinator demo: data in {base}")
-    pg = start_embedded(base / "shared")
+    try:
+        pg = start_embedded(base / "shared")
+    except EmbeddedPostgresError as exc:
+        print(f"coordinator demo: cannot start: {exc}", file=sys.stderr)
+        if not data_dir:
+            shutil.rmtree(base, ignore_errors=True)
+        return 1
     print(f"  PostgreSQL (embedded, shared by all replicas): {pg.url}")
     try:
         ports = [base_port + i if base_port else _free_port() for i in range(replicas)]
@@ -87,8 +103,8 @@ def run_demo(replicas: int = 3, base_port: int = 0, data_dir: str | None = None,
             ))
             log.close()
         urls = [f"http://127.0.0.1:{p}" for p in ports]
-        for url, proc in zip(urls, procs, strict=True):
-            _wait_http(url + "/readyz", proc)
+        for i, (url, proc) in enumerate(zip(urls, procs, strict=True)):
+            _wait_http(url + "/readyz", proc, log=base / f"replica{i + 1}.log")
             print(f"  replica up: {url}  (relay URL {url}/derp, log {base}/replica{urls.index(url) + 1}.log)")
         lb = None
         if nginx.nginx_binary() and nginx.EXAMPLE.exists():
@@ -113,6 +129,9 @@ def run_demo(replicas: int = 3, base_port: int = 0, data_dir: str | None = None,
         with contextlib.suppress(KeyboardInterrupt):
             signal.sigwait({signal.SIGINT, signal.SIGTERM})
         return 0
+    except (RuntimeError, DerpError) as exc:
+        print(f"coordinator demo: {exc}", file=sys.stderr)
+        return 1
     finally:
         for proc in procs:
             with contextlib.suppress(ProcessLookupError):

@@ -54,6 +54,7 @@ class DerpRelay:
                      settings.verify_client_url_cache)
         return cls.from_data_dir(settings.data_path, mesh_key=settings.mesh_key or None, keepalive=settings.keepalive,
                                  admit=admit, rate_limit=settings.per_client_rate_limit,
+                                 preauth_limit=settings.preauth_memory,
                                  rate_burst=settings.per_client_rate_burst)
 
     @classmethod

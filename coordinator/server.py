@@ -19,7 +19,8 @@ import threading
 import anyio
 import uvicorn
 
-from coordinator.config import Settings
+from coordinator.config import Settings, ensure_data_dir
+from coordinator.frontdoor import FrontDoor, Limits, open_listener
 from coordinator.http import DerpHttpProtocol
 from coordinator.prometheus import start_prometheus
 from coordinator.replica import Replica
@@ -94,8 +95,8 @@ class ReplicaServer(uvicorn.Server):
 
 
 def run_server(settings: Settings) -> int:
-    data = settings.data_path
-    data.mkdir(parents=True, exist_ok=True)
+    data = ensure_data_dir(settings)
+    listener = open_listener(settings)
     embedded = None
     pg_url = settings.pg_url
     if not pg_url:
@@ -104,21 +105,25 @@ def run_server(settings: Settings) -> int:
         try:
             embedded = start_embedded(data)
         except EmbeddedPostgresError as exc:
+            listener.close()
             _say(f"cannot start: {exc}")
             return EXIT_FAILED
         pg_url = embedded.url
         how = "started" if embedded.started else "shared with another local replica"
         _say(f"no COORDINATOR_PG_CONNECTION_URL; using embedded PostgreSQL in {embedded.pgdata} ({how})")
     try:
-        return _serve(settings, pg_url)
+        return _serve(settings, pg_url, listener)
     finally:
+        listener.close()
         if embedded is not None:
             embedded.stop()
 
 
-def _serve(settings: Settings, pg_url: str) -> int:
+def _serve(settings: Settings, pg_url: str, listener) -> int:
     replica = Replica(settings, pg_url=pg_url, join_when_listening=True)
-    server = ReplicaServer(uvicorn_config(settings, replica.app()), replica)
+    app = replica.app()
+    app.state.front_door = FrontDoor(Limits.from_settings(settings))
+    server = ReplicaServer(uvicorn_config(settings, app), replica)
 
     def failed(reason: str) -> None:
         server.should_exit = True
@@ -128,7 +133,7 @@ def _serve(settings: Settings, pg_url: str) -> int:
     async def main() -> int:
         server.loop = asyncio.get_running_loop()
         try:
-            metrics = await start_prometheus(settings, replica.control, replica.relay)
+            metrics = await start_prometheus(settings, replica.control, replica.relay, app.state.front_door)
         except OSError as exc:
             _say(f"cannot start: {exc}")
             return EXIT_FAILED
@@ -148,7 +153,7 @@ def _serve(settings: Settings, pg_url: str) -> int:
 
             tg.start_soon(announce, name="join once listening")
             try:
-                await server.serve()
+                await server.serve(sockets=[listener])
             except SystemExit as exc:  # uvicorn could not start (e.g. the port is taken); it said why
                 return exc.code if isinstance(exc.code, int) and exc.code else EXIT_FAILED
             finally:

@@ -1,7 +1,10 @@
 """The relay as users run it: the uvicorn command line, `coordinator server`, TLS, the demo (the wheel: test_packaging)."""
 
+import shutil
 import signal
 import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -54,7 +57,17 @@ async def test_uvicorn_without_derp_protocol_still_serves_websocket(tmp_path, pr
         await DerpClient.connect(f"http://127.0.0.1:{port}/derp")
 
 
-async def test_coordinator_server_serves_and_stops_on_sigterm(tmp_path, procs):
+@pytest.fixture
+def open_dir():
+    """A data directory the embedded Postgres's user can reach when the tests run as root (never widened for it)."""
+    d = Path(tempfile.mkdtemp(prefix="coordtest-deploy-"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+async def test_coordinator_server_serves_and_stops_on_sigterm(open_dir, procs):
+    tmp_path = open_dir
     port = free_port()
     p = Proc([python(), "-m", "coordinator", "server", "--address", f"127.0.0.1:{port}", "--data-dir", str(tmp_path)],
              log=tmp_path / "server.log")
@@ -103,7 +116,7 @@ def test_coordinator_server_refuses_a_data_dir_too_long_for_the_embedded_socket(
 
 def test_coordinator_server_refuses_bad_config(tmp_path):
     for args, message in [
-        (["--address", "nonsense"], "COORDINATOR_ADDRESS"),
+        (["--address", "nonsense"], "--address: "),
         (["--heartbeat", "fast"], "duration"),
         (["--relay-url", "10.0.0.1:80"], "absolute http"),
         (["--relay-url", "https://lb.example.com", "--access-url", "https://lb.example.com/"], "not the access URL"),

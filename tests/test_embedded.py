@@ -66,6 +66,7 @@ def data_dir():
     Not pytest's tmp_path: concurrent pytest sessions on one machine rotate (delete) each other's.
     """
     base = Path(tempfile.mkdtemp(prefix="coordtest-emb-"))
+    base.chmod(0o755)  # as root, pgserver's user must traverse it (coordinator never widens it for it)
     children: list[Child] = []
     try:
         yield base, children

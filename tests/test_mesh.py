@@ -44,7 +44,7 @@ async def test_packets_cross_meshed_relays_and_links_break_cleanly():
 
 async def test_wrong_mesh_key_reported_as_dial_error():
     errors = []
-    async with serve_relay(mesh_key=KEY) as (url1, r1), serve_relay(mesh_key="other") as (url2, _):
+    async with serve_relay(mesh_key=KEY) as (url1, r1), serve_relay(mesh_key="01" * 32) as (url2, _):
         async with Mesh(r1, on_error=errors.append) as m1:
             await m1.set_peers([url2])
             await wait_for(lambda: m1.error() is not None)

@@ -224,8 +224,15 @@ async def test_mesh_watch_forward_and_close_peer():
             await watcher.close()
 
 
-async def test_wrong_mesh_key_refused():
-    async with serve_relay(mesh_key="right-key") as (url, _):
+async def test_wrong_mesh_key_served_as_ordinary_client():
+    """As Go's derper: a well-formed wrong key is an ordinary client (its mesh frames refused); a malformed one is refused."""
+    async with serve_relay(mesh_key="ab" * 32) as (url, r):
+        async with await DerpClient.connect(url) as a, await DerpClient.connect(url, mesh_key="cd" * 32) as wrong:
+            await wrong.send(a.public_key, b"ordinary")
+            assert (await a.recv_packet(timeout=5)).data == b"ordinary"
+            await wrong.watch_conns()
+            with pytest.raises(DerpError):
+                await wrong.recv(timeout=5)
         with pytest.raises(DerpRefused):
             await DerpClient.connect(url, mesh_key="wrong-key")
 
