@@ -48,6 +48,7 @@ RECOVERY_GRACE = 10.0
 DEFAULT_CLEANUP_AFTER = 24 * 3600.0
 
 _ALIVE = f"(stopped_at IS NULL AND updated_at > now() - {MISSED_BEATS} * heartbeat_ms * interval '1 millisecond')"
+ALIVE_SQL = _ALIVE  # the one liveness rule: also what `coordinator probe` calls alive
 _SELECT_ALL = f"""
     SELECT *, {_ALIVE} AS alive,
            extract(epoch FROM updated_at + {MISSED_BEATS} * heartbeat_ms * interval '1 millisecond' - now())::float8

@@ -22,7 +22,7 @@ from delayproxy import DelayProxy
 from coordinator.db import Database
 from coordinator.probe import SCHEMA, main
 from polling import wait_blocking
-from procs import ROOT, free_port, python
+from procs import ROOT, Proc, free_port, python
 
 SCRIPT = str(ROOT / "scripts" / "latency_probe.py")
 DELAY = 0.015  # the issue's 15 ms, added in each direction
@@ -513,7 +513,7 @@ def test_replica_url_pointing_nowhere():
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        ([], "give --pg-url"),
+        ([], "no embedded PostgreSQL is running for data directory"),
         (["--pg-url", "postgresql://x/y", "--url", "http://x"], "not both"),
         (["--url", "ftp://example.com"], "must be an http:// or https:// URL"),
         (["--url", "http://host:notaport"], "must be an http:// or https:// URL"),
@@ -524,9 +524,10 @@ def test_replica_url_pointing_nowhere():
         (["--bogus"], "unrecognized arguments"),
     ],
 )
-def test_usage_errors_in_process(args, needle, capsys, monkeypatch):
+def test_usage_errors_in_process(args, needle, capsys, monkeypatch, tmp_path):
     for var in ("COORDINATOR_PG_CONNECTION_URL", "CODER_PG_CONNECTION_URL", "COORDINATOR_LATENCY_THRESHOLD"):
         monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("COORDINATOR_DATA_DIR", str(tmp_path))  # no embedded server runs there
     assert main(args) == 2
     err = capsys.readouterr().err
     assert needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
@@ -537,3 +538,22 @@ def test_help_exits_0(capsys):
     out = capsys.readouterr().out
     for flag in ("--pg-url", "--url", "--token", "--threshold", "--samples", "--timeout", "--json"):
         assert flag in out
+
+
+def test_no_arguments_probe_what_a_local_server_started(tmp_path):
+    """`make run` then `coordinator probe`: the embedded database of the data directory, one replica, OK."""
+    port = free_port()
+    server = Proc([python(), "-m", "coordinator", "server", "--address", f"127.0.0.1:{port}"],
+                  env=clean_env(COORDINATOR_DATA_DIR=str(tmp_path)), log=tmp_path / "server.log")
+    try:
+        server.wait_http(f"http://127.0.0.1:{port}/readyz")
+        env = clean_env(COORDINATOR_DATA_DIR=str(tmp_path))
+        out, report = probe_json(env=env, cmd=[python(), "-m", "coordinator", "probe"])
+        print(f"\nprobe of the local embedded database: {out.seconds:.2f} s; notes: {report['notes']}")
+        assert out.returncode == 0, (out.stderr, report["problems"])
+        assert report["source"]["mode"] == "database" and len(report["replicas"]) == 1
+        assert report["replicas"][0]["relay_url"] == "" and report["notes"][0].startswith("single-replica setup")
+        text = probe(env=env, cmd=[python(), "-m", "coordinator", "probe"])
+        assert text.returncode == 0 and "single replica, no relay URL" in text.stdout, text.stdout + text.stderr
+    finally:
+        server.stop()
