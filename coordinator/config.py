@@ -6,7 +6,8 @@ import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from urllib.parse import urlsplit
+
+from coordinator.urls import relay_base, same_origin
 
 
 class ConfigError(ValueError):
@@ -57,21 +58,14 @@ def parse_address(text: str, name: str = "address") -> tuple[str, int]:
 
 def check_http_url(text: str, name: str) -> str:
     """Return ``text`` if it is an absolute http(s) URL with a host, else raise ConfigError."""
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    if relay_base(text) is None:
         raise ConfigError(f"{name}: {text!r} must be an absolute http:// or https:// URL with a host")
     return text
 
 
 def same_url(a: str, b: str) -> bool:
     """True if two URLs name the same scheme, host and port (paths and trailing slashes ignored)."""
-    pa, pb = urlsplit(a), urlsplit(b)
-    default = {"http": 80, "https": 443}
-    return (
-        pa.scheme == pb.scheme
-        and (pa.hostname or "").lower() == (pb.hostname or "").lower()
-        and (pa.port or default.get(pa.scheme)) == (pb.port or default.get(pb.scheme))
-    )
+    return same_origin(a, b)
 
 
 def _setting(env: str, default, *, aliases: tuple[str, ...] = (), help: str = "", kind: str = "str"):

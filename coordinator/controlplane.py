@@ -16,21 +16,13 @@ from coordinator import __version__
 from coordinator.config import Settings
 from coordinator.db import Database
 from coordinator.derp import DerpRelay
+from coordinator.errors import merge_dial_errors
 from coordinator.latency import Finding, LatencyMonitor
 from coordinator.mesh import Mesh
 from coordinator.pubsub import PubSub
 from coordinator.replicas import Replica, ReplicaRegistry
 
 log = logging.getLogger("coordinator.controlplane")
-
-DIAL_ERROR = "Failed to dial peers: "
-
-
-def merge_dial_errors(*errors: str | None) -> str | None:
-    """One ``Failed to dial peers: a; b`` string from several such strings."""
-    parts = [e.removeprefix(DIAL_ERROR) for e in errors if e]
-    return DIAL_ERROR + "; ".join(parts) if parts else None
-
 
 class ControlPlane:
     """Everything a replica does besides serving HTTP and relaying packets."""

@@ -15,3 +15,16 @@ def describe(exc: BaseException) -> str:
 def one_line(text: object) -> str:
     """``text`` with its whitespace runs (newlines included) folded to single spaces."""
     return " ".join(str(text).split())
+
+
+DIAL_ERROR = "Failed to dial peers: "  # Coder's wording in the replicas table's error column
+
+
+def dial_error(failures: list[str]) -> str | None:
+    """``Failed to dial peers: a; b`` for the peers that could not be reached, None if there are none."""
+    return DIAL_ERROR + "; ".join(failures) if failures else None
+
+
+def merge_dial_errors(*errors: str | None) -> str | None:
+    """One ``Failed to dial peers: a; b`` string from several such strings (the mesh's, the monitor's)."""
+    return dial_error([e.removeprefix(DIAL_ERROR) for e in errors if e])

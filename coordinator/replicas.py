@@ -37,6 +37,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import PoolTimeout
 
 from coordinator.db import Database, DatabaseUnavailable
+from coordinator.errors import describe
 
 log = logging.getLogger("coordinator.replicas")
 
@@ -126,11 +127,7 @@ class Replica:
 OnChange = Callable[[list[Replica]], Awaitable[None] | None]
 
 
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+_describe = describe  # the one error-to-text rule (coordinator.errors)
 
 
 class ReplicaRegistry:
