@@ -12,6 +12,7 @@ from coordinator.app import create_app
 from coordinator.derp import DerpRelay
 from coordinator.http import DerpHttpProtocol
 from coordinator.keys import NodeKey
+from polling import wait_for
 
 
 @contextlib.asynccontextmanager
@@ -30,10 +31,7 @@ async def serve_relay(*, ssl_certfile: str | None = None, ssl_keyfile: str | Non
     server.install_signal_handlers = lambda: None  # older uvicorn
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
-        for _ in range(500):
-            if server.started or task.done():
-                break
-            await asyncio.sleep(0.01)
+        await wait_for(lambda: server.started or task.done(), 10, "uvicorn to start")
         if task.done():
             task.result()
         scheme = "https" if ssl_certfile else "http"
