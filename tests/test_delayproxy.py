@@ -32,12 +32,16 @@ def echo_server():
                 return
             threading.Thread(target=serve_one, args=(conn,), daemon=True).start()
 
-    threading.Thread(target=accept, daemon=True).start()
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
     try:
         yield srv.getsockname()[1]
     finally:
         stop.set()
+        srv.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept(); close() alone would not
         srv.close()
+        acceptor.join(5)
+        assert not acceptor.is_alive(), "the echo server's accept thread did not end"
 
 
 def rtt(sock: socket.socket, n: int = 5) -> float:

@@ -79,9 +79,49 @@ def _setup_logging(verbose: bool) -> None:
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
 
 
+def _durations(args: argparse.Namespace) -> tuple[float, float]:
+    """(threshold, timeout) in seconds from the options and the environment; refuses what cannot work."""
+    from coordinator.config import parse_duration
+
+    if args.threshold is not None:
+        threshold = parse_duration(args.threshold, "--threshold")
+    elif os.environ.get(THRESHOLD_ENV):
+        threshold = parse_duration(os.environ[THRESHOLD_ENV], THRESHOLD_ENV)
+    else:
+        threshold = DEFAULT_THRESHOLD
+    timeout = parse_duration(args.timeout, "--timeout")
+    if not threshold > 0:
+        raise ProbeUsageError("the threshold must be positive")
+    if not timeout > 0:
+        raise ProbeUsageError("--timeout must be positive")
+    if not 1 <= args.samples <= 1000:
+        raise ProbeUsageError("--samples must be between 1 and 1000")
+    return threshold, timeout
+
+
+def _database_url(args: argparse.Namespace) -> str | None:
+    """Where to find the replicas: --pg-url, else $COORDINATOR_PG_CONNECTION_URL, else (without --url)
+    the embedded PostgreSQL of the local data directory, the one `make run` starts."""
+    from coordinator.config import load_settings
+
+    if args.pg_url and args.url:
+        raise ProbeUsageError("give either --pg-url or --url, not both")
+    if args.url:
+        return args.pg_url
+    pg_url = args.pg_url or _env(PG_URL_ENV)
+    if pg_url:
+        return pg_url
+    data_dir = load_settings().data_path
+    pg_url = local_database(data_dir)
+    if not pg_url:
+        raise ProbeUsageError(f"where are the replicas? give --pg-url (or set {PG_URL_ENV[0]}), or --url with "
+                              f"--token (no embedded PostgreSQL is running for data directory {data_dir})")
+    return pg_url
+
+
 def run_from_args(args: argparse.Namespace, prog: str = "coordinator probe") -> int:
     """Run with parsed options (from :func:`add_arguments`); returns the exit status."""
-    from coordinator.config import ConfigError, load_settings, parse_duration
+    from coordinator.config import ConfigError
 
     _setup_logging(args.verbose)
 
@@ -92,33 +132,10 @@ def run_from_args(args: argparse.Namespace, prog: str = "coordinator probe") -> 
         return EXIT_USAGE
 
     try:
-        if args.threshold is not None:
-            threshold = parse_duration(args.threshold, "--threshold")
-        elif os.environ.get(THRESHOLD_ENV):
-            threshold = parse_duration(os.environ[THRESHOLD_ENV], THRESHOLD_ENV)
-        else:
-            threshold = DEFAULT_THRESHOLD
-        timeout = parse_duration(args.timeout, "--timeout")
-    except ConfigError as exc:
+        threshold, timeout = _durations(args)
+        pg_url = _database_url(args)
+    except (ConfigError, ProbeUsageError) as exc:
         return fail(str(exc))
-    if not threshold > 0:
-        return fail("the threshold must be positive")
-    if not timeout > 0:
-        return fail("--timeout must be positive")
-    if not 1 <= args.samples <= 1000:
-        return fail("--samples must be between 1 and 1000")
-    if args.pg_url and args.url:
-        return fail("give either --pg-url or --url, not both")
-    pg_url = args.pg_url or (None if args.url else _env(PG_URL_ENV))
-    if not pg_url and not args.url:
-        try:
-            data_dir = load_settings().data_path
-        except ConfigError as exc:
-            return fail(str(exc))
-        pg_url = local_database(data_dir)  # what `make run` started, if it is still up
-        if not pg_url:
-            return fail(f"where are the replicas? give --pg-url (or set {PG_URL_ENV[0]}), or --url with --token "
-                        f"(no embedded PostgreSQL is running for data directory {data_dir})")
     token = args.token or _env(TOKEN_ENV)
 
     try:
