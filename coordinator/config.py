@@ -10,6 +10,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from coordinator.keys import InvalidKey, parse_mesh_key
+from coordinator.urls import same_origin
 
 ROOT_DATA_DIR = "/var/lib/coordinator"
 
@@ -105,13 +106,7 @@ def parse_size(text: str | int, name: str = "size") -> int:
 
 def same_url(a: str, b: str) -> bool:
     """True if two URLs name the same scheme, host and port (paths and trailing slashes ignored)."""
-    pa, pb = urlsplit(a), urlsplit(b)
-    default = {"http": 80, "https": 443}
-    return (
-        pa.scheme == pb.scheme
-        and (pa.hostname or "").lower() == (pb.hostname or "").lower()
-        and (pa.port or default.get(pa.scheme)) == (pb.port or default.get(pb.scheme))
-    )
+    return same_origin(a, b)
 
 
 _MISSING = object()

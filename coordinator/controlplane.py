@@ -25,6 +25,7 @@ from coordinator import __version__
 from coordinator.config import Settings
 from coordinator.db import Database, DatabaseError, DatabaseRefused, MigrationError, UnsupportedPostgres
 from coordinator.derp import DerpRelay
+from coordinator.errors import merge_dial_errors
 from coordinator.latency import Finding, LatencyMonitor
 from coordinator.mesh import Mesh
 from coordinator.pubsub import PubSub
@@ -32,7 +33,6 @@ from coordinator.replicas import ReplicaInfo, ReplicaRegistry
 
 log = logging.getLogger("coordinator.controlplane")
 
-DIAL_ERROR = "Failed to dial peers: "
 RETRY_CAP = 5.0  # longest pause between attempts to join while Postgres is down
 # Start-up failures that retrying cannot mend: the replica exits instead.
 _FATAL = (DatabaseRefused, UnsupportedPostgres, MigrationError)
@@ -44,12 +44,6 @@ def _first_cause(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
     return exc
-
-
-def merge_dial_errors(*errors: str | None) -> str | None:
-    """One ``Failed to dial peers: a; b`` string from several such strings."""
-    parts = [e.removeprefix(DIAL_ERROR) for e in errors if e]
-    return DIAL_ERROR + "; ".join(parts) if parts else None
 
 
 class ControlPlane:

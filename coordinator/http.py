@@ -229,6 +229,10 @@ class DerpHttpProtocol(HttpToolsProtocol):
     def _should_upgrade(self) -> bool:
         return self._derp_kind is not None or super()._should_upgrade()
 
+    # A copy of uvicorn's HttpToolsProtocol.data_received (uvicorn/protocols/http/httptools_impl.py, same
+    # steps from 0.45 to 0.54) with one branch added: a DERP upgrade hands the socket and the bytes
+    # after the request head to the relay. uvicorn has no hook for that, so the method is repeated;
+    # tests/test_uvicorn_contract.py fails, naming the step, if uvicorn's own version changes shape.
     def data_received(self, data: bytes) -> None:
         if self._turned_away or self._upgrade_refused or self.parser is None:
             return

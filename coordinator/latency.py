@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import anyio
 from prometheus_client import CollectorRegistry, Histogram
 
-from coordinator.httpclient import KeepAliveHttp, describe
+from coordinator.errors import describe, dial_error
+from coordinator.httpclient import KeepAliveHttp
 
 log = logging.getLogger("coordinator.latency")
 
@@ -229,7 +230,7 @@ class LatencyMonitor:
             f"ping sibling replica {s.peer.hostname} ({s.peer.relay_url}): {s.error}"
             for s in self.peers.values() if s.error
         ]
-        return "Failed to dial peers: " + "; ".join(failed) if failed else None
+        return dial_error(failed)
 
     def findings(self, *, database_ok: bool, pubsub_connected: bool) -> list[Finding]:
         limit = self.threshold * 1e3

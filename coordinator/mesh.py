@@ -19,14 +19,15 @@ import contextlib
 import logging
 import random
 from collections.abc import Callable, Iterable
-from urllib.parse import urlsplit
 
 import anyio
 import anyio.abc
 
 from coordinator.client import DerpClient, DerpError, PeerGone, PeerPresent, Restarting
 from coordinator.derp import DerpRelay
+from coordinator.errors import describe, dial_error
 from coordinator.keys import short
+from coordinator.urls import derp_url
 
 log = logging.getLogger("coordinator.mesh")
 
@@ -35,10 +36,7 @@ MAX_BACKOFF = 5.0
 
 def normalize_relay_url(url: str) -> str | None:
     """``<scheme>://<host:port>/derp`` for a peer's relay URL, or None if it is unusable."""
-    parts = urlsplit(url.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return None
-    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}/derp"
+    return derp_url(url)
 
 
 class SelfConnection(Exception):
@@ -102,7 +100,7 @@ class MeshLink:
                 return
             except (TimeoutError, DerpError, OSError) as exc:
                 failures += 1
-                self.error = str(exc) or type(exc).__name__
+                self.error = describe(exc)
                 if self.restarting is not None:
                     log.info("mesh: link to %s closed: the peer is restarting", self.url)
                     last_logged = None
@@ -276,7 +274,7 @@ class Mesh:
     def error(self) -> str | None:
         """Coder's error string for the replicas table, or None when every peer is reachable."""
         failed = [f"{url}: {link.error}" for url, link in sorted(self.links.items()) if link.error]
-        return "Failed to dial peers: " + "; ".join(failed) if failed else None
+        return dial_error(failed)
 
     def notify_error(self) -> None:
         err = self.error()

@@ -38,6 +38,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import PoolTimeout
 
 from coordinator.db import Database, DatabaseUnavailable
+from coordinator.errors import describe
 
 log = logging.getLogger("coordinator.replicas")
 
@@ -49,6 +50,7 @@ RECOVERY_GRACE = 10.0
 DEFAULT_CLEANUP_AFTER = 24 * 3600.0
 
 _ALIVE = f"(stopped_at IS NULL AND updated_at > now() - {MISSED_BEATS} * heartbeat_ms * interval '1 millisecond')"
+ALIVE_SQL = _ALIVE  # the one liveness rule: also what `coordinator probe` calls alive
 _SELECT_ALL = f"""
     SELECT *, {_ALIVE} AS alive,
            extract(epoch FROM updated_at + {MISSED_BEATS} * heartbeat_ms * interval '1 millisecond' - now())::float8
@@ -127,11 +129,7 @@ Replica = ReplicaInfo  # its older name (coordinator.Replica is the library's re
 OnChange = Callable[[list[ReplicaInfo]], Awaitable[None] | None]
 
 
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+_describe = describe  # the one error-to-text rule (coordinator.errors)
 
 
 class ReplicaRegistry:

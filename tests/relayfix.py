@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import time
 
 import uvicorn
 
@@ -14,6 +13,7 @@ from coordinator.client import DerpClient
 from coordinator.derp import DerpRelay
 from coordinator.http import DerpHttpProtocol
 from coordinator.keys import NodeKey
+from polling import wait_for
 
 
 @contextlib.asynccontextmanager
@@ -27,10 +27,7 @@ async def serve_app(app, *, port: int = 0, **config):
     server.install_signal_handlers = lambda: None  # older uvicorn
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
-        for _ in range(500):
-            if server.started or task.done():
-                break
-            await asyncio.sleep(0.01)
+        await wait_for(lambda: server.started or task.done(), 10, "uvicorn to start")
         if task.done():
             task.result()
         yield sock.getsockname()[1]
@@ -53,12 +50,8 @@ async def serve_relay(*, ssl_certfile: str | None = None, ssl_keyfile: str | Non
 
 async def routed(a: DerpClient, b: DerpClient, timeout: float = 10.0) -> None:
     """Wait until a's packets reach b: b's PeerPresent travels to a's replica over the mesh."""
-    deadline = time.monotonic() + timeout
-    while True:
+    async def crossed() -> bool:
         await a.send(b.public_key, b"probe")
-        try:
-            if (await b.recv_packet(timeout=0.05)).data == b"probe":
-                return
-        except TimeoutError:
-            if time.monotonic() > deadline:
-                raise AssertionError("packets never crossed the mesh") from None
+        return (await b.recv_packet(timeout=0.05)).data == b"probe"
+
+    await wait_for(crossed, timeout, "packets to cross the mesh", 0, ignore=(TimeoutError,))

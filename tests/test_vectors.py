@@ -1,4 +1,4 @@
-"""The DERP test vectors of docs/derp-protocol.md §12, byte for byte."""
+"""The DERP test vectors of docs/derp-protocol.md ("Test vectors"), byte for byte."""
 
 import json
 
