@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import tomllib
 import venv
 import zipfile
@@ -76,7 +77,18 @@ def test_cibuildwheel_builds_every_supported_cpython():
     assert project["project"]["requires-python"] == f">={versions[0]}"
 
 
-def test_installs_without_a_compiler_and_starts_a_replica(dist, tmp_path, pg_url):
+@pytest.fixture
+def open_tmp():
+    """A scratch directory other users may traverse: run as root, the embedded Postgres runs as its own
+    user and must reach the venv's binaries (pytest's tmp_path sits under a 0700 directory)."""
+    path = Path(tempfile.mkdtemp(prefix="coordtest-wheel-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_installs_without_a_compiler_and_starts_a_replica(dist, open_tmp, pg_url):
+    tmp_path = open_tmp
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=False)
     bin_dir = env_dir / "bin"
