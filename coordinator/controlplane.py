@@ -15,7 +15,8 @@ import socket
 from coordinator import __version__
 from coordinator.config import Settings
 from coordinator.db import Database
-from coordinator.derp import DerpRelay
+from coordinator.derp import SERVER_KEY_FILE, DerpRelay
+from coordinator.dupkey import DuplicateKeyCheck
 from coordinator.latency import Finding, LatencyMonitor
 from coordinator.mesh import Mesh
 from coordinator.pubsub import PubSub
@@ -47,6 +48,7 @@ class ControlPlane:
         self.api_token: str = settings.api_token
         self._warned_no_relay_url = False
         self._monitor_task: asyncio.Task | None = None
+        self.duplicate_keys = DuplicateKeyCheck(settings.relay_url, str(settings.data_path / SERVER_KEY_FILE))
 
     async def start(self, *, db_wait: float = 30.0, join: bool = True) -> None:
         """Open the database (bounded wait), install the mesh key; with ``join``, also :meth:`join`."""
@@ -101,6 +103,7 @@ class ControlPlane:
                     self.monitor.matrix_row(), self.monitor.pubsub_median, self.monitor.database.median,
                 )
                 self._on_dial_error()
+                self.duplicate_keys.check(self.mesh)  # logs a newly found one
             except Exception:  # never let a measuring bug take the replica down
                 log.exception("latency measurement failed")
             elapsed = asyncio.get_running_loop().time() - started
@@ -114,7 +117,7 @@ class ControlPlane:
             self.monitor.database_failed(self.registry.last_error or "heartbeats failing")
         return self.monitor.findings(
             database_ok=self.registry.healthy, pubsub_connected=bool(self.pubsub and self.pubsub.connected),
-        )
+        ) + self.duplicate_keys.check(self.mesh)
 
     async def _on_peers(self, peers: list[Replica]) -> None:
         regional = [p for p in peers if p.region_id == self.settings.region_id]

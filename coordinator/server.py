@@ -64,6 +64,7 @@ def run_server(settings: Settings) -> int:
             print(f"coordinator: cannot start: {exc}", file=sys.stderr, flush=True)
             return 1
         pg_url = embedded.url
+        embedded.supervise()  # restarted with backoff if its postmaster dies
         how = "started" if embedded.started else "shared with another local replica"
         print(f"coordinator: no COORDINATOR_PG_CONNECTION_URL; using embedded PostgreSQL in {embedded.pgdata} ({how})",
               file=sys.stderr, flush=True)
