@@ -133,9 +133,10 @@ class PgCluster:
             time.sleep(0.05)
         raise RuntimeError("postgres did not become ready")
 
-    def kill(self) -> None:
-        """Stop at once, like a crash: SIGQUIT is Postgres's immediate shutdown."""
-        self._signal(signal.SIGQUIT)
+    def kill(self, sig: int = signal.SIGQUIT) -> None:
+        """Stop at once, like a crash: SIGQUIT is Postgres's immediate shutdown; SIGKILL leaves its
+        backends to notice the postmaster is gone."""
+        self._signal(sig)
 
     def stop(self) -> None:
         """Fast shutdown: disconnect clients, checkpoint, exit."""
