@@ -1140,13 +1140,24 @@ cdef class RelayServer:
         self.flush_dirty()
         return conn
 
-    def close_all(self) -> None:
-        """Close every connection and stop the ticker."""
+    def close_all(self, restarting=None) -> None:
+        """Close every connection and stop the ticker.
+
+        With ``restarting=(reconnect_in_ms, try_for_ms)`` (a graceful stop), every client that
+        finished its handshake first gets a Restarting frame, so it reconnects at once elsewhere.
+        """
+        cdef bytes payload = None
+        cdef Conn c
         if self.tick_handle is not None:
             self.tick_handle.cancel()
             self.tick_handle = None
+        if restarting is not None:
+            payload = int(restarting[0]).to_bytes(4, "big") + int(restarting[1]).to_bytes(4, "big")
         for conn in list(self.conns):
-            (<Conn>conn).close("server shutting down", False)
+            c = conn
+            if payload is not None and c.state == ST_ACTIVE:
+                c.put_frame(P.FRAME_RESTARTING, <const unsigned char*>PyBytes_AS_STRING(payload), 8, NULL, 0)
+            c.close("server shutting down", False)
 
     # -- registry -----------------------------------------------------------------------
 

@@ -11,10 +11,11 @@ import contextlib
 import logging
 import re
 
+import anyio
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from coordinator.derp import DerpRelay
@@ -102,10 +103,10 @@ class _WebSocketTransport(asyncio.Transport):
     abort = close
 
     async def pump_out(self) -> None:
-        while (chunk := await self._out.get()) is not None:
-            self._buffered -= len(chunk)
-            await self._ws.send_bytes(chunk)
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):  # the client went away: the receive loop sees it too
+            while (chunk := await self._out.get()) is not None:
+                self._buffered -= len(chunk)
+                await self._ws.send_bytes(chunk)
             await self._ws.close()
 
 
@@ -118,23 +119,37 @@ async def derp_websocket(websocket: WebSocket) -> None:
     transport = _WebSocketTransport(websocket)
     client = websocket.client
     conn = relay.accept(transport, remote=(client.host, client.port) if client else None)
-    sender = asyncio.create_task(transport.pump_out())
-    try:
-        while not transport.is_closing():
-            message = await websocket.receive()
-            if message["type"] == "websocket.disconnect":
-                break
-            if message.get("bytes") is not None:
-                conn.data_received(message["bytes"])
-            elif message.get("text") is not None:
-                conn.close("text WebSocket message (DERP needs binary)", True)
-    except WebSocketDisconnect:
-        pass
-    finally:
-        conn.connection_lost(None)
-        transport.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(sender, 5)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(transport.pump_out, name="derp websocket sender")
+        try:
+            while not transport.is_closing():
+                message = await websocket.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                if message.get("bytes") is not None:
+                    conn.data_received(message["bytes"])
+                elif message.get("text") is not None:
+                    conn.close("text WebSocket message (DERP needs binary)", True)
+        except WebSocketDisconnect:
+            pass
+        finally:
+            conn.connection_lost(None)
+            transport.close()  # the sender sends what is queued, then closes the WebSocket
+            tg.cancel_scope.deadline = anyio.current_time() + 5
+
+
+def relay_routes() -> list[BaseRoute]:
+    """The DERP endpoints and health checks; they find the relay in ``app.state.derp_relay``."""
+    any_method = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
+    return [
+        Route("/derp", derp_plain, methods=any_method),
+        WebSocketRoute("/derp", derp_websocket),
+        Route("/derp/probe", probe, methods=any_method),
+        Route("/derp/latency-check", probe, methods=any_method),
+        Route("/generate_204", generate_204),
+        Route("/healthz", healthz),
+        Route("/robots.txt", robots),
+    ]
 
 
 def create_app(relay: DerpRelay, *, extra_routes: list | None = None, lifespan=None) -> Starlette:
@@ -152,17 +167,7 @@ def create_app(relay: DerpRelay, *, extra_routes: list | None = None, lifespan=N
         finally:
             relay.close()
 
-    routes = [
-        Route("/derp", derp_plain, methods=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]),
-        WebSocketRoute("/derp", derp_websocket),
-        Route("/derp/probe", probe, methods=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]),
-        Route("/derp/latency-check", probe, methods=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]),
-        Route("/generate_204", generate_204),
-        Route("/healthz", healthz),
-        Route("/robots.txt", robots),
-        *(extra_routes or []),
-    ]
-    app = Starlette(routes=routes, lifespan=relay_lifespan)
+    app = Starlette(routes=[*relay_routes(), *(extra_routes or [])], lifespan=relay_lifespan)
     app.state.derp_relay = relay
     return app
 

@@ -69,7 +69,7 @@ def cmd_api_token(args: argparse.Namespace) -> int:
         return 2
 
     async def fetch() -> str:
-        async with await Database.open(url, wait=settings.db_wait) as db:
+        async with await Database.open(url, wait=settings.db_wait or 30.0) as db:
             return await db.get_or_create_site_config("api_token", lambda: secrets.token_urlsafe(32))
 
     try:

@@ -124,7 +124,12 @@ class Settings:
         help="proxies (IPs or CIDRs, comma-separated) whose X-Forwarded-For is trusted",
     )
     db_wait: float = _setting(
-        "COORDINATOR_PG_WAIT", 30.0, kind="duration", help="how long to wait for Postgres at start before giving up",
+        "COORDINATOR_PG_WAIT", 0.0, kind="duration",
+        help="give up starting if Postgres stays unreachable this long (0: keep retrying until it answers)",
+    )
+    shutdown_timeout: float = _setting(
+        "COORDINATOR_SHUTDOWN_TIMEOUT", 5.0, kind="duration",
+        help="a stop (SIGTERM, SIGINT) ends within this long, whatever peers, mesh or Postgres do",
     )
     latency_threshold: float = _setting(
         "COORDINATOR_LATENCY_THRESHOLD", 0.010, kind="duration",
@@ -168,6 +173,10 @@ class Settings:
             raise ConfigError("COORDINATOR_LATENCY_THRESHOLD and COORDINATOR_PEER_TIMEOUT must be positive")
         if self.keepalive <= 0:
             raise ConfigError("COORDINATOR_DERP_KEEPALIVE must be positive")
+        if self.shutdown_timeout <= 0:
+            raise ConfigError("COORDINATOR_SHUTDOWN_TIMEOUT must be positive")
+        if self.db_wait < 0:
+            raise ConfigError("COORDINATOR_PG_WAIT must not be negative (0 keeps retrying)")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ConfigError("COORDINATOR_TLS_CERT_FILE and COORDINATOR_TLS_KEY_FILE must be given together")
         for name, path in (("COORDINATOR_TLS_CERT_FILE", self.tls_cert_file), ("COORDINATOR_TLS_KEY_FILE", self.tls_key_file)):

@@ -12,6 +12,7 @@ import hashlib
 import inspect
 import itertools
 import logging
+import math
 import re
 import secrets
 import time
@@ -88,6 +89,10 @@ class DatabaseError(Exception):
 
 class DatabaseUnavailable(DatabaseError):
     """The server could not be reached (or refused us) within the allowed wait."""
+
+
+class DatabaseRefused(DatabaseUnavailable):
+    """The server answered but refused us (bad password, no such role or database): retrying cannot help."""
 
 
 class UnsupportedPostgres(DatabaseError):
@@ -199,9 +204,14 @@ def _fatal(exc: Exception) -> bool:
     return bool(_FATAL_CONNECT_ERRORS.search(str(exc)))
 
 
+STILL_WAITING_EVERY = 60.0  # seconds between "still waiting" lines during an unbounded wait
+
+
 async def _connect_with_retry(conninfo: str, target: str, password: str | None, wait: float) -> psycopg.AsyncConnection:
-    deadline = time.monotonic() + wait
-    delay, attempts = 0.25, 0
+    """Connect, retrying with backoff for up to ``wait`` seconds (``math.inf``: until the server answers)."""
+    started = time.monotonic()
+    deadline = started + wait
+    delay, attempts, next_note = 0.25, 0, started + STILL_WAITING_EVERY
     while True:
         attempts += 1
         try:
@@ -209,16 +219,23 @@ async def _connect_with_retry(conninfo: str, target: str, password: str | None, 
             with anyio.fail_after(max(deadline - time.monotonic(), 1.0)):
                 return await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
         except (psycopg.OperationalError, TimeoutError) as exc:
-            reason = "timed out" if isinstance(exc, TimeoutError) else redact(str(exc).strip(), password)
+            reason = "timed out" if isinstance(exc, TimeoutError) else redact(" ".join(str(exc).split()), password)
             if _fatal(exc):
-                raise DatabaseUnavailable(f"PostgreSQL at {target} refused the connection: {reason}") from None
-            remaining = deadline - time.monotonic()
+                raise DatabaseRefused(f"PostgreSQL at {target} refused the connection: {reason}") from None
+            now = time.monotonic()
+            remaining = deadline - now
             if remaining <= 0:
                 raise DatabaseUnavailable(
                     f"cannot connect to PostgreSQL at {target} after {wait:g} s ({attempts} attempts): {reason}"
                 ) from None
-            if attempts == 1:
+            if attempts == 1 and math.isinf(wait):
+                log.warning("PostgreSQL at %s is not answering (%s); retrying until it does "
+                            "(--db-wait / COORDINATOR_PG_WAIT bounds the wait)", target, reason)
+            elif attempts == 1:
                 log.warning("waiting up to %g s for PostgreSQL at %s: %s", wait, target, reason)
+            elif now >= next_note:
+                next_note = now + STILL_WAITING_EVERY
+                log.warning("still waiting for PostgreSQL at %s after %.0f s: %s", target, now - started, reason)
             await anyio.sleep(min(delay, remaining))
             delay = min(delay * 2, 5.0)
 
@@ -302,9 +319,10 @@ class Database:
         statement_timeout: float = 15.0,
         migrations: list[Migration] | None = None,
     ) -> Database:
-        """Connect (retrying for up to ``wait`` seconds), check the version, migrate, open the pool.
+        """Connect (retrying for up to ``wait`` seconds, ``math.inf`` for ever), check the version, migrate, open the pool.
 
-        Raises :class:`DatabaseUnavailable`, :class:`UnsupportedPostgres` or :class:`MigrationError`.
+        Raises :class:`DatabaseUnavailable` (:class:`DatabaseRefused` if retrying cannot help),
+        :class:`UnsupportedPostgres` or :class:`MigrationError`.
         """
         conninfo, target, password = prepare_conninfo(url)
         migrations = load_migrations() if migrations is None else migrations
@@ -344,7 +362,7 @@ class Database:
             name=pool_name,
             open=False,
         )
-        remaining = max(wait - (time.monotonic() - started), 5.0)
+        remaining = min(max(wait - (time.monotonic() - started), 5.0), 30.0)  # the caller may retry
         try:
             await pool.open(wait=True, timeout=remaining)
         except Exception as exc:

@@ -69,8 +69,9 @@ class DerpRelay:
     def start(self) -> None:
         self.server.start()
 
-    def close(self) -> None:
-        self.server.close_all()
+    def close(self, restarting: tuple[int, int] | None = None) -> None:
+        """Close every client; ``restarting=(reconnect_in_ms, try_for_ms)`` first sends each a Restarting frame."""
+        self.server.close_all(restarting)
 
     def stats(self) -> dict:
         return self.server.stats()

@@ -322,11 +322,10 @@ def serve_relay(keepalive: float, tracemalloc_frames: int = 0, relay_path: str |
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        try:
-            yield
-        finally:
+        async with contextlib.AsyncExitStack() as stack:
             if mesh is not None:
-                await mesh.close()
+                await stack.enter_async_context(mesh)
+            yield
 
     snapshots: dict = {}
 
