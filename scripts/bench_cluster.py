@@ -48,6 +48,7 @@ from coordinator.mesh import normalize_relay_url  # noqa: E402
 
 TARGET_MESH_S, TARGET_DROP_S, TARGET_EXIT_S = 10.0, 1.0, 5.0
 _LEFT = re.compile(r"^(\S+ \S+) INFO +coordinator\.mesh: mesh: peer (\S+) left", re.M)
+_STOPPED = re.compile(r"^(\S+ \S+) INFO +coordinator\.replicas: replica \S+ stopped$", re.M)
 
 
 def progress(msg: str) -> None:
@@ -96,8 +97,11 @@ def pg_connections(cluster: HACluster, pg_port: int, pg_url: str) -> dict:
     with psycopg.connect(pg_url, autocommit=True) as conn:
         rows = conn.execute("SELECT application_name, count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
                             "AND pid <> pg_backend_pid() GROUP BY 1 ORDER BY 1").fetchall()
-    return {"min": min(per), "median": statistics.median(per), "max": max(per),
-            "pg_stat_activity": {name or "(none)": n for name, n in rows}}
+    by_name: dict[str, int] = {}
+    for name, n in rows:  # one listener per replica, each with its own suffix
+        key = re.sub(r"-[0-9a-f]{12}$", "-*", name or "(none)")
+        by_name[key] = by_name.get(key, 0) + n
+    return {"min": min(per), "median": statistics.median(per), "max": max(per), "pg_stat_activity": by_name}
 
 
 def processes_cpu(pids: list[int]) -> float:
@@ -168,17 +172,28 @@ def mass_stop(cluster: HACluster, timeout: float) -> dict:
 
     poll(dropped, timeout, "the survivors to drop every stopped replica", interval=0.05)
     confirmed = time.monotonic() - signalled  # an upper bound: polled only once every process had exited
-    drop_times = []  # per survivor: when it had dropped the last of them (its own log's clock)
+    recorded = {}  # stopped replica's URL -> when it recorded its stop (its log line)
+    for r in leaving:
+        found = _STOPPED.findall(r.proc.output)
+        if found:
+            recorded[normalize_relay_url(r.url)] = log_time(found[-1])
+    drop_times = []  # per survivor: when it had dropped the last of them
+    after_recorded = []  # per (survivor, stopped replica): drop time minus that replica's recorded stop
     missing = 0
     for r in staying:
         seen = {url: log_time(stamp) for stamp, url in _LEFT.findall(r.proc.output[logs[r.index]:]) if url in gone}
         missing += len(gone - set(seen))
         if seen:
             drop_times.append(max(seen.values()) - signalled_wall)
+        after_recorded += [t - recorded[url] for url, t in seen.items() if url in recorded]
+    rec = [t - signalled_wall for t in recorded.values()]
     return {
         "stopped": len(leaving), "survivors": len(staying),
         "drop_s_max": max(drop_times, default=None), "drop_s_median": statistics.median(drop_times) if drop_times else None,
         "drop_lines_missing": missing,
+        "recorded_s_max": max(rec, default=None), "recorded_s_median": statistics.median(rec) if rec else None,
+        "drop_after_recorded_s_max": max(after_recorded, default=None),
+        "drop_after_recorded_s_median": statistics.median(after_recorded) if after_recorded else None,
         "dropped_confirmed_by_status_s": confirmed,
         "exit_s_max": max(exits.values(), default=None), "exit_s_median": statistics.median(exits.values()) if exits else None,
         "exited": len(exits), "exit_statuses": sorted({r.proc.proc.returncode for r in leaving if not r.running}),
@@ -242,6 +257,10 @@ def main() -> int:
     return 0
 
 
+def fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def met(value: float | None, target: float) -> str:
     return "n/a" if value is None else ("MET" if value <= target else "NOT MET")
 
@@ -265,6 +284,9 @@ def report(r: dict) -> None:
           f"{s['drop_s_median'] if s['drop_s_median'] is None else round(s['drop_s_median'], 3)} s; "
           f"{s['drop_lines_missing']} drops without a log line); target <= {TARGET_DROP_S:g} s: "
           f"{met(s['drop_s_max'], TARGET_DROP_S)}")
+    print(f"  the stopped replicas recorded their stop {fmt(s['recorded_s_median'])} s (median) / {fmt(s['recorded_s_max'])} s "
+          f"(last) after the signal; survivors dropped each {fmt(s['drop_after_recorded_s_median'])} s (median) / "
+          f"{fmt(s['drop_after_recorded_s_max'])} s (max) after its stop was recorded (item 2's target: <= 0.5 s)")
     print(f"  stopped processes exited within {s['exit_s_max'] if s['exit_s_max'] is None else round(s['exit_s_max'], 2)} s "
           f"(median {s['exit_s_median'] if s['exit_s_median'] is None else round(s['exit_s_median'], 2)} s; "
           f"{s['exited']} of {s['stopped']} exited, statuses {s['exit_statuses']}); target <= {TARGET_EXIT_S:g} s: "

@@ -145,10 +145,12 @@ class HACluster:
         return "\n".join(out)
 
 
-def serve(cluster: HACluster, request) -> Iterator[HACluster]:
-    """The body of a cluster fixture: yield ``cluster``; print the replicas' logs if the test failed;
-    close it whatever happens."""
+def serve(cluster: HACluster, request, setup=None) -> Iterator[HACluster]:
+    """The body of a cluster fixture: ``setup(cluster)``, yield it; print the replicas' logs if
+    either failed; close it whatever happens."""
     try:
+        if setup is not None:
+            setup(cluster)
         yield cluster
         report = getattr(request.node, "report_call", None)
         if report is not None and report.failed:
