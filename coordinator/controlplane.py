@@ -29,7 +29,7 @@ from coordinator.dupkey import DuplicateKeyCheck
 from coordinator.latency import Finding, LatencyMonitor
 from coordinator.mesh import Mesh
 from coordinator.pubsub import PubSub
-from coordinator.replicas import Replica, ReplicaRegistry
+from coordinator.replicas import ReplicaInfo, ReplicaRegistry
 
 log = logging.getLogger("coordinator.controlplane")
 
@@ -241,7 +241,7 @@ class ControlPlane:
             elapsed = anyio.current_time() - started
             await anyio.sleep(max(0.05, self.settings.heartbeat - elapsed))
 
-    async def _on_peers(self, peers: list[Replica]) -> None:
+    async def _on_peers(self, peers: list[ReplicaInfo]) -> None:
         regional = [p for p in peers if p.region_id == self.settings.region_id]
         if regional and not self.settings.relay_url and not self._warned_no_relay_url:
             self._warned_no_relay_url = True

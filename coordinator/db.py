@@ -13,8 +13,10 @@ import inspect
 import itertools
 import logging
 import math
+import os
 import re
 import secrets
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -76,6 +78,36 @@ class _PoolOutageFilter(logging.Filter):
                 return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
             self.quiet.add(name)
         return True
+
+
+def shut_socket(conn: psycopg.AsyncConnection) -> None:
+    """Shut the connection's socket so whatever waits on it fails now (the connection is then unusable)."""
+    try:
+        sock = socket.socket(fileno=os.dup(conn.pgconn.socket))
+    except (OSError, psycopg.Error):
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+class Connection(psycopg.AsyncConnection):
+    """psycopg's connection, except that cancelling a task mid-query never blocks the process.
+
+    psycopg answers a cancelled task by cancelling the query on the server. Without libpq 17's
+    non-blocking cancel it calls ``PQcancel``, which holds the GIL until the server answers: against
+    a frozen (black-holed) server the whole process froze, shutdown watchdog included. We shut the
+    socket instead; the query fails at once and the pool discards the connection.
+    """
+
+    async def cancel_safe(self, *, timeout: float = 30.0) -> None:
+        if psycopg.capabilities.has_cancel_safe():
+            await super().cancel_safe(timeout=timeout)
+        else:
+            shut_socket(self)
 
 
 _pool_log_filter = _PoolOutageFilter()
@@ -217,7 +249,7 @@ async def _connect_with_retry(conninfo: str, target: str, password: str | None, 
         try:
             # connect_timeout is per host and at least 2 s; this keeps the total within ``wait``.
             with anyio.fail_after(max(deadline - time.monotonic(), 1.0)):
-                return await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
+                return await Connection.connect(conninfo, autocommit=True)
         except (psycopg.OperationalError, TimeoutError) as exc:
             reason = "timed out" if isinstance(exc, TimeoutError) else redact(" ".join(str(exc).split()), password)
             if _fatal(exc):
@@ -352,6 +384,7 @@ class Database:
             conninfo,
             min_size=min_size,
             max_size=max_size,
+            connection_class=Connection,
             kwargs={"autocommit": True},
             configure=configure,
             check=AsyncConnectionPool.check_connection,  # hand out no connection that died in an outage
@@ -403,7 +436,7 @@ class Database:
         """
         try:
             with anyio.fail_after(timeout):
-                conn = await psycopg.AsyncConnection.connect(self.pool.conninfo, autocommit=True)
+                conn = await Connection.connect(self.pool.conninfo, autocommit=True)
                 try:
                     await conn.execute("SELECT 1")
                 finally:

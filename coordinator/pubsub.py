@@ -36,6 +36,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
 from psycopg import pq
 
+from coordinator.db import Connection  # cancelling mid-query must never block the process
+
 log = logging.getLogger("coordinator.pubsub")
 
 MAX_PAYLOAD_BYTES = 8000  # Postgres rejects NOTIFY payloads of 8000 bytes or more (default build)
@@ -721,7 +723,7 @@ class PubSub:
     # publishing
 
     async def _connect_publisher(self) -> psycopg.AsyncConnection:
-        return await psycopg.AsyncConnection.connect(
+        return await Connection.connect(
             self.url, application_name=self._publish_app, client_encoding="UTF8", **self._conn_kwargs
         )
 
@@ -746,7 +748,7 @@ class PubSub:
             began = self._loop.time()
             try:
                 async with asyncio.timeout(self._connect_timeout):
-                    conn = await psycopg.AsyncConnection.connect(
+                    conn = await Connection.connect(
                         self.url,
                         application_name=self.application_name,
                         prepare_threshold=None,

@@ -144,6 +144,7 @@ class Replica:
             self._listening.set()
         async with anyio.create_task_group() as tg:
             self.relay.start()
+            await self.pubsub.start(wait=False)  # subscribe at once; it connects in the background
             tg.start_soon(lambda: self.control.run(listening=self._listening), name="control plane")
             try:
                 yield

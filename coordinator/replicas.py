@@ -91,7 +91,7 @@ class PubSubLike(Protocol):
 
 
 @dataclass(frozen=True)
-class Replica:
+class ReplicaInfo:
     """One row of ``replicas``. ``alive`` was judged by the database when the row was read."""
 
     id: UUID
@@ -112,7 +112,7 @@ class Replica:
 
 
     @classmethod
-    def from_row(cls, row: dict, alive: bool | None = None) -> Replica:
+    def from_row(cls, row: dict, alive: bool | None = None) -> ReplicaInfo:
         return cls(
             id=row["id"], hostname=row["hostname"], region_id=row["region_id"], relay_url=row["relay_url"],
             version=row["version"], database_latency=row["database_latency"], error=row["error"],
@@ -123,7 +123,8 @@ class Replica:
         )
 
 
-OnChange = Callable[[list[Replica]], Awaitable[None] | None]
+Replica = ReplicaInfo  # its older name (coordinator.Replica is the library's replica object)
+OnChange = Callable[[list[ReplicaInfo]], Awaitable[None] | None]
 
 
 def _describe(exc: BaseException) -> str:
@@ -173,9 +174,9 @@ class ReplicaRegistry:
         self._database_median: float | None = None
         self.clock_skew = 0.0  # database clock minus ours, seconds
 
-        self._self_row: Replica | None = None
-        self._rows: list[Replica] = []
-        self._peers: list[Replica] = []
+        self._self_row: ReplicaInfo | None = None
+        self._rows: list[ReplicaInfo] = []
+        self._peers: list[ReplicaInfo] = []
         self._peer_key: tuple | None = None
         self._healthy = False
         self._last_error: str | None = None
@@ -205,7 +206,7 @@ class ReplicaRegistry:
     # -- accessors -----------------------------------------------------------------------------
 
     @property
-    def self_row(self) -> Replica | None:
+    def self_row(self) -> ReplicaInfo | None:
         return self._self_row
 
     @property
@@ -218,15 +219,15 @@ class ReplicaRegistry:
         """Why the last heartbeat failed, or None while healthy."""
         return self._last_error
 
-    def peers(self) -> list[Replica]:
+    def peers(self) -> list[ReplicaInfo]:
         """Live replicas in every region, excluding this one."""
         return list(self._peers)
 
-    def regional_peers(self) -> list[Replica]:
+    def regional_peers(self) -> list[ReplicaInfo]:
         """Live replicas in this replica's region (the ones to mesh with), excluding this one."""
         return [p for p in self._peers if p.region_id == self.region_id]
 
-    def all_replicas(self) -> list[Replica]:
+    def all_replicas(self) -> list[ReplicaInfo]:
         """Every row as of the last sync, dead ones and this one included (for the operator API)."""
         rows = [r for r in self._rows if r.id != self.id]
         return ([self._self_row] if self._self_row else []) + rows
@@ -285,7 +286,7 @@ class ReplicaRegistry:
         """Leave gracefully within ``timeout`` s; False if we had registered and could not record it. Idempotent.
 
         Cancels the heartbeat first (so none can clear ``stopped_at`` again), then marks our row
-        stopped and announces it, so peers drop us at once.
+        stopped and announces it, so peers drop us at once, then unsubscribes.
         """
         if self._state == "new":
             self._state = "stopped"
@@ -329,14 +330,8 @@ class ReplicaRegistry:
         )
 
     async def _leave(self) -> None:
-        """Unsubscribe, and if we registered, record our stop; never longer than ``_leave_timeout``."""
-        with anyio.move_on_after(self._leave_timeout):
-            if self._unsubscribe is not None:
-                unsubscribe, self._unsubscribe = self._unsubscribe, None
-                try:
-                    await unsubscribe()
-                except Exception as exc:
-                    log.debug("unsubscribe from %r failed: %s", CHANNEL, _describe(exc))
+        """Record our stop if we registered, then unsubscribe; all within ``_leave_timeout``."""
+        deadline = anyio.current_time() + self._leave_timeout
         if self._self_row is not None:
             # With the database already down, don't hold up the stop hoping for it.
             timeout = self._leave_timeout if self._healthy else min(1.0, self._leave_timeout)
@@ -346,7 +341,7 @@ class ReplicaRegistry:
                         cur = await conn.cursor(row_factory=dict_row).execute(_STOP_SELF, (self.id,))
                         row = await cur.fetchone()
                     if row:
-                        self._self_row = Replica.from_row(row, alive=False)
+                        self._self_row = ReplicaInfo.from_row(row, alive=False)
                         self._stop_recorded = True
                     await self._publish()
                 log.info("replica %s stopped", self.id)
@@ -355,6 +350,13 @@ class ReplicaRegistry:
                     "replica %s could not record its stop (%s); peers drop it after %g s",
                     self.id, _describe(exc), MISSED_BEATS * self.heartbeat,
                 )
+        if self._unsubscribe is not None:
+            unsubscribe, self._unsubscribe = self._unsubscribe, None
+            with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
+                try:
+                    await unsubscribe()
+                except Exception as exc:
+                    log.debug("unsubscribe from %r failed: %s", CHANNEL, _describe(exc))
         self._healthy = False
         self._kick_send.close()
         self._kick_recv.close()
@@ -422,7 +424,7 @@ class ReplicaRegistry:
             self.on_probe(probe.latency)
         if reinserted:
             log.warning("replica %s: our row was deleted externally; re-inserted it", self.id)
-        self._self_row = Replica.from_row(row, alive=True)
+        self._self_row = ReplicaInfo.from_row(row, alive=True)
         self._written_error_changed = error != self._written_error
         self._written_error = error
         return reinserted
@@ -540,13 +542,13 @@ class ReplicaRegistry:
             if changed is not None:
                 await self._notify(changed)
 
-    async def _read(self) -> list[Replica] | None:
+    async def _read(self) -> list[ReplicaInfo] | None:
         """Re-read every row; the new peer list if it changed, else None."""
         async with self.db.connection(timeout=self._op_timeout) as conn:
             cur = await conn.cursor(row_factory=dict_row).execute(_SELECT_ALL)
             rows = await cur.fetchall()
         now = time.monotonic()
-        replicas = [Replica.from_row(r) for r in rows]
+        replicas = [ReplicaInfo.from_row(r) for r in rows]
         peers = [r for r in replicas if r.alive and r.id != self.id]
         expiries = [r["expires_in"] for r in rows if r["alive"] and r["id"] != self.id]
         self._next_expiry = now + min(expiries) + 0.01 if expiries else None
@@ -566,7 +568,7 @@ class ReplicaRegistry:
         log.debug("replica %s: %d live peers", self.id, len(peers))
         return peers
 
-    def _kept_in_grace(self, live: list[Replica], replicas: list[Replica]) -> list[Replica]:
+    def _kept_in_grace(self, live: list[ReplicaInfo], replicas: list[ReplicaInfo]) -> list[ReplicaInfo]:
         """Previously live peers that look stale only because of the outage we just left."""
         live_ids = {p.id for p in live}
         current = {r.id: r for r in replicas}
@@ -577,7 +579,7 @@ class ReplicaRegistry:
                 kept.append(row)
         return kept
 
-    async def _notify(self, peers: list[Replica]) -> None:
+    async def _notify(self, peers: list[ReplicaInfo]) -> None:
         if self.on_change is None:
             return
         try:

@@ -65,12 +65,14 @@ class ReplicaServer(uvicorn.Server):
         super().__init__(config)
         self.replica = replica
         self.loop = None
+        self._signalled = False
         self._watchdog: threading.Timer | None = None
 
     def handle_exit(self, sig: int, frame) -> None:
-        if self.should_exit:
+        if self._signalled:
             _say(f"second {signal.Signals(sig).name}: exiting now, without a clean stop")
             os._exit(EXIT_FORCED)
+        self._signalled = True
         self.should_exit = True
         self.arm_watchdog()
         if self.loop is not None:

@@ -1,38 +1,114 @@
-"""Lifecycle with real processes and real signals: many replicas stopping at once, a replica started
-while Postgres is down, the embedded Postgres dying under a replica, two replicas on one data
-directory, and ``coordinator demo`` stopped by a signal."""
+"""A replica's lifecycle: stops that always end, Restarting before the close, joining while Postgres is down.
 
-from __future__ import annotations
+Real `coordinator server` processes, real Postgres, real signals (SIGSTOP freezes a peer or the
+database); figures are printed, bounds are generous.
+"""
 
-import asyncio
 import contextlib
-import os
-import shutil
 import signal
-import subprocess
-import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
+import anyio
 import psutil
+import psycopg
 import pytest
-from cluster import HACluster, full_mesh, serve
+from cluster import HACluster
 
 from coordinator.client import DerpClient, DerpError, Restarting
+from coordinator.config import load_settings
 from coordinator.mesh import normalize_relay_url
-from polling import wait_blocking, wait_until
-from procs import ROOT
+from coordinator.replica import RESTART_TRY_FOR_MS, Replica
+from coordinator.server import EXIT_CLEAN, EXIT_FORCED, EXIT_UNCLEAN_STOP
+from polling import wait_blocking, wait_for
+from procs import Proc, free_port, python
+from relayfix import serve_relay
 
-SHUTDOWN_TIMEOUT = 5.0
+pytestmark = pytest.mark.anyio
+SHUTDOWN_TIMEOUT = 5.0  # the default
+
+
+def meshed(replicas) -> bool:
+    return all({normalize_relay_url(o.url) for o in replicas if o is not r} <= r.mesh_connected() for r in replicas)
+
+
+def freeze(proc, sig=signal.SIGSTOP) -> None:
+    """SIGSTOP (or SIGCONT) a process and all its descendants (Postgres backends run in sessions of their own)."""
+    if proc is None or proc.poll() is not None:
+        return
+    with contextlib.suppress(psutil.NoSuchProcess):
+        parent = psutil.Process(proc.pid)
+        for p in [parent, *parent.children(recursive=True)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.send_signal(sig)
+
+
+async def frames_until_closed(client: DerpClient, timeout: float) -> list:
+    got = []
+    with anyio.fail_after(timeout):
+        while True:
+            try:
+                got.append(await client.recv())
+            except DerpError:
+                return got
 
 
 @pytest.fixture
-def cluster(pg_url, request):
-    yield from serve(HACluster(pg_url, heartbeat="1s", extra_args=("--shutdown-timeout", f"{SHUTDOWN_TIMEOUT:g}s")),
-                     request)
+def frozen_cluster(own_cluster, request):
+    """Two replicas on a private Postgres; whatever a test froze is thawed before the clean-up."""
+    c = HACluster(own_cluster.url, heartbeat="1s")
+    try:
+        c.add_replica()
+        c.add_replica()
+        wait_blocking(lambda: meshed(c.replicas), 30, "the two replicas to mesh", ignore=(OSError,))
+        yield c
+        if getattr(request.node, "report_call", None) is not None and request.node.report_call.failed:
+            print(c.logs())
+    finally:
+        freeze(own_cluster.proc, signal.SIGCONT)
+        for r in c.replicas:
+            if r.proc is not None:
+                freeze(r.proc.proc, signal.SIGCONT)
+        c.close()
+
+
+async def test_stop_ends_in_time_while_a_peer_and_postgres_are_frozen(frozen_cluster, own_cluster):
+    a, b = frozen_cluster.replicas
+    client = await DerpClient.connect(a.url + "/derp")
+    try:
+        freeze(b.proc.proc)
+        freeze(own_cluster.proc)
+        t0 = time.monotonic()
+        a.proc.signal(signal.SIGTERM)
+        frames = await frames_until_closed(client, 15)
+        closed = time.monotonic() - t0
+        rc = a.proc.wait(30)
+        elapsed = time.monotonic() - t0
+    finally:
+        await client.close()
+    print(f"\nfrozen peer and database: client closed after {closed:.2f} s, process exited after {elapsed:.2f} s "
+          f"(shutdown timeout {SHUTDOWN_TIMEOUT:g} s), status {rc}")
+    restarting = [f for f in frames if isinstance(f, Restarting)]
+    assert restarting and frames[-1] == restarting[0], f"no Restarting frame before the close: {frames}"
+    assert restarting[0] == Restarting(0, RESTART_TRY_FOR_MS)
+    assert rc == EXIT_UNCLEAN_STOP  # the stop could not be recorded: the exit status says so
+    assert elapsed < 3 * SHUTDOWN_TIMEOUT
+    assert "could not record its stop" in a.proc.output and "Traceback" not in a.proc.output
+
+
+async def test_second_signal_exits_at_once(frozen_cluster, own_cluster):
+    a, _ = frozen_cluster.replicas
+    freeze(own_cluster.proc)  # the stop now waits on the database
+    a.proc.signal(signal.SIGTERM)
+    await anyio.sleep(0.3)
+    t0 = time.monotonic()
+    a.proc.signal(signal.SIGTERM)
+    rc = a.proc.wait(30)
+    elapsed = time.monotonic() - t0
+    print(f"\nexited {elapsed * 1e3:.0f} ms after the second SIGTERM, status {rc}")
+    assert rc == EXIT_FORCED and "second SIGTERM" in a.proc.output
+    assert elapsed < SHUTDOWN_TIMEOUT
 
 
 def http_status(url: str) -> int | None:
@@ -45,173 +121,115 @@ def http_status(url: str) -> int | None:
         return None
 
 
-async def frames_until_closed(client: DerpClient) -> list:
-    """Every frame the server sends until it closes the connection."""
-    frames = []
-    with contextlib.suppress(DerpError, OSError):
-        while True:
-            frames.append(await client.recv(timeout=60))
-    return frames
-
-
-@pytest.mark.anyio
-async def test_half_of_ten_replicas_stop_at_once(cluster):
-    replicas = cluster.add_replicas(10)
-    meshed = await wait_until(lambda: full_mesh(replicas), 90, "a full mesh of 10 replicas", interval=0.2)
-    print(f"\n10 replicas fully meshed {meshed:.1f} s after the last was ready")
-    leaving, staying = replicas[::2], replicas[1::2]
-    clients = [await DerpClient.connect(r.url + "/derp") for r in leaving]
-    readers = [asyncio.create_task(frames_until_closed(c)) for c in clients]
-    gone = {normalize_relay_url(r.url) for r in leaving}
-    try:
-        t0 = time.monotonic()
-        for r in leaving:
-            r.proc.signal(signal.SIGTERM)
-        exited: dict[int, float] = {}
-
-        def all_exited() -> bool:
-            for r in leaving:
-                if r.index not in exited and not r.running:
-                    exited[r.index] = time.monotonic() - t0
-            return len(exited) == len(leaving)
-
-        def survivors_dropped() -> bool:
-            for r in staying:
-                status = r.status()
-                if gone & set(status["mesh"]) or status["peers"] != len(staying) - 1:
-                    return False
-            return True
-
-        dropped = await wait_until(survivors_dropped, 30, "the survivors to drop the stopped replicas", interval=0.02)
-        await wait_until(all_exited, 3 * SHUTDOWN_TIMEOUT, "every stopped replica to exit", interval=0.02)
-        print(f"5 of 10 SIGTERMed at once: survivors dropped all of them {dropped * 1000:.0f} ms after the signals "
-              f"(target <= 500 ms after each stop is recorded); exits after "
-              f"{', '.join(f'{v:.2f}' for v in sorted(exited.values()))} s (shutdown timeout {SHUTDOWN_TIMEOUT:g} s)")
-        assert [r.proc.proc.returncode for r in leaving] == [0] * len(leaving), "a clean stop exits with status 0"
-        assert full_mesh(staying)
-        for r, frames in zip(leaving, await asyncio.gather(*readers), strict=True):
-            assert any(isinstance(f, Restarting) for f in frames), f"replica {r.index} closed its client without Restarting"
-    finally:
-        for c in clients:
-            await c.close()
-
-
-@pytest.fixture
-def db_cluster(own_cluster, request):
-    yield from serve(HACluster(own_cluster.url, heartbeat="1s"), request)
-
-
-@pytest.mark.anyio
-async def test_replica_started_while_postgres_is_down_joins_when_it_returns(own_cluster, db_cluster):
-    first = db_cluster.add_replica()
+async def test_replica_started_while_postgres_is_down_joins_when_it_answers(own_cluster, tmp_path):
     own_cluster.stop()
-    late = db_cluster.add_replica(start=False)
-    late.start(wait=False)
-    # Up, but not ready, and not giving up: it waits for the database however long the outage lasts.
-    await wait_until(lambda: http_status(late.url + "/healthz") == 200, 30, "/healthz of the late replica", interval=0.1)
-    assert http_status(late.url + "/readyz") == 503
-    await asyncio.sleep(3)
-    assert late.running, late.proc.output[-3000:]
-    assert http_status(late.url + "/readyz") == 503
-    back = time.monotonic()
-    own_cluster.start()
-    joined = await wait_until(lambda: late.ready() and first.ready() and full_mesh([first, late]), 60,
-                              "the late replica to join once Postgres is back", interval=0.1)
-    print(f"\nreplica started during a database outage: ready and meshed {joined:.1f} s after Postgres came back "
-          f"({time.monotonic() - back:.1f} s)")
-
-
-def postmaster_pid(pgdata: Path) -> int | None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = Proc(
+        [python(), "-m", "coordinator", "server", "--address", f"127.0.0.1:{port}", "--data-dir", str(tmp_path),
+         "--relay-url", url, "--pg-url", own_cluster.url, "--heartbeat", "500ms"],
+        log=tmp_path / "server.log",
+    )
     try:
-        return int((pgdata / "postmaster.pid").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-@pytest.fixture
-def embedded_cluster(request):
-    c = HACluster("", heartbeat="1s")  # no URL: each replica starts the embedded Postgres in its data dir
-    try:
-        yield from serve(c, request)
-    finally:
-        for r in c.replicas:  # SIGKILLed replicas leave their embedded server behind
-            pid = postmaster_pid(r.data / "postgres")
-            if pid is not None:
-                with contextlib.suppress(psutil.Error):
-                    psutil.Process(pid).kill()
-
-
-def test_embedded_postgres_killed_under_a_running_replica_comes_back(embedded_cluster):
-    r = embedded_cluster.add_replica(start=False)
-    r.start(timeout=90)
-    pgdata = r.data / "postgres"
-    old = postmaster_pid(pgdata)
-    assert old is not None
-    killed = time.monotonic()
-    os.kill(old, signal.SIGKILL)
-    wait_blocking(lambda: postmaster_pid(pgdata) not in (None, old), 60, "a new postmaster")
-    wait_blocking(r.ready, 60, "the replica to be ready again")
-    print(f"\nembedded Postgres SIGKILLed: replica ready again {time.monotonic() - killed:.1f} s later")
-    assert r.running
-    assert "is gone; restarting it" in r.proc.output
-    r.stop()  # releases its handle: the embedded server stops with it
-    assert r.proc.proc.returncode == 0
-    wait_blocking(lambda: postmaster_pid(pgdata) is None, 30, "the embedded server to stop with the replica")
-
-
-def test_two_replicas_on_one_data_directory_are_a_finding(cluster):
-    a = cluster.add_replica()
-    b = cluster.add_replica(start=False)
-    b.data = a.data  # the same derper.key
-    b.start()
-    for me, other in ((a, b), (b, a)):
-        def finding(me=me, other=other):
-            found = [f for f in me.api("/api/v2/debug/health")["findings"] if f["code"] == "EDERP03"]
-            return found if found and normalize_relay_url(other.url) in found[0]["message"] else None
-
-        assert wait_blocking(finding, 30, "the duplicate server key finding")[0]["severity"] == "error"
-        wait_blocking(lambda me=me: "has this replica's DERP server key" in me.proc.output, 10, "the log line")
-    assert "--data-dir" in a.proc.output
-
-
-# -- coordinator demo ------------------------------------------------------------------------------
-
-
-def _ignore_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a shell starts a background job
-
-
-@pytest.mark.parametrize(("sig", "background"), [(signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGINT, True)],
-                         ids=["sigterm", "sigint", "sigint-background"])
-def test_demo_stopped_by_a_signal_leaves_no_process_behind(sig, background):
-    base = Path(tempfile.mkdtemp(prefix="coordtest-demo-"))
-    out = base / "demo.out"
-    started: list[psutil.Process] = []
-    with open(out, "wb") as log:
-        demo = subprocess.Popen([sys.executable, "-m", "coordinator", "demo", "--replicas", "2", "--data-dir", str(base)],
-                                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                                start_new_session=True, preexec_fn=_ignore_sigint if background else None)
-    try:
-        wait_blocking(lambda: "running;" in out.read_text() or demo.poll() is not None, 180, "the demo to be running")
-        assert demo.poll() is None, out.read_text()
-        started = psutil.Process(demo.pid).children(recursive=True)
-        pg = postmaster_pid(base / "shared" / "postgres")
-        assert pg is not None
-        started += [psutil.Process(pg), *psutil.Process(pg).children(recursive=True)]
-        names = " ".join(p.name() for p in started)
-        assert "nginx" in names and "postgres" in names and len([p for p in started if "python" in p.name()]) >= 2
+        wait_blocking(lambda: http_status(url + "/healthz") == 200, 30, "/healthz to answer")
+        assert http_status(url + "/readyz") == 503
+        wait_blocking(lambda: "retrying until it does" in proc.output, 10, "the log line saying it keeps retrying")
+        await anyio.sleep(1.0)
+        assert proc.proc.poll() is None and http_status(url + "/readyz") == 503
         t0 = time.monotonic()
-        demo.send_signal(sig)
-        assert demo.wait(60) == 0, out.read_text()
-        _, alive = psutil.wait_procs(started, timeout=10)
-        print(f"\ndemo stopped by {signal.Signals(sig).name}{' (SIGINT ignored at start)' if background else ''}: "
-              f"exited {time.monotonic() - t0:.1f} s after the signal, {len(started)} processes gone")
-        assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], out.read_text()
+        own_cluster.start()
+        wait_blocking(lambda: http_status(url + "/readyz") == 200, 60, "the replica to join")
+        print(f"\njoined {time.monotonic() - t0:.2f} s after Postgres started")
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(30) == EXIT_CLEAN
+        assert "Traceback" not in proc.output
     finally:
-        if demo.poll() is None:
-            demo.kill()
-            demo.wait()
-        for p in started:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-        shutil.rmtree(base, ignore_errors=True)
+        proc.stop()
+
+
+def stop_times(url: str) -> dict:
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows = conn.execute("SELECT id, extract(epoch FROM stopped_at) FROM replicas WHERE stopped_at IS NOT NULL")
+        return {rid: float(t) for rid, t in rows}
+
+
+async def test_many_peers_leaving_at_once_are_all_dropped(pg_url):
+    """Half of six replicas stop together: every survivor drops each from registry, mesh and routes."""
+    n = 6
+    done = anyio.Event()
+    async with anyio.create_task_group() as servers, anyio.create_task_group() as lives:
+        relays = []
+
+        async def serve(task_status=anyio.TASK_STATUS_IGNORED):
+            async with serve_relay() as served:
+                task_status.started(served)
+                await done.wait()
+
+        try:
+            for _ in range(n):
+                relays.append(await servers.start(serve))
+            replicas = [
+                Replica(load_settings({"pg_url": pg_url, "heartbeat": "1s", "relay_url": url.removesuffix("/derp")},
+                                      environ={}), relay=relay)
+                for url, relay in relays
+            ]
+
+            async def live(replica, task_status=anyio.TASK_STATUS_IGNORED):
+                async with replica.lifespan():
+                    task_status.started()
+                    await done.wait()
+
+            for r in replicas:
+                await lives.start(live, r)
+            leaving, staying = replicas[: n // 2], replicas[n // 2 :]
+
+            def converged() -> bool:
+                return all(r.registry and len(r.registry.peers()) == n - 1
+                           and sum(link["connected"] for link in r.mesh.status().values()) == n - 1 for r in replicas)
+
+            await wait_for(converged, 60, "six replicas to see and mesh with each other")
+            clients = [await DerpClient.connect(url) for url, _ in relays[: n // 2]]
+            await wait_for(lambda: all(s.relay.server.lookup(c.public_key) is not None for s in staying for c in clients),
+                           15, "survivors to route to the leaving replicas' clients")
+            gone_ids = {r.registry.id for r in leaving}
+            gone_urls = {normalize_relay_url(url) for url, _ in relays[: n // 2]}
+            dropped: dict = {}
+
+            def all_dropped() -> bool:
+                for s in staying:
+                    if s not in dropped and not ({p.id for p in s.registry.peers()} & gone_ids
+                                                 or set(s.mesh.links) & gone_urls
+                                                 or any(s.relay.server.lookup(c.public_key) for c in clients)):
+                        dropped[s] = time.time()
+                return len(dropped) == len(staying)
+
+            async with anyio.create_task_group() as stopping:
+                for r in leaving:
+                    stopping.start_soon(r.stop)
+                await wait_for(all_dropped, 15, "every survivor to drop every leaving replica")
+            recorded = stop_times(pg_url)
+            lag = max(dropped.values()) - max(recorded[i] for i in gone_ids)
+            print(f"\n{len(leaving)} of {n} replicas stopped at once: every survivor dropped all of them "
+                  f"{lag * 1e3:.0f} ms after the last stop was recorded (target 500 ms; heartbeat 1 s)")
+            assert all(r.stop_clean for r in leaving)
+            assert lag < 2.5  # less than the 3 s a missed-heartbeat expiry would take
+            for c in clients:
+                await c.close()
+            for r in staying:
+                assert await r.stop()
+        finally:
+            done.set()
+
+
+async def test_graceful_close_sends_restarting_to_raw_and_websocket_clients():
+    async with serve_relay() as (url, relay):
+        raw, ws = await DerpClient.connect(url), await DerpClient.connect(url, websocket=True)
+        try:
+            await wait_for(lambda: relay.stats()["current_connections"] == 2)
+            relay.close(restarting=(250, RESTART_TRY_FOR_MS))
+            for client in (raw, ws):
+                frames = await frames_until_closed(client, 10)
+                assert frames[-1:] == [Restarting(250, RESTART_TRY_FOR_MS)], frames
+        finally:
+            await raw.close()
+            await ws.close()

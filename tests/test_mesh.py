@@ -148,7 +148,7 @@ async def test_stopping_mesh_ends_links_whose_read_completes_as_they_are_cancell
             async with Mesh(r1) as m1:
                 await m1.set_peers([url2])
                 link = m1.links[normalize_relay_url(url2)]
-                await wait_for(lambda: link.connected, 10)
+                await wait_for(lambda link=link: link.connected, 10)
                 accepts = r2.stats()["accepts"]
                 r2.close()  # the peer drops every connection: the link's pending read completes ...
                 for _ in range(turns):
