@@ -1,7 +1,8 @@
 """The replica's HTTP surface: a Starlette app with the DERP endpoints and health checks.
 
 ``uvicorn coordinator.app:app --http coordinator.http:DerpHttpProtocol`` serves it with the raw
-DERP upgrade; ``coordinator server`` does the same plus the control plane.
+DERP upgrade: the relay alone, or with ``COORDINATOR_PG_CONNECTION_URL`` set a whole replica
+(:class:`coordinator.replica.Replica`, as ``coordinator server`` runs it).
 """
 
 from __future__ import annotations
@@ -182,6 +183,10 @@ class _LazyApp:
         from coordinator.config import load_settings
 
         settings = load_settings()
+        if settings.pg_url:  # a whole replica, as `coordinator server` (minus the embedded Postgres)
+            from coordinator.replica import Replica
+
+            return Replica(settings).app()
         relay = DerpRelay.from_data_dir(settings.data_path, mesh_key=settings.mesh_key or None,
                                         keepalive=settings.keepalive)
         return create_app(relay)

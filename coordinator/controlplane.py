@@ -202,7 +202,8 @@ class ControlPlane:
     async def _close_db(self) -> None:
         db, self.db = self.db, None
         if db is not None:
-            await db.close()
+            # Leave time for the pub/sub, closed next: a hung server must not take the whole budget.
+            await db.close(timeout=max(0.1, min(5.0, (self._deadline - anyio.current_time()) / 2)))
 
     async def _close(self, what: str, close: Callable[[], Awaitable[None]]) -> None:
         """Run ``close`` even though we are being cancelled, but never past the stop's deadline."""

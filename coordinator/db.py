@@ -81,7 +81,11 @@ class _PoolOutageFilter(logging.Filter):
 
 
 def shut_socket(conn: psycopg.AsyncConnection) -> None:
-    """Shut the connection's socket so whatever waits on it fails now (the connection is then unusable)."""
+    """Shut the connection's socket so whatever waits on it fails now (the connection is then unusable).
+
+    The pending read returns EOF at once, where a server-side cancel would wait for a half-open or
+    frozen server for many seconds.
+    """
     try:
         sock = socket.socket(fileno=os.dup(conn.pgconn.socket))
     except (OSError, psycopg.Error):
@@ -487,8 +491,9 @@ class Database:
             raise DatabaseError("the stored DERP mesh key is empty; delete it from site_config to regenerate")
         return key
 
-    async def close(self) -> None:
-        await self.pool.close()
+    async def close(self, timeout: float = 5.0) -> None:
+        """Close the pool, waiting at most ``timeout`` s for its background workers."""
+        await self.pool.close(timeout)
 
     async def __aenter__(self) -> Database:
         return self

@@ -22,9 +22,7 @@ import functools
 import inspect
 import logging
 import math
-import os
 import random
-import socket
 import time
 import uuid
 from collections import deque
@@ -36,7 +34,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
 from psycopg import pq
 
-from coordinator.db import Connection  # cancelling mid-query must never block the process
+from coordinator.db import Connection, shut_socket  # cancelling mid-query must never block the process
 
 log = logging.getLogger("coordinator.pubsub")
 
@@ -142,22 +140,7 @@ def _listen_sql(verb: bytes, channel: str) -> bytes:
     return verb + b' "' + channel.encode().replace(b'"', b'""') + b'"'
 
 
-def _abort(conn: psycopg.AsyncConnection) -> None:
-    """Shut the connection's socket so whatever waits on it fails now.
-
-    Cancelling psycopg mid-query would first try a server-side cancel and wait for it, which on a
-    half-open connection takes many seconds; a shut socket makes the pending read return EOF at once.
-    """
-    try:
-        sock = socket.socket(fileno=os.dup(conn.pgconn.socket))
-    except (OSError, psycopg.Error):
-        return
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    finally:
-        sock.close()
+_abort = shut_socket  # a hung statement must not hold up close: its read returns EOF at once
 
 
 def _resolve(fut: asyncio.Future) -> None:

@@ -159,10 +159,11 @@ class Replica:
             self._listening.set()
 
     async def ready(self) -> None:
-        """Wait until the replica has joined the replica set."""
-        while self.control.joined is None:
-            await anyio.sleep(0.01)
-        await self.control.joined.wait()
+        """Wait until the replica has joined the replica set; raise RuntimeError if joining failed for good."""
+        while self.control.joined is None or not self.control.joined.is_set():
+            if self.failure is not None:
+                raise RuntimeError(f"the replica could not join: {self.failure}")
+            await anyio.sleep(0.02)
 
     def begin_stop(self) -> None:
         """Start the shutdown clock and stop mesh links from redialling (safe from a signal handler)."""

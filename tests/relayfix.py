@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import time
 
 import uvicorn
 
 from coordinator.app import create_app
+from coordinator.client import DerpClient
 from coordinator.derp import DerpRelay
 from coordinator.http import DerpHttpProtocol
 from coordinator.keys import NodeKey
@@ -44,3 +46,15 @@ async def serve_relay(*, ssl_certfile: str | None = None, ssl_keyfile: str | Non
             await asyncio.wait_for(task, 10)
         sock.close()
 
+
+async def routed(a: DerpClient, b: DerpClient, timeout: float = 10.0) -> None:
+    """Wait until a's packets reach b: b's PeerPresent travels to a's replica over the mesh."""
+    deadline = time.monotonic() + timeout
+    while True:
+        await a.send(b.public_key, b"probe")
+        try:
+            if (await b.recv_packet(timeout=0.05)).data == b"probe":
+                return
+        except TimeoutError:
+            if time.monotonic() > deadline:
+                raise AssertionError("packets never crossed the mesh") from None

@@ -12,6 +12,7 @@ from coordinator.client import DerpClient, DerpError, RecvPacket
 from coordinator.mesh import normalize_relay_url
 from coordinator.nginx import nginx_binary
 from polling import wait_until
+from relayfix import routed
 
 pytestmark = [
     pytest.mark.anyio,
@@ -50,19 +51,6 @@ async def clients_on_distinct_replicas(cluster: HACluster, n: int = 2, **kwargs)
         await c.close()
     assert len(by_server) == n, "nginx did not spread clients over the replicas"
     return list(by_server.values())
-
-
-async def routed(a: DerpClient, b: DerpClient, timeout: float = 10.0) -> None:
-    """Wait until a's packets reach b: b's PeerPresent travels to a's replica over the mesh."""
-    deadline = time.monotonic() + timeout
-    while True:
-        await a.send(b.public_key, b"probe")
-        try:
-            if (await b.recv_packet(timeout=0.05)).data == b"probe":
-                return
-        except TimeoutError:
-            if time.monotonic() > deadline:
-                raise AssertionError("packets never crossed the mesh") from None
 
 
 async def test_packets_cross_replicas_through_nginx(cluster):

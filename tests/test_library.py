@@ -10,6 +10,7 @@ import pytest
 from coordinator.client import DerpClient
 from polling import wait_blocking
 from procs import ROOT, Proc, free_port, python
+from relayfix import routed
 
 pytestmark = pytest.mark.anyio
 
@@ -64,17 +65,32 @@ async def test_example_service_fans_events_out_and_relays_across_replicas(exampl
 
     # The embedded replicas mesh: a packet sent to one reaches a client of the other.
     async with await DerpClient.connect(a + "/derp") as ca, await DerpClient.connect(b + "/derp") as cb:
-        deadline = time.monotonic() + 20
-        while True:
-            await ca.send(cb.public_key, b"across")
-            try:
-                if (await cb.recv_packet(timeout=0.1)).data == b"across":
-                    break
-            except TimeoutError:
-                assert time.monotonic() < deadline, "packets never crossed the embedded replicas' mesh"
+        await routed(ca, cb, 20)
 
     for proc in procs:
         proc.signal(signal.SIGTERM)
     for proc in procs:
         proc.wait(30)
         assert "Traceback" not in proc.output and "replica stopped cleanly" in proc.output, proc.output[-3000:]
+
+
+def test_plain_uvicorn_serves_a_whole_replica_when_given_a_database(pg_url, tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = Proc(
+        [python(), "-m", "uvicorn", "coordinator.app:app", "--port", str(port),
+         "--http", "coordinator.http:DerpHttpProtocol"],
+        env={"COORDINATOR_PG_CONNECTION_URL": pg_url, "COORDINATOR_DATA_DIR": str(tmp_path),
+             "COORDINATOR_API_TOKEN": "t"},
+        log=tmp_path / "uvicorn.log",
+    )
+    try:
+        wait_blocking(lambda: ready(url), 60, f"{url}/readyz")
+        request = urllib.request.Request(url + "/api/v2/replicas", headers={"Authorization": "Bearer t"})
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            assert [r["self"] for r in json.load(resp)] == [True]
+        proc.signal(signal.SIGTERM)
+        proc.wait(30)
+        assert "Traceback" not in proc.output
+    finally:
+        proc.stop()

@@ -158,3 +158,18 @@ async def test_stopping_mesh_ends_links_whose_read_completes_as_they_are_cancell
                 assert link.done.is_set() and not link.connected
             assert r2.stats()["accepts"] == accepts, "a link dialled again after the mesh stopped"
             r2.start()
+
+
+async def test_links_do_not_redial_once_the_mesh_is_stopping():
+    async with serve_relay(mesh_key=KEY) as (url1, r1), serve_relay(mesh_key=KEY) as (url2, r2):
+        async with Mesh(r1) as m1:
+            await m1.set_peers([url2])
+            link = m1.links[normalize_relay_url(url2)]
+            await wait_for(lambda: link.connected, 10)
+            accepts = r2.stats()["accepts"]
+            m1.stopping = True  # what a replica does the moment its stop begins
+            r2.close()  # the link breaks ...
+            with anyio.fail_after(5):
+                await link.done.wait()  # ... and ends instead of redialling
+            assert r2.stats()["accepts"] == accepts
+            r2.start()
