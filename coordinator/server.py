@@ -8,6 +8,7 @@ watchdog thread exits the process if the event loop cannot); a second signal exi
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import logging
 import os
@@ -125,8 +126,6 @@ def _serve(settings: Settings, pg_url: str) -> int:
     replica.on_failure = failed
 
     async def main() -> int:
-        import asyncio
-
         server.loop = asyncio.get_running_loop()
         async with anyio.create_task_group() as tg:
 
