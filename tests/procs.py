@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -65,4 +66,15 @@ def python() -> str:
     return sys.executable
 
 
-__all__ = ["Proc", "free_port", "python", "ROOT"]
+def http_status(url: str) -> int | None:
+    """The status of ``GET url``, or None if nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return None
+
+
+__all__ = ["Proc", "free_port", "http_status", "python", "ROOT"]

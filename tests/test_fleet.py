@@ -13,8 +13,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import psutil
@@ -24,7 +22,7 @@ from cluster import HACluster, full_mesh, serve
 from coordinator.client import DerpClient, DerpError, Restarting
 from coordinator.mesh import normalize_relay_url
 from polling import wait_blocking, wait_until
-from procs import ROOT
+from procs import ROOT, http_status
 
 SHUTDOWN_TIMEOUT = 5.0
 
@@ -33,16 +31,6 @@ SHUTDOWN_TIMEOUT = 5.0
 def cluster(pg_url, request):
     yield from serve(HACluster(pg_url, heartbeat="1s", extra_args=("--shutdown-timeout", f"{SHUTDOWN_TIMEOUT:g}s")),
                      request)
-
-
-def http_status(url: str) -> int | None:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            return resp.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
-        return None
 
 
 async def frames_until_closed(client: DerpClient) -> list:
