@@ -60,6 +60,10 @@ def api_routes(control: ControlPlane, relay: DerpRelay) -> list[Route]:
         reg = control.registry
         rows = reg.all_replicas() if reg else []
         mine = control.monitor.matrix_row() if control.monitor else {}
+        try:  # not part of the rows: the registry's sync leaves the matrix out
+            matrix = await reg.peer_matrix() if reg and reg.db else {}
+        except Exception:  # the database is away: the rows as last seen, without the matrix
+            matrix = {}
         out = []
         for r in rows:
             out.append({
@@ -77,7 +81,7 @@ def api_routes(control: ControlPlane, relay: DerpRelay) -> list[Route]:
                 "version": r.version,
                 "alive": r.alive,
                 "self": reg is not None and r.id == reg.id,
-                "peer_latencies": r.peer_latencies,
+                "peer_latencies": matrix.get(r.id, r.peer_latencies),
                 # this replica's own, freshest view of its latency to that replica
                 "latency_from_here": mine.get(str(r.id)),
             })

@@ -24,7 +24,8 @@ from psycopg_pool import PoolTimeout
 from coordinator import __version__
 from coordinator.config import Settings
 from coordinator.db import Database, DatabaseError, DatabaseRefused, MigrationError, UnsupportedPostgres
-from coordinator.derp import DerpRelay
+from coordinator.derp import SERVER_KEY_FILE, DerpRelay
+from coordinator.dupkey import DuplicateKeyCheck
 from coordinator.errors import merge_dial_errors
 from coordinator.latency import Finding, LatencyMonitor
 from coordinator.mesh import Mesh
@@ -63,6 +64,7 @@ class ControlPlane:
         self.joined: anyio.Event | None = None  # set once registered (created by run())
         self.on_failure: Callable[[str], None] | None = None
         self._warned_no_relay_url = False
+        self.duplicate_keys = DuplicateKeyCheck(settings.relay_url, str(settings.data_path / SERVER_KEY_FILE))
         self._scope: anyio.CancelScope | None = None
         self._done: anyio.Event | None = None
         self._stop_requested = False
@@ -228,6 +230,7 @@ class ControlPlane:
                     self.monitor.matrix_row(), self.monitor.pubsub_median, self.monitor.database.median,
                 )
                 self._on_dial_error()
+                self.duplicate_keys.check(self.mesh)  # logs a newly found one
             except Exception:  # never let a measuring bug take the replica down
                 log.exception("latency measurement failed")
             elapsed = anyio.current_time() - started
@@ -256,7 +259,7 @@ class ControlPlane:
             self.monitor.database_failed(self.registry.last_error or "heartbeats failing")
         return self.monitor.findings(
             database_ok=self.registry.healthy, pubsub_connected=bool(self.pubsub and self.pubsub.connected),
-        )
+        ) + self.duplicate_keys.check(self.mesh)
 
     def status(self) -> dict:
         """State for health endpoints."""

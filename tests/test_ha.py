@@ -5,7 +5,8 @@ import signal
 import time
 
 import pytest
-from cluster import HACluster
+from cluster import HACluster, serve
+from cluster import full_mesh as cluster_full_mesh
 
 from coordinator.client import DerpClient, DerpError, RecvPacket
 from coordinator.mesh import normalize_relay_url
@@ -20,29 +21,18 @@ pytestmark = [
 
 
 def full_mesh(cluster: HACluster, replicas=None) -> bool:
-    replicas = replicas or [r for r in cluster.replicas if r.proc and r.proc.proc.poll() is None]
-    for r in replicas:
-        want = {normalize_relay_url(o.url) for o in replicas if o is not r}
-        if not want <= r.mesh_connected():
-            return False
-    return True
+    return cluster_full_mesh(replicas or cluster.running())
+
+
+def three_behind_nginx(c: HACluster) -> None:
+    for _ in range(3):
+        c.add_replica()
+    c.start_nginx()
 
 
 @pytest.fixture
 def cluster(pg_url, request):
-    c = HACluster(pg_url)
-    try:
-        for _ in range(3):
-            c.add_replica()
-        c.start_nginx()
-        yield c
-        if getattr(request.node, "report_call", None) is not None and request.node.report_call.failed:
-            print(c.logs())  # shown with the failure: what the replicas said
-    except BaseException:
-        print(c.logs())
-        raise
-    finally:
-        c.close()
+    yield from serve(HACluster(pg_url), request, setup=three_behind_nginx)
 
 
 async def clients_on_distinct_replicas(cluster: HACluster, n: int = 2, **kwargs) -> list[DerpClient]:
