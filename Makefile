@@ -1,22 +1,33 @@
-# `make run` starts one replica on 127.0.0.1:3000; `make test` runs the test suite.
-# Both create .venv and install the package (compiling the Cython relay) on first use.
+# `make run` starts one replica on 127.0.0.1:3000; `make test` runs the whole test suite.
+# Both create .venv and install the package (compiling the Cython relay) on first use, saying so.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
 SOURCES := pyproject.toml setup.py $(wildcard _relay/*.pyx _relay/*.pxd _relay/*.pxi)
 
 .PHONY: run test lint bench wheel clean
 
 $(VENV)/.installed: $(SOURCES)
-	sh scripts/bootstrap.sh
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q -U pip
-	$(PY) -m pip install -q -e '.[test]'
-	touch $@
+	@echo "==> checking system packages (scripts/bootstrap.sh build)"
+	@sh scripts/bootstrap.sh build
+	@test -x $(PY) || { echo "==> creating the virtual environment $(VENV)"; python3 -m venv $(VENV); }
+	@echo "==> installing the build tools into $(VENV): pip, setuptools, Cython"
+	$(PIP) install -U pip 'setuptools>=77' 'cython>=3.0'
+	@echo "==> installing coordinator (editable) with its dependencies and test tools;"
+	@echo "    this compiles the Cython relay (_relay/*.pyx -> C -> .so): about a minute on 2 cores"
+	$(PIP) install --no-build-isolation -e '.[test]'
+	@touch $@
+	@echo "==> installed: $(VENV)/bin/coordinator"
 
 run: $(VENV)/.installed
+	@echo "==> starting one replica on http://127.0.0.1:3000 (embedded PostgreSQL; status page at /status,"
+	@echo "    log in with the token that '$(VENV)/bin/coordinator api-token' prints); Ctrl-C stops it"
 	$(VENV)/bin/coordinator server
 
 test: $(VENV)/.installed
+	@echo "==> checking what the tests drive: nginx, chromium, kubectl, systemd-analyze (scripts/bootstrap.sh test)"
+	@sh scripts/bootstrap.sh test
+	@echo "==> running the test suite"
 	$(PY) -m pytest
 
 lint: $(VENV)/.installed
@@ -26,8 +37,13 @@ lint: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) scripts/bench_relay.py
 
+# A manylinux wheel in dist/: built from the sdist, then repaired by auditwheel.
 wheel: $(VENV)/.installed
-	$(PY) -m pip wheel --no-deps -w dist .
+	rm -rf dist/raw
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m build --no-isolation --outdir dist/raw .
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m auditwheel repair -w dist dist/raw/*.whl
+	mv dist/raw/*.tar.gz dist/ && rm -rf dist/raw
+	@ls -l dist
 
 clean:
 	rm -rf build dist *.egg-info _relay/*.c _relay/*.so $(VENV)

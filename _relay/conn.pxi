@@ -1,4 +1,21 @@
-# One client connection (Conn) and the set of connections of one key; included by relay.pyx.
+# One client connection (Conn), its rate limit and the set of connections of one key; included by
+# relay.pyx.
+
+@cython.final
+cdef class RateLimit:
+    """One client's token bucket, in bytes read from its connection: in debt, it is not read."""
+
+    cdef int charge(self, Conn conn, Py_ssize_t n) except -1:
+        """``n`` bytes were read: pay for them; in debt, stop reading until the bucket refills."""
+        cdef RelayServer server = conn.server
+        cdef double now = monotonic()
+        self.tokens = min(server.rate_burst, self.tokens + (now - self.last) * server.rate_limit) - n
+        self.last = now
+        if self.tokens < 0 and self.timer is None and conn.state == ST_ACTIVE and conn.hold_reads(PAUSE_RATE):
+            server.counters.rate_limited += 1
+            self.timer = server.loop.call_later(-self.tokens / server.rate_limit, conn.rate_refilled)
+        return 0
+
 
 @cython.final
 cdef class ClientSet:
@@ -40,6 +57,8 @@ cdef class Conn(Writer):
 
     # uvloop and asyncio read straight into the relay's shared buffer (no bytes object per read)
     def get_buffer(self, sizehint):
+        if self.rl is not None:
+            return self.server.rate_view  # reads of at most one burst keep a limited sender smooth
         return self.server.read_view
 
     def buffer_updated(self, Py_ssize_t nbytes):
@@ -58,6 +77,8 @@ cdef class Conn(Writer):
             self.close(str(exc), True)
         finally:
             self.server.flush_dirty()
+        if self.rl is not None:
+            self.rl.charge(self, n)
         return 0
 
     def eof_received(self):
@@ -72,11 +93,7 @@ cdef class Conn(Writer):
 
     cdef bint pause_reading(self):
         """Stop reading this connection (a mesh link it sends to is congested); False if we cannot."""
-        if self.state == ST_CLOSED or self.transport is None:
-            return False
-        try:
-            self.transport.pause_reading()
-        except (NotImplementedError, AttributeError, RuntimeError):
+        if not self.hold_reads(PAUSE_MESH):
             return False  # a bridge transport: its packets are shed past the link's hard limit
         self.read_paused = True
         return True
@@ -85,8 +102,34 @@ cdef class Conn(Writer):
         if not self.read_paused:
             return
         self.read_paused = False
-        if self.state != ST_CLOSED and self.transport is not None and not self.transport.is_closing():
+        self.release_reads(PAUSE_MESH)
+
+    cdef bint hold_reads(self, int why):
+        """Stop reading for reason ``why`` (a PAUSE_* bit); False if the transport cannot pause."""
+        if self.state == ST_CLOSED or self.transport is None:
+            return False
+        if not self.pause_why:
+            try:
+                self.transport.pause_reading()
+            except (NotImplementedError, AttributeError, RuntimeError):
+                return False
+        self.pause_why |= why
+        return True
+
+    cdef void release_reads(self, int why):
+        """Reason ``why`` is over: read again unless another reason still holds."""
+        if not self.pause_why & why:
+            return
+        self.pause_why &= ~why
+        if (not self.pause_why and self.state != ST_CLOSED and self.transport is not None
+                and not self.transport.is_closing()):
             self.transport.resume_reading()
+
+    def rate_refilled(self):
+        """The rate limiter's timer: the bucket has paid its debt."""
+        if self.rl is not None:
+            self.rl.timer = None
+        self.release_reads(PAUSE_RATE)
 
     def pause_writing(self):
         self.paused = True
@@ -94,8 +137,19 @@ cdef class Conn(Writer):
 
     def resume_writing(self):
         self.paused = False
+        self.send_pending_pongs()
         self.drain_queues()
         self.server.flush_dirty()
+
+    cdef int send_pending_pongs(self) except -1:
+        if self.ws_pong_pending is not None and self.state != ST_CLOSED:
+            body, self.ws_pong_pending = self.ws_pong_pending, None
+            self.ws_write_control(WS_OP_PONG, body)
+        if self.pong_pending and self.state == ST_ACTIVE:
+            self.pong_pending = False
+            self.server.counters.pongs += 1
+            self.put_frame(P.FRAME_PONG, self.pong_data, 8, NULL, 0)
+        return 0
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -116,7 +170,7 @@ cdef class Conn(Writer):
             self.data_received(pending)
 
     def handshake_timeout(self):
-        if self.state == ST_HANDSHAKE:
+        if self.state == ST_HANDSHAKE or self.state == ST_ADMITTING:
             self.server.counters.handshake_failures += 1
             self.close("handshake not completed within %.0f s" % self.server.handshake_timeout, True)
 
@@ -126,6 +180,8 @@ cdef class Conn(Writer):
         if was == ST_CLOSED:
             return
         self.state = ST_CLOSED
+        self.server.open_conns -= 1
+        self.release_preauth()
         if self.hs_timer is not None:
             self.hs_timer.cancel()
             self.hs_timer = None
@@ -136,9 +192,16 @@ cdef class Conn(Writer):
             log.debug("derp %s:%d %s: closed: %s", self.remote_ip, self.remote_port, self.short_key(), reason)
         if was == ST_ACTIVE:
             self.server.unregister(self)
+        elif self.admission is not None:
+            self.admission[0].cancel()
+            self.admission = None
+            self.server.admitting -= 1
+        if self.rl is not None and self.rl.timer is not None:
+            self.rl.timer.cancel()
+            self.rl.timer = None
         self.drop_queued(DROP_GONE)
         if self.transport is not None:
-            if error:
+            if error and not self.ws_closing:
                 self.transport.abort()
             else:
                 if self.olen:
@@ -150,6 +213,21 @@ cdef class Conn(Writer):
             free(self.ibuf)
             self.ibuf = NULL
             self.icap = self.ilen = 0
+
+    cdef void release_preauth(self) noexcept:
+        self.server.preauth_bytes -= self.preauth_charged
+        self.preauth_charged = 0
+
+    cdef int charge_preauth(self, Py_ssize_t n) except -1:
+        """Count ``n`` more buffered ClientInfo bytes against the relay-wide pre-auth budget."""
+        cdef RelayServer server = self.server
+        if server.preauth_bytes + n > server.preauth_limit:
+            server.counters.preauth_refused += 1
+            raise ProtocolViolation(f"pre-auth memory budget full ({server.preauth_bytes} bytes held by "
+                                    f"unfinished handshakes, limit {server.preauth_limit})")
+        server.preauth_bytes += n
+        self.preauth_charged += n
+        return 0
 
     def short_key(self) -> str:
         if self.key is None:
@@ -168,9 +246,9 @@ cdef class Conn(Writer):
         if self.state == ST_HANDSHAKE:
             if ftype != P.FRAME_CLIENT_INFO:
                 raise ProtocolViolation(f"first frame must be ClientInfo, got type 0x{ftype:02x}")
-            if length < P.CLIENT_INFO_MIN or length > P.CLIENT_INFO_MAX:
-                raise ProtocolViolation(
-                    f"ClientInfo frame of {length} bytes (allowed {P.CLIENT_INFO_MIN}..{P.CLIENT_INFO_MAX})")
+            if length < P.CLIENT_INFO_MIN or length > self.server.client_info_max:
+                raise ProtocolViolation(f"ClientInfo frame of {length} bytes "
+                                        f"(allowed {P.CLIENT_INFO_MIN}..{self.server.client_info_max})")
             return 0
         if ftype == P.FRAME_SEND_PACKET:
             if length < P.KEY_LEN or length > P.KEY_LEN + P.MAX_PACKET_SIZE:
@@ -203,6 +281,8 @@ cdef class Conn(Writer):
     cdef int ibuf_append(self, const unsigned char* p, Py_ssize_t n) except -1:
         cdef Py_ssize_t cap
         cdef unsigned char* nb
+        if self.state == ST_HANDSHAKE:
+            self.charge_preauth(n)
         if self.ilen + n > self.icap:
             cap = max(self.ilen + n, <Py_ssize_t>P.FRAME_HEADER_LEN + 256)
             nb = <unsigned char*>realloc(self.ibuf, cap)
@@ -218,7 +298,7 @@ cdef class Conn(Writer):
         """Consume DERP stream bytes: whole frames straight from ``p``, partial ones via ``ibuf``."""
         cdef Py_ssize_t k, length
         cdef int ftype, r
-        while n > 0 and self.state != ST_CLOSED:
+        while n > 0 and self.state <= ST_ACTIVE:
             if self.skip:
                 k = min(self.skip, n)
                 self.skip -= k
@@ -271,6 +351,16 @@ cdef class Conn(Writer):
             self.ineed = P.FRAME_HEADER_LEN + length
             self.ibuf_append(p, n)
             return 0
+        if n > 0 and self.state == ST_ADMITTING:
+            self.hold(p, n)
+        return 0
+
+    cdef int hold(self, const unsigned char* p, Py_ssize_t n) except -1:
+        """Keep what a client sends while its admission is pending; it is handled once admitted."""
+        cdef bytearray held = self.admission[2]
+        if len(held) + n > HOLD_LIMIT:
+            raise ProtocolViolation(f"sent more than {HOLD_LIMIT} bytes before it was admitted")
+        held += (<const char*>p)[:n]
         return 0
 
     cdef int on_frame(self, int ftype, const unsigned char* p, Py_ssize_t n) except -1:
@@ -300,8 +390,14 @@ cdef class Conn(Writer):
                 self.drop_unknown(p + P.KEY_LEN, p + 2 * P.KEY_LEN, n - 2 * P.KEY_LEN, DROP_UNKNOWN_DEST_ON_FWD)
         elif ftype == P.FRAME_PING:
             c.pings += 1
-            c.pongs += 1
-            self.put_frame(P.FRAME_PONG, p, 8, NULL, 0)
+            if not self.paused:
+                c.pongs += 1
+                self.put_frame(P.FRAME_PONG, p, 8, NULL, 0)
+            elif self.pong_pending:
+                c.pongs_dropped += 1  # as Go's derper: one Pong pending at most, extra Pings ignored
+            else:
+                self.pong_pending = True
+                memcpy(self.pong_data, p, 8)
         elif ftype == P.FRAME_NOTE_PREFERRED:
             self.preferred = p[0] != 0
         elif ftype == P.FRAME_CLIENT_INFO:
@@ -336,7 +432,7 @@ cdef class Conn(Writer):
             (<Conn>target).heard_from(self.key)
         return target
 
-    cdef inline int heard_from(self, bytes src) except -1:
+    cdef int heard_from(self, bytes src) except -1:
         """Remember that ``src`` sent to us, for PeerGone when it leaves the region."""
         cdef const unsigned char* k = <const unsigned char*>PyBytes_AS_STRING(src)
         if self.hc_gen == self.server.gen and memcmp(self.hc_key, k, P.KEY_LEN) == 0:
@@ -346,7 +442,7 @@ cdef class Conn(Writer):
         self.hc_gen = self.server.gen
         return 0
 
-    cdef inline int heard_from_ptr(self, const unsigned char* src) except -1:
+    cdef int heard_from_ptr(self, const unsigned char* src) except -1:
         if self.hc_gen == self.server.gen and memcmp(self.hc_key, src, P.KEY_LEN) == 0:
             return 0
         return self.heard_from(PyBytes_FromStringAndSize(<const char*>src, P.KEY_LEN))
@@ -458,13 +554,63 @@ cdef class Conn(Writer):
         except Exception as exc:
             server.counters.handshake_failures += 1
             raise ProtocolViolation(f"handshake refused: {exc}") from None
-        if self.hs_timer is not None:
-            self.hs_timer.cancel()
-            self.hs_timer = None
+        self.release_preauth()
         self.key = key
         self.can_mesh = can_mesh
         self.is_prober = bool(info.get("isprober"))
-        if can_mesh:
+        if server.admit is not None and not can_mesh:
+            # Admission is decided before ServerInfo, once per handshake; mesh peers are trusted.
+            verdict = server.admit(key, self.remote_ip)
+            if inspect.isawaitable(verdict):
+                self.admission = [asyncio.ensure_future(verdict), server_info, bytearray()]
+                self.state = ST_ADMITTING
+                server.admitting += 1
+                self.hold_reads(PAUSE_ADMIT)  # what the client sends meanwhile waits in the kernel
+                self.admission[0].add_done_callback(self.admission_done)
+                return 0
+            if not verdict:
+                return self.refuse()
+        return self.admitted(server_info)
+
+    def admission_done(self, future):
+        """The admission awaitable resolved: go on with the handshake, or refuse the client."""
+        if self.state != ST_ADMITTING:
+            return  # closed meanwhile
+        _, server_info, held = self.admission
+        self.admission = None
+        self.server.admitting -= 1
+        if future.cancelled() or future.exception() is not None:
+            log.warning("derp %s %s: admission hook failed, refusing: %r", self.remote_ip, self.short_key(),
+                        None if future.cancelled() else future.exception())
+            self.refuse()
+        elif not future.result():
+            self.refuse()
+        else:
+            self.admitted(server_info)
+            self.release_reads(PAUSE_ADMIT)
+            try:
+                self.feed(<const unsigned char*>PyByteArray_AS_STRING(held), len(held))
+            except ProtocolViolation as exc:
+                self.close(str(exc), True)
+        self.server.flush_dirty()
+
+    cdef int refuse(self) except -1:
+        """Admission control said no: a clear close (Health frame or WebSocket 1008), counted, logged at debug."""
+        cdef bytes why = b"refused by the server's admission control"
+        self.server.counters.admission_refused += 1
+        if self.ws:
+            self.ws_close_with(1008, why)
+        else:
+            self.put_frame(P.FRAME_HEALTH, <const unsigned char*>PyBytes_AS_STRING(why), len(why), NULL, 0)
+        self.close("refused by admission control", False)
+        return 0
+
+    cdef int admitted(self, bytes server_info) except -1:
+        server = self.server
+        if self.hs_timer is not None:
+            self.hs_timer.cancel()
+            self.hs_timer = None
+        if self.can_mesh:
             self.write_timeout = server.mesh_write_timeout
         self.addr18 = address18(self.remote_ip, self.remote_port)
         # ServerInfo is always the first frame after ServerKey: write it before anyone can enqueue.
@@ -472,6 +618,10 @@ cdef class Conn(Writer):
                        PyBytes_GET_SIZE(server_info), NULL, 0)
         self.state = ST_ACTIVE
         self.next_keepalive = monotonic() + server.keepalive + random.random() * server.keepalive_jitter
+        if server.rate_limit > 0 and not self.can_mesh:
+            self.rl = RateLimit()
+            self.rl.tokens = server.rate_burst
+            self.rl.last = monotonic()
         server.register(self)
         return 0
 
@@ -507,20 +657,29 @@ cdef class Conn(Writer):
         return 0
 
     cdef int ws_begin_frame(self) except -1:
-        """Check the header ``ws_take_header`` just decoded; handle an empty frame at once."""
+        """Check the header ``ws_take_header`` just decoded (RFC 6455 §5); handle an empty frame at once."""
         cdef WsDecoder* d = &self.wsd
         cdef int op = d.op
+        if d.hdr[0] & 0x70:
+            self.ws_fail(1002, "WebSocket RSV bits set, but no extension was negotiated")
         if not (d.hdr[1] & 0x80):
-            raise ProtocolViolation("unmasked WebSocket frame from client")
+            self.ws_fail(1002, "unmasked WebSocket frame from client")
         if op == WS_OP_TEXT:
-            self.ws_close_with(1003, b"derp: binary messages only")
-            raise ProtocolViolation("text WebSocket message (DERP needs binary)")
+            self.ws_fail(1003, "text WebSocket message (DERP needs binary)")
         if op >= 0x8:
             if op not in (WS_OP_CLOSE, WS_OP_PING, WS_OP_PONG) or d.rem > 125 or not d.fin:
-                raise ProtocolViolation(f"bad WebSocket control frame (opcode {op}, {d.rem} bytes)")
+                self.ws_fail(1002, f"bad WebSocket control frame (opcode {op}, {d.rem} bytes)")
             self.ws_ctrl = bytearray()
-        elif op not in (WS_OP_CONT, WS_OP_BINARY):
-            raise ProtocolViolation(f"unknown WebSocket opcode {op}")
+        elif op == WS_OP_CONT:
+            if not d.fragmented:
+                self.ws_fail(1002, "WebSocket continuation frame without a message to continue")
+            d.fragmented = not d.fin
+        elif op == WS_OP_BINARY:
+            if d.fragmented:
+                self.ws_fail(1002, "new WebSocket message before the fragmented one ended")
+            d.fragmented = not d.fin
+        else:
+            self.ws_fail(1002, f"unknown WebSocket opcode {op}")
         if d.rem == 0:
             d.in_payload = False
             if op >= 0x8:
@@ -529,30 +688,52 @@ cdef class Conn(Writer):
 
     cdef int ws_control(self) except -1:
         cdef bytes body = bytes(self.ws_ctrl) if self.ws_ctrl is not None else b""
-        cdef unsigned char hdr[10]
-        cdef Py_ssize_t h
+        cdef int code = 1000
         self.ws_ctrl = None
         if self.wsd.op == WS_OP_PING:
-            if self.olen:
-                self.flush()
-            h = ws_put_header(hdr, WS_OP_PONG, len(body))
-            self.transport.write((<char*>hdr)[:h] + body)
+            if not self.paused:
+                self.ws_write_control(WS_OP_PONG, body)
+            elif self.ws_pong_pending is None:
+                self.ws_pong_pending = body
+            else:
+                self.server.counters.pongs_dropped += 1
         elif self.wsd.op == WS_OP_CLOSE:
-            self.ws_close_with(int.from_bytes(body[:2], "big") if len(body) >= 2 else 1000, b"")
+            # RFC 6455 §7.4: echo a valid code, never 1005/1006; a malformed Close is a protocol error.
+            if len(body) == 1:
+                self.ws_fail(1002, "one-byte WebSocket close payload")
+            if len(body) >= 2:
+                code = int.from_bytes(body[:2], "big")
+                if not ws_close_code_valid(code):
+                    self.ws_fail(1002, f"invalid WebSocket close code {code}")
+                try:
+                    body[2:].decode("utf-8")
+                except UnicodeDecodeError:
+                    self.ws_fail(1007, "WebSocket close reason is not UTF-8")
+            self.ws_close_with(code, b"")
             self.close("WebSocket closed by client", False)
         return 0
 
-    cdef void ws_close_with(self, int code, bytes reason):
+    cdef int ws_fail(self, int code, str why) except -1:
+        """Send a Close with ``code`` and fail the connection (it closes once the Close is written)."""
+        self.ws_close_with(code, b"")
+        raise ProtocolViolation(why)
+
+    cdef int ws_write_control(self, int opcode, bytes body) except -1:
         cdef unsigned char hdr[10]
-        cdef Py_ssize_t h
-        if self.ws_closing or self.transport is None:
-            return
-        self.ws_closing = True
-        body = code.to_bytes(2, "big") + reason[:120]
-        h = ws_put_header(hdr, WS_OP_CLOSE, len(body))
+        cdef Py_ssize_t h = ws_put_header(hdr, opcode, len(body))
+        if self.transport is None:
+            return 0
         if self.olen:
             self.flush()
         self.transport.write((<char*>hdr)[:h] + body)
+        return 0
+
+    cdef int ws_close_with(self, int code, bytes reason) except -1:
+        if self.ws_closing or self.transport is None:
+            return 0
+        self.ws_closing = True
+        self.ws_write_control(WS_OP_CLOSE, code.to_bytes(2, "big") + reason[:120])
+        return 0
 
     # -- Python view --------------------------------------------------------------------
 

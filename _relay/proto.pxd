@@ -1,4 +1,4 @@
-# DERP wire constants: the one place they are defined (see docs/derp-protocol.md §1-2).
+# DERP wire constants: the one place they are defined (docs/derp-protocol.md, "Constants" and "Frames").
 # Python sees them through _relay.codec.
 
 cdef enum:

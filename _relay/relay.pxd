@@ -29,7 +29,8 @@ cdef enum:
 cdef enum:
     ST_HANDSHAKE = 0
     ST_ACTIVE = 1
-    ST_CLOSED = 2
+    ST_ADMITTING = 2             # handshake done, waiting for RelayServer.admit; frames are held
+    ST_CLOSED = 3
 
 cdef enum:
     ROUTE_CACHE = 4
@@ -38,6 +39,13 @@ cdef enum:
     IDLE_BUFFER_KEEP = 4096      # output buffers above this are freed when a conn goes idle
     MESH_HARD_LIMIT_FACTOR = 8   # a mesh link sheds forwarded packets past this many x max_buffer
     WS_MAX_HEADER = 14
+
+cdef enum:                       # why a connection is not read (Conn.pause_why bits)
+    PAUSE_MESH = 1               # a mesh link it sends to is congested (Forwarder.paused)
+    PAUSE_RATE = 2               # over its per-client rate limit
+    PAUSE_ADMIT = 4              # waiting for the admission decision
+    HOLD_LIMIT = 2 * READ_BUFFER_SIZE  # bytes a client may send before it is admitted
+    MAX_FRAME = P.FRAME_HEADER_LEN + P.KEY_LEN + P.MAX_PACKET_SIZE  # a SendPacket of the largest packet
 
 cdef enum:
     WS_OP_CONT = 0x0
@@ -67,6 +75,7 @@ cdef struct WsDecoder:
     int hlen                     # header bytes read so far
     int op
     bint fin, in_payload
+    bint fragmented              # inside a fragmented data message (its FIN not yet seen)
     unsigned long long rem       # payload bytes still to read
     unsigned char mask[4]
     int moff                     # position in the mask of the next payload byte
@@ -78,6 +87,7 @@ cdef class Counters:
     cdef public unsigned long long forwarded_in, forwarded_out, accepts, handshake_failures
     cdef public unsigned long long pings, pongs, keepalives, peer_gone_disconnected, peer_gone_not_here
     cdef public unsigned long long protocol_errors, mesh_pushbacks
+    cdef public unsigned long long admission_refused, rate_limited, pongs_dropped, preauth_refused
     cdef unsigned long long drops[N_DROPS]
     cdef unsigned long long drop_bytes[N_DROPS]
 
@@ -122,6 +132,14 @@ cdef class Forwarder(Writer):
 
 
 @cython.final
+cdef class RateLimit:
+    cdef double tokens, last     # bytes that may still be read, and when they were counted
+    cdef object timer            # the call_later that reads the client again
+
+    cdef int charge(self, Conn conn, Py_ssize_t n) except -1
+
+
+@cython.final
 cdef class ClientSet:
     cdef bytes key
     cdef list conns              # ordered by recency: the last is active
@@ -141,6 +159,8 @@ cdef class Conn(Writer):
     cdef int state
     cdef object hs_timer
     cdef double next_keepalive
+    cdef list admission          # while ST_ADMITTING: [future, ServerInfo payload, held bytes]
+    cdef Py_ssize_t preauth_charged  # bytes of an unfinished ClientInfo held in ibuf (RelayServer.preauth_bytes)
     # owned by RelayServer's registry
     cdef ClientSet cset
     cdef bint watcher
@@ -148,7 +168,12 @@ cdef class Conn(Writer):
     cdef bint paused
     cdef double paused_at, write_timeout
     cdef object queue, disco_queue   # bounded, used only while paused
-    cdef readonly bint read_paused
+    cdef bint pong_pending           # at most one reply waits while paused (a ping flood buffers nothing more)
+    cdef unsigned char pong_data[8]
+    cdef bytes ws_pong_pending
+    cdef readonly bint read_paused   # by a congested mesh link
+    cdef int pause_why               # PAUSE_* bits: the transport is not read while any is set
+    cdef RateLimit rl                # None when unlimited (or a mesh peer): one pointer test per read
     # incoming DERP frame reassembly
     cdef unsigned char* ibuf
     cdef Py_ssize_t ilen, icap, ineed, skip
@@ -166,11 +191,17 @@ cdef class Conn(Writer):
     cdef int consume(self, const unsigned char* p, Py_ssize_t n) except -1
     cdef bint pause_reading(self)
     cdef void resume_reading(self)
+    cdef bint hold_reads(self, int why)
+    cdef void release_reads(self, int why)
+    cdef int send_pending_pongs(self) except -1
     cdef start(self, bytes prefix, bytes pending)
     cpdef close(self, str reason, bint error=*)
+    cdef void release_preauth(self) noexcept
+    cdef int charge_preauth(self, Py_ssize_t n) except -1
     cdef int check_header(self, int ftype, Py_ssize_t length) except -1
     cdef int ibuf_append(self, const unsigned char* p, Py_ssize_t n) except -1
     cdef int feed(self, const unsigned char* p, Py_ssize_t n) except -1
+    cdef int hold(self, const unsigned char* p, Py_ssize_t n) except -1
     cdef int on_frame(self, int ftype, const unsigned char* p, Py_ssize_t n) except -1
     cdef object route(self, const unsigned char* dst, bint note)
     cdef int heard_from(self, bytes src) except -1
@@ -183,10 +214,14 @@ cdef class Conn(Writer):
     cdef int put_peer_gone(self, bytes key, unsigned char reason) except -1
     cdef int put_peer_present(self, Conn who) except -1
     cdef int finish_handshake(self, bytes payload) except -1
+    cdef int refuse(self) except -1
+    cdef int admitted(self, bytes server_info) except -1
     cdef int ws_feed(self, const unsigned char* p, Py_ssize_t n) except -1
     cdef int ws_begin_frame(self) except -1
     cdef int ws_control(self) except -1
-    cdef void ws_close_with(self, int code, bytes reason)
+    cdef int ws_fail(self, int code, str why) except -1
+    cdef int ws_write_control(self, int opcode, bytes body) except -1
+    cdef int ws_close_with(self, int code, bytes reason) except -1
 
 
 @cython.final
@@ -200,6 +235,14 @@ cdef class RelayServer:
     cdef public object loop
     cdef public double keepalive, keepalive_jitter, write_timeout, mesh_write_timeout, handshake_timeout
     cdef public Py_ssize_t queue_depth, high_water
+    cdef public object admit                   # admission hook, or None (see the class docstring)
+    cdef readonly double rate_limit, rate_burst  # per-client bytes/s (0: off) and bucket depth
+    cdef public Py_ssize_t preauth_limit       # bytes all unfinished handshakes may hold together
+    cdef public Py_ssize_t client_info_max     # largest ClientInfo frame one connection may send
+    # budgets in use
+    cdef Py_ssize_t admitting                  # connections waiting for their admission decision
+    cdef readonly Py_ssize_t preauth_bytes
+    cdef readonly Py_ssize_t open_conns        # accepted and not yet closed, handshakes included
     # registry and routing table
     cdef dict routes             # key -> active local Conn, else preferred Forwarder
     cdef dict clients            # key -> ClientSet of local connections
@@ -218,6 +261,7 @@ cdef class RelayServer:
     cdef bytearray read_bytes
     cdef unsigned char* read_buf
     cdef object read_view
+    cdef object rate_view        # the read buffer cut to one burst, for rate-limited connections
 
     cdef double tick_interval(self)
     cdef void check_congested(self)

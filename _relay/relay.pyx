@@ -2,19 +2,21 @@
 """The DERP relay's data plane: connections, routing table, send queues, forwarders, counters.
 
 After the HTTP upgrade a connection's transport belongs to a :class:`Conn`, an asyncio protocol
-implemented here. Frames are parsed in place from the bytes the event loop reads into a buffer
-shared by all connections, routed by a dict from 32-byte key to destination (with a small route
-cache per sender), and copied into the destination's output buffer. Every destination touched
-while handling one read is flushed once at its end (write coalescing). When a destination's
-transport pushes back, packets wait in bounded queues (data and disco apart) that drop the oldest
-packet when full, so a sender is never blocked by a slow receiver. A mesh link is different (as in
-Go's derper, whose forwarding write stalls the sender's reader): while its transport holds more
-than ``max_buffer`` unsent bytes, the senders that route to it stop being read until it drains,
-which pushes back on them over TCP instead of dropping.
+implemented here. Frames are parsed in place from the bytes the event loop hands over, routed by a
+dict from 32-byte key to destination, and copied into the destination's output buffer. Every
+destination touched while handling one read is flushed once at its end (write coalescing). When a
+destination's transport pushes back, packets wait (copied once more) in bounded queues, data and
+disco apart, that drop the oldest packet when full, so a sender is never blocked by a slow
+receiver. A mesh link is
+different (as in Go's derper, whose forwarding write stalls the sender's reader): while its
+transport holds more than ``max_buffer`` unsent bytes, the senders that route to it stop being read
+until it drains, which pushes back on them over TCP instead of dropping.
 
 Only per-connection events (handshake, registration, close, keepalive ticks) touch Python objects
 beyond the dict lookup. The handshake itself (NaCl boxes, JSON) is a Python callable injected by
-the control plane; nothing here knows about HTTP, Postgres or configuration.
+the control plane, and so is admission (asked once per handshake, possibly asynchronously);
+nothing here knows about HTTP, Postgres or configuration. A per-client rate limit is a token
+bucket charged once per read; while it is in debt the connection is not read.
 
 relay.pxd declares every class's fields and C methods; the code is in the included parts:
 writer.pxi (output buffers, mesh forwarders), websocket.pxi (WebSocket framing), conn.pxi (one
@@ -32,6 +34,8 @@ from libc.stdint cimport uint64_t
 
 from _relay cimport proto as P
 
+import asyncio
+import inspect
 import ipaddress
 import logging
 import random

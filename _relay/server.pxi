@@ -7,11 +7,22 @@ cdef class RelayServer:
 
     ``handshake(payload) -> (client_key, client_info, can_mesh, server_info_payload)`` receives the
     ClientInfo frame's payload and raises to refuse the client.
+
+    ``admit(client_key, remote_ip) -> bool`` (or an awaitable of one), if given, is asked once per
+    handshake of a client without the mesh key, before ServerInfo is sent; what the client sends
+    meanwhile is held (its reading paused) until the answer, and a refused client is closed.
+
+    ``rate_limit`` (bytes/s, 0 = off) limits what each client without the mesh key may send, by
+    not reading from it while its token bucket (depth ``rate_burst``, default 0.1 s of the rate,
+    at least one largest SendPacket frame) is in debt: TCP pushes back on the sender, nothing is
+    dropped.
     """
 
     def __cinit__(self, bytes public_key not None, handshake, *, double keepalive=60.0, double keepalive_jitter=5.0,
                   Py_ssize_t queue_depth=32, double write_timeout=2.0, double mesh_write_timeout=30.0,
-                  double handshake_timeout=10.0, Py_ssize_t high_water=256 * 1024):
+                  double handshake_timeout=10.0, Py_ssize_t high_water=256 * 1024, admit=None,
+                  double rate_limit=0.0, Py_ssize_t rate_burst=0,
+                  Py_ssize_t preauth_limit=64 * 1024 * 1024, Py_ssize_t client_info_max=P.CLIENT_INFO_MAX):
         if len(public_key) != P.KEY_LEN:
             raise ValueError("server public key must be 32 bytes")
         self.public_key = public_key
@@ -26,6 +37,8 @@ cdef class RelayServer:
         self.mesh_write_timeout = mesh_write_timeout
         self.handshake_timeout = handshake_timeout
         self.high_water = high_water
+        self.preauth_limit = preauth_limit
+        self.client_info_max = min(client_info_max, <Py_ssize_t>P.CLIENT_INFO_MAX)
         self.routes = {}
         self.clients = {}
         self.mesh = {}
@@ -42,6 +55,14 @@ cdef class RelayServer:
         self.read_bytes = bytearray(READ_BUFFER_SIZE)
         self.read_buf = <unsigned char*>PyByteArray_AS_STRING(self.read_bytes)
         self.read_view = memoryview(self.read_bytes)
+        self.admit = admit
+        if rate_limit < 0:
+            raise ValueError("rate_limit must be 0 (off) or positive")
+        self.rate_limit = rate_limit
+        # Default: a tenth of a second of the rate, so a replica that is scheduled late (a busy
+        # machine) does not cost a limited client its rate; never less than the largest frame.
+        self.rate_burst = max(<double>rate_burst if rate_burst > 0 else rate_limit / 10, <double>MAX_FRAME)
+        self.rate_view = self.read_view[:min(<Py_ssize_t>self.rate_burst, <Py_ssize_t>READ_BUFFER_SIZE)]
 
     def __dealloc__(self):
         if self.scratch != NULL:
@@ -123,6 +144,7 @@ cdef class RelayServer:
         ip, port = (remote or ("", 0))[:2]
         conn = Conn(self, transport, websocket, str(ip), int(port or 0), not_ideal)
         self.counters.accepts += 1
+        self.open_conns += 1
         transport.set_protocol(conn)
         try:
             # uvloop picks its read callbacks when reading starts: restart reading to use get_buffer
@@ -134,13 +156,24 @@ cdef class RelayServer:
         self.flush_dirty()
         return conn
 
-    def close_all(self) -> None:
-        """Close every connection and stop the ticker."""
+    def close_all(self, restarting=None) -> None:
+        """Close every connection and stop the ticker.
+
+        With ``restarting=(reconnect_in_ms, try_for_ms)`` (a graceful stop), every client that
+        finished its handshake first gets a Restarting frame, so it reconnects at once elsewhere.
+        """
+        cdef bytes payload = None
+        cdef Conn c
         if self.tick_handle is not None:
             self.tick_handle.cancel()
             self.tick_handle = None
+        if restarting is not None:
+            payload = int(restarting[0]).to_bytes(4, "big") + int(restarting[1]).to_bytes(4, "big")
         for conn in list(self.conns):
-            (<Conn>conn).close("server shutting down", False)
+            c = conn
+            if payload is not None and c.state == ST_ACTIVE:
+                c.put_frame(P.FRAME_RESTARTING, <const unsigned char*>PyBytes_AS_STRING(payload), 8, NULL, 0)
+            c.close("server shutting down", False)
 
     # -- registry -----------------------------------------------------------------------
 
@@ -298,6 +331,8 @@ cdef class RelayServer:
         return {
             "accepts": c.accepts,
             "current_connections": len(self.conns),
+            "open_connections": self.open_conns,
+            "preauth_bytes": self.preauth_bytes,
             "current_home_connections": sum(1 for conn in self.conns if (<Conn>conn).preferred),
             "clients_local": len(self.clients),
             "clients_remote": sum(1 for k in self.mesh if k not in self.clients),
@@ -317,6 +352,11 @@ cdef class RelayServer:
             "peer_gone_disconnected": c.peer_gone_disconnected,
             "peer_gone_not_here": c.peer_gone_not_here,
             "mesh_pushbacks": c.mesh_pushbacks,
+            "admission_refused": c.admission_refused,
+            "admission_pending": self.admitting,
+            "rate_limited": c.rate_limited,
+            "pongs_dropped": c.pongs_dropped,
+            "preauth_refused": c.preauth_refused,
             "mesh_links_congested": sum(1 for f in self.congested if (<Forwarder>f).congested),
             "senders_paused": sum(len((<Forwarder>f).paused) for f in self.congested),
             "drops": {DROP_REASONS[i]: c.drops[i] for i in range(N_DROPS)},

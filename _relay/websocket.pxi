@@ -22,6 +22,11 @@ cdef inline Py_ssize_t ws_put_header(unsigned char* p, int opcode, Py_ssize_t n)
     return 10
 
 
+cdef inline bint ws_close_code_valid(int code) noexcept nogil:
+    """Close codes a peer may send (RFC 6455 §7.4, IANA registry); 1005 and 1006 never go on the wire."""
+    return (1000 <= code <= 1003) or (1007 <= code <= 1014) or (3000 <= code <= 4999)
+
+
 cdef void ws_unmask(unsigned char* dst, const unsigned char* src, Py_ssize_t n,
                     const unsigned char* mask, int offset) noexcept nogil:
     """XOR ``n`` bytes with the 4-byte mask starting at mask position ``offset``, 8 bytes at a time."""

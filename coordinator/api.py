@@ -1,12 +1,11 @@
-"""The operator API: replicas, health report, metrics (bearer token), and the public readiness check."""
+"""The operator API: replicas, health report, metrics (bearer token or status-page cookie), and readiness."""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from datetime import UTC, datetime
 
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -14,33 +13,34 @@ from starlette.routing import Route
 
 from coordinator.controlplane import ControlPlane
 from coordinator.derp import DerpRelay
+from coordinator.prometheus import Exposition
 
-GAUGES = {"current_connections", "current_home_connections", "clients_local", "clients_remote", "watchers", "duplicate_keys",
-          "mesh_links_congested", "senders_paused"}
+SESSION_COOKIE = "coordinator_status"
+MISSING_TOKEN = ("missing bearer token: send 'Authorization: Bearer <token>' "
+                 "(see `coordinator api-token`) or log in at /status")
+INVALID_TOKEN = "invalid API token"
 
 
-class RelayCollector:
-    """The relay's counters as Prometheus metrics, read at scrape time."""
+def session_value(api_token: str) -> str:
+    """What the status page's cookie holds: derived from the token, so the cookie never is the token."""
+    return hmac.new(api_token.encode(), b"coordinator status page session", hashlib.sha256).hexdigest()
 
-    def __init__(self, relay: DerpRelay):
-        self.relay = relay
 
-    def collect(self):
-        stats = self.relay.stats()
-        for name, value in stats.items():
-            if isinstance(value, dict):
-                continue
-            if name in GAUGES:
-                yield GaugeMetricFamily(f"coordinator_derp_{name}", f"DERP relay: {name.replace('_', ' ')}", value=value)
-            else:
-                yield CounterMetricFamily(f"coordinator_derp_{name}", f"DERP relay: {name.replace('_', ' ')}", value=value)
-        drops = CounterMetricFamily("coordinator_derp_packets_dropped", "DERP packets dropped, by reason", labels=["reason"])
-        dropped_bytes = CounterMetricFamily("coordinator_derp_bytes_dropped", "DERP bytes dropped, by reason", labels=["reason"])
-        for reason, n in stats["drops"].items():
-            drops.add_metric([reason], n)
-            dropped_bytes.add_metric([reason], stats["drop_bytes"][reason])
-        yield drops
-        yield dropped_bytes
+def token_matches(given: str, api_token: str) -> bool:
+    """Constant-time comparison; an unset token (control plane not started) matches nothing."""
+    return bool(api_token) and hmac.compare_digest(given.strip().encode(), api_token.encode())
+
+
+def check_operator(request: Request, api_token: str) -> str | None:
+    """None if the request carries the operator's bearer token or status-page cookie, else why not."""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() == "bearer" and token:
+        return None if token_matches(token, api_token) else INVALID_TOKEN
+    cookie = request.cookies.get(SESSION_COOKIE)
+    if cookie:
+        return None if api_token and hmac.compare_digest(cookie.encode(), session_value(api_token).encode()) else INVALID_TOKEN
+    return MISSING_TOKEN
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -48,18 +48,11 @@ def _iso(value: datetime | None) -> str | None:
 
 
 def api_routes(control: ControlPlane, relay: DerpRelay) -> list[Route]:
-    relay_registry = CollectorRegistry()
-    relay_registry.register(RelayCollector(relay))
+    exposition = Exposition(control, relay)
 
     def authorized(request: Request) -> JSONResponse | None:
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            return JSONResponse({"message": "missing bearer token: send 'Authorization: Bearer <token>' "
-                                 "(see `coordinator api-token`)"}, status_code=401)
-        if not control.api_token or not hmac.compare_digest(token.strip().encode(), control.api_token.encode()):
-            return JSONResponse({"message": "invalid API token"}, status_code=401)
-        return None
+        problem = check_operator(request, control.api_token)
+        return None if problem is None else JSONResponse({"message": problem}, status_code=401)
 
     async def replicas(request: Request) -> Response:
         if (denied := authorized(request)) is not None:
@@ -67,6 +60,10 @@ def api_routes(control: ControlPlane, relay: DerpRelay) -> list[Route]:
         reg = control.registry
         rows = reg.all_replicas() if reg else []
         mine = control.monitor.matrix_row() if control.monitor else {}
+        try:  # not part of the rows: the registry's sync leaves the matrix out
+            matrix = await reg.peer_matrix() if reg and reg.db else {}
+        except Exception:  # the database is away: the rows as last seen, without the matrix
+            matrix = {}
         out = []
         for r in rows:
             out.append({
@@ -84,7 +81,7 @@ def api_routes(control: ControlPlane, relay: DerpRelay) -> list[Route]:
                 "version": r.version,
                 "alive": r.alive,
                 "self": reg is not None and r.id == reg.id,
-                "peer_latencies": r.peer_latencies,
+                "peer_latencies": matrix.get(r.id, r.peer_latencies),
                 # this replica's own, freshest view of its latency to that replica
                 "latency_from_here": mine.get(str(r.id)),
             })
@@ -119,12 +116,8 @@ def api_routes(control: ControlPlane, relay: DerpRelay) -> list[Route]:
     async def metrics(request: Request) -> Response:
         if (denied := authorized(request)) is not None:
             return denied
-        parts = [generate_latest(relay_registry)]
-        if control.pubsub is not None:
-            parts.append(generate_latest(control.pubsub.registry))
-        if control.monitor is not None:
-            parts.append(generate_latest(control.monitor.registry))
-        return Response(b"".join(parts), media_type=CONTENT_TYPE_LATEST)
+        return Response(exposition.render(getattr(request.app.state, "front_door", None)),
+                        media_type=CONTENT_TYPE_LATEST)
 
     async def readyz(request: Request) -> Response:
         """Fails while this replica cannot reach Postgres or its pub/sub listener is down."""

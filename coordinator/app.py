@@ -1,7 +1,8 @@
 """The replica's HTTP surface: a Starlette app with the DERP endpoints and health checks.
 
 ``uvicorn coordinator.app:app --http coordinator.http:DerpHttpProtocol`` serves it with the raw
-DERP upgrade; ``coordinator server`` does the same plus the control plane.
+DERP upgrade: the relay alone, or with ``COORDINATOR_PG_CONNECTION_URL`` set a whole replica
+(:class:`coordinator.replica.Replica`, as ``coordinator server`` runs it).
 """
 
 from __future__ import annotations
@@ -11,13 +12,15 @@ import contextlib
 import logging
 import re
 
+import anyio
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from coordinator.derp import DerpRelay
+from coordinator.derpmap import PublishedMap
 
 log = logging.getLogger("coordinator.app")
 
@@ -49,6 +52,18 @@ async def generate_204(request: Request) -> Response:
     if _CHALLENGE.match(challenge):
         headers["X-Tailscale-Response"] = "response " + challenge
     return Response(status_code=204, headers=headers)
+
+
+async def derpmap_default(request: Request) -> Response:
+    """The deployment's ``tailcfg.DERPMap`` (public and cacheable; the same on every replica)."""
+    published: PublishedMap | None = getattr(request.app.state, "derp_map", None)
+    if published is None or not published.body:
+        reason = published.missing if published else "this app was built without settings"
+        return PlainTextResponse(f"no DERP map: {reason}\n", status_code=404)
+    headers = {"Cache-Control": "public, max-age=300", "ETag": published.etag}
+    if published.etag in request.headers.get("if-none-match", ""):
+        return Response(status_code=304, headers=headers)
+    return Response(published.body, media_type="application/json", headers=headers)
 
 
 async def healthz(request: Request) -> Response:
@@ -102,10 +117,10 @@ class _WebSocketTransport(asyncio.Transport):
     abort = close
 
     async def pump_out(self) -> None:
-        while (chunk := await self._out.get()) is not None:
-            self._buffered -= len(chunk)
-            await self._ws.send_bytes(chunk)
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):  # the client went away: the receive loop sees it too
+            while (chunk := await self._out.get()) is not None:
+                self._buffered -= len(chunk)
+                await self._ws.send_bytes(chunk)
             await self._ws.close()
 
 
@@ -118,27 +133,43 @@ async def derp_websocket(websocket: WebSocket) -> None:
     transport = _WebSocketTransport(websocket)
     client = websocket.client
     conn = relay.accept(transport, remote=(client.host, client.port) if client else None)
-    sender = asyncio.create_task(transport.pump_out())
-    try:
-        while not transport.is_closing():
-            message = await websocket.receive()
-            if message["type"] == "websocket.disconnect":
-                break
-            if message.get("bytes") is not None:
-                conn.data_received(message["bytes"])
-            elif message.get("text") is not None:
-                conn.close("text WebSocket message (DERP needs binary)", True)
-    except WebSocketDisconnect:
-        pass
-    finally:
-        conn.connection_lost(None)
-        transport.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(sender, 5)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(transport.pump_out, name="derp websocket sender")
+        try:
+            while not transport.is_closing():
+                message = await websocket.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                if message.get("bytes") is not None:
+                    conn.data_received(message["bytes"])
+                elif message.get("text") is not None:
+                    conn.close("text WebSocket message (DERP needs binary)", True)
+        except WebSocketDisconnect:
+            pass
+        finally:
+            conn.connection_lost(None)
+            transport.close()  # the sender sends what is queued, then closes the WebSocket
+            tg.cancel_scope.deadline = anyio.current_time() + 5
 
 
-def create_app(relay: DerpRelay, *, extra_routes: list | None = None, lifespan=None) -> Starlette:
-    """The Starlette app of one replica, serving ``relay``."""
+def relay_routes() -> list[BaseRoute]:
+    """The DERP endpoints and health checks; they find the relay in ``app.state.derp_relay``."""
+    any_method = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
+    return [
+        Route("/derp", derp_plain, methods=any_method),
+        WebSocketRoute("/derp", derp_websocket),
+        Route("/derp/probe", probe, methods=any_method),
+        Route("/derp/latency-check", probe, methods=any_method),
+        Route("/generate_204", generate_204),
+        Route("/derpmap/default", derpmap_default, methods=["GET", "HEAD"]),
+        Route("/healthz", healthz),
+        Route("/robots.txt", robots),
+    ]
+
+
+def create_app(relay: DerpRelay, *, extra_routes: list | None = None, lifespan=None,
+               derp_map: PublishedMap | None = None) -> Starlette:
+    """The Starlette app of one replica, serving ``relay`` (and ``derp_map`` at /derpmap/default)."""
 
     @contextlib.asynccontextmanager
     async def relay_lifespan(app: Starlette):
@@ -152,18 +183,9 @@ def create_app(relay: DerpRelay, *, extra_routes: list | None = None, lifespan=N
         finally:
             relay.close()
 
-    routes = [
-        Route("/derp", derp_plain, methods=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]),
-        WebSocketRoute("/derp", derp_websocket),
-        Route("/derp/probe", probe, methods=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]),
-        Route("/derp/latency-check", probe, methods=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]),
-        Route("/generate_204", generate_204),
-        Route("/healthz", healthz),
-        Route("/robots.txt", robots),
-        *(extra_routes or []),
-    ]
-    app = Starlette(routes=routes, lifespan=relay_lifespan)
+    app = Starlette(routes=[*relay_routes(), *(extra_routes or [])], lifespan=relay_lifespan)
     app.state.derp_relay = relay
+    app.state.derp_map = derp_map
     return app
 
 
@@ -177,9 +199,11 @@ class _LazyApp:
         from coordinator.config import load_settings
 
         settings = load_settings()
-        relay = DerpRelay.from_data_dir(settings.data_path, mesh_key=settings.mesh_key or None,
-                                        keepalive=settings.keepalive)
-        return create_app(relay)
+        if settings.pg_url:  # a whole replica, as `coordinator server` (minus the embedded Postgres)
+            from coordinator.replica import Replica
+
+            return Replica(settings).app()
+        return create_app(DerpRelay.from_settings(settings), derp_map=PublishedMap.from_settings(settings))
 
     async def __call__(self, scope, receive, send) -> None:
         if self.app is None:

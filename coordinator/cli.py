@@ -7,19 +7,32 @@ import logging
 import sys
 
 from coordinator import __version__
-from coordinator.config import ConfigError, Settings, load_settings, settings_help
+from coordinator.config import ConfigError, Settings, declared_settings, default_text, load_settings
+from coordinator.keys import InvalidKey
 
 log = logging.getLogger("coordinator")
 
+# The settings `coordinator api-token` and `postgres-url` take (the server takes all of them).
+TOKEN_SETTINGS = ("pg_url", "db_wait", "data_dir", "api_token", "api_token_file")
 
-def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
-    for flag, env, text in settings_help():
-        parser.add_argument(flag, default=None, help=f"{text} [${env}]")
+
+def _add_settings_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
+    for f in declared_settings():
+        if only is not None and f.name not in only:
+            continue
+        meta = f.metadata
+        envs = " or ".join("$" + v for v in (meta["env"], *meta["aliases"]))
+        text = f"{meta['help']} (default: {default_text(f)}) [{envs}]".replace("%", "%%")
+        parser.add_argument(meta["flag"], dest=f.name, default=None, help=text,
+                            metavar=meta["flag"][2:].upper().replace("-", "_"))
 
 
 def _settings_from(args: argparse.Namespace) -> Settings:
-    keys = {f.replace("-", "_").lstrip("_") for f, _, _ in settings_help()}
-    return load_settings({k: v for k, v in vars(args).items() if k in keys})
+    """The declared settings from the flags given and the environment; warnings go to stderr, one line each."""
+    settings = load_settings({f.name: getattr(args, f.name, None) for f in declared_settings()})
+    for note in settings.warnings:
+        print(f"coordinator: warning: {note}", file=sys.stderr, flush=True)
+    return settings
 
 
 def setup_logging(level: str) -> None:
@@ -64,12 +77,12 @@ def cmd_api_token(args: argparse.Namespace) -> int:
         return 0
     url = settings.pg_url or embedded_url(settings.data_path)
     if not url:
-        print("coordinator: no database: give --pg-url (or run from the data directory of a replica that uses "
-              "the embedded PostgreSQL)", file=sys.stderr)
+        print("coordinator: no database: give --pg-url or $COORDINATOR_PG_CONNECTION_URL (or the --data-dir of a "
+              "replica that uses the embedded PostgreSQL)", file=sys.stderr)
         return 2
 
     async def fetch() -> str:
-        async with await Database.open(url, wait=settings.db_wait) as db:
+        async with await Database.open(url, wait=settings.db_wait or 30.0) as db:
             return await db.get_or_create_site_config("api_token", lambda: secrets.token_urlsafe(32))
 
     try:
@@ -77,6 +90,13 @@ def cmd_api_token(args: argparse.Namespace) -> int:
     except DatabaseError as exc:
         print(f"coordinator: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_derpmap(args: argparse.Namespace) -> int:
+    from coordinator.derpmap import derp_map, render
+
+    print(render(derp_map(_settings_from(args))).decode())
     return 0
 
 
@@ -93,23 +113,31 @@ def main(argv: list[str] | None = None) -> int:
         from coordinator.probe import main as probe_main
 
         return probe_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="coordinator", description="High-availability replica with an embedded DERP relay")
+    parser = argparse.ArgumentParser(prog="coordinator", description="High-availability replica with an embedded DERP relay",
+                                     allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"coordinator {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    server = sub.add_parser("server", help="run one replica: HTTP API, DERP relay at /derp, control plane")
+    server = sub.add_parser("server", help="run one replica: HTTP API, DERP relay at /derp, control plane",
+                            allow_abbrev=False)
     _add_settings_flags(server)
     server.set_defaults(func=cmd_server)
-    pg = sub.add_parser("postgres-url", help="print the URL of the embedded PostgreSQL of a data directory")
-    pg.add_argument("--data-dir", default=None, help="data directory [$COORDINATOR_DATA_DIR]")
+    pg = sub.add_parser("postgres-url", help="print the URL of the embedded PostgreSQL of a data directory",
+                        allow_abbrev=False)
+    _add_settings_flags(pg, ("data_dir",))
     pg.set_defaults(func=cmd_postgres_url)
-    token = sub.add_parser("api-token", help="print the operator API's bearer token (created once, stored in Postgres)")
-    for flag in ("--pg-url", "--data-dir", "--api-token", "--db-wait"):
-        token.add_argument(flag, default=None)
+    token = sub.add_parser("api-token", help="print the operator API's bearer token (created once, stored in Postgres)",
+                           allow_abbrev=False)
+    _add_settings_flags(token, TOKEN_SETTINGS)
     token.set_defaults(func=cmd_api_token)
+    derpmap = sub.add_parser("derpmap", help="print the DERP map (tailcfg.DERPMap JSON) that /derpmap/default serves")
+    for flag in ("--access-url", "--region-id", "--region-code", "--region-name"):
+        derpmap.add_argument(flag, default=None)
+    derpmap.set_defaults(func=cmd_derpmap)
     # `coordinator probe ...` is handed to coordinator.probe whole (see main below); listed here for --help.
     sub.add_parser("probe", help="measure latency to the database, pub/sub and every replica (probe --help)",
                    add_help=False)
-    demo = sub.add_parser("demo", help="start 3 local replicas (+ nginx if installed) and show packets crossing them")
+    demo = sub.add_parser("demo", help="start 3 local replicas (+ nginx if installed) and show packets crossing them",
+                          allow_abbrev=False)
     demo.add_argument("--replicas", type=int, default=3)
     demo.add_argument("--base-port", type=int, default=0, help="first port (default: free ports)")
     demo.add_argument("--data-dir", default=None, help="keep data here (default: a temporary directory)")
@@ -118,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args) or 0
-    except ConfigError as exc:
+    except (ConfigError, InvalidKey) as exc:
         print(f"coordinator: configuration error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -5,6 +5,10 @@ Used by the mesh, the latency probe, the benchmarks and the tests::
     client = await DerpClient.connect("http://127.0.0.1:3000/derp")
     await client.send(peer_public_key, b"hello")
     frame = await client.recv()        # RecvPacket(src=..., data=b"...")
+
+Timeouts are anyio scopes, never ``asyncio.wait_for``: on Python 3.11 that swallows a cancellation
+arriving in the loop turn its read completes (a peer closing as we stop), and the cancelled task
+then runs on, e.g. a stopping replica's mesh link redialling for ever.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from urllib.parse import urlsplit
+
+import anyio
 
 from _relay import codec
 from coordinator.handshake import client_info_payload, open_server_info, parse_server_key
@@ -164,8 +170,8 @@ class _RawStream:
 
     async def close(self) -> None:
         self.writer.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.writer.wait_closed(), 2)
+        with contextlib.suppress(Exception), anyio.move_on_after(2):
+            await self.writer.wait_closed()
 
 
 class _WebSocketStream:
@@ -179,7 +185,9 @@ class _WebSocketStream:
 
         try:
             msg = await self.ws.recv()
-        except websockets.ConnectionClosed:
+        except websockets.ConnectionClosed as exc:
+            if exc.rcvd is not None and exc.rcvd.code == 1008:  # policy: e.g. refused by admission control
+                raise DerpRefused(f"WebSocket closed by the server: {exc.rcvd.reason}") from None
             return b""
         if isinstance(msg, str):
             raise DerpError("server sent a text WebSocket message")
@@ -194,8 +202,8 @@ class _WebSocketStream:
             await self.ws.send(data)
 
     async def close(self) -> None:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.ws.close(), 2)
+        with contextlib.suppress(Exception), anyio.move_on_after(2):
+            await self.ws.close()
 
 
 async def _open_raw(url: str, *, timeout: float, insecure: bool, headers: dict[str, str] | None,
@@ -204,10 +212,10 @@ async def _open_raw(url: str, *, timeout: float, insecure: bool, headers: dict[s
     host = parts.hostname or ""
     port = parts.port or (443 if parts.scheme == "https" else 80)
     ctx = ssl_context(insecure) if parts.scheme == "https" else None
-    reader, writer = await asyncio.wait_for(
-        asyncio.open_connection(host, port, ssl=ctx, server_hostname=host if ctx else None, limit=1 << 20),
-        timeout,
-    )
+    with anyio.fail_after(timeout):
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=ctx, server_hostname=host if ctx else None, limit=1 << 20
+        )
     netloc = parts.netloc.rpartition("@")[2]
     lines = [
         f"GET {parts.path or '/derp'} HTTP/1.1",
@@ -224,7 +232,8 @@ async def _open_raw(url: str, *, timeout: float, insecure: bool, headers: dict[s
     if fast_start:
         return stream, {}
     try:
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+        with anyio.fail_after(timeout):
+            head = await reader.readuntil(b"\r\n\r\n")
     except (asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
         await stream.close()
         raise DerpError(f"{url}: no HTTP response to the DERP upgrade") from exc
@@ -237,8 +246,8 @@ async def _open_raw(url: str, *, timeout: float, insecure: bool, headers: dict[s
             resp_headers[k.strip().lower()] = v.strip()
     if len(fields) < 2 or fields[1] != "101":
         body = b""
-        with contextlib.suppress(Exception):
-            body = await asyncio.wait_for(reader.read(512), 1)
+        with contextlib.suppress(Exception), anyio.move_on_after(1):
+            body = await reader.read(512)
         await stream.close()
         raise DerpError(f"{url}: upgrade refused: {status_line} {body.decode('utf-8', 'replace').strip()}".strip())
     return stream, resp_headers
@@ -310,7 +319,8 @@ class DerpClient:
         self = cls(stream, key, b"", url)
         self.response_headers = resp_headers
         try:
-            await asyncio.wait_for(self._handshake(mesh_key, info, wait_server_info), timeout)
+            with anyio.fail_after(timeout):
+                await self._handshake(mesh_key, info, wait_server_info)
         except BaseException:
             await self.close()
             raise
@@ -330,6 +340,8 @@ class DerpClient:
         await self._stream.drain()
         if wait_server_info:
             ftype, payload = await self._read_frame()
+            if ftype == codec.HEALTH:  # why the server is about to close (e.g. admission refused)
+                raise DerpRefused(f"{self.url}: {payload.decode(errors='replace')}")
             if ftype != codec.SERVER_INFO:
                 raise DerpError(f"{self.url}: expected ServerInfo, got frame type 0x{ftype:02x}")
             self.server_info = open_server_info(self.key, self.server_key, payload)
@@ -376,7 +388,8 @@ class DerpClient:
                 if self._held:
                     ftype, payload = self._held.popleft()
                 else:
-                    ftype, payload = await asyncio.wait_for(self._read_frame(), timeout)
+                    with anyio.fail_after(timeout):
+                        ftype, payload = await self._read_frame()
                 frame = parse_frame(ftype, payload)
                 if isinstance(frame, Pong) and frame.data in self._pings:
                     fut = self._pings.pop(frame.data)
@@ -450,7 +463,8 @@ class DerpClient:
                     await asyncio.wait({fut}, timeout=min(left, 0.05))
                     continue
                 async with self._read_lock:
-                    ftype, payload = await asyncio.wait_for(self._read_frame(), left)
+                    with anyio.fail_after(left):
+                        ftype, payload = await self._read_frame()
                     frame = parse_frame(ftype, payload)
                     if isinstance(frame, Pong) and frame.data in self._pings:
                         self._pings.pop(frame.data).set_result(time.perf_counter())

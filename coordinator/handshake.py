@@ -1,5 +1,9 @@
 """The DERP handshake's cryptography: ClientInfo and ServerInfo NaCl boxes, and the mesh-key check.
 
+As Go's derper: a client whose ClientInfo carries a well-formed mesh key that is not ours is
+served as an ordinary client (the relay then refuses only its mesh frames); a malformed one is
+refused, as Go's JSON decoding of ``key.DERPMesh`` refuses it.
+
 The relay's data plane calls :meth:`ServerHandshake.__call__` once per connection with the
 ClientInfo payload; everything here is per connection, never per packet.
 """
@@ -8,13 +12,17 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import os
+import time
 
 from nacl.exceptions import CryptoError
 from nacl.public import Box, PublicKey
 
 from _relay import codec
-from coordinator.keys import KEY_LEN, NodeKey
+from coordinator.keys import KEY_LEN, InvalidKey, NodeKey, parse_mesh_key
+
+log = logging.getLogger("coordinator.handshake")
 
 SERVER_INFO_JSON = b'{"version":2}'
 
@@ -24,14 +32,11 @@ class HandshakeError(ValueError):
 
 
 def mesh_keys_equal(presented: str, configured: str) -> bool:
-    """Constant-time compare; 64-hex keys compare as bytes so letter case does not matter."""
-    a, b = presented.strip(), configured.strip()
-    if len(a) == len(b) == 64:
-        try:
-            return hmac.compare_digest(bytes.fromhex(a), bytes.fromhex(b))
-        except ValueError:
-            pass
-    return hmac.compare_digest(a.encode(), b.encode())
+    """Constant-time compare of two mesh keys as bytes (letter case does not matter); False if either is malformed."""
+    try:
+        return hmac.compare_digest(parse_mesh_key(presented), parse_mesh_key(configured))
+    except InvalidKey:
+        return False
 
 
 def _box(private: NodeKey, peer_public: bytes) -> Box:
@@ -49,7 +54,18 @@ class ServerHandshake:
 
     def __init__(self, server_key: NodeKey, mesh_key: str | None = None):
         self.server_key = server_key
-        self.mesh_key = mesh_key or None
+        self.mesh_key = mesh_key
+        self._warned_at = -1e9
+
+    @property
+    def mesh_key(self) -> str | None:
+        return self._mesh_key
+
+    @mesh_key.setter
+    def mesh_key(self, value: str | None) -> None:
+        """Raises InvalidKey unless ``value`` is empty or 64 hex characters."""
+        self._mesh_key_bytes = parse_mesh_key(value) if value else None
+        self._mesh_key = value.strip() if value else None
 
     def __call__(self, payload: bytes) -> tuple[bytes, dict, bool, bytes]:
         """ClientInfo payload -> (client key, ClientInfo with lower-cased names, can_mesh, ServerInfo payload)."""
@@ -70,11 +86,15 @@ class ServerHandshake:
         can_mesh = False
         presented = info.get("meshkey")
         if presented not in (None, ""):
-            if not isinstance(presented, str):
-                raise HandshakeError("meshKey is not a string")
-            if self.mesh_key is None or not mesh_keys_equal(presented, self.mesh_key):
-                raise HandshakeError("wrong mesh key")
-            can_mesh = True
+            try:
+                key = parse_mesh_key(presented)
+            except InvalidKey as exc:
+                raise HandshakeError(f"malformed meshKey: {exc}") from None
+            can_mesh = self._mesh_key_bytes is not None and hmac.compare_digest(key, self._mesh_key_bytes)
+            if not can_mesh and time.monotonic() - self._warned_at > 60:  # one line a minute, however many try
+                self._warned_at = time.monotonic()
+                log.warning("a DERP client presented a mesh key that is not ours: serving it as an ordinary client "
+                            "(a replica with a different mesh key cannot mesh with this one)")
         nonce = os.urandom(codec.NONCE_LEN)
         return client_key, info, can_mesh, bytes(box.encrypt(SERVER_INFO_JSON, nonce))
 

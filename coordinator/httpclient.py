@@ -11,13 +11,7 @@ import time
 from urllib.parse import urlsplit
 
 from coordinator.client import ssl_context
-
-
-def describe(exc: BaseException) -> str:
-    """One line for an error: "timed out", or the exception's text."""
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    return " ".join(str(exc).split()) or type(exc).__name__
+from coordinator.errors import describe  # noqa: F401 - re-exported for older imports
 
 
 class KeepAliveHttp:

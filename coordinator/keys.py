@@ -12,6 +12,7 @@ from nacl.bindings import crypto_scalarmult_base
 from nacl.public import PrivateKey
 
 KEY_LEN = 32
+MESH_KEY_HEX_LEN = 2 * KEY_LEN  # a DERP mesh key is 32 bytes written as 64 hex characters, as Go's key.DERPMesh
 
 
 class InvalidKey(ValueError):
@@ -45,6 +46,20 @@ def parse_hex_key(text: str, prefix: str) -> bytes:
     return key
 
 
+def parse_mesh_key(text: str) -> bytes:
+    """The 32 bytes of a DERP mesh key (64 hex characters, surrounding whitespace ignored).
+
+    The one home of the mesh-key rule: settings, key files and the handshake all use it.
+    """
+    raw = text.strip() if isinstance(text, str) else ""
+    if len(raw) != MESH_KEY_HEX_LEN:
+        raise InvalidKey(f"a mesh key is {MESH_KEY_HEX_LEN} hex characters, got {len(raw)}")
+    try:
+        return bytes.fromhex(raw)
+    except ValueError:
+        raise InvalidKey(f"a mesh key is {MESH_KEY_HEX_LEN} hex characters (0-9, a-f)") from None
+
+
 @dataclass(frozen=True)
 class NodeKey:
     """A node (or DERP server) key pair."""
@@ -76,17 +91,26 @@ class NodeKey:
 
 def load_or_create_server_key(path: Path) -> NodeKey:
     """Read derper's key file ``{"PrivateKey": "privkey:<hex>"}``, creating it (mode 0600) if absent."""
-    if path.exists():
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        text = None
+    except OSError as exc:
+        raise InvalidKey(f"cannot read the server key file {path}: {exc.strerror}") from None
+    if text is not None:
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(text)
             return NodeKey.from_private(parse_hex_key(data["PrivateKey"], "privkey"))
         except (ValueError, KeyError, TypeError) as exc:
             raise InvalidKey(f"server key file {path} is unreadable ({exc}); move it away to generate a new key") from None
     key = NodeKey.generate()
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps({"PrivateKey": "privkey:" + key.private.hex()}, indent="\t") + "\n")
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps({"PrivateKey": "privkey:" + key.private.hex()}, indent="\t") + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise InvalidKey(f"cannot create the server key file {path}: {exc.strerror}") from None
     return key

@@ -18,9 +18,11 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import anyio
 from prometheus_client import CollectorRegistry, Histogram
 
-from coordinator.httpclient import KeepAliveHttp, describe
+from coordinator.errors import describe, dial_error
+from coordinator.httpclient import KeepAliveHttp
 
 log = logging.getLogger("coordinator.latency")
 
@@ -179,7 +181,10 @@ class LatencyMonitor:
                 self.peers[url] = PeerState(peer, self.peer_timeout)
             else:
                 state.peer = peer
-        await asyncio.gather(self._measure_pubsub(), *(self._measure_peer(s) for s in self.peers.values()))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._measure_pubsub)
+            for state in self.peers.values():
+                tg.start_soon(self._measure_peer, state)
 
     async def _measure_peer(self, state: PeerState) -> None:
         url = state.peer.relay_url
@@ -194,7 +199,8 @@ class LatencyMonitor:
         self.peer_hist.labels(peer=url, kind="http").observe(rtt)
         if self.derp_ping is not None:
             with contextlib.suppress(Exception):  # the mesh link reports its own errors
-                rtt_derp = await asyncio.wait_for(self.derp_ping(url), self.peer_timeout)
+                with anyio.fail_after(self.peer_timeout):
+                    rtt_derp = await self.derp_ping(url)
                 if rtt_derp is not None:
                     state.derp.add(rtt_derp)
                     self.peer_hist.labels(peer=url, kind="derp").observe(rtt_derp)
@@ -224,7 +230,7 @@ class LatencyMonitor:
             f"ping sibling replica {s.peer.hostname} ({s.peer.relay_url}): {s.error}"
             for s in self.peers.values() if s.error
         ]
-        return "Failed to dial peers: " + "; ".join(failed) if failed else None
+        return dial_error(failed)
 
     def findings(self, *, database_ok: bool, pubsub_connected: bool) -> list[Finding]:
         limit = self.threshold * 1e3

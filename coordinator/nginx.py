@@ -10,20 +10,30 @@ import shutil
 import subprocess
 from pathlib import Path
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "deploy" / "nginx" / "coordinator.conf"
+_HERE = Path(__file__).resolve().parent
+# In an installed wheel the example sits inside the package (setup.py puts it there); in a source
+# checkout (and an editable install) it is deploy/nginx/ of the repository.
+EXAMPLE = next((p for p in (_HERE / "deploy" / "nginx" / "coordinator.conf",
+                            _HERE.parent / "deploy" / "nginx" / "coordinator.conf") if p.is_file()),
+               _HERE.parent / "deploy" / "nginx" / "coordinator.conf")
 
 
 def nginx_binary() -> str | None:
     return shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
 
 
-def render_site(example: str, upstreams: list[tuple[str, int]], listen: tuple[str, int]) -> str:
-    """The example site with its upstream servers and listen address replaced."""
+def render_upstreams(example: str, upstreams: list[tuple[str, int]]) -> str:
+    """The example with its upstream servers replaced (the only edit an operator must make)."""
     servers = "".join(f"    server {h}:{p} max_fails=1 fail_timeout=5s;\n" for h, p in upstreams)
     out, n = re.subn(r"(upstream coordinator_replicas \{\n)(?:    server [^\n]*\n)+", lambda m: m.group(1) + servers, example)
     if n != 1:
         raise ValueError("upstream block not found in the nginx example")
-    out, n = re.subn(r"listen 80;", f"listen {listen[0]}:{listen[1]};", out)
+    return out
+
+
+def render_site(example: str, upstreams: list[tuple[str, int]], listen: tuple[str, int]) -> str:
+    """The example site with its upstream servers and listen address replaced."""
+    out, n = re.subn(r"listen 80;", f"listen {listen[0]}:{listen[1]};", render_upstreams(example, upstreams))
     if n != 1:
         raise ValueError("listen line not found in the nginx example")
     return out

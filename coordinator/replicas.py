@@ -18,7 +18,7 @@ Modelled on Coder's replicasync, with these changes:
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import inspect
 import logging
 import math
@@ -31,12 +31,14 @@ from typing import Any, Protocol
 from uuid import UUID, uuid4
 
 import anyio
+import anyio.abc
 import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import PoolTimeout
 
 from coordinator.db import Database, DatabaseUnavailable
+from coordinator.errors import describe
 
 log = logging.getLogger("coordinator.replicas")
 
@@ -48,8 +50,13 @@ RECOVERY_GRACE = 10.0
 DEFAULT_CLEANUP_AFTER = 24 * 3600.0
 
 _ALIVE = f"(stopped_at IS NULL AND updated_at > now() - {MISSED_BEATS} * heartbeat_ms * interval '1 millisecond')"
+ALIVE_SQL = _ALIVE  # the one liveness rule: also what `coordinator probe` calls alive
+# Every column but the latency matrix (peer_latencies): N rows of N entries, read by every replica at
+# every heartbeat, were most of a 50-replica fleet's idle CPU. The operator API reads it on demand.
+_COLUMNS = ("id, created_at, started_at, updated_at, stopped_at, hostname, region_id, relay_url, version, "
+            "database_latency, error, heartbeat_ms, pubsub_latency")
 _SELECT_ALL = f"""
-    SELECT *, {_ALIVE} AS alive,
+    SELECT {_COLUMNS}, {_ALIVE} AS alive,
            extract(epoch FROM updated_at + {MISSED_BEATS} * heartbeat_ms * interval '1 millisecond' - now())::float8
                AS expires_in
     FROM replicas"""
@@ -90,7 +97,7 @@ class PubSubLike(Protocol):
 
 
 @dataclass(frozen=True)
-class Replica:
+class ReplicaInfo:
     """One row of ``replicas``. ``alive`` was judged by the database when the row was read."""
 
     id: UUID
@@ -111,7 +118,7 @@ class Replica:
 
 
     @classmethod
-    def from_row(cls, row: dict, alive: bool | None = None) -> Replica:
+    def from_row(cls, row: dict, alive: bool | None = None) -> ReplicaInfo:
         return cls(
             id=row["id"], hostname=row["hostname"], region_id=row["region_id"], relay_url=row["relay_url"],
             version=row["version"], database_latency=row["database_latency"], error=row["error"],
@@ -122,20 +129,18 @@ class Replica:
         )
 
 
-OnChange = Callable[[list[Replica]], Awaitable[None] | None]
+Replica = ReplicaInfo  # its older name (coordinator.Replica is the library's replica object)
+OnChange = Callable[[list[ReplicaInfo]], Awaitable[None] | None]
 
 
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+_describe = describe  # the one error-to-text rule (coordinator.errors)
 
 
 class ReplicaRegistry:
     """This process's row in ``replicas`` plus the live peers it can see.
 
-    Use ``async with ReplicaRegistry(...)`` or ``await start()`` ... ``await stop()`` (asyncio).
+    Use ``async with ReplicaRegistry(...)``, or ``await start(task_group)`` ... ``await stop()``:
+    the heartbeat and discovery loops run in that task group (see :meth:`run`).
     """
 
     def __init__(
@@ -171,9 +176,9 @@ class ReplicaRegistry:
         self._database_median: float | None = None
         self.clock_skew = 0.0  # database clock minus ours, seconds
 
-        self._self_row: Replica | None = None
-        self._rows: list[Replica] = []
-        self._peers: list[Replica] = []
+        self._self_row: ReplicaInfo | None = None
+        self._rows: list[ReplicaInfo] = []
+        self._peers: list[ReplicaInfo] = []
         self._peer_key: tuple | None = None
         self._healthy = False
         self._last_error: str | None = None
@@ -190,16 +195,20 @@ class ReplicaRegistry:
         # One-slot buffer: kicks arriving during a sync collapse into a single follow-up sync.
         self._kick_send, self._kick_recv = anyio.create_memory_object_stream[None](1)
         self._sync_lock = anyio.Lock()
-        self._runner: asyncio.Task | None = None
         self._unsubscribe: Callable[[], Awaitable[None]] | None = None
         self._state = "new"
+        self._scope = anyio.CancelScope()  # run() lives in it; stop() cancels it
+        self._stopped = anyio.Event()
+        self._stop_recorded = False
+        self._leave_timeout = STOP_TIMEOUT
+        self._stack: contextlib.AsyncExitStack | None = None
         # A beat must finish well inside the liveness window, and never hang.
         self._op_timeout = max(2 * heartbeat, 3.0)
 
     # -- accessors -----------------------------------------------------------------------------
 
     @property
-    def self_row(self) -> Replica | None:
+    def self_row(self) -> ReplicaInfo | None:
         return self._self_row
 
     @property
@@ -212,15 +221,15 @@ class ReplicaRegistry:
         """Why the last heartbeat failed, or None while healthy."""
         return self._last_error
 
-    def peers(self) -> list[Replica]:
+    def peers(self) -> list[ReplicaInfo]:
         """Live replicas in every region, excluding this one."""
         return list(self._peers)
 
-    def regional_peers(self) -> list[Replica]:
+    def regional_peers(self) -> list[ReplicaInfo]:
         """Live replicas in this replica's region (the ones to mesh with), excluding this one."""
         return [p for p in self._peers if p.region_id == self.region_id]
 
-    def all_replicas(self) -> list[Replica]:
+    def all_replicas(self) -> list[ReplicaInfo]:
         """Every row as of the last sync, dead ones and this one included (for the operator API)."""
         rows = [r for r in self._rows if r.id != self.id]
         return ([self._self_row] if self._self_row else []) + rows
@@ -243,90 +252,123 @@ class ReplicaRegistry:
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Subscribe, insert our row, announce it, sync once, then heartbeat in the background."""
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Register, then heartbeat and follow peers until cancelled or :meth:`stop`; then leave.
+
+        ``await task_group.start(registry.run)`` returns once registered, or raises
+        :class:`DatabaseUnavailable` if the first heartbeat fails. However it ends, the task
+        records our stop (bounded by the timeout :meth:`stop` was given), so peers drop us at once.
+        """
+        if self._state == "stopped" and self._self_row is None:  # stop() came first: nothing to do
+            task_status.started()
+            return
         if self._state != "new":
             raise RuntimeError(f"registry already {self._state}")
         self._state = "starting"
         try:
-            if self.pubsub is not None:
-                self._unsubscribe = await self.pubsub.subscribe_with_err(CHANNEL, self._on_notify)
-            try:
-                with anyio.fail_after(max(self._op_timeout, 10.0)):
-                    await self._beat()
-                self._mark_healthy()
-                await self._publish()
-                await self._sync()
-            except Exception as exc:
-                raise DatabaseUnavailable(f"cannot register replica {self.id}: {_describe(exc)}") from exc
-            # A task of its own, not a task group entered here: stop() may come from another task.
-            self._runner = asyncio.get_running_loop().create_task(self._run(), name=f"replica-{self.id}")
-            self._state = "running"
-            log.info(
-                "replica %s registered (host %s, region %d, relay %s, heartbeat %gs)",
-                self.id, self.hostname, self.region_id, self.relay_url or "-", self.heartbeat,
-            )
-        except BaseException:
+            with self._scope:
+                await self._register()
+                self._state = "running"
+                task_status.started()
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._heartbeat_loop, name=f"replica {self.id} heartbeat")
+                    tg.start_soon(self._sync_loop, name=f"replica {self.id} sync")
+        finally:
             self._state = "stopping"
-            await self._shutdown_tasks()
+            with anyio.CancelScope(shield=True):
+                await self._leave()
             self._state = "stopped"
-            raise
+            self._stopped.set()
 
-    async def stop(self) -> None:
-        """Leave gracefully: mark our row stopped and announce it, so peers drop us at once. Idempotent."""
-        if self._state != "running":
-            return
-        self._state = "stopping"
-        await self._shutdown_tasks()  # first, so no heartbeat can clear stopped_at again
-        # With the database already down, don't hold up shutdown hoping for it.
-        timeout = STOP_TIMEOUT if self._healthy else 1.0
-        try:
-            with anyio.fail_after(timeout):
-                async with self.db.connection(timeout=timeout) as conn:
-                    cur = await conn.cursor(row_factory=dict_row).execute(_STOP_SELF, (self.id,))
-                    row = await cur.fetchone()
-                if row:
-                    self._self_row = Replica.from_row(row, alive=False)
-                await self._publish()
-            log.info("replica %s stopped", self.id)
-        except Exception as exc:
-            log.warning(
-                "replica %s could not record its stop (%s); peers drop it after %g s",
-                self.id, _describe(exc), MISSED_BEATS * self.heartbeat,
-            )
-        self._healthy = False
-        self._state = "stopped"
-        self._kick_send.close()
-        self._kick_recv.close()
+    async def start(self, task_group: anyio.abc.TaskGroup) -> None:
+        """:meth:`run` in ``task_group`` (which then owns the heartbeat); returns once registered."""
+        await task_group.start(self.run, name=f"replica {self.id}")
+
+    async def stop(self, timeout: float = STOP_TIMEOUT) -> bool:
+        """Leave gracefully within ``timeout`` s; False if we had registered and could not record it. Idempotent.
+
+        Cancels the heartbeat first (so none can clear ``stopped_at`` again), then marks our row
+        stopped and announces it, so peers drop us at once, then unsubscribes.
+        """
+        if self._state == "new":
+            self._state = "stopped"
+            self._stopped.set()
+        self._leave_timeout = min(self._leave_timeout, timeout)
+        self._scope.cancel()
+        await self._stopped.wait()
+        return self._stop_recorded or self._self_row is None
+
+    async def peer_matrix(self) -> dict[UUID, dict]:
+        """Each replica's ``peer_latencies`` (what it measured to its peers), read now."""
+        with anyio.fail_after(self._op_timeout):
+            async with self.db.connection(timeout=self._op_timeout) as conn:
+                cur = await conn.execute("SELECT id, peer_latencies FROM replicas")
+                return {rid: latencies or {} for rid, latencies in await cur.fetchall()}
 
     async def refresh(self) -> None:
         """Re-read the table now (Coder's UpdateNow, without the write)."""
         await self._sync()
 
     async def __aenter__(self) -> ReplicaRegistry:
-        await self.start()
+        async with contextlib.AsyncExitStack() as stack:
+            tg = await stack.enter_async_context(anyio.create_task_group())
+            await self.start(tg)
+            self._stack = stack.pop_all()
         return self
 
     async def __aexit__(self, *exc_info) -> None:
         await self.stop()
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            await stack.aclose()
 
-    async def _shutdown_tasks(self) -> None:
-        if self._runner is not None:
-            runner, self._runner = self._runner, None
-            runner.cancel()
-            await asyncio.gather(runner, return_exceptions=True)
+    async def _register(self) -> None:
+        if self.pubsub is not None:
+            self._unsubscribe = await self.pubsub.subscribe_with_err(CHANNEL, self._on_notify)
+        try:
+            with anyio.fail_after(max(self._op_timeout, 10.0)):
+                await self._beat()
+            self._mark_healthy()
+            await self._publish()
+            await self._sync()
+        except Exception as exc:
+            raise DatabaseUnavailable(f"cannot register replica {self.id}: {_describe(exc)}") from exc
+        log.info(
+            "replica %s registered (host %s, region %d, relay %s, heartbeat %gs)",
+            self.id, self.hostname, self.region_id, self.relay_url or "-", self.heartbeat,
+        )
+
+    async def _leave(self) -> None:
+        """Record our stop if we registered, then unsubscribe; all within ``_leave_timeout``."""
+        deadline = anyio.current_time() + self._leave_timeout
+        if self._self_row is not None:
+            # With the database already down, don't hold up the stop hoping for it.
+            timeout = self._leave_timeout if self._healthy else min(1.0, self._leave_timeout)
+            try:
+                with anyio.fail_after(timeout):
+                    async with self.db.connection(timeout=timeout) as conn:
+                        cur = await conn.cursor(row_factory=dict_row).execute(_STOP_SELF, (self.id,))
+                        row = await cur.fetchone()
+                    if row:
+                        self._self_row = ReplicaInfo.from_row(row, alive=False)
+                        self._stop_recorded = True
+                    await self._publish()
+                log.info("replica %s stopped", self.id)
+            except Exception as exc:
+                log.warning(
+                    "replica %s could not record its stop (%s); peers drop it after %g s",
+                    self.id, _describe(exc), MISSED_BEATS * self.heartbeat,
+                )
         if self._unsubscribe is not None:
             unsubscribe, self._unsubscribe = self._unsubscribe, None
-            try:
-                with anyio.fail_after(STOP_TIMEOUT):
+            with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
+                try:
                     await unsubscribe()
-            except Exception as exc:
-                log.debug("unsubscribe from %r failed: %s", CHANNEL, _describe(exc))
-
-    async def _run(self) -> None:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._heartbeat_loop)
-            tg.start_soon(self._sync_loop)
+                except Exception as exc:
+                    log.debug("unsubscribe from %r failed: %s", CHANNEL, _describe(exc))
+        self._healthy = False
+        self._kick_send.close()
+        self._kick_recv.close()
 
     # -- heartbeat -----------------------------------------------------------------------------
 
@@ -343,9 +385,9 @@ class ReplicaRegistry:
             await anyio.sleep(delay)
             last = time.monotonic()
             try:
-                # Shielded so stop() never abandons a query half-way (the pool would discard the
-                # connection); the timeout still bounds it.
-                with anyio.CancelScope(shield=True), anyio.fail_after(self._op_timeout):
+                # Not shielded: a stop may abandon the beat half-way (the pool discards that
+                # connection); waiting for a hung database would hold up the stop.
+                with anyio.fail_after(self._op_timeout):
                     reinserted = await self._beat()
             except Exception as exc:  # whatever the database does, keep beating
                 failures += 1
@@ -391,7 +433,7 @@ class ReplicaRegistry:
             self.on_probe(probe.latency)
         if reinserted:
             log.warning("replica %s: our row was deleted externally; re-inserted it", self.id)
-        self._self_row = Replica.from_row(row, alive=True)
+        self._self_row = ReplicaInfo.from_row(row, alive=True)
         self._written_error_changed = error != self._written_error
         self._written_error = error
         return reinserted
@@ -434,7 +476,7 @@ class ReplicaRegistry:
         # The schema is gone: the database was replaced (restored, or a failover lost recent
         # commits). Recreate it rather than fail until someone restarts us.
         try:
-            with anyio.CancelScope(shield=True), anyio.fail_after(max(self._op_timeout, 30.0)):
+            with anyio.fail_after(max(self._op_timeout, 30.0)):
                 await self.db.migrate()
         except Exception as exc:
             log.debug("re-applying migrations failed: %s", _describe(exc))
@@ -449,7 +491,7 @@ class ReplicaRegistry:
 
     async def _cleanup(self) -> None:
         try:
-            with anyio.CancelScope(shield=True), anyio.fail_after(self._op_timeout):
+            with anyio.fail_after(self._op_timeout):
                 async with self.db.connection(timeout=self._op_timeout) as conn:
                     cur = await conn.execute(_CLEANUP, {"id": self.id, "after": self.cleanup_after})
             if cur.rowcount:
@@ -504,18 +546,18 @@ class ReplicaRegistry:
 
     async def _sync(self) -> None:
         async with self._sync_lock:  # also keeps on_change calls in order
-            with anyio.CancelScope(shield=True), anyio.fail_after(self._op_timeout):
+            with anyio.fail_after(self._op_timeout):
                 changed = await self._read()
             if changed is not None:
                 await self._notify(changed)
 
-    async def _read(self) -> list[Replica] | None:
+    async def _read(self) -> list[ReplicaInfo] | None:
         """Re-read every row; the new peer list if it changed, else None."""
         async with self.db.connection(timeout=self._op_timeout) as conn:
             cur = await conn.cursor(row_factory=dict_row).execute(_SELECT_ALL)
             rows = await cur.fetchall()
         now = time.monotonic()
-        replicas = [Replica.from_row(r) for r in rows]
+        replicas = [ReplicaInfo.from_row(r) for r in rows]
         peers = [r for r in replicas if r.alive and r.id != self.id]
         expiries = [r["expires_in"] for r in rows if r["alive"] and r["id"] != self.id]
         self._next_expiry = now + min(expiries) + 0.01 if expiries else None
@@ -535,7 +577,7 @@ class ReplicaRegistry:
         log.debug("replica %s: %d live peers", self.id, len(peers))
         return peers
 
-    def _kept_in_grace(self, live: list[Replica], replicas: list[Replica]) -> list[Replica]:
+    def _kept_in_grace(self, live: list[ReplicaInfo], replicas: list[ReplicaInfo]) -> list[ReplicaInfo]:
         """Previously live peers that look stale only because of the outage we just left."""
         live_ids = {p.id for p in live}
         current = {r.id: r for r in replicas}
@@ -546,7 +588,7 @@ class ReplicaRegistry:
                 kept.append(row)
         return kept
 
-    async def _notify(self, peers: list[Replica]) -> None:
+    async def _notify(self, peers: list[ReplicaInfo]) -> None:
         if self.on_change is None:
             return
         try:
@@ -560,7 +602,7 @@ class ReplicaRegistry:
         if self.pubsub is None:
             return
         try:
-            with anyio.CancelScope(shield=True), anyio.fail_after(self._op_timeout):
+            with anyio.fail_after(self._op_timeout):
                 await self.pubsub.publish(CHANNEL, str(self.id))
         except Exception as exc:  # peers still find us at their next heartbeat sync
             log.debug("publish on %r failed: %s", CHANNEL, _describe(exc))

@@ -3,7 +3,7 @@
 
 What is measured
 ----------------
-The relay runs in its own process (``benchlib.py relay``: ``create_app(DerpRelay(...))`` under
+The relay runs in its own process (``python -m bench relay``: ``create_app(DerpRelay(...))`` under
 uvicorn with uvloop and ``DerpHttpProtocol``, as ``coordinator server`` runs it). This script opens
 ``--conns`` (default 5,000) raw ``Upgrade: DERP`` connections to it, each with the full handshake
 (ServerKey, sealed ClientInfo, ServerInfo), ``--concurrency`` (default 200) at a time, and leaves
@@ -28,12 +28,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import time
 import warnings
 
-import benchlib
+from bench import proc
+from bench.clients import connect_raw
 
 TARGET_MB = 20.0
 
@@ -46,7 +46,7 @@ async def open_idle(url: str, n: int, concurrency: int, progress) -> tuple[list,
     async def one() -> None:
         async with sem:
             try:
-                client, _left = await benchlib.connect_raw(url, timeout=60)
+                client, _left = await connect_raw(url, timeout=60)
             except Exception as exc:  # noqa: BLE001 - counted and reported
                 failures.append(f"{type(exc).__name__}: {exc}")
                 return
@@ -72,7 +72,7 @@ async def close_all(clients: list) -> None:
     await asyncio.sleep(0.2)
 
 
-async def measure(server: benchlib.ServerProcess, args, progress) -> dict:
+async def measure(server: proc.ServerProcess, args, progress) -> dict:
     loop = asyncio.get_running_loop()
 
     async def snapshot(label: str) -> dict:
@@ -123,9 +123,9 @@ def main() -> int:
     args = ap.parse_args()
     if args.conns < 1 or args.concurrency < 1:
         ap.error("--conns and --concurrency must be positive")
-    benchlib.sigterm_as_interrupt()
+    proc.sigterm_as_interrupt()
     need = args.conns + 256
-    have = benchlib.raise_nofile(need)
+    have = proc.raise_nofile(need)
     if have < need:
         print(f"RLIMIT_NOFILE is {have}, {need} needed for {args.conns} connections", file=sys.stderr)
         return 2
@@ -133,17 +133,16 @@ def main() -> int:
     def progress(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    here = os.path.dirname(os.path.abspath(__file__))
-    argv = [sys.executable, os.path.join(here, "benchlib.py"), "relay", "--keepalive", str(args.keepalive)]
+    argv = proc.server_argv("relay", "--keepalive", str(args.keepalive))
     if args.trace:
         argv += ["--tracemalloc", "1"]
     if args.relay_path:
         argv += ["--relay-path", args.relay_path]
     try:
-        with benchlib.ServerProcess(argv, "relay") as server:
+        with proc.ServerProcess(argv, "relay") as server:
             progress(f"relay pid {server.pid} port {server.port}; opening {args.conns:,} connections, "
                      f"{args.concurrency} at a time")
-            result = benchlib.run(measure(server, args, progress), args.client_loop)
+            result = proc.run(measure(server, args, progress), args.client_loop)
     except KeyboardInterrupt:
         warnings.filterwarnings("ignore", "coroutine .* was never awaited")
         print("interrupted", file=sys.stderr)

@@ -12,9 +12,11 @@ import signal
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 from coordinator import nginx
+from coordinator.mesh import normalize_relay_url
 from procs import Proc, free_port, python
 
 
@@ -30,16 +32,32 @@ class Replica:
         self.relay_url = self.url  # what peers dial; a test may point it at a delaying proxy
         self.pg_url = cluster.pg_url  # likewise for this replica's database connection
 
-    def start(self) -> None:
+    def start(self, wait: bool = True, timeout: float = 30.0) -> None:
+        """Start the process; with ``wait``, return once ``/readyz`` answers (listening and registered)."""
         c = self.cluster
+        if self.proc is not None:
+            self.proc.stop()  # closes the previous run's log
+        pg = ["--pg-url", self.pg_url] if self.pg_url else []  # none: the embedded Postgres in the data dir
         self.proc = Proc(
             [python(), "-m", "coordinator", "server", "--address", f"127.0.0.1:{self.port}", "--data-dir", str(self.data),
-             "--relay-url", self.relay_url, "--access-url", c.access_url or "http://lb.invalid", "--pg-url", self.pg_url,
-             "--heartbeat", c.heartbeat, "--log-level", "info"],
+             "--relay-url", self.relay_url, "--access-url", c.access_url or "http://lb.invalid", *pg,
+             "--heartbeat", c.heartbeat, "--log-level", "info", *c.extra_args],
             env={"COORDINATOR_API_TOKEN": c.api_token},
-            log=self.data / f"server-{int(time.time() * 1000)}.log",
+            log=self.data / f"server-{time.time_ns()}.log",
         )
-        self.proc.wait_http(self.url + "/readyz")  # ready: listening and registered
+        if wait:
+            self.proc.wait_http(self.url + "/readyz", timeout)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.proc.poll() is None
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "/readyz", timeout=2) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
 
     def api(self, path: str):
         request = urllib.request.Request(self.url + path, headers={"Authorization": f"Bearer {self.cluster.api_token}"})
@@ -62,11 +80,21 @@ class Replica:
             self.proc.wait()
 
 
+def full_mesh(replicas: list[Replica]) -> bool:
+    """Every one of ``replicas`` has a connected mesh link to every other."""
+    for r in replicas:
+        want = {normalize_relay_url(o.url) for o in replicas if o is not r}
+        if not want <= r.mesh_connected():
+            return False
+    return True
+
+
 class HACluster:
-    def __init__(self, pg_url: str, *, heartbeat: str = "500ms"):
+    def __init__(self, pg_url: str, *, heartbeat: str = "500ms", extra_args: tuple[str, ...] = ()):
         self.base = Path(tempfile.mkdtemp(prefix="coordtest-ha-"))
         self.pg_url = pg_url
         self.heartbeat = heartbeat
+        self.extra_args = extra_args  # more `coordinator server` flags for every replica
         self.api_token = "test-api-token"
         self.replicas: list[Replica] = []
         self.nginx: Proc | None = None
@@ -79,6 +107,15 @@ class HACluster:
         if start:
             r.start()
         return r
+
+    def add_replicas(self, n: int, timeout: float = 60.0) -> list[Replica]:
+        """Start ``n`` replicas at once and wait until every one is ready."""
+        new = [self.add_replica(start=False) for _ in range(n)]
+        for r in new:
+            r.start(wait=False)
+        for r in new:
+            r.proc.wait_http(r.url + "/readyz", timeout)
+        return new
 
     def start_nginx(self) -> None:
         assert nginx.nginx_binary(), "nginx is not installed (scripts/bootstrap.sh installs it with COORDINATOR_WITH_NGINX=1)"
@@ -97,9 +134,29 @@ class HACluster:
             self.nginx.stop()
         shutil.rmtree(self.base, ignore_errors=True)
 
-    def logs(self) -> str:
+    def running(self) -> list[Replica]:
+        return [r for r in self.replicas if r.running]
+
+    def logs(self, tail: int = 4000) -> str:
         out = []
         for r in self.replicas:
             for f in sorted(r.data.glob("server-*.log")):
-                out.append(f"--- replica {r.index} {f.name}\n{f.read_text(errors='replace')[-4000:]}")
+                out.append(f"--- replica {r.index} {f.name}\n{f.read_text(errors='replace')[-tail:]}")
         return "\n".join(out)
+
+
+def serve(cluster: HACluster, request, setup=None) -> Iterator[HACluster]:
+    """The body of a cluster fixture: ``setup(cluster)``, yield it; print the replicas' logs if
+    either failed; close it whatever happens."""
+    try:
+        if setup is not None:
+            setup(cluster)
+        yield cluster
+        report = getattr(request.node, "report_call", None)
+        if report is not None and report.failed:
+            print(cluster.logs())  # shown with the failure: what the replicas said
+    except BaseException:
+        print(cluster.logs())
+        raise
+    finally:
+        cluster.close()

@@ -1,3 +1,4 @@
+import asyncio
 import uuid
 
 import psycopg
@@ -26,6 +27,41 @@ def pytest_runtest_makereport(item, call):
 @pytest.fixture
 def anyio_backend():
     return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_asyncio_tasks(request):
+    """Every async test: fail it if asyncio tasks it started outlive it (and its fixtures)."""
+    if "anyio_backend" in request.fixturenames:
+        request.getfixturevalue("_asyncio_tasks_end")  # set up first, so torn down after the rest
+
+
+def _task_text(task: asyncio.Task) -> str:
+    coro = task.get_coro()
+    where = getattr(coro, "cr_frame", None)
+    at = f" at {where.f_code.co_filename.rsplit('/', 1)[-1]}:{where.f_lineno}" if where else ""
+    return f"{task.get_name()} ({getattr(coro, '__qualname__', coro)}{at})"
+
+
+@pytest.fixture
+async def _asyncio_tasks_end():
+    before = asyncio.all_tasks()
+    yield
+
+    def running() -> list[asyncio.Task]:
+        # anyio's test runner drives each fixture step from a task of its own: not the test's.
+        return [t for t in asyncio.all_tasks() if t not in before and not t.done()
+                and getattr(t.get_coro(), "__qualname__", "") != "TestRunner._call_in_runner_task"]
+
+    for _ in range(200):  # a task that was cancelled, or is finishing, gets 2 s to end
+        if not running():
+            return
+        await asyncio.sleep(0.01)
+    left = running()
+    for task in left:
+        task.cancel()
+    await asyncio.gather(*left, return_exceptions=True)
+    pytest.fail(f"the test left {len(left)} asyncio task(s) running: " + "; ".join(map(_task_text, left)))
 
 
 @pytest.fixture(scope="session")

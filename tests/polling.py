@@ -3,29 +3,46 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
+from collections.abc import Callable
+from typing import Any
+
+What = str | Callable[[], str]  # a callable is asked at failure time, e.g. for the last value seen
 
 
-async def wait_for(predicate, timeout: float = 5.0, what: str = "the condition", interval: float = 0.01):
-    """Poll ``predicate`` until it returns something true and return that; fail after ``timeout`` s."""
+def _timed_out(timeout: float, what: What) -> AssertionError:
+    return AssertionError(f"timed out after {timeout} s waiting for {what() if callable(what) else what}")
+
+
+async def wait_for(predicate: Callable[[], Any], timeout: float = 5.0, what: What = "the condition",
+                   interval: float = 0.01, ignore: tuple[type[BaseException], ...] = ()):
+    """Poll ``predicate`` (a function or a coroutine function) until it returns something true and
+    return that; exceptions in ``ignore`` count as "not yet"; fail after ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while True:
-        value = predicate()
+        try:
+            value = predicate()
+            if inspect.isawaitable(value):
+                value = await value
+        except ignore:
+            value = None
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            raise _timed_out(timeout, what)
         await asyncio.sleep(interval)
 
 
-async def wait_until(predicate, timeout: float = 5.0, what: str = "the condition", interval: float = 0.01) -> float:
+async def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, what: What = "the condition",
+                     interval: float = 0.01) -> float:
     """Like :func:`wait_for`, but return how many seconds it took (for the figures tests print)."""
     start = time.monotonic()
     await wait_for(predicate, timeout, what, interval)
     return time.monotonic() - start
 
 
-def wait_blocking(predicate, timeout: float, what: str = "the condition", interval: float = 0.1,
+def wait_blocking(predicate: Callable[[], Any], timeout: float, what: What = "the condition", interval: float = 0.1,
                   ignore: tuple[type[BaseException], ...] = ()):
     """:func:`wait_for` for synchronous tests; exceptions in ``ignore`` count as "not yet"."""
     deadline = time.monotonic() + timeout
@@ -37,5 +54,5 @@ def wait_blocking(predicate, timeout: float, what: str = "the condition", interv
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            raise _timed_out(timeout, what)
         time.sleep(interval)

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -65,4 +66,30 @@ def python() -> str:
     return sys.executable
 
 
-__all__ = ["Proc", "free_port", "python", "ROOT"]
+def http_get(url: str, token: str | None = None) -> tuple[int, str]:
+    """(status, body) of a GET, with the operator's bearer token if given; HTTP errors are answers too."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def refused_at_start(args: list[str], named: str) -> str:
+    """Run ``coordinator <args>``, expect exit 2 with one stderr line naming ``named``; return that line."""
+    proc = subprocess.run([python(), "-m", "coordinator", *args], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and named in lines[0] and not proc.stdout, proc.stderr
+    return lines[0]
+
+
+def http_status(url: str) -> int | None:
+    """The status of ``GET url``, or None if nothing answers."""
+    try:
+        return http_get(url)[0]
+    except OSError:
+        return None
+
+
+__all__ = ["Proc", "free_port", "http_get", "http_status", "python", "refused_at_start", "ROOT"]

@@ -1,4 +1,4 @@
-"""Test helpers: a real uvicorn serving the relay on a free port, in the test's event loop."""
+"""Test helpers: a real uvicorn serving the relay (or any ASGI app) on a free port, in the test's event loop."""
 
 from __future__ import annotations
 
@@ -9,38 +9,49 @@ import socket
 import uvicorn
 
 from coordinator.app import create_app
+from coordinator.client import DerpClient
 from coordinator.derp import DerpRelay
 from coordinator.http import DerpHttpProtocol
 from coordinator.keys import NodeKey
+from polling import wait_for
 
 
 @contextlib.asynccontextmanager
-async def serve_relay(*, ssl_certfile: str | None = None, ssl_keyfile: str | None = None, **tuning):
-    """Yield ``(url, relay)`` for a relay served by uvicorn on 127.0.0.1:<free port>."""
-    relay = DerpRelay(NodeKey.generate(), **tuning)
+async def serve_app(app, *, port: int = 0, **config):
+    """Yield the port of ``app`` served by uvicorn on 127.0.0.1 (``port`` 0: a free one)."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        create_app(relay), http=DerpHttpProtocol, lifespan="on", log_level="warning",
-        ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile, timeout_graceful_shutdown=1,
-    )
-    server = uvicorn.Server(config)
+    sock.bind(("127.0.0.1", port))
+    server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level="warning", timeout_graceful_shutdown=1,
+                                           **config))
     server.install_signal_handlers = lambda: None  # older uvicorn
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
-        for _ in range(500):
-            if server.started or task.done():
-                break
-            await asyncio.sleep(0.01)
+        await wait_for(lambda: server.started or task.done(), 10, "uvicorn to start")
         if task.done():
             task.result()
-        scheme = "https" if ssl_certfile else "http"
-        yield f"{scheme}://127.0.0.1:{port}/derp", relay
+        yield sock.getsockname()[1]
     finally:
         server.should_exit = True
         with contextlib.suppress(Exception):
             await asyncio.wait_for(task, 10)
         sock.close()
 
+
+@contextlib.asynccontextmanager
+async def serve_relay(*, ssl_certfile: str | None = None, ssl_keyfile: str | None = None, **tuning):
+    """Yield ``(url, relay)`` for a relay served by uvicorn on 127.0.0.1:<free port>."""
+    relay = DerpRelay(NodeKey.generate(), **tuning)
+    async with serve_app(create_app(relay), http=DerpHttpProtocol, ssl_certfile=ssl_certfile,
+                         ssl_keyfile=ssl_keyfile) as port:
+        scheme = "https" if ssl_certfile else "http"
+        yield f"{scheme}://127.0.0.1:{port}/derp", relay
+
+
+async def routed(a: DerpClient, b: DerpClient, timeout: float = 10.0) -> None:
+    """Wait until a's packets reach b: b's PeerPresent travels to a's replica over the mesh."""
+    async def crossed() -> bool:
+        await a.send(b.public_key, b"probe")
+        return (await b.recv_packet(timeout=0.05)).data == b"probe"
+
+    await wait_for(crossed, timeout, "packets to cross the mesh", 0, ignore=(TimeoutError,))

@@ -45,3 +45,15 @@ def test_bench_mesh_crosses_the_mesh_and_measures_the_floor():
     assert single["A"]["forwarded_out"] == 0
     assert [row["mode"] for row in out["ours_over_floor"]] == ["windowed"]
     assert any(line.startswith("floor: ") for line in out["targets"])
+
+
+def test_bench_cluster_measures_a_small_cluster():
+    done = subprocess.run([sys.executable, str(SCRIPTS / "bench_cluster.py"), "--replicas", "4", "--idle", "1",
+                           "--heartbeat", "1s", "--json"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"bench_cluster.py exited {done.returncode}:\n{done.stderr[-3000:]}"
+    out = json.loads(done.stdout)
+    assert out["mesh"]["meshed_after_spawn_s"] >= out["mesh"]["ready_s"] > 0
+    assert out["pg_connections_per_replica"]["min"] >= 1
+    stop = out["mass_stop"]
+    assert (stop["stopped"], stop["survivors"], stop["exited"]) == (2, 2, 2)
+    assert stop["drop_lines_missing"] == 0 and stop["exit_statuses"] == [0]

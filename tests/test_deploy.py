@@ -1,9 +1,10 @@
-"""The relay as users run it: the uvicorn command line, `coordinator server`, TLS, the wheel."""
+"""The relay as users run it: the uvicorn command line, `coordinator server`, TLS, the demo (the wheel: test_packaging)."""
 
+import shutil
 import signal
 import subprocess
-import venv
-import zipfile
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -56,7 +57,17 @@ async def test_uvicorn_without_derp_protocol_still_serves_websocket(tmp_path, pr
         await DerpClient.connect(f"http://127.0.0.1:{port}/derp")
 
 
-async def test_coordinator_server_serves_and_stops_on_sigterm(tmp_path, procs):
+@pytest.fixture
+def open_dir():
+    """A data directory the embedded Postgres's user can reach when the tests run as root (never widened for it)."""
+    d = Path(tempfile.mkdtemp(prefix="coordtest-deploy-"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+async def test_coordinator_server_serves_and_stops_on_sigterm(open_dir, procs):
+    tmp_path = open_dir
     port = free_port()
     p = Proc([python(), "-m", "coordinator", "server", "--address", f"127.0.0.1:{port}", "--data-dir", str(tmp_path)],
              log=tmp_path / "server.log")
@@ -105,7 +116,7 @@ def test_coordinator_server_refuses_a_data_dir_too_long_for_the_embedded_socket(
 
 def test_coordinator_server_refuses_bad_config(tmp_path):
     for args, message in [
-        (["--address", "nonsense"], "COORDINATOR_ADDRESS"),
+        (["--address", "nonsense"], "--address: "),
         (["--heartbeat", "fast"], "duration"),
         (["--relay-url", "10.0.0.1:80"], "absolute http"),
         (["--relay-url", "https://lb.example.com", "--access-url", "https://lb.example.com/"], "not the access URL"),
@@ -143,27 +154,6 @@ async def test_tls_raw_and_websocket_with_http11_alpn(tls_cert):
         _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
         assert writer.get_extra_info("ssl_object").selected_alpn_protocol() == "http/1.1"
         writer.close()
-
-
-@pytest.mark.timeout(600)
-def test_wheel_contains_compiled_relay_and_installs_in_fresh_venv(tmp_path):
-    wheels = tmp_path / "wheels"
-    subprocess.run([python(), "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(ROOT)],
-                   check=True, timeout=600)
-    (wheel,) = wheels.glob("coordinator_ha-*.whl")
-    names = zipfile.ZipFile(wheel).namelist()
-    assert any(n.startswith("_relay/relay.") and n.endswith(".so") for n in names), names
-    assert any(n.startswith("_relay/codec.") and n.endswith(".so") for n in names), names
-    env_dir = tmp_path / "venv"
-    venv.create(env_dir, with_pip=False)
-    bin_python = env_dir / "bin" / "python"
-    subprocess.run([python(), "-m", "pip", "--python", str(bin_python), "install", "--no-deps", "-q", str(wheel)],
-                   check=True, timeout=300)
-    out = subprocess.run(
-        [str(bin_python), "-c", "import _relay.relay, _relay.codec; print(_relay.relay.__file__)"],
-        capture_output=True, text=True, cwd=tmp_path, check=True,
-    )
-    assert str(env_dir) in out.stdout and out.stdout.strip().endswith(".so")
 
 
 def test_demo_shows_packets_crossing_replicas():

@@ -16,6 +16,7 @@ import psycopg
 import pytest
 
 from coordinator.embedded import embedded_url, start_embedded
+from polling import wait_blocking
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,6 +67,7 @@ def data_dir():
     Not pytest's tmp_path: concurrent pytest sessions on one machine rotate (delete) each other's.
     """
     base = Path(tempfile.mkdtemp(prefix="coordtest-emb-"))
+    base.chmod(0o755)  # as root, pgserver's user must traverse it (coordinator never widens it for it)
     children: list[Child] = []
     try:
         yield base, children
@@ -82,10 +84,7 @@ def data_dir():
 
 
 def assert_gone(pid: int, data: Path, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while psutil.pid_exists(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not psutil.pid_exists(pid), "postmaster still running"
+    wait_blocking(lambda: not psutil.pid_exists(pid), timeout, "the postmaster to exit", 0.05)
     leftovers = [
         p.pid for p in psutil.process_iter(["cmdline"]) if str(data / "postgres") in " ".join(p.info["cmdline"] or [])
     ]

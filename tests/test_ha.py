@@ -5,12 +5,14 @@ import signal
 import time
 
 import pytest
-from cluster import HACluster
+from cluster import HACluster, serve
+from cluster import full_mesh as cluster_full_mesh
 
 from coordinator.client import DerpClient, DerpError, RecvPacket
 from coordinator.mesh import normalize_relay_url
 from coordinator.nginx import nginx_binary
-from polling import wait_until
+from polling import wait_for, wait_until
+from relayfix import routed
 
 pytestmark = [
     pytest.mark.anyio,
@@ -19,29 +21,18 @@ pytestmark = [
 
 
 def full_mesh(cluster: HACluster, replicas=None) -> bool:
-    replicas = replicas or [r for r in cluster.replicas if r.proc and r.proc.proc.poll() is None]
-    for r in replicas:
-        want = {normalize_relay_url(o.url) for o in replicas if o is not r}
-        if not want <= r.mesh_connected():
-            return False
-    return True
+    return cluster_full_mesh(replicas or cluster.running())
+
+
+def three_behind_nginx(c: HACluster) -> None:
+    for _ in range(3):
+        c.add_replica()
+    c.start_nginx()
 
 
 @pytest.fixture
 def cluster(pg_url, request):
-    c = HACluster(pg_url)
-    try:
-        for _ in range(3):
-            c.add_replica()
-        c.start_nginx()
-        yield c
-        if getattr(request.node, "report_call", None) is not None and request.node.report_call.failed:
-            print(c.logs())  # shown with the failure: what the replicas said
-    except BaseException:
-        print(c.logs())
-        raise
-    finally:
-        c.close()
+    yield from serve(HACluster(pg_url), request, setup=three_behind_nginx)
 
 
 async def clients_on_distinct_replicas(cluster: HACluster, n: int = 2, **kwargs) -> list[DerpClient]:
@@ -60,19 +51,6 @@ async def clients_on_distinct_replicas(cluster: HACluster, n: int = 2, **kwargs)
         await c.close()
     assert len(by_server) == n, "nginx did not spread clients over the replicas"
     return list(by_server.values())
-
-
-async def routed(a: DerpClient, b: DerpClient, timeout: float = 10.0) -> None:
-    """Wait until a's packets reach b: b's PeerPresent travels to a's replica over the mesh."""
-    deadline = time.monotonic() + timeout
-    while True:
-        await a.send(b.public_key, b"probe")
-        try:
-            if (await b.recv_packet(timeout=0.05)).data == b"probe":
-                return
-        except TimeoutError:
-            if time.monotonic() > deadline:
-                raise AssertionError("packets never crossed the mesh") from None
 
 
 async def test_packets_cross_replicas_through_nginx(cluster):
@@ -183,14 +161,17 @@ async def test_unreachable_peer_shows_in_error_column_and_does_not_block_others(
             cur = await conn.execute("SELECT error FROM replicas WHERE id <> %s AND stopped_at IS NULL", (ghost,))
             return [row[0] for row in await cur.fetchall()]
 
-        deadline = time.monotonic() + 15
+        seen: list[str] = []
+
         def reported(e: str) -> bool:
             return e.startswith("Failed to dial peers: " + normalize_relay_url(dead_url)) and (
                 f"ping sibling replica ghost ({dead_url}): " in e)
 
-        while not all(reported(e) for e in await errors()):
-            assert time.monotonic() < deadline, await errors()
-            await asyncio.sleep(0.1)
+        async def all_reported() -> bool:
+            seen[:] = await errors()
+            return all(reported(e) for e in seen)
+
+        await wait_for(all_reported, 15, lambda: f"every replica to report the dead peer: {seen}", 0.1)
         assert full_mesh(cluster)  # the live replicas stay meshed with each other
         a, b = await clients_on_distinct_replicas(cluster)
         try:
@@ -200,7 +181,8 @@ async def test_unreachable_peer_shows_in_error_column_and_does_not_block_others(
             await b.close()
         await conn.execute("UPDATE replicas SET stopped_at = now() WHERE id = %s", (ghost,))
         await conn.execute("SELECT pg_notify('replica', %s)", (str(ghost),))
-        deadline = time.monotonic() + 15
-        while any(await errors()):
-            assert time.monotonic() < deadline, await errors()
-            await asyncio.sleep(0.1)
+        async def all_clear() -> bool:
+            seen[:] = await errors()
+            return not any(seen)
+
+        await wait_for(all_clear, 15, lambda: f"the errors to clear: {seen}", 0.1)

@@ -101,8 +101,8 @@ def test_operator_api_matrix_health_and_metrics(cluster):
     assert health["healthy"] and health["severity"] == "ok" and health["threshold_ms"] == 10
     status, text = get(r0.url + "/metrics", cluster.api_token)
     assert status == 200
-    for metric in ("coordinator_derp_packets_in_total", "coordinator_derp_current_connections",
-                   "coordinator_derp_packets_dropped_total{reason=\"queue_head\"}",
+    for metric in ("coordinator_derp_received_packets_total", "coordinator_derp_current_connections",
+                   "coordinator_derp_dropped_packets_total{reason=\"queue_head\"}",
                    "coordinator_derp_senders_paused ", "coordinator_derp_mesh_pushbacks_total",
                    "coordinator_pubsub_", "coordinator_replica_peer_latency_seconds_bucket",
                    "coordinator_database_latency_seconds_count"):

@@ -3,6 +3,7 @@
 import asyncio
 import signal
 
+import anyio
 import pytest
 
 from coordinator.client import DerpClient, RecvPacket
@@ -25,8 +26,7 @@ def test_normalize_relay_url():
 
 async def test_packets_cross_meshed_relays_and_links_break_cleanly():
     async with serve_relay(mesh_key=KEY) as (url1, r1), serve_relay(mesh_key=KEY) as (url2, r2):
-        m1, m2 = Mesh(r1), Mesh(r2)
-        try:
+        async with Mesh(r1) as m1, Mesh(r2) as m2:
             await m1.set_peers([url2, url1])  # our own URL in the list is detected and skipped
             await m2.set_peers([url1])
             async with await DerpClient.connect(url1) as a, await DerpClient.connect(url2) as b:
@@ -40,22 +40,16 @@ async def test_packets_cross_meshed_relays_and_links_break_cleanly():
                 assert r1.stats()["forwarded_out"] >= 3 and r2.stats()["forwarded_in"] >= 3
                 await m1.set_peers([])  # peer removed: its forwarders go at once
                 assert r1.server.lookup(b.public_key) is None
-        finally:
-            await m1.close()
-            await m2.close()
 
 
 async def test_wrong_mesh_key_reported_as_dial_error():
     errors = []
-    async with serve_relay(mesh_key=KEY) as (url1, r1), serve_relay(mesh_key="other") as (url2, _):
-        m1 = Mesh(r1, on_error=errors.append)
-        try:
+    async with serve_relay(mesh_key=KEY) as (url1, r1), serve_relay(mesh_key="01" * 32) as (url2, _):
+        async with Mesh(r1, on_error=errors.append) as m1:
             await m1.set_peers([url2])
             await wait_for(lambda: m1.error() is not None)
             assert m1.error().startswith("Failed to dial peers: " + normalize_relay_url(url2))
             assert errors[-1] == m1.error()
-        finally:
-            await m1.close()
 
 
 @pytest.fixture
@@ -84,8 +78,7 @@ async def test_stuck_mesh_link_pushes_back_on_its_sender_instead_of_dropping(sto
     url2, peer = stoppable_relay
     count, size = 2000, 16384  # 33 MB: more than every socket buffer on the way (~10 MB at most)
     async with serve_relay(mesh_key=KEY) as (url1, r1):
-        m1 = Mesh(r1, stall_timeout=60)
-        try:
+        async with Mesh(r1, stall_timeout=60) as m1:
             await m1.set_peers([url2])
             async with await DerpClient.connect(url1) as a, await DerpClient.connect(url2) as b, \
                     await DerpClient.connect(url1) as c, await DerpClient.connect(url1) as d:
@@ -119,15 +112,12 @@ async def test_stuck_mesh_link_pushes_back_on_its_sender_instead_of_dropping(sto
                 assert stats["forwarded_out"] == count and stats["drops"]["queue_tail"] == 0
                 assert got == sorted(set(got)) and got[-1] == count - 1
                 await wait_for(lambda: r1.stats()["senders_paused"] == 0)
-        finally:
-            await m1.close()
 
 
 async def test_mesh_link_stuck_past_the_stall_timeout_is_redialled(stoppable_relay):
     url2, peer = stoppable_relay
     async with serve_relay(mesh_key=KEY) as (url1, r1):
-        m1 = Mesh(r1, stall_timeout=1.0)
-        try:
+        async with Mesh(r1, stall_timeout=1.0) as m1:
             await m1.set_peers([url2])
             async with await DerpClient.connect(url1) as a, await DerpClient.connect(url2) as b, \
                     await DerpClient.connect(url1) as c:
@@ -139,12 +129,47 @@ async def test_mesh_link_stuck_past_the_stall_timeout_is_redialled(stoppable_rel
                 # After the stall timeout the link is closed: `a` is read again (its packets for b are
                 # dropped while b is unreachable) and the link redials.
                 await wait_for(lambda: r1.stats()["senders_paused"] == 0, timeout=10)
-                await wait_for(lambda: not link.connected.is_set(), timeout=5)
+                await wait_for(lambda: not link.connected, timeout=5)
                 await asyncio.wait_for(sending, 30)
                 await a.send(c.public_key, b"still here")
                 assert await c.recv_packet(timeout=5) == RecvPacket(a.public_key, b"still here")
                 peer.signal(signal.SIGCONT)
-                await wait_for(lambda: link.connected.is_set(), timeout=15)
+                await wait_for(lambda: link.connected, timeout=15)
                 await wait_for(lambda: r1.server.lookup(b.public_key) is not None, timeout=15)
-        finally:
-            await m1.close()
+
+
+async def test_stopping_mesh_ends_links_whose_read_completes_as_they_are_cancelled():
+    """The peer closes the link in the very loop turns the mesh stops: the link must end, not redial.
+
+    (Python 3.11's ``asyncio.wait_for`` swallowed that cancellation: stopping replicas hung for ever.)
+    """
+    async with serve_relay(mesh_key=KEY) as (url1, r1), serve_relay(mesh_key=KEY) as (url2, r2):
+        for turns in range(10):
+            async with Mesh(r1) as m1:
+                await m1.set_peers([url2])
+                link = m1.links[normalize_relay_url(url2)]
+                await wait_for(lambda link=link: link.connected, 10)
+                accepts = r2.stats()["accepts"]
+                r2.close()  # the peer drops every connection: the link's pending read completes ...
+                for _ in range(turns):
+                    await asyncio.sleep(0)
+                with anyio.fail_after(5):
+                    await m1.close()  # ... while the mesh stops
+                assert link.done.is_set() and not link.connected
+            assert r2.stats()["accepts"] == accepts, "a link dialled again after the mesh stopped"
+            r2.start()
+
+
+async def test_links_do_not_redial_once_the_mesh_is_stopping():
+    async with serve_relay(mesh_key=KEY) as (url1, r1), serve_relay(mesh_key=KEY) as (url2, r2):
+        async with Mesh(r1) as m1:
+            await m1.set_peers([url2])
+            link = m1.links[normalize_relay_url(url2)]
+            await wait_for(lambda: link.connected, 10)
+            accepts = r2.stats()["accepts"]
+            m1.stopping = True  # what a replica does the moment its stop begins
+            r2.close()  # the link breaks ...
+            with anyio.fail_after(5):
+                await link.done.wait()  # ... and ends instead of redialling
+            assert r2.stats()["accepts"] == accepts
+            r2.start()

@@ -7,11 +7,13 @@ import asyncio
 import http.server
 import json
 import os
-import socket
+import shutil
 import subprocess
+import tempfile
 import threading
 import time
 import uuid
+from pathlib import Path
 from types import SimpleNamespace
 
 import psycopg
@@ -22,7 +24,7 @@ from delayproxy import DelayProxy
 from coordinator.db import Database
 from coordinator.probe import SCHEMA, main
 from polling import wait_blocking
-from procs import ROOT, free_port, python
+from procs import ROOT, Proc, free_port, python
 
 SCRIPT = str(ROOT / "scripts" / "latency_probe.py")
 DELAY = 0.015  # the issue's 15 ms, added in each direction
@@ -67,21 +69,23 @@ def wait_probe(args: list[str], want: int, timeout: float, what: str, until=lamb
     """Re-run the probe until it exits ``want`` and ``until(report)`` holds (bounded);
     returns (result, report, seconds waited)."""
     start = time.monotonic()
-    while True:
-        out, report = probe_json(*args)
-        if out.returncode == want and until(report):
-            return out, report, time.monotonic() - start
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"{what}: probe still exits {out.returncode} after {timeout} s: {report.get('problems')}")
-        time.sleep(0.5)
+    last: dict = {}
+
+    def done() -> bool:
+        last["out"], last["report"] = probe_json(*args)
+        return last["out"].returncode == want and until(last["report"])
+
+    wait_blocking(done, timeout, lambda: f"{what} (the probe still exits {last['out'].returncode}: "
+                  f"{last['report'].get('problems')})", 0.5)
+    return last["out"], last["report"], time.monotonic() - start
 
 
 def probe_ok(*args: str, **kwargs):
     """Run the probe expecting exit 0 (and a report when ``--json`` is among ``args``).
 
-    ``replicas.database_latency`` is the median of the replica's last few heartbeats; right after start
-    it holds few samples, so on a busy machine one slow sample can trip it: only when that is the
-    sole problem, run again (bounded).
+    ``replicas.database_latency`` (and ``pubsub_latency``) is the median of the replica's last few
+    samples; right after start it holds few, so on a busy machine one slow sample can trip it: only
+    when that is the sole problem, run again (bounded).
     """
     for attempt in range(4):
         out = probe(*args, **kwargs)
@@ -90,123 +94,14 @@ def probe_ok(*args: str, **kwargs):
             break
         problems = report["problems"] if report else [
             line for line in out.stdout.splitlines() if line.startswith("  - ")]
-        single = all(p["figure"] == "reported_database" for p in problems) if report else all(
-            "reports its database latency" in line for line in problems)
+        single = all(p["figure"] in ("reported_database", "reported_pubsub") for p in problems) if report else all(
+            "reports its database latency" in line or "reports its pub/sub round trip" in line for line in problems)
         if not single:
             break
-        print(f"\n(single-sample database_latency over the threshold, probing again: {problems})")
+        print(f"\n(a replica-reported figure over the threshold, probing again: {problems})")
         time.sleep(0.6)
     assert out.returncode == 0, out.stdout + out.stderr
     return out, report
-
-
-# -- the delaying proxy ------------------------------------------------------------------------
-
-
-@pytest.fixture
-def echo_server():
-    """A blocking TCP echo server on 127.0.0.1 (its own threads)."""
-    srv = socket.create_server(("127.0.0.1", 0))
-    stop = threading.Event()
-
-    def serve_one(conn: socket.socket) -> None:
-        with conn:
-            while data := conn.recv(65536):
-                conn.sendall(data)
-
-    def accept() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                return
-            threading.Thread(target=serve_one, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
-    try:
-        yield srv.getsockname()[1]
-    finally:
-        stop.set()
-        srv.close()
-
-
-def rtt(sock: socket.socket, n: int = 5) -> float:
-    """Median round trip of a small message, seconds."""
-    times = []
-    for i in range(n):
-        msg = b"ping %d\n" % i
-        start = time.perf_counter()
-        sock.sendall(msg)
-        got = b""
-        while len(got) < len(msg):
-            got += sock.recv(65536)
-        times.append(time.perf_counter() - start)
-        assert got == msg
-    return sorted(times)[n // 2]
-
-
-def test_delay_proxy_adds_latency_both_ways_adjustable_at_runtime(echo_server):
-    with DelayProxy("127.0.0.1", echo_server) as proxy, \
-            socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
-        base = rtt(sock)
-        proxy.delay = 0.020
-        slow = rtt(sock)
-        proxy.delay = 0.0
-        time.sleep(0.05)  # let chunks scheduled under the old delay drain
-        back = rtt(sock)
-        print(f"\nRTT through the proxy: {base * 1e3:.2f} ms; with 20 ms delay {slow * 1e3:.2f} ms; "
-              f"delay removed {back * 1e3:.2f} ms")
-        assert slow >= 0.040  # each direction waits at least the delay
-        assert slow - base < 0.040 + 0.100  # ~2 x delay; a generous upper bound for a busy machine
-        assert back < 0.020
-
-
-def test_delay_proxy_keeps_order_and_does_not_cap_throughput(echo_server):
-    payload = os.urandom(4 << 20)
-    with DelayProxy("127.0.0.1", echo_server, delay=0.050) as proxy, \
-            socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as sock:
-        received = bytearray()
-
-        def reader() -> None:
-            while len(received) < len(payload):
-                chunk = sock.recv(1 << 20)
-                if not chunk:
-                    return
-                received.extend(chunk)
-
-        t = threading.Thread(target=reader)
-        start = time.monotonic()
-        t.start()
-        for i in range(0, len(payload), 4096):  # ~1000 chunks: in series that would take ~100 s
-            sock.sendall(payload[i:i + 4096])
-        t.join(60)
-        elapsed = time.monotonic() - start
-        print(f"\n4 MiB echoed through a 50 ms proxy in {elapsed:.2f} s")
-        assert bytes(received) == payload  # every byte, in order
-        assert elapsed < 20
-
-
-def test_delay_proxy_close_drops_connections_and_target_down(echo_server):
-    proxy = DelayProxy("127.0.0.1", echo_server).start()
-    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
-    try:
-        assert rtt(sock, 1) < 1
-        proxy.close()
-        sock.settimeout(5)
-        try:
-            assert sock.recv(10) == b""  # closed by the proxy
-        except ConnectionResetError:
-            pass
-    finally:
-        sock.close()
-        proxy.close()
-    with DelayProxy("127.0.0.1", free_port()) as dead, \
-            socket.create_connection(("127.0.0.1", dead.port), timeout=10) as s:
-        s.settimeout(5)
-        try:
-            assert s.recv(10) == b""  # nothing behind it: the client's connection is closed
-        except ConnectionResetError:
-            pass
 
 
 # -- a 3-replica deployment, one replica's relay and another's database behind proxies ---------
@@ -513,7 +408,7 @@ def test_replica_url_pointing_nowhere():
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        ([], "give --pg-url"),
+        ([], "no embedded PostgreSQL is running for data directory"),
         (["--pg-url", "postgresql://x/y", "--url", "http://x"], "not both"),
         (["--url", "ftp://example.com"], "must be an http:// or https:// URL"),
         (["--url", "http://host:notaport"], "must be an http:// or https:// URL"),
@@ -524,9 +419,10 @@ def test_replica_url_pointing_nowhere():
         (["--bogus"], "unrecognized arguments"),
     ],
 )
-def test_usage_errors_in_process(args, needle, capsys, monkeypatch):
+def test_usage_errors_in_process(args, needle, capsys, monkeypatch, tmp_path):
     for var in ("COORDINATOR_PG_CONNECTION_URL", "CODER_PG_CONNECTION_URL", "COORDINATOR_LATENCY_THRESHOLD"):
         monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("COORDINATOR_DATA_DIR", str(tmp_path))  # no embedded server runs there
     assert main(args) == 2
     err = capsys.readouterr().err
     assert needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
@@ -537,3 +433,25 @@ def test_help_exits_0(capsys):
     out = capsys.readouterr().out
     for flag in ("--pg-url", "--url", "--token", "--threshold", "--samples", "--timeout", "--json"):
         assert flag in out
+
+
+def test_no_arguments_probe_what_a_local_server_started():
+    """`make run` then `coordinator probe`: the embedded database of the data directory, one replica, OK."""
+    # Not pytest's tmp_path: concurrent pytest sessions on one machine rotate (delete) each other's.
+    tmp_path = Path(tempfile.mkdtemp(prefix="coordtest-probe-"))
+    port = free_port()
+    server = Proc([python(), "-m", "coordinator", "server", "--address", f"127.0.0.1:{port}"],
+                  env=clean_env(COORDINATOR_DATA_DIR=str(tmp_path)), log=tmp_path / "server.log")
+    try:
+        server.wait_http(f"http://127.0.0.1:{port}/readyz")
+        env = clean_env(COORDINATOR_DATA_DIR=str(tmp_path))
+        out, report = probe_json(env=env, cmd=[python(), "-m", "coordinator", "probe"])
+        print(f"\nprobe of the local embedded database: {out.seconds:.2f} s; notes: {report['notes']}")
+        assert out.returncode == 0, (out.stderr, report["problems"])
+        assert report["source"]["mode"] == "database" and len(report["replicas"]) == 1
+        assert report["replicas"][0]["relay_url"] == "" and report["notes"][0].startswith("single-replica setup")
+        text = probe(env=env, cmd=[python(), "-m", "coordinator", "probe"])
+        assert text.returncode == 0 and "single replica, no relay URL" in text.stdout, text.stdout + text.stderr
+    finally:
+        server.stop()  # SIGTERM: the replica stops the embedded PostgreSQL it started
+        shutil.rmtree(tmp_path, ignore_errors=True)

@@ -56,24 +56,23 @@ async def listener_pids(url: str, ps: PubSub) -> set[int]:
 
 async def listener_pid(url: str, ps: PubSub, *, not_pid: int | None = None) -> int:
     """The one listener backend (other than ``not_pid``, which may take a moment to exit)."""
-    deadline = anyio.current_time() + 10
-    while len(pids := await listener_pids(url, ps)) != 1 or not_pid in pids:
-        if anyio.current_time() > deadline:
-            pytest.fail(f"expected one listener backend other than {not_pid}, found {pids}")
-        await anyio.sleep(0.05)
-    return pids.pop()
+    seen: set[int] = set()
+
+    async def one() -> bool:
+        seen.clear()
+        seen.update(await listener_pids(url, ps))
+        return len(seen) == 1 and not_pid not in seen
+
+    await wait_for(one, 10, lambda: f"one listener backend other than {not_pid}, found {seen}", 0.05)
+    return seen.pop()
 
 
 async def publish_until_ok(ps: PubSub, channel: str, payload: str, timeout: float = 20.0) -> None:
-    deadline = anyio.current_time() + timeout
-    while True:
-        try:
-            await ps.publish(channel, payload)
-            return
-        except PublishError:
-            if anyio.current_time() > deadline:
-                raise
-            await anyio.sleep(0.1)
+    async def sent() -> bool:
+        await ps.publish(channel, payload)
+        return True
+
+    await wait_for(sent, timeout, f"a publish on {channel!r} to go through", 0.1, ignore=(PublishError,))
 
 
 @pytest.fixture
@@ -466,7 +465,7 @@ async def test_unreachable_postgres_fails_fast_and_close_releases_everything(pg_
         await ps.subscribe("c", lambda p: None)
     assert not ps.connected
     sql = "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND application_name LIKE 'coordinator-pubsub%%'"
-    deadline = anyio.current_time() + 10
-    while (await query(pg_url, sql, (db,)))[0][0] and anyio.current_time() < deadline:
-        await anyio.sleep(0.05)
-    assert (await query(pg_url, sql, (db,)))[0][0] == 0
+    async def none_left() -> bool:
+        return (await query(pg_url, sql, (db,)))[0][0] == 0
+
+    await wait_for(none_left, 10, "every pub/sub connection to be closed", 0.05)

@@ -90,29 +90,24 @@ async def test_start_inserts_row_and_announces_it(db, ps, pg_url):
 async def test_twenty_registries_see_each_other(db, ps):
     changes = [Changes() for _ in range(20)]
     regs = [registry(db, ps, relay_url=f"http://10.0.0.{i}:8080", on_change=changes[i]) for i in range(20)]
-    started: list[ReplicaRegistry] = []
-    try:
-        t0 = time.monotonic()
-
-        async def start(reg):
-            await reg.start()
-            started.append(reg)
-
-        async with anyio.create_task_group() as tg:
+    async with anyio.create_task_group() as tg:
+        try:
+            t0 = time.monotonic()
+            async with anyio.create_task_group() as starting:
+                for reg in regs:
+                    starting.start_soon(reg.start, tg)
+            await wait_until(lambda: all(len(r.peers()) == 19 for r in regs), 10, "20 replicas to see 19 peers each")
+            print(f"\n20 replicas converged in {time.monotonic() - t0:.2f} s")
+            ids = {r.id for r in regs}
+            for reg, change in zip(regs, changes, strict=True):
+                assert {p.id for p in reg.peers()} == ids - {reg.id}
+                assert change.last_ids == ids - {reg.id}
+                assert reg.self_row is not None and reg.self_row.id == reg.id
+                assert len(reg.regional_peers()) == 19
+                assert {r.id for r in reg.all_replicas() if r.alive} == ids
+        finally:
             for reg in regs:
-                tg.start_soon(start, reg)
-        await wait_until(lambda: all(len(r.peers()) == 19 for r in regs), 10, "20 replicas to see 19 peers each")
-        print(f"\n20 replicas converged in {time.monotonic() - t0:.2f} s")
-        ids = {r.id for r in regs}
-        for reg, change in zip(regs, changes, strict=True):
-            assert {p.id for p in reg.peers()} == ids - {reg.id}
-            assert change.last_ids == ids - {reg.id}
-            assert reg.self_row is not None and reg.self_row.id == reg.id
-            assert len(reg.regional_peers()) == 19
-            assert {r.id for r in reg.all_replicas() if r.alive} == ids
-    finally:
-        for reg in started:
-            await reg.stop()
+                await reg.stop()
 
 
 class AsyncChanges(Changes):
@@ -124,12 +119,10 @@ class AsyncChanges(Changes):
 async def test_graceful_stop_is_seen_at_once(db, ps, pg_url):
     # A long heartbeat, so only the notification can explain a fast drop.
     changes = AsyncChanges()
-    async with registry(db, ps, heartbeat=2.0, on_change=changes) as a:
-        b = registry(db, ps, heartbeat=2.0)
-        await b.start()
+    async with registry(db, ps, heartbeat=2.0, on_change=changes) as a, registry(db, ps, heartbeat=2.0) as b:
         await wait_until(lambda: changes.last_ids == {b.id}, 5, "A to see B")
         t0 = time.monotonic()
-        await b.stop()
+        assert await b.stop()
         await wait_until(lambda: changes.last_ids == set(), 2, "A to drop B")
         elapsed = time.monotonic() - t0
         print(f"\ngraceful stop seen by the peer {elapsed * 1e3:.0f} ms after stop() was called")
@@ -137,7 +130,7 @@ async def test_graceful_stop_is_seen_at_once(db, ps, pg_url):
         (row,) = fetch(pg_url, "SELECT stopped_at IS NOT NULL, database_latency FROM replicas WHERE id = %s", b.id)
         assert row == (True, 0)
         assert [r.alive for r in a.all_replicas() if r.id == b.id] == [False]
-        await b.stop()  # idempotent
+        assert await b.stop()  # idempotent
 
 
 CHILD = textwrap.dedent(
@@ -151,9 +144,10 @@ CHILD = textwrap.dedent(
         db = await Database.open(url)
         async with PubSub(url) as ps:
             reg = ReplicaRegistry(db, ps, heartbeat=heartbeat, hostname="child")
-            await reg.start()
-            print(reg.id, flush=True)
-            await anyio.sleep_forever()
+            async with anyio.create_task_group() as tg:
+                await reg.start(tg)
+                print(reg.id, flush=True)
+                await anyio.sleep_forever()
 
     anyio.run(main, sys.argv[1], float(sys.argv[2]))
     """
@@ -340,13 +334,14 @@ async def test_postgres_crash_and_restart(own_cluster, caplog):
 async def test_stop_during_an_outage_is_prompt(own_cluster):
     async with await Database.open(own_cluster.url) as database, PubSub(own_cluster.url) as pubsub:
         reg = ReplicaRegistry(database, pubsub, heartbeat=0.2)
-        await reg.start()
-        try:
-            own_cluster.kill()
-            await wait_until(lambda: not reg.healthy, 15, "the registry to notice")
-        finally:
-            t0 = time.monotonic()
-            await reg.stop()
+        async with anyio.create_task_group() as tg:
+            await reg.start(tg)
+            try:
+                own_cluster.kill()
+                await wait_until(lambda: not reg.healthy, 15, "the registry to notice")
+            finally:
+                t0 = time.monotonic()
+                await reg.stop()
         elapsed = time.monotonic() - t0
         print(f"\nstop() with the database down took {elapsed:.2f} s")
         assert elapsed < 10

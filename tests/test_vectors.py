@@ -1,4 +1,4 @@
-"""The DERP test vectors of docs/derp-protocol.md §12, byte for byte."""
+"""The DERP test vectors of docs/derp-protocol.md ("Test vectors"), byte for byte."""
 
 import json
 
@@ -148,8 +148,8 @@ def test_mesh_key_compare():
     assert mesh_keys_equal(key.upper(), key)
     assert mesh_keys_equal(" " + key + "\n", key)
     assert not mesh_keys_equal("cd" * 32, key)
-    assert mesh_keys_equal("test-key", "test-key")
-    assert not mesh_keys_equal("test-key", "test-kez")
+    assert not mesh_keys_equal("test-key", "test-key")  # not 64 hex characters: never a mesh key
+    assert not mesh_keys_equal(key, "zz" * 32)
 
 
 @pytest.mark.parametrize(

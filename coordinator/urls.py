@@ -1,0 +1,45 @@
+"""The one reading of a relay or access URL, shared by the settings, the mesh and the probe."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def relay_base(url: str) -> str | None:
+    """``scheme://host[:port]`` of an absolute http(s) URL with a host, or None if it is unusable.
+
+    Userinfo, path, query and fragment are dropped: a relay is found by scheme, host and port alone,
+    and a peer's credentials never end up in logs or in the mesh's link names.
+    """
+    try:
+        parts = urlsplit(url.strip())
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in 0-65535
+    except ValueError:
+        return None
+    if parts.scheme not in DEFAULT_PORTS or not parts.hostname:
+        return None
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
+
+
+def derp_url(url: str) -> str | None:
+    """``scheme://host[:port]/derp``: where a relay's DERP endpoint is, or None if ``url`` is unusable."""
+    base = relay_base(url)
+    return None if base is None else base + "/derp"
+
+
+def same_origin(a: str, b: str) -> bool:
+    """True if two URLs name the same scheme, host and port (paths and trailing slashes ignored)."""
+    pa, pb = urlsplit(a), urlsplit(b)
+    return (
+        pa.scheme == pb.scheme
+        and (pa.hostname or "").lower() == (pb.hostname or "").lower()
+        and (pa.port or DEFAULT_PORTS.get(pa.scheme)) == (pb.port or DEFAULT_PORTS.get(pb.scheme))
+    )
+
+
+def without_userinfo(url: str) -> str:
+    """``url`` with any ``user:password@`` removed, for reports and logs."""
+    parts = urlsplit(url)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
