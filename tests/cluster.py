@@ -92,6 +92,7 @@ def full_mesh(replicas: list[Replica]) -> bool:
 class HACluster:
     def __init__(self, pg_url: str, *, heartbeat: str = "500ms", extra_args: tuple[str, ...] = ()):
         self.base = Path(tempfile.mkdtemp(prefix="coordtest-ha-"))
+        self.base.chmod(0o755)  # as root, an embedded Postgres runs as its own user and must traverse it
         self.pg_url = pg_url
         self.heartbeat = heartbeat
         self.extra_args = extra_args  # more `coordinator server` flags for every replica
