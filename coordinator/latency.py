@@ -27,6 +27,7 @@ from coordinator.httpclient import KeepAliveHttp
 log = logging.getLogger("coordinator.latency")
 
 WINDOW = 10
+JUDGED_AFTER = 3  # samples a median needs before it can raise a warning or a finding
 REPEAT_WARNING = 60.0
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -46,6 +47,11 @@ class Window:
     @property
     def median(self) -> float | None:
         return statistics.median(self.samples) if self.samples else None
+
+    @property
+    def judged(self) -> float | None:
+        """The median once the window holds ``JUDGED_AFTER`` samples (one slow sample raises no alarm)."""
+        return self.median if len(self.samples) >= JUDGED_AFTER else None
 
     @property
     def p99(self) -> float | None:
@@ -112,10 +118,6 @@ class PeerState:
         self.error: str | None = None
         self.alarm = Alarm(f"replica {peer.hostname} ({peer.relay_url})")
 
-    @property
-    def median(self) -> float | None:
-        return self.http.median
-
     def record(self) -> dict:
         ms = lambda v: None if v is None else round(v * 1e3, 3)  # noqa: E731
         return {
@@ -164,7 +166,7 @@ class LatencyMonitor:
         self.database.add(seconds)
         self.database_error = None
         self.db_hist.observe(seconds)
-        self.database_alarm.update(self.database.median, self.threshold)
+        self.database_alarm.update(self.database.judged, self.threshold)
 
     def database_failed(self, error: str) -> None:
         self.database_error = error
@@ -204,7 +206,7 @@ class LatencyMonitor:
                 if rtt_derp is not None:
                     state.derp.add(rtt_derp)
                     self.peer_hist.labels(peer=url, kind="derp").observe(rtt_derp)
-        state.alarm.update(state.median, self.threshold)
+        state.alarm.update(state.http.judged, self.threshold)
 
     async def _measure_pubsub(self) -> None:
         if self.pubsub is None:
@@ -216,7 +218,7 @@ class LatencyMonitor:
             return
         self.pubsub_error = None
         self.pubsub_window.add(recv)
-        self.pubsub_alarm.update(self.pubsub_window.median, self.threshold)
+        self.pubsub_alarm.update(self.pubsub_window.judged, self.threshold)
 
     # -- reports ------------------------------------------------------------------------------
 
@@ -237,21 +239,19 @@ class LatencyMonitor:
         out: list[Finding] = []
         if not database_ok:
             out.append(Finding("EDB01", "error", f"database unreachable: {self.database_error or 'heartbeats failing'}"))
-        elif self.database.median is not None and self.database.median > self.threshold:
-            out.append(Finding("EDB02", "warning",
-                               f"database slow: {self.database.median * 1e3:.1f} ms median round trip (limit {limit:.0f} ms)"))
+        elif (db := self.database.judged) is not None and db > self.threshold:
+            out.append(Finding("EDB02", "warning", f"database slow: {db * 1e3:.1f} ms median round trip (limit {limit:.0f} ms)"))
         for s in sorted(self.peers.values(), key=lambda s: s.peer.relay_url):
             who = f"replica {s.peer.hostname} ({s.peer.relay_url})"
             if s.error:
                 out.append(Finding("EDERP01", "error", f"peer unreachable: {who}: {s.error}"))
-            elif s.median is not None and s.median > self.threshold:
-                out.append(Finding("EDERP02", "warning", f"peer slow: {who}: {s.median * 1e3:.1f} ms median (limit {limit:.0f} ms)"))
+            elif (peer := s.http.judged) is not None and peer > self.threshold:
+                out.append(Finding("EDERP02", "warning", f"peer slow: {who}: {peer * 1e3:.1f} ms median (limit {limit:.0f} ms)"))
         if self.pubsub is not None:
             if not pubsub_connected:
                 out.append(Finding("EPS01", "error", "pub/sub disconnected: the LISTEN connection to PostgreSQL is down"))
-            elif self.pubsub_window.median is not None and self.pubsub_window.median > self.threshold:
-                out.append(Finding("EPS02", "warning",
-                                   f"pub/sub slow: {self.pubsub_window.median * 1e3:.1f} ms median round trip (limit {limit:.0f} ms)"))
+            elif (ps := self.pubsub_window.judged) is not None and ps > self.threshold:
+                out.append(Finding("EPS02", "warning", f"pub/sub slow: {ps * 1e3:.1f} ms median round trip (limit {limit:.0f} ms)"))
         return out
 
     @property

@@ -10,7 +10,7 @@ import pytest
 from cluster import HACluster
 from delayproxy import DelayProxy
 
-from coordinator.latency import Alarm, Window
+from coordinator.latency import JUDGED_AFTER, Alarm, LatencyMonitor, Window
 from pgcluster import PgCluster
 from polling import wait_blocking as wait
 
@@ -27,6 +27,21 @@ def test_window_median_and_p99():
     for v in (0.004,) * 5:
         w.add(v)
     assert w.median == 0.004 and w.p99 == 0.004  # old samples leave the window
+
+
+def test_a_median_is_judged_only_once_the_window_holds_enough_samples(caplog):
+    """The first sample alone never raises an alarm, however slow: the docs promise a median."""
+    monitor = LatencyMonitor(threshold=0.010)
+    with caplog.at_level(logging.INFO, logger="coordinator.latency"):
+        monitor.database_sample(0.500)
+        assert monitor.database.judged is None and monitor.database.median == 0.5
+        assert not [f for f in monitor.findings(database_ok=True, pubsub_connected=True) if f.code == "EDB02"]
+        for _ in range(JUDGED_AFTER - 1):
+            monitor.database_sample(0.020)
+    assert monitor.database.judged == 0.020
+    assert [f.code for f in monitor.findings(database_ok=True, pubsub_connected=True)] == ["EDB02"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "20.0 ms" in warnings[0], warnings
 
 
 def test_alarm_warns_on_change_then_rate_limited_and_logs_recovery(caplog):
