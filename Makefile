@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 SOURCES := pyproject.toml setup.py $(wildcard _relay/*.pyx _relay/*.pxd _relay/*.pxi)
 
+# Also run on the system's PostgreSQL (Debian's, older than the embedded mode's), before the whole suite.
+PG_AGAIN := tests/test_db.py tests/test_pubsub.py tests/test_replicas.py tests/test_controlplane.py
+
 .PHONY: run test lint bench wheel clean
 
 $(VENV)/.installed: $(SOURCES)
@@ -27,6 +30,13 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed
 	@echo "==> checking what the tests drive: nginx, chromium, kubectl, systemd-analyze (scripts/bootstrap.sh test)"
 	@sh scripts/bootstrap.sh test
+	@bindir=$$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | head -n 1); \
+	if [ -n "$$bindir" ]; then \
+		echo "==> the database tests first on the system's $$($$bindir/postgres --version) ($$bindir)"; \
+		COORDINATOR_TEST_PG_BINDIR=$$bindir $(PY) -m pytest $(PG_AGAIN); \
+	else \
+		echo "==> no system PostgreSQL (/usr/lib/postgresql/*/bin): the database tests run on the embedded one only"; \
+	fi
 	@echo "==> running the test suite"
 	$(PY) -m pytest
 

@@ -2,7 +2,8 @@
 # System packages, installed only when missing (Debian/Ubuntu, as root; otherwise it says what to install).
 #   sh scripts/bootstrap.sh build   what installing the package needs: a C compiler, python3-venv
 #   sh scripts/bootstrap.sh test    also what the tests drive: nginx, Debian's chromium and chromedriver,
-#                                   kubectl, systemd-analyze, unshare and ip (private namespaces), openssl
+#                                   kubectl, systemd-analyze, unshare and ip (private namespaces), openssl,
+#                                   and Debian's PostgreSQL (a second major version for the database tests)
 # (COORDINATOR_WITH_NGINX=1 still means `test`.)
 set -e
 what=${1:-build}
@@ -20,6 +21,8 @@ if [ "$what" = test ]; then
     have unshare || need="$need util-linux"
     have ip || need="$need iproute2"
     have openssl || need="$need openssl"
+    # A second PostgreSQL major (Debian's), older than the embedded mode's: the database tests run on both.
+    ls -d /usr/lib/postgresql/*/bin >/dev/null 2>&1 || need="$need postgresql"
 fi
 if [ -z "$need" ]; then
     echo "bootstrap: system packages for '$what' are present"
@@ -36,7 +39,7 @@ if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
 fi
 echo "bootstrap: installing$need (apt-get)"
 apt-get update -qq
-# Don't let the nginx package start a system-wide server on port 80: tests start their own.
+# Don't let the nginx or postgresql packages start system-wide servers: tests start their own.
 policy=/usr/sbin/policy-rc.d
 created=""
 if [ ! -e "$policy" ]; then printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod +x "$policy"; created=1; fi

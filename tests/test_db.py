@@ -2,6 +2,7 @@
 
 import re
 import socket
+import subprocess
 import time
 
 import anyio
@@ -19,11 +20,22 @@ from coordinator.db import (
     format_server_version,
     load_migrations,
 )
-from pgcluster import free_port
+from pgcluster import free_port, pg_bindir
 from polling import wait_for
 
 pytestmark = pytest.mark.anyio
 
+
+
+def test_the_server_is_the_postgres_build_under_test(pg_cluster):
+    """The suite runs on the embedded mode's Postgres, and (make test) on $COORDINATOR_TEST_PG_BINDIR's too."""
+    version = subprocess.run([str(pg_bindir() / "postgres"), "--version"], capture_output=True, text=True,
+                             check=True).stdout  # "postgres (PostgreSQL) 15.20 (Debian 15.20-0+deb12u1)"
+    built = re.search(r"\(PostgreSQL\) (\S+)", version).group(1)
+    with psycopg.connect(pg_cluster.url) as conn:
+        running = conn.execute("SHOW server_version").fetchone()[0].split()[0]
+    print(f"\nPostgreSQL under test: {running} from {pg_bindir()}")
+    assert running == built
 
 
 def test_version_check_is_a_pure_function():
