@@ -60,10 +60,7 @@ def api_routes(control: ControlPlane, relay: DerpRelay) -> list[Route]:
         reg = control.registry
         rows = reg.all_replicas() if reg else []
         mine = control.monitor.matrix_row() if control.monitor else {}
-        try:  # not part of the rows: the registry's sync leaves the matrix out
-            matrix = await reg.peer_matrix() if reg and reg.db else {}
-        except Exception:  # the database is away: the rows as last seen, without the matrix
-            matrix = {}
+        matrix = await reg.peer_matrix_or_none() if reg else {}  # the registry's sync leaves it out
         out = []
         for r in rows:
             out.append({

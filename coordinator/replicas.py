@@ -305,6 +305,16 @@ class ReplicaRegistry:
                 cur = await conn.execute("SELECT id, peer_latencies FROM replicas")
                 return {rid: latencies or {} for rid, latencies in await cur.fetchall()}
 
+    async def peer_matrix_or_none(self) -> dict[UUID, dict]:
+        """:meth:`peer_matrix` for the operator's views: empty while the database is away (rows as last seen)."""
+        if self.db is None:
+            return {}
+        try:
+            return await self.peer_matrix()
+        except Exception as exc:
+            log.debug("latency matrix unavailable: %s", exc)
+            return {}
+
     async def refresh(self) -> None:
         """Re-read the table now (Coder's UpdateNow, without the write)."""
         await self._sync()

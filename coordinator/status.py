@@ -59,8 +59,8 @@ def _number(value) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
-def mesh_state(row, peer, mine: bool, links: dict, alive: bool) -> dict:
-    """The link from replica ``row`` to ``peer``: live for this replica, as reported for the others."""
+def mesh_state(seen: dict, peer, mine: bool, links: dict, alive: bool) -> dict:
+    """The link to ``peer`` from a replica that measured ``seen``: live for this replica, as reported for the others."""
     if not alive:
         return {"state": "dead"}
     if not peer.relay_url:
@@ -70,7 +70,7 @@ def mesh_state(row, peer, mine: bool, links: dict, alive: bool) -> dict:
         if link is None:
             return {"state": "none"}
         return {"state": "up" if link["connected"] else "down", "error": link["error"]}
-    seen = _measured(row.peer_latencies, str(peer.id))
+    seen = _measured(seen, str(peer.id))
     if not seen:
         return {"state": "unknown"}
     if seen.get("error"):
@@ -99,6 +99,7 @@ async def snapshot(control: ControlPlane, relay: DerpRelay) -> dict:
     ages = await heartbeat_ages(control)
     links = control.mesh.status() if control.mesh else {}
     mine = control.monitor.matrix_row() if control.monitor else {}
+    matrix = await reg.peer_matrix_or_none() if reg else {}  # the registry's sync leaves it out
     findings = control.findings()
     replicas, mesh, latency = [], {}, {}
     for row in rows:
@@ -108,8 +109,8 @@ async def snapshot(control: ControlPlane, relay: DerpRelay) -> dict:
             "region_id": row.region_id, "alive": row.alive, "self": is_self, "error": row.error or None,
             "heartbeat_age_s": ages.get(rid), "heartbeat_s": row.heartbeat,
         })
-        seen = mine if is_self else row.peer_latencies
-        mesh[rid] = {str(p.id): mesh_state(row, p, is_self, links, row.alive and p.alive) for p in rows if p.id != row.id}
+        seen = mine if is_self else matrix.get(row.id, row.peer_latencies)
+        mesh[rid] = {str(p.id): mesh_state(seen, p, is_self, links, row.alive and p.alive) for p in rows if p.id != row.id}
         cells = {str(p.id): _number(_measured(seen, str(p.id)).get("http_ms")) for p in rows if p.id != row.id}
         if row.alive:
             cells["database"] = _ms(row.database_latency)

@@ -27,6 +27,7 @@ async def flood(url: str, seconds: float, warmup: float, size: int, mesh_key: st
         while not stop.is_set():
             await sender.send_many(receiver.public_key, [(seq + i).to_bytes(8, "big") + pad for i in range(8)])
             seq += 8
+            await asyncio.sleep(0)  # let this process's receiver read: a starved one is shed by the write timeout
 
     sending = asyncio.create_task(send())
     window_bytes, expected, gaps = 0, 0, 0

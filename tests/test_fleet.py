@@ -173,6 +173,7 @@ def _ignore_sigint() -> None:
                          ids=["sigterm", "sigint", "sigint-background"])
 def test_demo_stopped_by_a_signal_leaves_no_process_behind(sig, background):
     base = Path(tempfile.mkdtemp(prefix="coordtest-demo-"))
+    base.chmod(0o755)  # as root, the embedded Postgres's own user must traverse it (never widened for it)
     out = base / "demo.out"
     started: list[psutil.Process] = []
     with open(out, "wb") as log:

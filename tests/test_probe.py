@@ -439,6 +439,7 @@ def test_no_arguments_probe_what_a_local_server_started():
     """`make run` then `coordinator probe`: the embedded database of the data directory, one replica, OK."""
     # Not pytest's tmp_path: concurrent pytest sessions on one machine rotate (delete) each other's.
     tmp_path = Path(tempfile.mkdtemp(prefix="coordtest-probe-"))
+    tmp_path.chmod(0o755)  # as root, the embedded Postgres's own user must traverse it (never widened for it)
     port = free_port()
     server = Proc([python(), "-m", "coordinator", "server", "--address", f"127.0.0.1:{port}"],
                   env=clean_env(COORDINATOR_DATA_DIR=str(tmp_path)), log=tmp_path / "server.log")
