@@ -7,7 +7,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from cluster import HACluster
+from cluster import HACluster, serve
 from delayproxy import DelayProxy
 
 from coordinator.latency import JUDGED_AFTER, Alarm, LatencyMonitor, Window
@@ -71,12 +71,8 @@ def codes(replica) -> list[str]:
 
 
 @pytest.fixture
-def cluster(pg_url):
-    c = HACluster(pg_url, heartbeat="300ms")
-    try:
-        yield c
-    finally:
-        c.close()
+def cluster(pg_url, request):
+    yield from serve(HACluster(pg_url, heartbeat="300ms"), request)
 
 
 def test_operator_api_matrix_health_and_metrics(cluster):

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cluster import HACluster
+from cluster import HACluster, serve
 from delayproxy import DelayProxy
 
 from polling import wait_blocking as wait
@@ -58,12 +58,8 @@ def browser():
 
 
 @pytest.fixture
-def cluster(pg_url):
-    c = HACluster(pg_url, heartbeat="500ms")
-    try:
-        yield c
-    finally:
-        c.close()
+def cluster(pg_url, request):
+    yield from serve(HACluster(pg_url, heartbeat="500ms"), request)
 
 
 def log_in(driver, url: str, token: str, expect: str) -> None:
