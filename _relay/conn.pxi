@@ -8,12 +8,11 @@ cdef class RateLimit:
     cdef int charge(self, Conn conn, Py_ssize_t n) except -1:
         """``n`` bytes were read: pay for them; in debt, stop reading until the bucket refills."""
         cdef RelayServer server = conn.server
-        cdef double now = monotonic()
-        self.tokens = min(server.rate_burst, self.tokens + (now - self.last) * server.rate_limit) - n
-        self.last = now
-        if self.tokens < 0 and self.timer is None and conn.state == ST_ACTIVE and conn.hold_reads(PAUSE_RATE):
+        cdef double tokens = bucket_refill(&self.bucket, monotonic()) - n
+        self.bucket.tokens = tokens  # a read is paid for even when it leaves the bucket in debt
+        if tokens < 0 and self.timer is None and conn.state == ST_ACTIVE and conn.hold_reads(PAUSE_RATE):
             server.counters.rate_limited += 1
-            self.timer = server.loop.call_later(-self.tokens / server.rate_limit, conn.rate_refilled)
+            self.timer = server.loop.call_later(-tokens / self.bucket.rate, conn.rate_refilled)
         return 0
 
 
@@ -620,8 +619,9 @@ cdef class Conn(Writer):
         self.next_keepalive = monotonic() + server.keepalive + random.random() * server.keepalive_jitter
         if server.rate_limit > 0 and not self.can_mesh:
             self.rl = RateLimit()
-            self.rl.tokens = server.rate_burst
-            self.rl.last = monotonic()
+            self.rl.bucket.rate = server.rate_limit
+            self.rl.bucket.tokens = self.rl.bucket.burst = server.rate_burst
+            self.rl.bucket.last = monotonic()
         server.register(self)
         return 0
 

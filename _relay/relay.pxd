@@ -133,7 +133,7 @@ cdef class Forwarder(Writer):
 
 @cython.final
 cdef class RateLimit:
-    cdef double tokens, last     # bytes that may still be read, and when they were counted
+    cdef TokenBucket bucket      # in bytes read from the connection; it may go into debt
     cdef object timer            # the call_later that reads the client again
 
     cdef int charge(self, Conn conn, Py_ssize_t n) except -1
@@ -280,14 +280,16 @@ cdef inline double monotonic() noexcept nogil:
     return ts.tv_sec + ts.tv_nsec * 1e-9
 
 
-cdef inline bint bucket_take(TokenBucket* b, double now, double cost) noexcept nogil:
-    """Refill ``b`` for the time since it was last used, then take ``cost`` if it holds that much."""
-    cdef double tokens = b.tokens + (now - b.last) * b.rate
+cdef inline double bucket_refill(TokenBucket* b, double now) noexcept nogil:
+    """Add what ``b`` earned since it was last counted (at most ``burst``); return its tokens."""
+    b.tokens = min(b.burst, b.tokens + (now - b.last) * b.rate)
     b.last = now
-    if tokens > b.burst:
-        tokens = b.burst
-    if tokens < cost:
-        b.tokens = tokens
+    return b.tokens
+
+
+cdef inline bint bucket_take(TokenBucket* b, double now, double cost) noexcept nogil:
+    """Take ``cost`` from ``b`` if it holds that much after refilling (never into debt)."""
+    if bucket_refill(b, now) < cost:
         return False
-    b.tokens = tokens - cost
+    b.tokens -= cost
     return True

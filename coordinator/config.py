@@ -116,7 +116,7 @@ def _setting(flag: str, env: str, default=_MISSING, *, aliases: tuple[str, ...] 
              secret: bool = False):
     """One setting: its flag and environment names side by side (``aliases``: the seed's ``CODER_*`` names).
 
-    ``kind`` is str, int, float, duration, size, bool, bytes, region_id or http_url; ``secret`` settings warn when given as a flag
+    ``kind`` is str, int, float, duration, size (bytes, also a rate in bytes/s), bool, region_id or http_url; ``secret`` settings warn when given as a flag
     (every local user can read a process's command line).
     """
     if not str(flag).startswith("--") or not str(env).startswith("COORDINATOR_") or default is _MISSING:
@@ -263,11 +263,11 @@ class Settings:
         help="how long an admission decision is reused for the same key and address (0: ask every time)",
     )
     per_client_rate_limit: int = _setting(
-        "--per-client-rate-limit", "COORDINATOR_DERP_PER_CLIENT_RATE_LIMIT", 0, kind="bytes",
+        "--per-client-rate-limit", "COORDINATOR_DERP_PER_CLIENT_RATE_LIMIT", 0, kind="size",
         help="bytes/s each client may send (0: unlimited); enforced by reading less, mesh peers exempt",
     )
     per_client_rate_burst: int = _setting(
-        "--per-client-rate-burst", "COORDINATOR_DERP_PER_CLIENT_RATE_BURST", 0, kind="bytes",
+        "--per-client-rate-burst", "COORDINATOR_DERP_PER_CLIENT_RATE_BURST", 0, kind="size",
         help="bytes a client may send at once above the rate (default 0.1 s of it; at least one maximum-size packet)",
     )
     extra: dict = field(default_factory=dict)
@@ -400,11 +400,6 @@ def _convert(kind: str, value, name: str):
         return parse_size(value, name)
     if kind == "bool":
         return parse_bool(value, name)
-    if kind == "bytes":  # a size or a rate: a whole number of bytes, 0 meaning off
-        number = _convert("int", value, name)
-        if number < 0:
-            raise ConfigError(f"{name}: {value!r} must be 0 or more (bytes)")
-        return number
     if kind == "region_id":  # tailcfg: positive, and it must fit in a JavaScript number
         number = _convert("int", value, name)
         if not 0 < number <= 2**53:

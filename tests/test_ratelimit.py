@@ -77,10 +77,12 @@ def test_burst_is_never_below_one_maximum_size_packet():
     assert DerpRelay(NodeKey.generate(), rate_limit=10**7).server.rate_burst == 10**6  # 0.1 s of the rate
     s = load_settings(environ={"COORDINATOR_DERP_PER_CLIENT_RATE_LIMIT": "1000000"})
     assert (s.per_client_rate_limit, s.per_client_rate_burst) == (1_000_000, 0)
+    s = load_settings(environ={"COORDINATOR_DERP_PER_CLIENT_RATE_LIMIT": "4MiB", "COORDINATOR_DERP_PER_CLIENT_RATE_BURST": "256KiB"})
+    assert (s.per_client_rate_limit, s.per_client_rate_burst) == (4 << 20, 256 << 10)  # sizes, as --max-request-head
 
 
 @pytest.mark.parametrize(("flags", "named"), [
-    (["--per-client-rate-limit", "10MB"], "--per-client-rate-limit"),
+    (["--per-client-rate-limit", "10 MB/s"], "--per-client-rate-limit"),
     (["--per-client-rate-limit", "-1"], "--per-client-rate-limit"),
     (["--per-client-rate-limit", "1000", "--per-client-rate-burst", "lots"], "--per-client-rate-burst"),
     (["--per-client-rate-burst", "100000"], "--per-client-rate-burst"),
