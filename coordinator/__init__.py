@@ -4,7 +4,8 @@
 alone stays cheap.
 """
 
-__version__ = "0.1.0"
+from coordinator.core.version import __version__
+
 __all__ = ["Replica", "Settings", "load_settings", "__version__"]
 
 
@@ -14,7 +15,7 @@ def __getattr__(name: str):
 
         return Replica
     if name in ("Settings", "load_settings"):
-        from coordinator import config
+        from coordinator.core import settings
 
-        return getattr(config, name)
+        return getattr(settings, name)
     raise AttributeError(f"module 'coordinator' has no attribute {name!r}")

@@ -25,18 +25,18 @@ from anyio.abc import TaskGroup
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 
-from coordinator.api import api_routes
-from coordinator.app import relay_routes
-from coordinator.config import Settings
-from coordinator.controlplane import ControlPlane
-from coordinator.db import Database
-from coordinator.derp import DerpRelay
-from coordinator.derpmap import PublishedMap
-from coordinator.latency import LatencyMonitor
-from coordinator.mesh import Mesh
-from coordinator.pubsub import PubSub
-from coordinator.replicas import ReplicaRegistry
-from coordinator.status import status_routes
+from coordinator.cluster.controlplane import ControlPlane
+from coordinator.cluster.db import Database
+from coordinator.cluster.latency import LatencyMonitor
+from coordinator.cluster.mesh import Mesh
+from coordinator.cluster.pubsub import PubSub
+from coordinator.cluster.registry import ReplicaRegistry
+from coordinator.core.settings import Settings
+from coordinator.edge.routes import relay_routes
+from coordinator.ops.api import api_routes
+from coordinator.ops.status import status_routes
+from coordinator.relay.dataplane import DerpRelay
+from coordinator.relay.derpmap import PublishedMap
 
 log = logging.getLogger("coordinator.replica")
 

@@ -4,9 +4,9 @@ Run one copy per replica against one Postgres, each with its own data directory 
 
     export COORDINATOR_PG_CONNECTION_URL=postgresql://user:pass@db/coordinator
     COORDINATOR_DATA_DIR=./a COORDINATOR_DERP_SERVER_RELAY_URL=http://127.0.0.1:8001 \\
-        uvicorn fanout:app --app-dir examples --port 8001 --http coordinator.http:DerpHttpProtocol
+        uvicorn fanout:app --app-dir examples --port 8001 --http coordinator.edge:DerpHttpProtocol
     COORDINATOR_DATA_DIR=./b COORDINATOR_DERP_SERVER_RELAY_URL=http://127.0.0.1:8002 \\
-        uvicorn fanout:app --app-dir examples --port 8002 --http coordinator.http:DerpHttpProtocol
+        uvicorn fanout:app --app-dir examples --port 8002 --http coordinator.edge:DerpHttpProtocol
 
 ``POST /events`` with ``{"text": "..."}`` on any replica; ``GET /events`` on every replica lists it.
 The replica's own endpoints (``/derp``, ``/healthz``, ``/readyz``, ``/api/v2/...``) are served too.

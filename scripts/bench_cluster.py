@@ -44,7 +44,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "scripts")]
 from bench import proc  # noqa: E402
 from cluster import HACluster, Replica, full_mesh  # noqa: E402
 
-from coordinator.mesh import normalize_relay_url  # noqa: E402
+from coordinator.cluster.mesh import normalize_relay_url  # noqa: E402
 
 TARGET_MESH_S, TARGET_DROP_S, TARGET_EXIT_S = 10.0, 1.0, 5.0
 _LEFT = re.compile(r"^(\S+ \S+) INFO +coordinator\.mesh: mesh: peer (\S+) left", re.M)

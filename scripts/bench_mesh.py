@@ -4,7 +4,7 @@
 What is measured
 ----------------
 Two relay processes (``python -m bench relay --mesh-key K``: ``create_app(DerpRelay(..., mesh_key=K))``
-under uvicorn with uvloop and ``DerpHttpProtocol``, plus a ``coordinator.mesh.Mesh``) run on
+under uvicorn with uvloop and ``DerpHttpProtocol``, plus a ``coordinator.cluster.mesh.Mesh``) run on
 127.0.0.1 and are meshed with each other (``POST /bench/mesh``: each dials the other's ``/derp``
 with the shared mesh key, sends WatchConns and installs forwarders for the keys it learns).
 

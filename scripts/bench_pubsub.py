@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Throughput and latency of coordinator.pubsub against raw psycopg LISTEN/NOTIFY.
+"""Throughput and latency of coordinator.cluster.pubsub against raw psycopg LISTEN/NOTIFY.
 
 Four cases, each publishing for ``--seconds`` on its own channel from one task, all in one event
 loop with the receiver:
@@ -35,7 +35,7 @@ import psycopg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from coordinator.pubsub import BATCH_SQL, PubSub  # noqa: E402
+from coordinator.cluster.pubsub import BATCH_SQL, PubSub  # noqa: E402
 
 
 class Tracker:

@@ -4,7 +4,7 @@
     .venv/bin/python scripts/fuzz_relay.py --count 1000000
     .venv/bin/python scripts/fuzz_relay.py --count 20000 --json      # what CI runs (tests/test_fuzz.py)
 
-The replica is ``uvicorn coordinator.app:app --http coordinator.http:DerpHttpProtocol`` in its own
+The replica is ``uvicorn coordinator.app:app --http coordinator.edge:DerpHttpProtocol`` in its own
 process (the relay and HTTP layer of ``coordinator server``, without the control plane). Inputs, from
 ``--workers`` concurrent raw-socket attackers (scripts/rawderp.py), one "input" each:
 
@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import rawderp  # noqa: E402
 from rawderp import RawPeer  # noqa: E402
 
-from coordinator.client import DerpClient, DerpError  # noqa: E402
+from coordinator.relay.client import DerpClient, DerpError  # noqa: E402
 
 FRAME_TYPES = list(range(0x00, 0x20)) + [0x7F, 0xFF]
 MIXES = {"frames": 0.90, "websocket": 0.08, "client_info": 0.01, "http": 0.01}  # shares of the inputs
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         log_path = Path(tmp) / "replica.log"
         with open(log_path, "wb") as log:
             server = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "coordinator.app:app", "--http", "coordinator.http:DerpHttpProtocol",
+                [sys.executable, "-m", "uvicorn", "coordinator.app:app", "--http", "coordinator.edge:DerpHttpProtocol",
                  "--port", str(port), "--log-level", "warning"],
                 env={**os.environ, "COORDINATOR_DATA_DIR": tmp}, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True)

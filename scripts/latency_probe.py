@@ -15,11 +15,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 try:
-    from coordinator.probe import main
+    from coordinator.ops.probe import main
 except ImportError:  # run from a checkout without the package installed, or outside its venv
     sys.path.insert(0, str(ROOT))
     try:
-        from coordinator.probe import main
+        from coordinator.ops.probe import main
     except ModuleNotFoundError as exc:
         venv_python = ROOT / ".venv" / "bin" / "python"
         if venv_python.exists() and Path(sys.executable).resolve() != venv_python.resolve():

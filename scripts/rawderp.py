@@ -1,6 +1,6 @@
 """A hostile peer's toolkit: raw sockets, hand-built HTTP, DERP frames and WebSocket frames.
 
-Deliberately independent of ``coordinator.client``: the front-door tests (tests/test_frontdoor.py)
+Deliberately independent of ``coordinator.relay.client``: the front-door tests (tests/test_frontdoor.py)
 and ``fuzz_relay.py`` attack a replica with bytes they build themselves, so a bug shared by our
 client and our server cannot hide itself. Only PyNaCl is used, for the ClientInfo box.
 """

@@ -15,8 +15,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from coordinator import nginx
-from coordinator.mesh import normalize_relay_url
+from coordinator.cli import nginx
+from coordinator.cluster.mesh import normalize_relay_url
 from procs import Proc, free_port, python
 
 

@@ -12,7 +12,7 @@ import asyncio
 import json
 import time
 
-from coordinator.client import DerpClient, RecvPacket
+from coordinator.relay.client import DerpClient, RecvPacket
 
 
 async def flood(url: str, seconds: float, warmup: float, size: int, mesh_key: str | None) -> dict:

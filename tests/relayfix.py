@@ -8,11 +8,11 @@ import socket
 
 import uvicorn
 
-from coordinator.app import create_app
-from coordinator.client import DerpClient
-from coordinator.derp import DerpRelay
-from coordinator.http import DerpHttpProtocol
-from coordinator.keys import NodeKey
+from coordinator.core.keys import NodeKey
+from coordinator.edge.protocol import DerpHttpProtocol
+from coordinator.edge.routes import create_app
+from coordinator.relay.client import DerpClient
+from coordinator.relay.dataplane import DerpRelay
 from polling import wait_for
 
 

@@ -15,10 +15,10 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from _relay import codec
-from coordinator.admission import WebhookAdmission, WebhookFailure, parse_answer
-from coordinator.client import DerpClient, DerpRefused, RecvPacket
-from coordinator.config import load_settings
-from coordinator.keys import NodeKey
+from coordinator.core.keys import NodeKey
+from coordinator.core.settings import load_settings
+from coordinator.relay.admission import WebhookAdmission, WebhookFailure, parse_answer
+from coordinator.relay.client import DerpClient, DerpRefused, RecvPacket
 from polling import wait_for
 from procs import refused_at_start
 from relayfix import serve_app, serve_relay

@@ -2,7 +2,7 @@
 
 import pytest
 
-from coordinator.config import ConfigError, load_settings, parse_address, parse_duration
+from coordinator.core.settings import ConfigError, load_settings, parse_address, parse_duration
 
 
 @pytest.mark.parametrize(("text", "seconds"), [("2s", 2.0), ("500ms", 0.5), ("1m30s", 90.0), ("1.5", 1.5), ("250us", 0.00025)])
@@ -69,8 +69,8 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from coordinator.cli import main  # noqa: E402
-from coordinator.config import declared_settings, ensure_data_dir  # noqa: E402
+from coordinator.cli.main import main  # noqa: E402
+from coordinator.core.settings import declared_settings, ensure_data_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "ab" * 32
@@ -80,7 +80,7 @@ def test_readme_settings_table_is_the_declared_settings():
     rows = re.findall(r"^\| `(--[a-z-]+)` \| ([^|]+) \|", (ROOT / "README.md").read_text(), re.MULTILINE)
     documented = {flag: tuple(re.findall(r"`([A-Z_]+)`", envs)) for flag, envs in rows}
     declared = {f.metadata["flag"]: (f.metadata["env"], *f.metadata["aliases"]) for f in declared_settings()}
-    assert documented == declared, "README.md's settings table and coordinator/config.py's declarations differ"
+    assert documented == declared, "README.md's settings table and coordinator/core/settings.py's declarations differ"
 
 
 def test_unknown_and_unsupported_variables_get_one_warning():
@@ -175,7 +175,7 @@ def test_server_refusals_are_one_line_and_leave_nothing_running(tmp_path):
 
 
 def test_a_setting_declared_without_its_flag_fails_at_once():
-    from coordinator.config import _setting
+    from coordinator.core.settings import _setting
 
     with pytest.raises(TypeError, match="declare a setting as _setting"):
         _setting("COORDINATOR_NEW_THING", 1.0, kind="duration")

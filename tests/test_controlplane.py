@@ -5,8 +5,8 @@ import logging
 import anyio
 import pytest
 
-from coordinator.config import load_settings
-from coordinator.mesh import normalize_relay_url
+from coordinator.cluster.mesh import normalize_relay_url
+from coordinator.core.settings import load_settings
 from coordinator.replica import Replica
 from polling import wait_for
 from relayfix import serve_relay

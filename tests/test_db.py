@@ -9,7 +9,7 @@ import anyio
 import psycopg
 import pytest
 
-from coordinator.db import (
+from coordinator.cluster.db import (
     Database,
     DatabaseError,
     DatabaseUnavailable,

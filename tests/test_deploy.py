@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.client import DerpClient
+from coordinator.relay.client import DerpClient
 from procs import ROOT, Proc, free_port, python
 from relayfix import serve_relay
 
@@ -32,7 +32,7 @@ def procs():
 async def test_plain_uvicorn_command_line(tmp_path, procs):
     port = free_port()
     p = Proc(
-        [python(), "-m", "uvicorn", "coordinator.app:app", "--http", "coordinator.http:DerpHttpProtocol",
+        [python(), "-m", "uvicorn", "coordinator.app:app", "--http", "coordinator.edge:DerpHttpProtocol",
          "--port", str(port), "--log-level", "warning"],
         env={"COORDINATOR_DATA_DIR": str(tmp_path)}, log=tmp_path / "uvicorn.log",
     )
@@ -51,7 +51,7 @@ async def test_uvicorn_without_derp_protocol_still_serves_websocket(tmp_path, pr
     procs.append(p)
     p.wait_http(f"http://127.0.0.1:{port}/healthz")
     await roundtrip(f"http://127.0.0.1:{port}/derp", websocket=True)
-    from coordinator.client import DerpError
+    from coordinator.relay.client import DerpError
 
     with pytest.raises(DerpError, match="426"):
         await DerpClient.connect(f"http://127.0.0.1:{port}/derp")

@@ -8,12 +8,12 @@ import urllib.request
 
 import pytest
 
-from coordinator.app import create_app
-from coordinator.client import DerpClient
-from coordinator.config import load_settings
-from coordinator.derp import DerpRelay
-from coordinator.derpmap import PublishedMap, derp_map, render
-from coordinator.keys import NodeKey
+from coordinator.core.keys import NodeKey
+from coordinator.core.settings import load_settings
+from coordinator.edge.routes import create_app
+from coordinator.relay.client import DerpClient
+from coordinator.relay.dataplane import DerpRelay
+from coordinator.relay.derpmap import PublishedMap, derp_map, render
 from procs import Proc, free_port, python, refused_at_start
 from relayfix import serve_app
 

@@ -15,7 +15,7 @@ import psutil
 import psycopg
 import pytest
 
-from coordinator.embedded import embedded_url, start_embedded
+from coordinator.cluster.embedded import embedded_url, start_embedded
 from polling import wait_blocking
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +24,7 @@ CHILD = textwrap.dedent(
     """
     import json, sys
     from pathlib import Path
-    from coordinator.embedded import start_embedded
+    from coordinator.cluster.embedded import start_embedded
     e = start_embedded(Path(sys.argv[1]))
     print(json.dumps({"url": e.url, "pid": e.pid, "started": e.started}), flush=True)
     if sys.stdin.readline().strip() == "stop":

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.config import load_settings
-from coordinator.embedded import EmbeddedPostgresError, embedded_url, start_embedded
+from coordinator.cluster.embedded import EmbeddedPostgresError, embedded_url, start_embedded
+from coordinator.core.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root")

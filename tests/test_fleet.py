@@ -19,8 +19,8 @@ import psutil
 import pytest
 from cluster import HACluster, full_mesh, serve
 
-from coordinator.client import DerpClient, DerpError, Restarting
-from coordinator.mesh import normalize_relay_url
+from coordinator.cluster.mesh import normalize_relay_url
+from coordinator.relay.client import DerpClient, DerpError, Restarting
 from polling import wait_blocking, wait_until
 from procs import ROOT, http_status
 

@@ -21,7 +21,7 @@ import psutil
 import psycopg
 import pytest
 
-from coordinator.client import DerpClient
+from coordinator.relay.client import DerpClient
 from polling import wait_for
 from procs import ROOT, Proc, free_port, python
 

@@ -8,9 +8,9 @@ import pytest
 from cluster import HACluster, serve
 from cluster import full_mesh as cluster_full_mesh
 
-from coordinator.client import DerpClient, DerpError, RecvPacket
-from coordinator.mesh import normalize_relay_url
-from coordinator.nginx import nginx_binary
+from coordinator.cli.nginx import nginx_binary
+from coordinator.cluster.mesh import normalize_relay_url
+from coordinator.relay.client import DerpClient, DerpError, RecvPacket
 from polling import wait_for, wait_until
 from relayfix import routed
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from coordinator.config import parse_duration
+from coordinator.core.settings import parse_duration
 from procs import ROOT, free_port
 
 K8S = ROOT / "deploy" / "kubernetes"

@@ -10,7 +10,7 @@ import pytest
 from cluster import HACluster, serve
 from delayproxy import DelayProxy
 
-from coordinator.latency import JUDGED_AFTER, Alarm, LatencyMonitor, Window
+from coordinator.cluster.latency import JUDGED_AFTER, Alarm, LatencyMonitor, Window
 from pgcluster import PgCluster
 from polling import wait_blocking as wait
 

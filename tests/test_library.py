@@ -7,7 +7,7 @@ import urllib.request
 
 import pytest
 
-from coordinator.client import DerpClient
+from coordinator.relay.client import DerpClient
 from polling import wait_blocking
 from procs import ROOT, Proc, free_port, python
 from relayfix import routed
@@ -39,7 +39,7 @@ def example_service(pg_url, tmp_path):
             url = f"http://127.0.0.1:{port}"
             procs.append(Proc(
                 [python(), "-m", "uvicorn", "fanout:app", "--app-dir", str(ROOT / "examples"), "--port", str(port),
-                 "--http", "coordinator.http:DerpHttpProtocol", "--log-level", "info"],
+                 "--http", "coordinator.edge:DerpHttpProtocol", "--log-level", "info"],
                 env={"COORDINATOR_PG_CONNECTION_URL": pg_url, "COORDINATOR_DATA_DIR": str(tmp_path / f"r{i}"),
                      "COORDINATOR_DERP_SERVER_RELAY_URL": url, "COORDINATOR_REPLICA_HEARTBEAT": "500ms"},
                 log=tmp_path / f"service{i}.log",
@@ -79,7 +79,7 @@ def test_plain_uvicorn_serves_a_whole_replica_when_given_a_database(pg_url, tmp_
     url = f"http://127.0.0.1:{port}"
     proc = Proc(
         [python(), "-m", "uvicorn", "coordinator.app:app", "--port", str(port),
-         "--http", "coordinator.http:DerpHttpProtocol"],
+         "--http", "coordinator.edge:DerpHttpProtocol"],
         env={"COORDINATOR_PG_CONNECTION_URL": pg_url, "COORDINATOR_DATA_DIR": str(tmp_path),
              "COORDINATOR_API_TOKEN": "t"},
         log=tmp_path / "uvicorn.log",

@@ -16,11 +16,11 @@ import psycopg
 import pytest
 from cluster import HACluster
 
-from coordinator.client import DerpClient, DerpError, Restarting
-from coordinator.config import load_settings
-from coordinator.mesh import normalize_relay_url
+from coordinator.cli.server import EXIT_CLEAN, EXIT_FORCED, EXIT_UNCLEAN_STOP
+from coordinator.cluster.mesh import normalize_relay_url
+from coordinator.core.settings import load_settings
+from coordinator.relay.client import DerpClient, DerpError, Restarting
 from coordinator.replica import RESTART_TRY_FOR_MS, Replica
-from coordinator.server import EXIT_CLEAN, EXIT_FORCED, EXIT_UNCLEAN_STOP
 from polling import wait_blocking, wait_for
 from procs import Proc, free_port, python
 from relayfix import serve_relay

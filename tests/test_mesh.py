@@ -6,8 +6,8 @@ import signal
 import anyio
 import pytest
 
-from coordinator.client import DerpClient, RecvPacket
-from coordinator.mesh import Mesh, normalize_relay_url
+from coordinator.cluster.mesh import Mesh, normalize_relay_url
+from coordinator.relay.client import DerpClient, RecvPacket
 from pgcluster import free_port
 from polling import wait_for
 from procs import Proc, python
@@ -57,7 +57,7 @@ def stoppable_relay(tmp_path):
     """A relay in its own process (plain uvicorn), so a test can SIGSTOP it; yields (url, proc)."""
     port = free_port()
     proc = Proc(
-        [python(), "-m", "uvicorn", "coordinator.app:app", "--http", "coordinator.http:DerpHttpProtocol",
+        [python(), "-m", "uvicorn", "coordinator.app:app", "--http", "coordinator.edge:DerpHttpProtocol",
          "--port", str(port), "--log-level", "warning"],
         env={"COORDINATOR_DATA_DIR": str(tmp_path), "COORDINATOR_DERP_MESH_KEY": KEY}, log=tmp_path / "peer.log",
     )

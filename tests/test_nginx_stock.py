@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator import nginx
+from coordinator.cli import nginx
 from procs import ROOT, python
 
 ETC_NGINX = Path("/etc/nginx")
@@ -49,7 +49,7 @@ def changed_lines(a: str, b: str) -> list[str]:
 
 
 async def relay_through_nginx() -> list[str]:
-    from coordinator.client import DerpClient
+    from coordinator.relay.client import DerpClient
 
     done = []
     for websocket in (False, True):

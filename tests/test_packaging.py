@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.nginx import nginx_binary
+from coordinator.cli.nginx import nginx_binary
 from procs import ROOT, Proc, free_port, python
 
 pytestmark = pytest.mark.timeout(1200)
@@ -55,9 +55,9 @@ def test_wheel_is_manylinux_with_no_sources_and_with_its_data(dist):
     assert not [n for n in names if n.endswith((".c", ".pyx", ".pxd", ".pxi", ".h"))], names
     for module in ("_relay/relay.", "_relay/codec."):
         assert any(n.startswith(module) and n.endswith(".so") for n in names), names
-    for data in ("coordinator/deploy/nginx/coordinator.conf", "coordinator/static/status.js",
-                 "coordinator/static/status.html", "coordinator/static/login.html", "coordinator/static/status.css",
-                 "coordinator/migrations/0001_initial.sql"):
+    for data in ("coordinator/deploy/nginx/coordinator.conf", "coordinator/ops/static/status.js",
+                 "coordinator/ops/static/status.html", "coordinator/ops/static/login.html",
+                 "coordinator/ops/static/status.css", "coordinator/cluster/migrations/0001_initial.sql"):
         assert data in names, data
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     meta = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()

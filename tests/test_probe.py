@@ -21,8 +21,8 @@ import pytest
 from cluster import HACluster
 from delayproxy import DelayProxy
 
-from coordinator.db import Database
-from coordinator.probe import SCHEMA, main
+from coordinator.cluster.db import Database
+from coordinator.ops.probe import SCHEMA, main
 from polling import wait_blocking
 from procs import ROOT, Proc, free_port, python
 
@@ -174,7 +174,7 @@ def test_probe_passes_on_loopback_and_prints_the_table(deployment):
 def test_probe_json_schema(deployment):
     out, report = probe_ok("--pg-url", deployment.db_url, "--json")
     print(f"\nprobe duration (3 replicas): {report['duration_ms']:.0f} ms inside, {out.seconds:.2f} s wall")
-    assert report["schema"] == SCHEMA == "coordinator.probe/v1"
+    assert report["schema"] == SCHEMA == "coordinator.ops.probe/v1"
     assert report["ok"] is True and report["problems"] == [] and report["threshold_ms"] == 10
     assert report["source"]["mode"] == "database"
     for key in ("database", "pubsub"):

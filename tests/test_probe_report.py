@@ -1,11 +1,11 @@
-"""The probe's judgement (coordinator.probe.report) on made-up figures: no clusters, no sockets."""
+"""The probe's judgement (coordinator.ops.probe.report) on made-up figures: no clusters, no sockets."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from coordinator.probe import SCHEMA, build_report, render_text
-from coordinator.probe.model import Figure, MeshPair, ReplicaInfo, assign_short_ids
+from coordinator.ops.probe import SCHEMA, build_report, render_text
+from coordinator.ops.probe.model import Figure, MeshPair, ReplicaInfo, assign_short_ids
 
 MS = 0.001
 THRESHOLD = 10 * MS

@@ -1,4 +1,4 @@
-"""coordinator.pubsub against a real Postgres: delivery, ordering, overflow, outages, races, limits."""
+"""coordinator.cluster.pubsub against a real Postgres: delivery, ordering, overflow, outages, races, limits."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import psycopg
 import pytest
 from prometheus_client import generate_latest
 
-from coordinator.pubsub import (
+from coordinator.cluster.pubsub import (
     QUEUE_SIZE,
     DroppedMessages,
     InvalidChannel,

@@ -6,9 +6,9 @@ import urllib.request
 
 import pytest
 
-from coordinator.config import load_settings
-from coordinator.derp import DerpRelay
-from coordinator.keys import NodeKey
+from coordinator.core.keys import NodeKey
+from coordinator.core.settings import load_settings
+from coordinator.relay.dataplane import DerpRelay
 from procs import ROOT, Proc, free_port, python, refused_at_start
 
 LIMIT = 4_000_000          # bytes/s the replica allows each client

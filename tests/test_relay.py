@@ -8,7 +8,8 @@ import pytest
 import websockets
 
 from _relay import codec
-from coordinator.client import (
+from coordinator.core.keys import NodeKey
+from coordinator.relay.client import (
     DerpClient,
     DerpError,
     DerpRefused,
@@ -17,7 +18,6 @@ from coordinator.client import (
     PeerPresent,
     RecvPacket,
 )
-from coordinator.keys import NodeKey
 from polling import wait_for
 from relayfix import serve_relay
 
@@ -108,7 +108,7 @@ async def test_websocket_messages_limited_to_32k_and_large_incoming_accepted(rel
     async with await DerpClient.connect(url) as a:
         ws = await websockets.connect(url.replace("http", "ws"), subprotocols=["derp"], compression=None, max_size=None)
         try:
-            from coordinator.handshake import client_info_payload
+            from coordinator.relay.handshake import client_info_payload
 
             reader = codec.FrameReader()
             frames = []
@@ -347,7 +347,7 @@ async def assert_closed(reader, timeout=5.0):
 
 
 def client_info(key: NodeKey, server_key: bytes, info=None) -> bytes:
-    from coordinator.handshake import client_info_payload
+    from coordinator.relay.handshake import client_info_payload
 
     return codec.frame(codec.CLIENT_INFO, client_info_payload(key, server_key, info or {"version": 2}))
 
@@ -359,7 +359,7 @@ BAD_HANDSHAKES = {
     "short ClientInfo": lambda sk: codec.frame(codec.CLIENT_INFO, bytes(40)),
     "bad box": lambda sk: codec.frame(codec.CLIENT_INFO, NodeKey.generate().public + os.urandom(80)),
     "not JSON": lambda sk: codec.frame(
-        codec.CLIENT_INFO, __import__("coordinator.handshake").handshake.client_info_payload(NodeKey.generate(), sk, [1])
+        codec.CLIENT_INFO, __import__("coordinator.relay.handshake").relay.handshake.client_info_payload(NodeKey.generate(), sk, [1])
     ),
     "zero key": lambda sk: codec.frame(codec.CLIENT_INFO, bytes(32) + os.urandom(80)),
 }

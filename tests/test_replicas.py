@@ -15,9 +15,9 @@ import anyio
 import psycopg
 import pytest
 
-from coordinator.db import Database
-from coordinator.pubsub import PubSub
-from coordinator.replicas import CHANNEL, Replica, ReplicaRegistry
+from coordinator.cluster.db import Database
+from coordinator.cluster.pubsub import PubSub
+from coordinator.cluster.registry import CHANNEL, ReplicaInfo, ReplicaRegistry
 from polling import wait_until
 
 pytestmark = pytest.mark.anyio
@@ -30,9 +30,9 @@ class Changes:
     """An on_change callback that records every peer list it is given."""
 
     def __init__(self):
-        self.calls: list[list[Replica]] = []
+        self.calls: list[list[ReplicaInfo]] = []
 
-    def __call__(self, peers: list[Replica]) -> None:
+    def __call__(self, peers: list[ReplicaInfo]) -> None:
         self.calls.append(peers)
 
     @property
@@ -111,7 +111,7 @@ async def test_twenty_registries_see_each_other(db, ps):
 
 
 class AsyncChanges(Changes):
-    async def __call__(self, peers: list[Replica]) -> None:
+    async def __call__(self, peers: list[ReplicaInfo]) -> None:
         await anyio.sleep(0)
         self.calls.append(peers)
 
@@ -136,9 +136,9 @@ async def test_graceful_stop_is_seen_at_once(db, ps, pg_url):
 CHILD = textwrap.dedent(
     """
     import sys, anyio
-    from coordinator.db import Database
-    from coordinator.pubsub import PubSub
-    from coordinator.replicas import ReplicaRegistry
+    from coordinator.cluster.db import Database
+    from coordinator.cluster.pubsub import PubSub
+    from coordinator.cluster.registry import ReplicaRegistry
 
     async def main(url, heartbeat):
         db = await Database.open(url)

@@ -16,7 +16,7 @@ import pytest
 from cluster import HACluster, full_mesh, serve
 from traffic import Flow, Traffic
 
-from coordinator.nginx import nginx_binary
+from coordinator.cli.nginx import nginx_binary
 
 pytestmark = [
     pytest.mark.anyio,

@@ -1,14 +1,16 @@
-"""The shared rules, each with one home: URL reading (coordinator.urls), error text and the
-"Failed to dial peers" wording (coordinator.errors), and liveness (coordinator.replicas.ALIVE_SQL)."""
+"""The shared rules, each with one home: URL reading (coordinator.core.urls), error text and the
+"Failed to dial peers" wording (coordinator.core.errors), and liveness (coordinator.cluster.registry.ALIVE_SQL)."""
 
 from __future__ import annotations
 
 import pytest
 
-from coordinator import config, controlplane, latency, mesh, replicas
-from coordinator.errors import DIAL_ERROR, describe, dial_error, merge_dial_errors, one_line
-from coordinator.probe import discovery
-from coordinator.urls import derp_url, relay_base, same_origin, without_userinfo
+from coordinator.cluster import controlplane, latency, mesh
+from coordinator.cluster import registry as replicas
+from coordinator.core import settings as config
+from coordinator.core.errors import DIAL_ERROR, describe, dial_error, merge_dial_errors, one_line
+from coordinator.core.urls import derp_url, relay_base, same_origin, without_userinfo
+from coordinator.ops.probe import discovery
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.config import load_settings, parse_duration
+from coordinator.core.settings import load_settings, parse_duration
 from procs import ROOT, Proc, free_port
 
 SYSTEMD = ROOT / "deploy" / "systemd"

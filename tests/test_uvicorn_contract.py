@@ -1,9 +1,9 @@
 """The uvicorn internals the project relies on still exist, with a message naming what to fix if not.
 
-coordinator/http.py subclasses uvicorn's HttpToolsProtocol, overrides its private ``_should_upgrade``,
+coordinator/edge/protocol.py subclasses uvicorn's HttpToolsProtocol, overrides its private ``_should_upgrade``,
 calls ``_unset_keepalive_if_required`` and ``_unsupported_upgrade_warning``, re-implements
 ``data_received`` (a copy of uvicorn's with the DERP hand-over added) and uses ``_TrustedHosts`` for
-X-Forwarded-For; coordinator/server.py edits ``Server._captured_signals``. pyproject.toml pins the
+X-Forwarded-For; coordinator/cli/server.py edits ``Server._captured_signals``. pyproject.toml pins the
 uvicorn range this was tested with; this test is what tells when a new uvicorn breaks that.
 """
 
@@ -15,13 +15,13 @@ import pytest
 import uvicorn
 from uvicorn.protocols.http import httptools_impl
 
-PROTOCOL_METHODS = (  # called or overridden by coordinator.http.DerpHttpProtocol
+PROTOCOL_METHODS = (  # called or overridden by coordinator.edge.protocol.DerpHttpProtocol
     "_should_upgrade", "_unset_keepalive_if_required", "_unsupported_upgrade_warning", "handle_websocket_upgrade",
     "send_400_response", "on_headers_complete", "data_received",
 )
 PROTOCOL_ATTRIBUTES = ("parser", "headers", "url", "scope", "connections", "config", "client", "logger",
                        "transport", "app")
-# The steps of uvicorn's own data_received that the copy in coordinator/http.py repeats, in order.
+# The steps of uvicorn's own data_received that the copy in coordinator/edge/protocol.py repeats, in order.
 DATA_RECEIVED_STEPS = ("self._unset_keepalive_if_required()", "self.parser.feed_data(data)",
                        "except httptools.HttpParserError", "self.send_400_response(",
                        "except httptools.HttpParserUpgrade", "self._should_upgrade()",

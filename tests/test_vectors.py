@@ -7,7 +7,8 @@ from nacl.public import Box
 
 from _relay import codec
 from _relay.relay import RelayServer, address18
-from coordinator.handshake import (
+from coordinator.core.keys import NodeKey, clamp, load_or_create_server_key, short
+from coordinator.relay.handshake import (
     SERVER_INFO_JSON,
     HandshakeError,
     ServerHandshake,
@@ -16,7 +17,6 @@ from coordinator.handshake import (
     open_server_info,
     parse_server_key,
 )
-from coordinator.keys import NodeKey, clamp, load_or_create_server_key, short
 
 SERVER_PRIV = "0002030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f60"
 SERVER_PUB = "07a37cbc142093c8b755dc1b10e86cb426374ad16aa853ed0bdfc0b2b86d1c7c"

@@ -15,8 +15,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from coordinator.client import DerpClient, DerpError, RecvPacket, Restarting
-from coordinator.keys import NodeKey
+from coordinator.core.keys import NodeKey
+from coordinator.relay.client import DerpClient, DerpError, RecvPacket, Restarting
 
 WARM_UP = b"warm-up"  # not 8 bytes long, so never taken for a numbered packet
 

@@ -2,7 +2,7 @@
 
 Per frame it parses the header, looks the destination up in a dict and ``transport.write``s the
 rewritten frame; same event loop as ours; frames for a destination whose transport pushes back are
-dropped. Raw upgrade and the NaCl handshake (``coordinator.handshake``), ``GET /bench/stats`` for
+dropped. Raw upgrade and the NaCl handshake (``coordinator.relay.handshake``), ``GET /bench/stats`` for
 its counters. Run as ``python -m bench baseline [--loop uvloop|asyncio]``.
 """
 
@@ -30,8 +30,8 @@ from bench.clients import HDR
 
 def serve_baseline(loop_name: str) -> None:
     """A minimal pure-Python DERP relay: raw upgrade, NaCl handshake, per-frame dict routing."""
-    from coordinator.handshake import ServerHandshake
-    from coordinator.keys import NodeKey
+    from coordinator.core.keys import NodeKey
+    from coordinator.relay.handshake import ServerHandshake
 
     key = NodeKey.generate()
     handshake = ServerHandshake(key)

@@ -33,7 +33,7 @@ async def connect_raw(url: str, timeout: float = 30.0):
     Returns ``(client, leftover)``: bytes the client's StreamReader read past the handshake, to be
     fed to whatever protocol takes over ``client.transport`` (with ``transport.set_protocol``).
     """
-    from coordinator.client import DerpClient
+    from coordinator.relay.client import DerpClient
 
     client = await DerpClient.connect(url, timeout=timeout)
     return client, await take_over(client)
@@ -394,7 +394,7 @@ async def probe_route(a, b, deadline: float) -> int:
 
 async def mesh_client_case(pipe, spec: dict) -> dict:
     """One client process's share of a mesh case: ``client_case`` with two relay URLs, routes probed first."""
-    from coordinator.client import DerpClient
+    from coordinator.relay.client import DerpClient
 
     pairs = spec["pairs"]
     shared = Shared()

@@ -4,7 +4,7 @@ It serves ``create_app(DerpRelay(...))`` under uvicorn with uvloop and ``DerpHtt
 ``coordinator server`` does) on 127.0.0.1 and a free port, prints ``READY <port>`` on stdout once
 the socket listens, and adds ``GET /bench/stats`` (the relay's counters as JSON) and ``GET
 /bench/mem`` (malloc and CPython heap figures). With ``--mesh-key`` the relay accepts mesh peers
-with that key and runs a ``coordinator.mesh.Mesh``: ``POST /bench/mesh`` with ``{"peers": [url,
+with that key and runs a ``coordinator.cluster.mesh.Mesh``: ``POST /bench/mesh`` with ``{"peers": [url,
 ...]}`` sets its peers (as the control plane would), ``GET /bench/mesh`` returns the links' status.
 The process dies with its parent (``PR_SET_PDEATHSIG``), so an interrupted benchmark leaves nothing
 behind.
@@ -65,10 +65,10 @@ def serve_relay(keepalive: float, tracemalloc_frames: int = 0, relay_path: str |
     from starlette.routing import Route
 
     import _relay.relay
-    from coordinator.app import create_app
-    from coordinator.derp import DerpRelay
-    from coordinator.http import DerpHttpProtocol
-    from coordinator.keys import NodeKey
+    from coordinator.core.keys import NodeKey
+    from coordinator.edge.protocol import DerpHttpProtocol
+    from coordinator.edge.routes import create_app
+    from coordinator.relay.dataplane import DerpRelay
 
     if relay_path:
         print(f"relay server: _relay from {os.path.dirname(_relay.relay.__file__)}", file=sys.stderr, flush=True)
@@ -76,7 +76,7 @@ def serve_relay(keepalive: float, tracemalloc_frames: int = 0, relay_path: str |
     relay = DerpRelay(NodeKey.generate(), keepalive=keepalive, mesh_key=mesh_key, **limits)
     mesh = None
     if mesh_key:
-        from coordinator.mesh import Mesh
+        from coordinator.cluster.mesh import Mesh
 
         # Links see frames only every `keepalive` s: do not time them out before that.
         mesh = Mesh(relay, read_timeout=max(150.0, 2 * keepalive + 30))

@@ -1,0 +1,1 @@
+"""The command line (``coordinator server``, ``demo``, ``probe``, ...) and the processes it runs."""
