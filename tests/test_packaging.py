@@ -101,7 +101,7 @@ def test_installs_without_a_compiler_and_starts_a_replica(dist, open_tmp, pg_url
         env={**bare, "PIP_CACHE_DIR": os.environ.get("PIP_CACHE_DIR", str(Path.home() / ".cache" / "pip"))},
     )
     assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
-    found = subprocess.run([str(bin_dir / "python"), "-c", "from coordinator import nginx; print(nginx.EXAMPLE)"],
+    found = subprocess.run([str(bin_dir / "python"), "-c", "from coordinator.cli import nginx; print(nginx.EXAMPLE)"],
                            capture_output=True, text=True, env=bare, cwd=tmp_path, check=True).stdout.strip()
     assert found.startswith(str(env_dir)) and Path(found).is_file()  # the installed demo finds the nginx example
     port = free_port()
