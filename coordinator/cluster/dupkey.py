@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 
-from coordinator.cluster.latency import Finding
 from coordinator.cluster.mesh import Mesh, normalize_relay_url
+from coordinator.core.health import Finding
 from coordinator.core.keys import short
 
 log = logging.getLogger("coordinator.dupkey")

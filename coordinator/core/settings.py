@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from coordinator.core.health import LATENCY_THRESHOLD
 from coordinator.core.keys import InvalidKey, parse_mesh_key
 from coordinator.core.urls import same_origin
 
@@ -189,7 +190,7 @@ class Settings:
         help="proxies (IPs or CIDRs, comma-separated) whose X-Forwarded-For is trusted",
     )
     latency_threshold: float = _setting(
-        "--latency-threshold", "COORDINATOR_LATENCY_THRESHOLD", 0.010, kind="duration",
+        "--latency-threshold", "COORDINATOR_LATENCY_THRESHOLD", LATENCY_THRESHOLD, kind="duration",
         help="warn when a peer, Postgres or the pub/sub is slower than this (median round trip)",
     )
     peer_timeout: float = _setting(

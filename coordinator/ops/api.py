@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from datetime import UTC, datetime
+from datetime import datetime
 
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.requests import Request
@@ -12,6 +12,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from coordinator.cluster.controlplane import ControlPlane
+from coordinator.core.health import overall
+from coordinator.core.timestamps import iso_utc
 from coordinator.ops.prometheus import Exposition
 from coordinator.relay.dataplane import DerpRelay
 
@@ -44,7 +46,7 @@ def check_operator(request: Request, api_token: str) -> str | None:
 
 
 def _iso(value: datetime | None) -> str | None:
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z") if value else None
+    return iso_utc(value) if value else None
 
 
 def api_routes(control: ControlPlane, relay: DerpRelay) -> list[Route]:
@@ -88,12 +90,11 @@ def api_routes(control: ControlPlane, relay: DerpRelay) -> list[Route]:
         if (denied := authorized(request)) is not None:
             return denied
         findings = control.findings()
-        severity = "error" if any(f.severity == "error" for f in findings) else ("warning" if findings else "ok")
         reg = control.registry
         return JSONResponse({
             "healthy": not findings,
-            "severity": severity,
-            "time": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+            "severity": overall(findings),
+            "time": iso_utc(),
             "replica_id": str(reg.id) if reg else None,
             "threshold_ms": control.settings.latency_threshold * 1e3,
             "findings": [f.as_dict() for f in findings],

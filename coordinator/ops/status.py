@@ -10,7 +10,6 @@ cookie) or ``Authorization: Bearer``.
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import parse_qs
 
@@ -21,6 +20,8 @@ from starlette.routing import Route
 
 from coordinator.cluster.controlplane import ControlPlane
 from coordinator.cluster.mesh import normalize_relay_url
+from coordinator.core.health import overall
+from coordinator.core.timestamps import iso_utc
 from coordinator.ops.api import SESSION_COOKIE, check_operator, session_value, token_matches
 from coordinator.relay.dataplane import DerpRelay
 
@@ -118,7 +119,7 @@ async def snapshot(control: ControlPlane, relay: DerpRelay) -> dict:
         latency[rid] = cells if row.alive else {}
     stats = relay.stats()
     return {
-        "time": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        "time": iso_utc(),
         "replica_id": str(reg.id) if reg else None,
         "threshold_ms": control.settings.latency_threshold * 1e3,
         "database": bool(reg and reg.healthy),
@@ -126,7 +127,7 @@ async def snapshot(control: ControlPlane, relay: DerpRelay) -> dict:
         "replicas": replicas,
         "mesh": mesh,
         "latency": latency,
-        "severity": "error" if any(f.severity == "error" for f in findings) else ("warning" if findings else "ok"),
+        "severity": overall(findings),
         "findings": [f.as_dict() for f in findings],
         "relay": {
             "clients": stats["clients_local"], "connections": stats["current_connections"],

@@ -11,10 +11,10 @@ import sys
 import traceback
 
 from coordinator.core.errors import one_line
+from coordinator.core.health import LATENCY_THRESHOLD
 from coordinator.ops.probe.discovery import local_database
 from coordinator.ops.probe.model import (
     DEFAULT_SAMPLES,
-    DEFAULT_THRESHOLD,
     EXIT_INTERNAL,
     EXIT_OK,
     EXIT_PROBLEMS,
@@ -88,7 +88,7 @@ def _durations(args: argparse.Namespace) -> tuple[float, float]:
     elif os.environ.get(THRESHOLD_ENV):
         threshold = parse_duration(os.environ[THRESHOLD_ENV], THRESHOLD_ENV)
     else:
-        threshold = DEFAULT_THRESHOLD
+        threshold = LATENCY_THRESHOLD
     timeout = parse_duration(args.timeout, "--timeout")
     if not threshold > 0:
         raise ProbeUsageError("the threshold must be positive")
