@@ -105,11 +105,6 @@ def parse_size(text: str | int, name: str = "size") -> int:
     return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
 
 
-def same_url(a: str, b: str) -> bool:
-    """True if two URLs name the same scheme, host and port (paths and trailing slashes ignored)."""
-    return same_origin(a, b)
-
-
 _MISSING = object()
 
 
@@ -308,7 +303,7 @@ class Settings:
             check_http_url(self.access_url, src("access_url"))
         if self.relay_url:
             check_http_url(self.relay_url, src("relay_url"))
-            if self.access_url and same_url(self.relay_url, self.access_url):
+            if self.access_url and same_origin(self.relay_url, self.access_url):
                 raise ConfigError(
                     f"{src('relay_url')} must be this replica's own address, not the access URL "
                     f"({self.access_url}): the access URL is the load balancer, and peers must reach this replica directly"

@@ -12,6 +12,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from coordinator.cluster.controlplane import ControlPlane
+from coordinator.cluster.registry import OperatorView
 from coordinator.core.health import overall
 from coordinator.core.timestamps import iso_utc
 from coordinator.ops.prometheus import Exposition
@@ -62,7 +63,7 @@ def api_routes(control: ControlPlane, relay: DerpRelay) -> list[Route]:
         reg = control.registry
         rows = reg.all_replicas() if reg else []
         mine = control.monitor.matrix_row() if control.monitor else {}
-        matrix = await reg.peer_matrix_or_none() if reg else {}  # the registry's sync leaves it out
+        view = await reg.operator_view() if reg else OperatorView()
         out = []
         for r in rows:
             out.append({
@@ -80,7 +81,7 @@ def api_routes(control: ControlPlane, relay: DerpRelay) -> list[Route]:
                 "version": r.version,
                 "alive": r.alive,
                 "self": reg is not None and r.id == reg.id,
-                "peer_latencies": matrix.get(r.id, r.peer_latencies),
+                "peer_latencies": view.matrix.get(r.id, r.peer_latencies),
                 # this replica's own, freshest view of its latency to that replica
                 "latency_from_here": mine.get(str(r.id)),
             })

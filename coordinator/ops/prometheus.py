@@ -24,8 +24,6 @@ from coordinator.relay.dataplane import DerpRelay
 log = logging.getLogger("coordinator.prometheus")
 disable_created_metrics()  # no x_created series beside every counter: process_start_time_seconds says it once
 
-GAUGES = {"current_connections", "current_home_connections", "clients_local", "clients_remote", "watchers", "duplicate_keys",
-          "mesh_links_congested", "senders_paused", "admission_pending"}
 # Relay counters whose stats() key does not make a conventional name (unit last).
 COUNTER_NAMES = {
     "packets_in": "received_packets", "packets_out": "sent_packets",
@@ -48,7 +46,7 @@ class RelayCollector:
             if isinstance(value, dict):
                 continue
             doc = f"DERP relay: {name.replace('_', ' ')}"
-            if name in GAUGES:
+            if name in DerpRelay.GAUGES:
                 yield GaugeMetricFamily(f"coordinator_derp_{name}", doc, value=value)
             else:
                 yield CounterMetricFamily(f"coordinator_derp_{COUNTER_NAMES.get(name, name)}", doc, value=value)
