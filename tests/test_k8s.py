@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from coordinator.core.settings import parse_duration
+from coordinator.core.values import parse_duration
 from testkit.polling import wait_blocking
 from testkit.procs import ROOT, free_port
 

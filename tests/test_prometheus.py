@@ -9,7 +9,8 @@ import subprocess
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from coordinator.core.settings import ConfigError, load_settings
+from coordinator.core.errors import ConfigError
+from coordinator.core.settings import load_settings
 from testkit.procs import ROOT, Proc, free_port, http_get, python
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "coordinator-dashboard.json"

@@ -19,11 +19,12 @@ from coordinator.cluster import registry as replicas
 from coordinator.cluster.pubsub import pgconn
 from coordinator.cluster.registry import table as registry_table
 from coordinator.core import settings as config
-from coordinator.core.errors import DIAL_ERROR, describe, dial_error, merge_dial_errors, one_line
+from coordinator.core.errors import DIAL_ERROR, ConfigError, describe, dial_error, merge_dial_errors, one_line
 from coordinator.core.health import LATENCY_THRESHOLD, SEVERITIES, Finding, overall
 from coordinator.core.keys import NodeKey
 from coordinator.core.timestamps import iso_utc
 from coordinator.core.urls import derp_url, endpoint, relay_base, same_origin, websocket_url, without_userinfo
+from coordinator.core.values import check_http_url
 from coordinator.ops import prometheus
 from coordinator.ops.probe import discovery
 from coordinator.ops.probe.run import run_probe
@@ -53,8 +54,8 @@ def test_relay_base(url, base):
 
 def test_one_reading_of_urls_everywhere():
     assert derp_url("http://u:p@h:1/anything") == "http://h:1/derp"
-    with pytest.raises(config.ConfigError, match="COORDINATOR_ACCESS_URL"):
-        config.check_http_url("http://h:notaport", "COORDINATOR_ACCESS_URL")
+    with pytest.raises(ConfigError, match="COORDINATOR_ACCESS_URL"):
+        check_http_url("http://h:notaport", "COORDINATOR_ACCESS_URL")
     assert same_origin("http://H:80/a", "http://h/b") and not same_origin("http://h", "https://h")
     assert same_origin("https://h:443", "https://h/")
     assert without_userinfo("http://u:p@h:1/x") == "http://h:1/x"

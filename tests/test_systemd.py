@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.core.settings import load_settings, parse_duration
+from coordinator.core.settings import load_settings
+from coordinator.core.values import parse_duration
 from testkit.procs import ROOT, Proc, free_port
 
 SYSTEMD = ROOT / "deploy" / "systemd"

@@ -81,7 +81,7 @@ def _setup_logging(verbose: bool) -> None:
 
 def _durations(args: argparse.Namespace) -> tuple[float, float]:
     """(threshold, timeout) in seconds from the options and the environment; refuses what cannot work."""
-    from coordinator.core.settings import parse_duration
+    from coordinator.core.values import parse_duration
 
     if args.threshold is not None:
         threshold = parse_duration(args.threshold, "--threshold")
@@ -121,7 +121,7 @@ def _database_url(args: argparse.Namespace) -> str | None:
 
 def run_from_args(args: argparse.Namespace, prog: str = "coordinator probe") -> int:
     """Run with parsed options (from :func:`add_arguments`); returns the exit status."""
-    from coordinator.core.settings import ConfigError
+    from coordinator.core.errors import ConfigError
 
     _setup_logging(args.verbose)
 
