@@ -56,7 +56,8 @@ async def connect_db(url: str, timeout: float):
     import psycopg
     from psycopg.conninfo import make_conninfo
 
-    from coordinator.cluster.db import DatabaseError, prepare_conninfo, redact
+    from coordinator.cluster.db import prepare_conninfo, redact
+    from coordinator.cluster.dberrors import DatabaseError
 
     try:
         conninfo, target, password = prepare_conninfo(url)
