@@ -48,6 +48,16 @@ def http_client(*, insecure: bool = False, connections: int | None = None, base_
                              trust_env=False, headers={"User-Agent": USER_AGENT})
 
 
+async def read_capped(response: httpx.Response, limit: int) -> bytes:
+    """The first ``limit`` bytes of a streamed response's body; the rest is never read."""
+    body = b""
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        if len(body) >= limit:
+            break
+    return body[:limit]
+
+
 def _causes(exc: BaseException) -> list[BaseException]:
     chain: list[BaseException] = []
     seen: BaseException | None = exc
@@ -55,6 +65,12 @@ def _causes(exc: BaseException) -> list[BaseException]:
         chain.append(seen)
         seen = seen.__cause__ or seen.__context__
     return chain
+
+
+def warm_up() -> None:
+    """Pay the one-off costs (the trust store, httpx's first client) now, not inside a timed request."""
+    ssl_context()
+    http_client()  # opens nothing: no connection is made until a request
 
 
 def tls_failure(exc: BaseException) -> ssl_module.SSLError | None:
