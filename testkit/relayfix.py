@@ -7,6 +7,7 @@ import contextlib
 import os
 import socket
 
+import anyio
 import uvicorn
 
 from coordinator.core.keys import NodeKey
@@ -35,7 +36,8 @@ async def serve_app(app, *, port: int = 0, **config):
     finally:
         server.should_exit = True
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(task, 10)
+            with anyio.fail_after(10):
+                await task
         sock.close()
 
 

@@ -5,6 +5,7 @@ import asyncio
 import os
 import socket
 
+import anyio
 import pytest
 import websockets
 
@@ -48,7 +49,8 @@ async def test_fast_start_sends_no_http_response(relay):
     port = int(url.split(":")[2].split("/")[0])
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"GET /derp HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: DERP\r\nDerp-Fast-Start: 1\r\n\r\n")
-    first = await asyncio.wait_for(reader.readexactly(45), 5)
+    with anyio.fail_after(5):
+        first = await reader.readexactly(45)
     assert first == r.server.server_key_frame
     writer.close()
 
@@ -58,9 +60,11 @@ async def test_legacy_websocket_header_without_subprotocol_is_raw_derp(relay):
     port = int(url.split(":")[2].split("/")[0])
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"GET /derp HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: WebSocket\r\n\r\n")
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    with anyio.fail_after(5):
+        head = await reader.readuntil(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 101 ") and b"Upgrade: DERP" in head
-    assert await asyncio.wait_for(reader.readexactly(45), 5) == r.server.server_key_frame
+    with anyio.fail_after(5):
+        assert await reader.readexactly(45) == r.server.server_key_frame
     writer.close()
 
 
@@ -108,7 +112,8 @@ async def test_websocket_messages_limited_to_32k_and_large_incoming_accepted(rel
             await a.send_many(key.public, [os.urandom(65536) for _ in range(4)])
             got, sizes = 0, []
             while got < 4:
-                msg = await asyncio.wait_for(ws.recv(), 5)
+                with anyio.fail_after(5):
+                    msg = await ws.recv()
                 sizes.append(len(msg))
                 got += sum(1 for t, _ in reader.feed(msg) if t == codec.RECV_PACKET)
             assert max(sizes) <= 32768
@@ -232,7 +237,8 @@ async def test_forwarder_sends_forward_packets(relay):
     async with await DerpClient.connect(url) as a:
         await a.send(remote, b"over the mesh")
         right.setblocking(False)
-        data = await asyncio.wait_for(loop.sock_recv(right, 4096), 5)
+        with anyio.fail_after(5):
+            data = await loop.sock_recv(right, 4096)
         assert data == codec.forward_packet(a.public_key, remote, b"over the mesh")
         assert r.server.lookup(remote) is fwd
         # a local client always wins over a forwarder
@@ -266,8 +272,10 @@ async def test_congested_forwarder_pauses_its_sender_until_the_link_drains(relay
             expected = count * (5 + 64 + size)
             received = 0
             while received < expected:  # drain the link: the ticker resumes `a` within a second
-                received += len(await asyncio.wait_for(loop.sock_recv(right, 1 << 20), 5))
-            await asyncio.wait_for(sending, 5)
+                with anyio.fail_after(5):
+                    received += len(await loop.sock_recv(right, 1 << 20))
+            with anyio.fail_after(5):
+                await sending
             assert received == expected
             stats = r.stats()
             assert stats["forwarded_out"] == count and stats["drops"]["queue_tail"] == 0
@@ -309,7 +317,8 @@ async def test_multi_forwarder_rules(relay):
 async def http(url, request: bytes) -> bytes:
     reader, writer = await raw_socket(url)
     writer.write(request)
-    data = await asyncio.wait_for(reader.read(), 5)
+    with anyio.fail_after(5):
+        data = await reader.read()
     writer.close()
     return data
 

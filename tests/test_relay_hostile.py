@@ -4,9 +4,9 @@ Real uvicorn on a free port (the ``relay`` fixture of conftest.py), real sockets
 WebSocket input and a receiver that stops reading.
 """
 
-import asyncio
 import os
 
+import anyio
 import pytest
 import websockets
 
@@ -30,7 +30,8 @@ async def upgraded(url, server_key_frame):
 async def assert_closed(reader, timeout=5.0):
     """The relay closes the connection without sending one more byte (no ServerInfo, no other frame)."""
     try:
-        data = await asyncio.wait_for(reader.read(), timeout)
+        with anyio.fail_after(timeout):
+            data = await reader.read()
     except ConnectionResetError:
         return  # closed while our bytes were still unread: a reset, after which nothing can arrive
     assert data == b"", f"expected the relay to close without a reply, got {len(data)} bytes: {data[:40].hex()}"
@@ -123,7 +124,8 @@ async def test_bad_websocket_input(relay):
         await ws.send("text is not allowed")
         with pytest.raises(websockets.ConnectionClosed) as info:
             while True:
-                await asyncio.wait_for(ws.recv(), 5)
+                with anyio.fail_after(5):
+                    await ws.recv()
         assert info.value.rcvd is not None, "the relay closed without a WebSocket close frame"
         assert info.value.rcvd.code == 1003, info.value.rcvd  # unsupported data: DERP is binary only
         await exchange(a, b, [100])
