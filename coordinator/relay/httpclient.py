@@ -91,19 +91,36 @@ def why(exc: BaseException) -> str:
     return describe(exc)
 
 
+class _Timing:
+    """An httpx ``trace`` extension: when the request went out and its answer was in, and whether
+    a connection had to be opened for it (httpcore's documented event names)."""
+
+    def __init__(self) -> None:
+        self.sent = self.answered = 0.0
+        self.connected = False
+
+    async def __call__(self, event: str, info: dict[str, object]) -> None:
+        if event == "connection.connect_tcp.started":
+            self.connected = True
+        elif event == "http11.send_request_headers.started":
+            self.sent = time.perf_counter()
+        elif event == "http11.receive_response_body.complete":
+            self.answered = time.perf_counter()
+
+
 class KeepAliveHttp:
     """Timed ``GET`` requests to one server over one kept-alive connection.
 
-    :meth:`round_trip` times a request that found the connection open; one that had to open it
-    (the first, or after the server closed an idle connection) pays for the TCP and TLS set-up and
-    is repeated, so a figure is always one request's round trip.
+    :meth:`round_trip` times a request from its first byte sent to its answer's last byte read
+    (the client's own bookkeeping around it left out). A request that had to open the connection
+    (the first, or one after the server closed an idle connection) pays for the TCP and TLS
+    set-up and is repeated, so a figure is always one request's round trip.
     """
 
     def __init__(self, base: str, timeout: float, insecure: bool = False):
         self.base = relay_base(base)
         self.timeout = timeout
         self.client = http_client(insecure=insecure, connections=1, base_url=self.base or "")
-        self._stream: object = None  # the connection the last answer came on
 
     async def round_trip(self, path: str) -> float:
         """Seconds of one ``GET path`` answered 200 on an open connection; raises on anything else."""
@@ -115,27 +132,20 @@ class KeepAliveHttp:
     async def _get(self, path: str) -> tuple[float, bool]:
         if self.base is None:
             raise ConnectionError("no usable relay URL")
-        request = self.client.build_request("GET", path)
+        timing = _Timing()
+        request = self.client.build_request("GET", path, extensions={"trace": timing})
         try:
             with anyio.fail_after(self.timeout):
-                start = time.perf_counter()
                 response = await self.client.send(request)
-                elapsed = time.perf_counter() - start
         except TimeoutError:
-            self._stream = None
             raise TimeoutError(f"no answer to GET {path} within {self.timeout:g} s") from None
         except httpx.ConnectError as exc:
-            self._stream = None
             raise ConnectionError(f"cannot connect: {why(exc)}") from None
         except httpx.HTTPError as exc:
-            self._stream = None
             raise ConnectionError(f"GET {path}: {why(exc)}") from None
-        # httpcore hands out the connection's own stream object: the same one means the same connection.
-        stream = response.extensions.get("network_stream")
-        reused, self._stream = stream is not None and stream is self._stream, stream
         if response.status_code != 200:
             raise ConnectionError(f"GET {path} answered HTTP {response.status_code}, not 200")
-        return elapsed, reused
+        return timing.answered - timing.sent, not timing.connected
 
     async def close(self) -> None:
         await self.client.aclose()
