@@ -94,6 +94,9 @@ def test_endpoint_is_the_one_dialling_rule():
         with pytest.raises(ValueError):
             endpoint(bad)
     assert websocket_url("https://h/derp") == "wss://h/derp" and websocket_url("http://h:1/derp") == "ws://h:1/derp"
+    # Where a client dials is derived here only; the rest read a URL's password or validate settings.
+    assert _users("urlsplit(") == {"coordinator/core/urls.py", "coordinator/core/values.py",
+                                   "coordinator/core/settings.py", "coordinator/cluster/db.py"}
 
 
 ROOT = Path(__file__).resolve().parent.parent
