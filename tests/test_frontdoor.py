@@ -1,6 +1,6 @@
 """One hostile client against a real replica process: it must not hurt the replica or its healthy clients.
 
-The attacker is raw-socket code of its own (scripts/rawderp.py); the healthy pair uses the project's
+The attacker is raw-socket code of its own (testkit/rawderp.py); the healthy pair uses the project's
 client. Every test prints what it measured (RSS before and after, close times, refusals); bounds
 are generous, the machine is shared.
 """
@@ -11,23 +11,21 @@ import asyncio
 import http.client
 import os
 import struct
-import sys
 import threading
 import time
 import uuid
 from pathlib import Path
 
+import anyio
 import psutil
 import psycopg
 import pytest
 
 from coordinator.relay.client import DerpClient
-from polling import wait_for
-from procs import ROOT, Proc, free_port, python
-
-sys.path.insert(0, str(ROOT / "scripts"))
-import rawderp  # noqa: E402
-from rawderp import RawPeer  # noqa: E402
+from testkit import rawderp
+from testkit.polling import wait_for
+from testkit.procs import Proc, free_port, python
+from testkit.rawderp import RawPeer
 
 pytestmark = pytest.mark.anyio
 MESH_KEY = "5a" * 32
@@ -126,7 +124,8 @@ async def test_header_bomb_gets_431_and_costs_no_memory(replica, path, shape):
     sent, start = 0, time.monotonic()
     try:
         while sent < 256 * MiB and time.monotonic() - start < 30:
-            await asyncio.wait_for(peer.send(chunk), 5)
+            with anyio.fail_after(5):
+                await peer.send(chunk)
             sent += len(chunk)
     except (ConnectionError, OSError, TimeoutError):
         pass
@@ -268,7 +267,8 @@ async def test_ping_flood_from_a_client_that_never_reads(replica, websocket):
     sent, peak, start = 0, rss0, time.monotonic()
     try:
         while time.monotonic() - start < 8:
-            await asyncio.wait_for(peer.send(batch), 5)
+            with anyio.fail_after(5):
+                await peer.send(batch)
             sent += len(batch)
             peak = max(peak, replica.rss())
     except (ConnectionError, OSError, TimeoutError):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.cli.nginx import nginx_binary
-from procs import ROOT, Proc, free_port, python
+from testkit.procs import ROOT, Proc, free_port, python
 
 pytestmark = pytest.mark.timeout(1200)
 COMPILERS = ("cc", "gcc", "clang", "c++", "g++")
@@ -53,6 +53,7 @@ def test_wheel_is_manylinux_with_no_sources_and_with_its_data(dist):
     assert "manylinux" in wheel.name and "linux_x86_64.whl" not in wheel.name.replace("manylinux", "")
     names = zipfile.ZipFile(wheel).namelist()
     assert not [n for n in names if n.endswith((".c", ".pyx", ".pxd", ".pxi", ".h"))], names
+    assert not [n for n in names if n.startswith(("testkit/", "tests/", "scripts/"))], names  # helpers stay home
     for module in ("_relay/relay.", "_relay/codec."):
         assert any(n.startswith(module) and n.endswith(".so") for n in names), names
     for data in ("coordinator/deploy/nginx/coordinator.conf", "coordinator/ops/static/status.js",

@@ -12,11 +12,13 @@ import asyncio
 import signal
 import time
 
+import anyio
 import pytest
-from cluster import HACluster, full_mesh, serve
-from traffic import Flow, Traffic
 
 from coordinator.cli.nginx import nginx_binary
+from testkit.cluster import HACluster, full_mesh, serve
+from testkit.polling import wait_until
+from testkit.traffic import Flow, Traffic
 
 pytestmark = [
     pytest.mark.anyio,
@@ -33,12 +35,7 @@ def cluster(pg_url, request):
 
 async def poll(predicate, timeout: float, what: str) -> float:
     """Seconds until ``predicate`` (blocking: HTTP calls) holds, run off the event loop so traffic flows."""
-    start = time.monotonic()
-    while not await asyncio.to_thread(predicate):
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.02)
-    return time.monotonic() - start
+    return await wait_until(lambda: asyncio.to_thread(predicate), timeout, what, interval=0.02)
 
 
 async def restart_each(replicas, traffic: Traffic, server_keys: dict[int, bytes]):
@@ -78,7 +75,8 @@ async def test_rolling_restart_behind_nginx(cluster):
         await traffic.routed(60)
         traffic.run()
         # A bound of its own: a hang fails with the await it hung in.
-        phases, figures = await asyncio.wait_for(restart_each(replicas, traffic, server_keys), 240)
+        with anyio.fail_after(240):
+            phases, figures = await restart_each(replicas, traffic, server_keys)
         until = await traffic.stop()
     finally:
         await traffic.close()

@@ -16,8 +16,9 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
+
+import httpx
 
 from coordinator.cli import nginx
 from coordinator.relay.client import DerpClient, DerpError
@@ -42,8 +43,8 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 60.0, log: Pat
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{url}: process exited with status {proc.returncode}{_last_line(log)}")
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(url, timeout=1):
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=1, trust_env=False).is_success:
                 return
         time.sleep(0.1)
     raise RuntimeError(f"{url} did not come up within {timeout:.0f} s")

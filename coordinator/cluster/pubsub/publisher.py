@@ -14,10 +14,9 @@ from typing import Any
 import psycopg
 from psycopg import pq
 
-from coordinator.cluster.db import Connection
+from coordinator.cluster.db import Connection, shut_socket
 from coordinator.cluster.pubsub.errors import PublishError
 from coordinator.cluster.pubsub.metrics import Metrics
-from coordinator.cluster.pubsub.pgconn import abort
 from coordinator.core.errors import describe
 
 # Binary parameters: psycopg dumps text arrays about twice as fast in binary as in text format.
@@ -81,7 +80,7 @@ class Publisher:
                 except TimeoutError:
                     raise TimeoutError(f"connecting took over {timeout:g}s") from None
             fired: list[bool] = []
-            timer = loop.call_at(deadline, lambda: (fired.append(True), abort(conn)))
+            timer = loop.call_at(deadline, lambda: (fired.append(True), shut_socket(conn)))
             error: psycopg.Error | None = None
             try:
                 await conn.execute(query, params)
