@@ -46,6 +46,7 @@ lint: $(VENV)/.installed
 	PATH="$(LINT_PATH)" ruff check coordinator tests scripts
 	PATH="$(LINT_PATH)" cython-lint _relay/*.pyx _relay/*.pxd _relay/*.pxi
 	PATH="$(LINT_PATH)" lint-imports
+	PATH="$(LINT_PATH)" mypy
 	@# grimp reads .py files only: the compiled data plane is checked here (see [tool.importlinter]).
 	@if grep -nE '^\s*(c?import|from)\s+coordinator\b' $(wildcard _relay/*.py*) $(wildcard _relay/*.pxi); then \
 		echo "lint: _relay (the data plane) must not import coordinator"; exit 1; fi

@@ -17,7 +17,10 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 from coordinator.cli import nginx
 from coordinator.relay.client import DerpClient, DerpError
@@ -92,7 +95,7 @@ class StopSignals:
         self.hurry = False
         self._holding = 0
         self._stopping = False
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, Callable[[int, FrameType | None], Any] | int | None] = {}
 
     def __enter__(self) -> StopSignals:
         for sig in self.SIGNALS:
@@ -103,7 +106,7 @@ class StopSignals:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
-    def _handle(self, signum: int, frame) -> None:
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self._stopping:
             self.hurry = True
             return
