@@ -1,5 +1,6 @@
-# `make run` starts one replica on 127.0.0.1:3000; `make test` runs the whole test suite.
-# Both create .venv and install the package (compiling the Cython relay) on first use, saying so.
+# `make run` starts one replica on 127.0.0.1:3000 (installing only what a replica needs); `make test` runs the
+# whole test suite (adding the test and build tools). Both create .venv and install the package (compiling
+# the Cython relay) on first use, saying so.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
@@ -11,19 +12,29 @@ PG_AGAIN := tests/test_db.py tests/test_pubsub.py tests/test_replicas.py tests/t
 
 .PHONY: run test lint bench wheel clean
 
-$(VENV)/.installed: $(SOURCES)
+# What a replica needs: the package (compiling the Cython relay) and its dependencies. `make run` stops here.
+$(VENV)/.installed-run: $(SOURCES)
 	@echo "==> checking system packages (scripts/bootstrap.sh build)"
 	@sh scripts/bootstrap.sh build
 	@test -x $(PY) || { echo "==> creating the virtual environment $(VENV)"; python3 -m venv $(VENV); }
 	@echo "==> installing the build tools into $(VENV): pip, setuptools, Cython"
 	$(PIP) install -U pip 'setuptools>=77' 'cython>=3.0'
-	@echo "==> installing coordinator (editable) with its dependencies and test tools;"
+	@echo "==> installing coordinator (editable) with what a replica needs;"
 	@echo "    this compiles the Cython relay (_relay/*.pyx -> C -> .so): about a minute on 2 cores"
-	$(PIP) install --no-build-isolation -e '.[test]'
+	$(PIP) install --no-build-isolation -e .
 	@touch $@
 	@echo "==> installed: $(VENV)/bin/coordinator"
 
-run: $(VENV)/.installed
+# Everything else works on: the test and build tools (pyproject's `test` extra, read from there, so the
+# package is not rebuilt), and the repository root on the venv's path, where the scripts find testkit/.
+$(VENV)/.installed: $(VENV)/.installed-run pyproject.toml
+	@echo "==> installing the test and build tools into $(VENV) (pytest, selenium, auditwheel, ...)"
+	$(PY) -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["test"]))' > $(VENV)/test-requirements.txt
+	$(PIP) install -r $(VENV)/test-requirements.txt
+	$(PY) -c 'import pathlib, sysconfig; pathlib.Path(sysconfig.get_path("purelib"), "coordinator-testkit.pth").write_text("$(CURDIR)\n")'
+	@touch $@
+
+run: $(VENV)/.installed-run
 	@echo "==> starting one replica on http://127.0.0.1:3000 (embedded PostgreSQL; status page at /status,"
 	@echo "    log in with the token that '$(VENV)/bin/coordinator api-token' prints); Ctrl-C stops it"
 	$(VENV)/bin/coordinator server
@@ -31,7 +42,7 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed
 	@echo "==> checking what the tests drive: nginx, chromium, kubectl, systemd-analyze (scripts/bootstrap.sh test)"
 	@sh scripts/bootstrap.sh test
-	@for bindir in $$($(PY) tests/pgcluster.py 2>/dev/null); do \
+	@for bindir in $$($(PY) -m testkit.pgcluster 2>/dev/null); do \
 		echo "==> the database tests on $$($$bindir/postgres --version) ($$bindir)"; \
 		COORDINATOR_TEST_PG_BINDIR=$$bindir $(PY) -m pytest $(PG_AGAIN) || exit 1; \
 	done
@@ -57,8 +68,8 @@ bench: $(VENV)/.installed
 # A manylinux wheel in dist/: built from the sdist, then repaired by auditwheel.
 wheel: $(VENV)/.installed
 	rm -rf dist/raw
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m build --no-isolation --outdir dist/raw .
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m auditwheel repair -w dist dist/raw/*.whl
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m build --no-isolation --outdir dist/raw .
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m auditwheel repair -w dist dist/raw/*.whl
 	mv dist/raw/*.tar.gz dist/ && rm -rf dist/raw
 	@ls -l dist
 

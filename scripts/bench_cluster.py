@@ -4,8 +4,8 @@
 What is measured
 ----------------
 ``--replicas`` (default 50) ``coordinator server`` processes are started at once on one Postgres
-(a throwaway ``tests/pgcluster.py`` server unless ``--pg-url`` is given), each on a free port with
-its own data directory, as ``tests/cluster.py`` starts them. Then:
+(a throwaway ``testkit/pgcluster.py`` server unless ``--pg-url`` is given), each on a free port with
+its own data directory, as ``testkit/cluster.py`` starts them. Then:
 
 * **fully meshed**: the time until every replica lists every other as a live peer and has a
   connected mesh link to each (``/api/v2/debug/status``, polled), from the moment the processes
@@ -37,14 +37,13 @@ from datetime import datetime
 from pathlib import Path
 
 import psutil
+from bench import proc
+
+from coordinator.core.urls import derp_url
+from testkit.cluster import HACluster, Replica, full_mesh
+from testkit.polling import wait_until_blocking
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "scripts")]
-
-from bench import proc  # noqa: E402
-from cluster import HACluster, Replica, full_mesh  # noqa: E402
-
-from coordinator.cluster.mesh import normalize_relay_url  # noqa: E402
 
 TARGET_MESH_S, TARGET_DROP_S, TARGET_EXIT_S = 10.0, 1.0, 5.0
 _LEFT = re.compile(r"^(\S+ \S+) INFO +coordinator\.mesh: mesh: peer (\S+) left", re.M)
@@ -56,17 +55,8 @@ def progress(msg: str) -> None:
 
 
 def poll(predicate, timeout: float, what: str, interval: float = 0.2) -> float:
-    """Seconds until ``predicate()`` holds (exceptions count as not yet); raises after ``timeout``."""
-    start = time.monotonic()
-    while True:
-        try:
-            if predicate():
-                return time.monotonic() - start
-        except OSError:
-            pass
-        if time.monotonic() - start > timeout:
-            raise RuntimeError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
+    """Seconds until ``predicate()`` holds (OSError counts as not yet); raises after ``timeout``."""
+    return wait_until_blocking(predicate, timeout, what, interval, ignore=(OSError,))
 
 
 def sees_all(replicas: list[Replica]) -> bool:
@@ -144,7 +134,7 @@ def log_time(stamp: str) -> float:
 def mass_stop(cluster: HACluster, timeout: float) -> dict:
     replicas = cluster.running()
     leaving, staying = replicas[::2], replicas[1::2]
-    gone = {normalize_relay_url(r.url) for r in leaving}
+    gone = {derp_url(r.url) for r in leaving}
     logs = {r.index: len(r.proc.output) for r in staying}  # only lines written after the signal count
     signalled_wall, signalled = time.time(), time.monotonic()
     for r in leaving:
@@ -176,7 +166,7 @@ def mass_stop(cluster: HACluster, timeout: float) -> dict:
     for r in leaving:
         found = _STOPPED.findall(r.proc.output)
         if found:
-            recorded[normalize_relay_url(r.url)] = log_time(found[-1])
+            recorded[derp_url(r.url)] = log_time(found[-1])
     drop_times = []  # per survivor: when it had dropped the last of them
     after_recorded = []  # per (survivor, stopped replica): drop time minus that replica's recorded stop
     missing = 0
@@ -220,7 +210,7 @@ def main() -> int:
     try:
         url = args.pg_url
         if url is None:
-            from pgcluster import PgCluster
+            from testkit.pgcluster import PgCluster
 
             pg = PgCluster()
             pg.start()

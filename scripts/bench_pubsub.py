@@ -17,7 +17,7 @@ carries its send time (``perf_counter_ns``, one process), so latency is publish 
 Batched producers stop when ``--window`` messages are in flight so latency measures the path, not
 an ever-growing backlog. Throughput is delivered messages / (first send .. last receipt).
 
-Postgres is a throwaway ``tests/pgcluster.py`` server unless ``--url`` is given.
+Postgres is a throwaway ``testkit/pgcluster.py`` server unless ``--url`` is given.
 """
 
 from __future__ import annotations
@@ -26,16 +26,14 @@ import argparse
 import asyncio
 import logging
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import psycopg
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+from coordinator.cluster.pubsub import BATCH_SQL, PubSub
 
-from coordinator.cluster.pubsub import BATCH_SQL, PubSub  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class Tracker:
@@ -227,7 +225,7 @@ def main() -> None:
     url = args.url
     try:
         if url is None:
-            from pgcluster import PgCluster
+            from testkit.pgcluster import PgCluster
 
             cluster = PgCluster()
             cluster.start()

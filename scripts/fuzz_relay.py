@@ -6,7 +6,7 @@
 
 The replica is ``uvicorn coordinator.app:app --http coordinator.edge:DerpHttpProtocol`` in its own
 process (the relay and HTTP layer of ``coordinator server``, without the control plane). Inputs, from
-``--workers`` concurrent raw-socket attackers (scripts/rawderp.py), one "input" each:
+``--workers`` concurrent raw-socket attackers (testkit/rawderp.py), one "input" each:
 
 * ``frames``: one random DERP frame after a valid handshake (known and unknown types, lengths in
   and out of range, mesh frames without the mesh key), sent in batches;
@@ -37,14 +37,11 @@ from pathlib import Path
 
 import psutil
 
+from coordinator.relay.client import DerpClient, DerpError
+from testkit import rawderp
+from testkit.rawderp import RawPeer
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import rawderp  # noqa: E402
-from rawderp import RawPeer  # noqa: E402
-
-from coordinator.relay.client import DerpClient, DerpError  # noqa: E402
 
 FRAME_TYPES = list(range(0x00, 0x20)) + [0x7F, 0xFF]
 MIXES = {"frames": 0.90, "websocket": 0.08, "client_info": 0.01, "http": 0.01}  # shares of the inputs

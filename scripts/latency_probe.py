@@ -16,17 +16,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 try:
     from coordinator.ops.probe import main
-except ImportError:  # run from a checkout without the package installed, or outside its venv
-    sys.path.insert(0, str(ROOT))
-    try:
-        from coordinator.ops.probe import main
-    except ModuleNotFoundError as exc:
-        venv_python = ROOT / ".venv" / "bin" / "python"
-        if venv_python.exists() and Path(sys.executable).resolve() != venv_python.resolve():
-            os.execv(venv_python, [str(venv_python), __file__, *sys.argv[1:]])  # the checkout's venv has them
-        print(f"latency_probe.py: Python package {exc.name!r} is missing: run `make test` once (creates .venv) "
-              f"and use .venv/bin/python {sys.argv[0]}, or `pip install .`", file=sys.stderr)
-        sys.exit(2)
+except ModuleNotFoundError as exc:  # outside the project's venv (or before it is built)
+    venv_python = ROOT / ".venv" / "bin" / "python"
+    if venv_python.exists() and Path(sys.executable).resolve() != venv_python.resolve():
+        os.execv(venv_python, [str(venv_python), __file__, *sys.argv[1:]])  # the checkout's venv has them
+    print(f"latency_probe.py: Python package {exc.name!r} is missing: run `make test` once (creates .venv) "
+          f"and use .venv/bin/python {sys.argv[0]}, or `pip install .`", file=sys.stderr)
+    sys.exit(2)
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:], prog="latency_probe.py"))

@@ -4,7 +4,7 @@ import uuid
 import psycopg
 import pytest
 
-from pgcluster import PgCluster
+from testkit.pgcluster import PgCluster
 
 
 def _running_cluster():

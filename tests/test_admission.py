@@ -19,9 +19,9 @@ from coordinator.core.keys import NodeKey
 from coordinator.core.settings import load_settings
 from coordinator.relay.admission import WebhookAdmission, WebhookFailure, parse_answer
 from coordinator.relay.client import DerpClient, DerpRefused, RecvPacket
-from polling import wait_for
-from procs import refused_at_start
-from relayfix import serve_app, serve_relay
+from testkit.polling import wait_for
+from testkit.procs import refused_at_start
+from testkit.relayfix import serve_app, serve_relay
 
 pytestmark = pytest.mark.anyio
 

@@ -2,7 +2,9 @@
 
 import pytest
 
-from coordinator.core.settings import ConfigError, load_settings, parse_address, parse_duration
+from coordinator.core.errors import ConfigError
+from coordinator.core.settings import load_settings
+from coordinator.core.values import parse_address, parse_duration
 
 
 @pytest.mark.parametrize(("text", "seconds"), [("2s", 2.0), ("500ms", 0.5), ("1m30s", 90.0), ("1.5", 1.5), ("250us", 0.00025)])

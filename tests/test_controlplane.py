@@ -5,11 +5,11 @@ import logging
 import anyio
 import pytest
 
-from coordinator.cluster.mesh import normalize_relay_url
 from coordinator.core.settings import load_settings
+from coordinator.core.urls import derp_url
 from coordinator.replica import Replica
-from polling import wait_for
-from relayfix import serve_relay
+from testkit.polling import wait_for
+from testkit.relayfix import serve_relay
 
 pytestmark = pytest.mark.anyio
 
@@ -27,8 +27,8 @@ async def test_two_replicas_share_mesh_key_and_mesh(pg_url):
                 await r1.ready()
                 await r2.ready()
             assert relay1.mesh_key and relay1.mesh_key == relay2.mesh_key  # created once, read by both
-            await wait_for(lambda: r1.mesh.status().get(normalize_relay_url(url2), {}).get("connected"), 10)
-            await wait_for(lambda: r2.mesh.status().get(normalize_relay_url(url1), {}).get("connected"), 10)
+            await wait_for(lambda: r1.mesh.status().get(derp_url(url2), {}).get("connected"), 10)
+            await wait_for(lambda: r2.mesh.status().get(derp_url(url1), {}).get("connected"), 10)
             status = r1.control.status()
             assert status["database"] and status["pubsub"] and status["peers"] == 1
         assert r1.stop_clean and r2.stop_clean

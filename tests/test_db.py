@@ -20,8 +20,8 @@ from coordinator.cluster.db import (
     format_server_version,
     load_migrations,
 )
-from pgcluster import free_port, pg_bindir
-from polling import wait_for
+from testkit.pgcluster import free_port, pg_bindir
+from testkit.polling import wait_for
 
 pytestmark = pytest.mark.anyio
 

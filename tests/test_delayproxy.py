@@ -1,4 +1,4 @@
-"""tests/delayproxy.py, the TCP proxy that adds real latency for the probe and latency tests."""
+"""testkit/delayproxy.py, the TCP proxy that adds real latency for the probe and latency tests."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import threading
 import time
 
 import pytest
-from delayproxy import DelayProxy
 
-from pgcluster import free_port
+from testkit.delayproxy import DelayProxy
+from testkit.pgcluster import free_port
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from coordinator.relay.client import DerpClient
-from procs import ROOT, Proc, free_port, python
-from relayfix import serve_relay
+from testkit.procs import ROOT, Proc, free_port, python
+from testkit.relayfix import serve_relay
 
 pytestmark = pytest.mark.anyio
 

@@ -14,8 +14,8 @@ from coordinator.edge.routes import create_app
 from coordinator.relay.client import DerpClient
 from coordinator.relay.dataplane import DerpRelay
 from coordinator.relay.derpmap import PublishedMap, derp_map, render
-from procs import Proc, free_port, python, refused_at_start
-from relayfix import serve_app
+from testkit.procs import Proc, free_port, python, refused_at_start
+from testkit.relayfix import serve_app
 
 pytestmark = pytest.mark.anyio
 

@@ -16,7 +16,7 @@ import psycopg
 import pytest
 
 from coordinator.cluster.embedded import embedded_url, start_embedded
-from polling import wait_blocking
+from testkit.polling import wait_blocking
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,11 +14,11 @@ import time
 
 import psycopg
 import pytest
-from cluster import HACluster, full_mesh, serve
-from traffic import Traffic
 
-from pgcluster import PgCluster
-from polling import wait_blocking, wait_until
+from testkit.cluster import HACluster, full_mesh, serve
+from testkit.pgcluster import PgCluster
+from testkit.polling import wait_blocking, wait_until
+from testkit.traffic import Traffic
 
 pytestmark = pytest.mark.anyio
 

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import psutil
 import pytest
-from cluster import HACluster, full_mesh, serve
 
 from coordinator.cluster.mesh import normalize_relay_url
 from coordinator.relay.client import DerpClient, DerpError, Restarting
-from polling import wait_blocking, wait_until
-from procs import ROOT, http_status
+from testkit.cluster import HACluster, full_mesh, serve
+from testkit.polling import wait_blocking, wait_until
+from testkit.procs import ROOT, http_status
 
 SHUTDOWN_TIMEOUT = 5.0
 

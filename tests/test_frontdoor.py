@@ -1,6 +1,6 @@
 """One hostile client against a real replica process: it must not hurt the replica or its healthy clients.
 
-The attacker is raw-socket code of its own (scripts/rawderp.py); the healthy pair uses the project's
+The attacker is raw-socket code of its own (testkit/rawderp.py); the healthy pair uses the project's
 client. Every test prints what it measured (RSS before and after, close times, refusals); bounds
 are generous, the machine is shared.
 """
@@ -11,7 +11,6 @@ import asyncio
 import http.client
 import os
 import struct
-import sys
 import threading
 import time
 import uuid
@@ -22,12 +21,10 @@ import psycopg
 import pytest
 
 from coordinator.relay.client import DerpClient
-from polling import wait_for
-from procs import ROOT, Proc, free_port, python
-
-sys.path.insert(0, str(ROOT / "scripts"))
-import rawderp  # noqa: E402
-from rawderp import RawPeer  # noqa: E402
+from testkit import rawderp
+from testkit.polling import wait_for
+from testkit.procs import Proc, free_port, python
+from testkit.rawderp import RawPeer
 
 pytestmark = pytest.mark.anyio
 MESH_KEY = "5a" * 32

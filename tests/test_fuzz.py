@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from procs import ROOT
+from testkit.procs import ROOT
 
 
 def test_fuzz_relay_short_run():

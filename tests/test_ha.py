@@ -5,14 +5,14 @@ import signal
 import time
 
 import pytest
-from cluster import HACluster, serve
-from cluster import full_mesh as cluster_full_mesh
 
 from coordinator.cli.nginx import nginx_binary
 from coordinator.cluster.mesh import normalize_relay_url
 from coordinator.relay.client import DerpClient, DerpError, RecvPacket
-from polling import wait_for, wait_until
-from relayfix import routed
+from testkit.cluster import HACluster, serve
+from testkit.cluster import full_mesh as cluster_full_mesh
+from testkit.polling import wait_for, wait_until
+from testkit.relayfix import routed
 
 pytestmark = [
     pytest.mark.anyio,

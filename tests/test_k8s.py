@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from coordinator.core.settings import parse_duration
-from procs import ROOT, free_port
+from coordinator.core.values import parse_duration
+from testkit.polling import wait_blocking
+from testkit.procs import ROOT, free_port
 
 K8S = ROOT / "deploy" / "kubernetes"
 OVERLAY = K8S / "overlays" / "example"
@@ -171,11 +172,35 @@ def container_engine() -> tuple[str | None, str]:
     return None, "; ".join(reasons)
 
 
+def base_images() -> list[str]:
+    """The images the Dockerfile builds FROM, its ARG defaults filled in (stage names left out)."""
+    text = (ROOT / "Dockerfile").read_text()
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)", text, re.M))
+    images = [re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), ""), image)
+              for image in re.findall(r"^FROM (\S+)", text, re.M)]
+    stages = set(re.findall(r"^FROM \S+ AS (\S+)", text, re.M))
+    return sorted(set(images) - stages)
+
+
+def missing_base_image(engine: str) -> str | None:
+    """Why a base image cannot be had (not here and cannot be pulled), or None when every one can."""
+    for image in base_images():
+        if subprocess.run([engine, "image", "inspect", image], capture_output=True, timeout=60).returncode == 0:
+            continue
+        pull = subprocess.run([engine, "pull", image], capture_output=True, text=True, timeout=600)
+        if pull.returncode != 0:
+            last = (pull.stderr or pull.stdout).strip().splitlines()[-1:] or ["no output"]
+            return f"the base image {image} is not on this machine and cannot be pulled ({last[0]})"
+    return None
+
+
 @pytest.fixture
 def engine():
     path, why = container_engine()
     if path is None:
         pytest.skip(f"no working container engine on this machine, the image is not built here ({why})")
+    if (why := missing_base_image(path)) is not None:
+        pytest.skip(f"the image is not built here: {why}")
     return path
 
 
@@ -190,15 +215,11 @@ def test_image_builds_and_serves(engine, pg_url):
         subprocess.run([engine, "run", "-d", "--rm", "--name", name, "--network", "host",
                         "-e", f"COORDINATOR_ADDRESS=127.0.0.1:{port}", "-e", f"COORDINATOR_PG_CONNECTION_URL={pg_url}",
                         tag], check=True, capture_output=True, timeout=120)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as resp:
-                    assert resp.status == 200
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, "the container's replica did not become ready"
-                time.sleep(0.5)
+        def ready() -> bool:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as resp:
+                return resp.status == 200
+
+        wait_blocking(ready, 60, "the container's replica to become ready", 0.5, ignore=(OSError,))
         user = subprocess.run([engine, "exec", name, "id", "-u"], capture_output=True, text=True, check=True).stdout
         assert user.strip() == "10001"
     finally:

@@ -7,12 +7,12 @@ import urllib.error
 import urllib.request
 
 import pytest
-from cluster import HACluster, serve
-from delayproxy import DelayProxy
 
 from coordinator.cluster.latency import JUDGED_AFTER, Alarm, LatencyMonitor, Window
-from pgcluster import PgCluster
-from polling import wait_blocking as wait
+from testkit.cluster import HACluster, serve
+from testkit.delayproxy import DelayProxy
+from testkit.pgcluster import PgCluster
+from testkit.polling import wait_blocking as wait
 
 pytestmark = pytest.mark.anyio
 

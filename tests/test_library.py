@@ -8,9 +8,9 @@ import urllib.request
 import pytest
 
 from coordinator.relay.client import DerpClient
-from polling import wait_blocking
-from procs import ROOT, Proc, free_port, python
-from relayfix import routed
+from testkit.polling import wait_blocking
+from testkit.procs import ROOT, Proc, free_port, python
+from testkit.relayfix import routed
 
 pytestmark = pytest.mark.anyio
 

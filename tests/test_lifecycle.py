@@ -14,16 +14,16 @@ import anyio
 import psutil
 import psycopg
 import pytest
-from cluster import HACluster
 
 from coordinator.cli.server import EXIT_CLEAN, EXIT_FORCED, EXIT_UNCLEAN_STOP
 from coordinator.cluster.mesh import normalize_relay_url
 from coordinator.core.settings import load_settings
 from coordinator.relay.client import DerpClient, DerpError, Restarting
 from coordinator.replica import RESTART_TRY_FOR_MS, Replica
-from polling import wait_blocking, wait_for
-from procs import Proc, free_port, python
-from relayfix import serve_relay
+from testkit.cluster import HACluster
+from testkit.polling import wait_blocking, wait_for
+from testkit.procs import Proc, free_port, python
+from testkit.relayfix import serve_relay
 
 pytestmark = pytest.mark.anyio
 SHUTDOWN_TIMEOUT = 5.0  # the default

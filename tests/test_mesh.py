@@ -6,22 +6,23 @@ import signal
 import anyio
 import pytest
 
-from coordinator.cluster.mesh import Mesh, normalize_relay_url
+from coordinator.cluster.mesh import Mesh
+from coordinator.core.urls import derp_url
 from coordinator.relay.client import DerpClient, RecvPacket
-from pgcluster import free_port
-from polling import wait_for
-from procs import Proc, python
-from relayfix import serve_relay
+from testkit.pgcluster import free_port
+from testkit.polling import wait_for
+from testkit.procs import Proc, python
+from testkit.relayfix import serve_relay
 
 pytestmark = pytest.mark.anyio
 KEY = "ef" * 32
 
 
-def test_normalize_relay_url():
-    assert normalize_relay_url("http://10.0.0.1:80") == "http://10.0.0.1:80/derp"
-    assert normalize_relay_url("https://a.example/derp/") == "https://a.example/derp"
-    assert normalize_relay_url("10.0.0.1:80") is None
-    assert normalize_relay_url("") is None
+def test_derp_url():
+    assert derp_url("http://10.0.0.1:80") == "http://10.0.0.1:80/derp"
+    assert derp_url("https://a.example/derp/") == "https://a.example/derp"
+    assert derp_url("10.0.0.1:80") is None
+    assert derp_url("") is None
 
 
 async def test_packets_cross_meshed_relays_and_links_break_cleanly():
@@ -36,7 +37,7 @@ async def test_packets_cross_meshed_relays_and_links_break_cleanly():
                     assert await b.recv_packet(timeout=5) == RecvPacket(a.public_key, bytes([7]) * n)
                     await b.send(a.public_key, bytes([9]) * n)
                     assert await a.recv_packet(timeout=5) == RecvPacket(b.public_key, bytes([9]) * n)
-                assert m1.links[normalize_relay_url(url1)].is_self
+                assert m1.links[derp_url(url1)].is_self
                 assert r1.stats()["forwarded_out"] >= 3 and r2.stats()["forwarded_in"] >= 3
                 await m1.set_peers([])  # peer removed: its forwarders go at once
                 assert r1.server.lookup(b.public_key) is None
@@ -48,7 +49,7 @@ async def test_wrong_mesh_key_reported_as_dial_error():
         async with Mesh(r1, on_error=errors.append) as m1:
             await m1.set_peers([url2])
             await wait_for(lambda: m1.error() is not None)
-            assert m1.error().startswith("Failed to dial peers: " + normalize_relay_url(url2))
+            assert m1.error().startswith("Failed to dial peers: " + derp_url(url2))
             assert errors[-1] == m1.error()
 
 
@@ -122,7 +123,7 @@ async def test_mesh_link_stuck_past_the_stall_timeout_is_redialled(stoppable_rel
             async with await DerpClient.connect(url1) as a, await DerpClient.connect(url2) as b, \
                     await DerpClient.connect(url1) as c:
                 await wait_for(lambda: r1.server.lookup(b.public_key) is not None)
-                link = m1.links[normalize_relay_url(url2)]
+                link = m1.links[derp_url(url2)]
                 peer.signal(signal.SIGSTOP)
                 sending = asyncio.create_task(flood(a, b.public_key, 600, 16384))
                 await wait_for(lambda: r1.stats()["senders_paused"] == 1, timeout=20)
@@ -147,7 +148,7 @@ async def test_stopping_mesh_ends_links_whose_read_completes_as_they_are_cancell
         for turns in range(10):
             async with Mesh(r1) as m1:
                 await m1.set_peers([url2])
-                link = m1.links[normalize_relay_url(url2)]
+                link = m1.links[derp_url(url2)]
                 await wait_for(lambda link=link: link.connected, 10)
                 accepts = r2.stats()["accepts"]
                 r2.close()  # the peer drops every connection: the link's pending read completes ...
@@ -164,7 +165,7 @@ async def test_links_do_not_redial_once_the_mesh_is_stopping():
     async with serve_relay(mesh_key=KEY) as (url1, r1), serve_relay(mesh_key=KEY) as (url2, r2):
         async with Mesh(r1) as m1:
             await m1.set_peers([url2])
-            link = m1.links[normalize_relay_url(url2)]
+            link = m1.links[derp_url(url2)]
             await wait_for(lambda: link.connected, 10)
             accepts = r2.stats()["accepts"]
             m1.stopping = True  # what a replica does the moment its stop begins

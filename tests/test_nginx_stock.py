@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 
 from coordinator.cli import nginx
-from procs import ROOT, python
+from testkit.polling import wait_for
+from testkit.procs import ROOT, python
 
 ETC_NGINX = Path("/etc/nginx")
 ACCESS_HOST = "coder.big.corp"  # the example's server_name
@@ -56,14 +57,12 @@ async def relay_through_nginx() -> list[str]:
         url = f"http://{ACCESS_HOST}/derp"
         async with await DerpClient.connect(url, websocket=websocket) as a, \
                 await DerpClient.connect(url, websocket=websocket) as b:
-            deadline = asyncio.get_running_loop().time() + 15
-            while True:  # the two may sit on different replicas: the mesh needs a moment to learn b
+
+            async def crossed():  # the two may sit on different replicas: the mesh needs a moment to learn b
                 await a.send(b.public_key, b"through stock nginx")
-                try:
-                    packet = await b.recv_packet(timeout=0.2)
-                    break
-                except TimeoutError:
-                    assert asyncio.get_running_loop().time() < deadline, "no packet through nginx within 15 s"
+                return await b.recv_packet(timeout=0.2)
+
+            packet = await wait_for(crossed, 15, "a packet through nginx", 0, ignore=(TimeoutError,))
             assert packet.data == b"through stock nginx"
             done.append("websocket" if websocket else "raw upgrade")
     return done
@@ -71,10 +70,9 @@ async def relay_through_nginx() -> list[str]:
 
 def scenario(work: Path) -> None:
     """Inside the namespaces: Postgres, two replicas, the stock layout on port 80, DERP through it."""
-    from cluster import HACluster
-
-    from pgcluster import PgCluster
-    from procs import Proc
+    from testkit.cluster import HACluster
+    from testkit.pgcluster import PgCluster
+    from testkit.procs import Proc
 
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     hosts = work / "hosts"
@@ -121,6 +119,7 @@ def test_example_works_dropped_into_stock_debian_conf_d(tmp_path):
     assert (ETC_NGINX / "sites-enabled" / "default").exists(), "the default site must be enabled for this test"
     # A PID namespace too: if the test is killed, --kill-child takes every process of the scenario with it.
     run = subprocess.Popen(["unshare", "--net", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc", python(), __file__, str(tmp_path)], cwd=ROOT,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)},  # testkit, as pytest's pythonpath gives it
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         out, _ = run.communicate(timeout=240)
@@ -136,5 +135,4 @@ def test_example_works_dropped_into_stock_debian_conf_d(tmp_path):
 
 
 if __name__ == "__main__":
-    sys.path[:0] = [str(ROOT / "tests")]
     scenario(Path(sys.argv[1]))

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.cli.nginx import nginx_binary
-from procs import ROOT, Proc, free_port, python
+from testkit.procs import ROOT, Proc, free_port, python
 
 pytestmark = pytest.mark.timeout(1200)
 COMPILERS = ("cc", "gcc", "clang", "c++", "g++")

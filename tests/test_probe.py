@@ -18,13 +18,13 @@ from types import SimpleNamespace
 
 import psycopg
 import pytest
-from cluster import HACluster
-from delayproxy import DelayProxy
 
 from coordinator.cluster.db import Database
 from coordinator.ops.probe import SCHEMA, main
-from polling import wait_blocking
-from procs import ROOT, Proc, free_port, python
+from testkit.cluster import HACluster
+from testkit.delayproxy import DelayProxy
+from testkit.polling import wait_blocking
+from testkit.procs import ROOT, Proc, free_port, python
 
 SCRIPT = str(ROOT / "scripts" / "latency_probe.py")
 DELAY = 0.015  # the 15 ms, added in each direction

@@ -9,8 +9,9 @@ import subprocess
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from coordinator.core.settings import ConfigError, load_settings
-from procs import ROOT, Proc, free_port, http_get, python
+from coordinator.core.errors import ConfigError
+from coordinator.core.settings import load_settings
+from testkit.procs import ROOT, Proc, free_port, http_get, python
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "coordinator-dashboard.json"
 SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "summary": ("_count", "_sum"),

@@ -26,8 +26,8 @@ from coordinator.cluster.pubsub import (
     PubSubError,
     QueueFull,
 )
-from pgcluster import free_port
-from polling import wait_for
+from testkit.pgcluster import free_port
+from testkit.polling import wait_for
 
 pytestmark = pytest.mark.anyio
 

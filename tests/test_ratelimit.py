@@ -9,7 +9,7 @@ import pytest
 from coordinator.core.keys import NodeKey
 from coordinator.core.settings import load_settings
 from coordinator.relay.dataplane import DerpRelay
-from procs import ROOT, Proc, free_port, python, refused_at_start
+from testkit.procs import ROOT, Proc, free_port, python, refused_at_start
 
 LIMIT = 4_000_000          # bytes/s the replica allows each client
 BURST = 262_144
@@ -20,7 +20,7 @@ TOKEN = "ratelimit-test-token"
 
 def floods(url: str, seconds: float, *mesh_keys) -> list[dict]:
     """Run one flooding pair per entry (a mesh key or None) at the same time, each in its own process."""
-    procs = [subprocess.Popen([python(), str(ROOT / "tests" / "flood.py"), url, "--seconds", str(seconds),
+    procs = [subprocess.Popen([python(), str(ROOT / "testkit" / "flood.py"), url, "--seconds", str(seconds),
                                "--size", str(SIZE), *(["--mesh-key", k] if k else [])], stdout=subprocess.PIPE)
              for k in mesh_keys]
     try:

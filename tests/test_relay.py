@@ -18,8 +18,8 @@ from coordinator.relay.client import (
     PeerPresent,
     RecvPacket,
 )
-from polling import wait_for
-from relayfix import serve_relay
+from testkit.polling import wait_for
+from testkit.relayfix import serve_relay
 
 pytestmark = pytest.mark.anyio
 

@@ -18,7 +18,7 @@ import pytest
 from coordinator.cluster.db import Database
 from coordinator.cluster.pubsub import PubSub
 from coordinator.cluster.registry import CHANNEL, ReplicaInfo, ReplicaRegistry
-from polling import wait_until
+from testkit.polling import wait_until
 
 pytestmark = pytest.mark.anyio
 

@@ -13,10 +13,11 @@ import signal
 import time
 
 import pytest
-from cluster import HACluster, full_mesh, serve
-from traffic import Flow, Traffic
 
 from coordinator.cli.nginx import nginx_binary
+from testkit.cluster import HACluster, full_mesh, serve
+from testkit.polling import wait_until
+from testkit.traffic import Flow, Traffic
 
 pytestmark = [
     pytest.mark.anyio,
@@ -33,12 +34,7 @@ def cluster(pg_url, request):
 
 async def poll(predicate, timeout: float, what: str) -> float:
     """Seconds until ``predicate`` (blocking: HTTP calls) holds, run off the event loop so traffic flows."""
-    start = time.monotonic()
-    while not await asyncio.to_thread(predicate):
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.02)
-    return time.monotonic() - start
+    return await wait_until(lambda: asyncio.to_thread(predicate), timeout, what, interval=0.02)
 
 
 async def restart_each(replicas, traffic: Traffic, server_keys: dict[int, bytes]):

@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
-from cluster import HACluster, serve
-from delayproxy import DelayProxy
 
-from polling import wait_blocking as wait
-from procs import ROOT, http_get
+from testkit.cluster import HACluster, serve
+from testkit.delayproxy import DelayProxy
+from testkit.polling import wait_blocking as wait
+from testkit.procs import ROOT, http_get
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.core.settings import load_settings, parse_duration
-from procs import ROOT, Proc, free_port
+from coordinator.core.settings import load_settings
+from coordinator.core.values import parse_duration
+from testkit.procs import ROOT, Proc, free_port
 
 SYSTEMD = ROOT / "deploy" / "systemd"
 COORDINATOR = Path(sys.executable).parent / "coordinator"  # the console script of the venv running the tests

@@ -16,11 +16,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
+
+import httpx
 
 from coordinator.cli import nginx
 from coordinator.relay.client import DerpClient, DerpError
@@ -45,8 +46,8 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 60.0, log: Pat
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{url}: process exited with status {proc.returncode}{_last_line(log)}")
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(url, timeout=1):
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=1, trust_env=False).is_success:
                 return
         time.sleep(0.1)
     raise RuntimeError(f"{url} did not come up within {timeout:.0f} s")

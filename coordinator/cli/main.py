@@ -6,8 +6,9 @@ import argparse
 import logging
 import sys
 
+from coordinator.core.errors import ConfigError
 from coordinator.core.keys import InvalidKey
-from coordinator.core.settings import ConfigError, Settings, declared_settings, default_text, load_settings
+from coordinator.core.settings import Settings, declared_settings, default_text, load_settings
 from coordinator.core.version import __version__
 
 log = logging.getLogger("coordinator")

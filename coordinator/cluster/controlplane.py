@@ -29,11 +29,12 @@ from coordinator.cluster.db import (
     UnsupportedPostgres,
 )
 from coordinator.cluster.dupkey import DuplicateKeyCheck
-from coordinator.cluster.latency import Finding, LatencyMonitor
+from coordinator.cluster.latency import LatencyMonitor
 from coordinator.cluster.mesh import Mesh
 from coordinator.cluster.pubsub import PubSub
 from coordinator.cluster.registry import ReplicaInfo, ReplicaRegistry
 from coordinator.core.errors import merge_dial_errors
+from coordinator.core.health import Finding
 from coordinator.core.settings import Settings
 from coordinator.core.version import __version__
 from coordinator.relay.dataplane import SERVER_KEY_FILE, DerpRelay
@@ -101,7 +102,7 @@ class ControlPlane:
                         threshold=s.latency_threshold, peer_timeout=s.peer_timeout, pubsub=self.pubsub,
                         derp_ping=self.mesh.ping,
                     )
-                    stack.callback(self.monitor.close)
+                    stack.push_async_callback(self._close, "the latency checks", self.monitor.close)
                     async with anyio.create_task_group() as tg:
                         await self._join(tg, listening)
                         tg.start_soon(self._measure_loop, name="latency monitor")

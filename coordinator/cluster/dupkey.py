@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 
-from coordinator.cluster.latency import Finding
-from coordinator.cluster.mesh import Mesh, normalize_relay_url
+from coordinator.cluster.mesh import Mesh
+from coordinator.core.health import Finding
 from coordinator.core.keys import short
+from coordinator.core.urls import derp_url
 
 log = logging.getLogger("coordinator.dupkey")
 
@@ -23,7 +24,7 @@ class DuplicateKeyCheck:
     """Finds peers sharing this replica's server key; logs each once, with what to do about it."""
 
     def __init__(self, own_relay_url: str, key_file: str):
-        self.own = normalize_relay_url(own_relay_url) if own_relay_url else None
+        self.own = derp_url(own_relay_url) if own_relay_url else None
         self.key_file = key_file
         self._logged: set[str] = set()
 

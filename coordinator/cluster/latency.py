@@ -9,19 +9,18 @@ coded health findings and Prometheus histograms.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import statistics
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 import anyio
 from prometheus_client import CollectorRegistry, Histogram
 
 from coordinator.core.errors import describe, dial_error
+from coordinator.core.health import LATENCY_THRESHOLD, Finding
 from coordinator.relay.httpclient import KeepAliveHttp
 
 log = logging.getLogger("coordinator.latency")
@@ -61,18 +60,6 @@ class Window:
         return ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
 
 
-@dataclass(frozen=True)
-class Finding:
-    """One coded problem for the health report."""
-
-    code: str
-    severity: str  # "warning" or "error"
-    message: str
-
-    def as_dict(self) -> dict:
-        return {"code": self.code, "severity": self.severity, "message": self.message}
-
-
 class Alarm:
     """Threshold state of one target: warn on change, repeat at most once a minute, log recovery."""
 
@@ -101,12 +88,10 @@ class HttpPinger:
         self.http = KeepAliveHttp(base_url, timeout)
 
     async def ping(self) -> float:
-        if not self.http.connected:
-            await self.http.get(self.PATH)  # the first request pays for the TCP (and TLS) handshake
-        return await self.http.get(self.PATH)
+        return await self.http.round_trip(self.PATH)
 
-    def close(self) -> None:
-        self.http.abort()
+    async def close(self) -> None:
+        await self.http.close()
 
 
 class PeerState:
@@ -133,7 +118,7 @@ class LatencyMonitor:
     def __init__(
         self,
         *,
-        threshold: float = 0.010,
+        threshold: float = LATENCY_THRESHOLD,
         peer_timeout: float = 3.0,
         pubsub=None,
         derp_ping: Callable[[str], Awaitable[float | None]] | None = None,
@@ -176,7 +161,7 @@ class LatencyMonitor:
         wanted = {p.relay_url: p for p in peers if p.relay_url}
         for url in list(self.peers):
             if url not in wanted:
-                self.peers.pop(url).pinger.close()
+                await self.peers.pop(url).pinger.close()
         for url, peer in wanted.items():
             state = self.peers.get(url)
             if state is None:
@@ -192,7 +177,7 @@ class LatencyMonitor:
         url = state.peer.relay_url
         try:
             rtt = await state.pinger.ping()
-        except (TimeoutError, OSError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+        except (TimeoutError, OSError) as exc:
             state.error = describe(exc)
             state.http.clear()
             return
@@ -258,6 +243,6 @@ class LatencyMonitor:
     def pubsub_median(self) -> float | None:
         return self.pubsub_window.median
 
-    def close(self) -> None:
+    async def close(self) -> None:
         for s in self.peers.values():
-            s.pinger.close()
+            await s.pinger.close()

@@ -34,11 +34,6 @@ log = logging.getLogger("coordinator.mesh")
 MAX_BACKOFF = 5.0
 
 
-def normalize_relay_url(url: str) -> str | None:
-    """``<scheme>://<host:port>/derp`` for a peer's relay URL, or None if it is unusable."""
-    return derp_url(url)
-
-
 class SelfConnection(Exception):
     """The URL leads back to this replica's own relay."""
 
@@ -250,7 +245,7 @@ class Mesh:
             raise RuntimeError("the mesh is not running: use `async with Mesh(relay) as mesh`")
         wanted: set[str] = set()
         for url in urls:
-            norm = normalize_relay_url(url) if url else None
+            norm = derp_url(url) if url else None
             if norm is None:
                 log.warning("mesh: skipping a peer with an unusable relay URL %r", url)
                 continue
@@ -268,7 +263,7 @@ class Mesh:
 
     async def ping(self, relay_url: str) -> float | None:
         """DERP round trip to the peer at ``relay_url`` over its mesh link (None if not linked)."""
-        link = self.links.get(normalize_relay_url(relay_url) or "")
+        link = self.links.get(derp_url(relay_url) or "")
         return await link.ping() if link is not None else None
 
     def error(self) -> str | None:

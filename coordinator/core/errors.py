@@ -28,3 +28,7 @@ def dial_error(failures: list[str]) -> str | None:
 def merge_dial_errors(*errors: str | None) -> str | None:
     """One ``Failed to dial peers: a; b`` string from several such strings (the mesh's, the monitor's)."""
     return dial_error([e.removeprefix(DIAL_ERROR) for e in errors if e])
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message says which and why (the flag or variable used)."""

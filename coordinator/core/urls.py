@@ -2,9 +2,37 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where an http(s) URL's requests go: what a client dials and what it sends as ``Host``."""
+
+    host: str      # to dial (and the TLS server name)
+    port: int
+    tls: bool
+    netloc: str    # the ``Host`` header: host[:port] without userinfo
+    path: str      # path and query, "" when the URL has none
+
+
+def endpoint(url: str) -> Endpoint:
+    """The dialling facts of an http:// or https:// URL; ValueError for anything else."""
+    parts = urlsplit(url)
+    if parts.scheme not in DEFAULT_PORTS or not parts.hostname:
+        raise ValueError(f"not an http:// or https:// URL with a host: {without_userinfo(url)!r}")
+    path = parts.path + (f"?{parts.query}" if parts.query else "")
+    return Endpoint(parts.hostname, parts.port or DEFAULT_PORTS[parts.scheme], parts.scheme == "https",
+                    parts.netloc.rpartition("@")[2], path)
+
+
+def websocket_url(url: str) -> str:
+    """``url`` with http(s) turned into ws(s), the scheme a WebSocket client dials."""
+    parts = urlsplit(url)
+    return parts._replace(scheme="wss" if parts.scheme == "https" else "ws").geturl()
 
 
 def relay_base(url: str) -> str | None:

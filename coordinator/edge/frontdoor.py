@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from coordinator.core.settings import ConfigError, Settings
+from coordinator.core.errors import ConfigError
+from coordinator.core.settings import Settings
 
 log = logging.getLogger("coordinator.frontdoor")
 

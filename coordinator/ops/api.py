@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from datetime import UTC, datetime
+from datetime import datetime
 
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.requests import Request
@@ -12,6 +12,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from coordinator.cluster.controlplane import ControlPlane
+from coordinator.cluster.registry import OperatorView
+from coordinator.core.health import overall
+from coordinator.core.timestamps import iso_utc
 from coordinator.ops.prometheus import Exposition
 from coordinator.relay.dataplane import DerpRelay
 
@@ -44,7 +47,7 @@ def check_operator(request: Request, api_token: str) -> str | None:
 
 
 def _iso(value: datetime | None) -> str | None:
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z") if value else None
+    return iso_utc(value) if value else None
 
 
 def api_routes(control: ControlPlane, relay: DerpRelay) -> list[Route]:
@@ -60,7 +63,7 @@ def api_routes(control: ControlPlane, relay: DerpRelay) -> list[Route]:
         reg = control.registry
         rows = reg.all_replicas() if reg else []
         mine = control.monitor.matrix_row() if control.monitor else {}
-        matrix = await reg.peer_matrix_or_none() if reg else {}  # the registry's sync leaves it out
+        view = await reg.operator_view() if reg else OperatorView()
         out = []
         for r in rows:
             out.append({
@@ -78,7 +81,7 @@ def api_routes(control: ControlPlane, relay: DerpRelay) -> list[Route]:
                 "version": r.version,
                 "alive": r.alive,
                 "self": reg is not None and r.id == reg.id,
-                "peer_latencies": matrix.get(r.id, r.peer_latencies),
+                "peer_latencies": view.matrix.get(r.id, r.peer_latencies),
                 # this replica's own, freshest view of its latency to that replica
                 "latency_from_here": mine.get(str(r.id)),
             })
@@ -88,12 +91,11 @@ def api_routes(control: ControlPlane, relay: DerpRelay) -> list[Route]:
         if (denied := authorized(request)) is not None:
             return denied
         findings = control.findings()
-        severity = "error" if any(f.severity == "error" for f in findings) else ("warning" if findings else "ok")
         reg = control.registry
         return JSONResponse({
             "healthy": not findings,
-            "severity": severity,
-            "time": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+            "severity": overall(findings),
+            "time": iso_utc(),
             "replica_id": str(reg.id) if reg else None,
             "threshold_ms": control.settings.latency_threshold * 1e3,
             "findings": [f.as_dict() for f in findings],

@@ -13,17 +13,17 @@ import asyncio
 import contextlib
 import logging
 
+import anyio
 from prometheus_client import CollectorRegistry, ProcessCollector, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from coordinator.core.health import SEVERITIES
 from coordinator.relay.dataplane import DerpRelay
 
 log = logging.getLogger("coordinator.prometheus")
 disable_created_metrics()  # no x_created series beside every counter: process_start_time_seconds says it once
 
-GAUGES = {"current_connections", "current_home_connections", "clients_local", "clients_remote", "watchers", "duplicate_keys",
-          "mesh_links_congested", "senders_paused", "admission_pending"}
 # Relay counters whose stats() key does not make a conventional name (unit last).
 COUNTER_NAMES = {
     "packets_in": "received_packets", "packets_out": "sent_packets",
@@ -46,7 +46,7 @@ class RelayCollector:
             if isinstance(value, dict):
                 continue
             doc = f"DERP relay: {name.replace('_', ' ')}"
-            if name in GAUGES:
+            if name in DerpRelay.GAUGES:
                 yield GaugeMetricFamily(f"coordinator_derp_{name}", doc, value=value)
             else:
                 yield CounterMetricFamily(f"coordinator_derp_{COUNTER_NAMES.get(name, name)}", doc, value=value)
@@ -76,7 +76,7 @@ class ControlCollector:
                                 value=1 if reg is not None and reg.healthy else 0)
         findings = GaugeMetricFamily("coordinator_health_findings", "Health findings, by severity", labels=["severity"])
         current = self.control.findings()
-        for severity in ("warning", "error"):
+        for severity in SEVERITIES:
             findings.add_metric([severity], sum(1 for f in current if f.severity == severity))
         yield findings
 
@@ -122,7 +122,8 @@ class PrometheusListener:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT)
+            with anyio.fail_after(REQUEST_TIMEOUT):
+                head = await reader.readuntil(b"\r\n\r\n")
             method, _, rest = head.partition(b" ")
             path = rest.partition(b" ")[0].partition(b"?")[0]
             if method in (b"GET", b"HEAD") and path == b"/metrics":
@@ -131,7 +132,8 @@ class PrometheusListener:
                 body, status, ctype = b"only GET /metrics here\n", b"404 Not Found", b"text/plain; charset=utf-8"
             writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: " + ctype + b"\r\nContent-Length: "
                          + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + (b"" if method == b"HEAD" else body))
-            await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT)
+            with anyio.fail_after(REQUEST_TIMEOUT):
+                await writer.drain()
         except (TimeoutError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass  # a scraper that sends junk or stalls just loses its connection
         finally:
@@ -140,8 +142,8 @@ class PrometheusListener:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2)
+            with contextlib.suppress(Exception), anyio.move_on_after(2):
+                await self._server.wait_closed()
 
 
 async def start_prometheus(settings, control, relay: DerpRelay, front_door=None) -> PrometheusListener | None:

@@ -10,17 +10,18 @@ cookie) or ``Authorization: Bearer``.
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import parse_qs
 
-import anyio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from coordinator.cluster.controlplane import ControlPlane
-from coordinator.cluster.mesh import normalize_relay_url
+from coordinator.cluster.registry import OperatorView
+from coordinator.core.health import overall
+from coordinator.core.timestamps import iso_utc
+from coordinator.core.urls import derp_url
 from coordinator.ops.api import SESSION_COOKIE, check_operator, session_value, token_matches
 from coordinator.relay.dataplane import DerpRelay
 
@@ -30,7 +31,6 @@ STATIC = Path(__file__).resolve().parent / "static"
 ASSETS = {"status.js": "text/javascript; charset=utf-8", "status.css": "text/css; charset=utf-8"}
 MAX_LOGIN_BODY = 4096
 SESSION_MAX_AGE = 30 * 24 * 3600
-AGE_QUERY = "SELECT id::text, extract(epoch FROM now() - updated_at)::float8 FROM replicas"
 HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
                                "img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
@@ -66,7 +66,7 @@ def mesh_state(seen: dict, peer, mine: bool, links: dict, alive: bool) -> dict:
     if not peer.relay_url:
         return {"state": "no relay URL"}
     if mine:
-        link = links.get(normalize_relay_url(peer.relay_url) or "")
+        link = links.get(derp_url(peer.relay_url) or "")
         if link is None:
             return {"state": "none"}
         return {"state": "up" if link["connected"] else "down", "error": link["error"]}
@@ -78,28 +78,13 @@ def mesh_state(seen: dict, peer, mine: bool, links: dict, alive: bool) -> dict:
     return {"state": "up" if seen.get("derp_ms") is not None else "unknown"}
 
 
-async def heartbeat_ages(control: ControlPlane) -> dict[str, float]:
-    """Seconds since each replica's last heartbeat, by the database clock (empty if it is unreachable)."""
-    if control.db is None:
-        return {}
-    try:
-        with anyio.fail_after(1.0):
-            async with control.db.connection(timeout=1.0) as conn:
-                rows = await (await conn.execute(AGE_QUERY)).fetchall()
-    except Exception as exc:  # the page then shows the ages as unknown; the findings say why
-        log.debug("heartbeat ages unavailable: %s", exc)
-        return {}
-    return {rid: age for rid, age in rows}
-
-
 async def snapshot(control: ControlPlane, relay: DerpRelay) -> dict:
     """Everything the page shows, in one JSON document."""
     reg = control.registry
     rows = sorted(reg.all_replicas() if reg else [], key=lambda r: (not r.alive, r.hostname, str(r.id)))
-    ages = await heartbeat_ages(control)
     links = control.mesh.status() if control.mesh else {}
     mine = control.monitor.matrix_row() if control.monitor else {}
-    matrix = await reg.peer_matrix_or_none() if reg else {}  # the registry's sync leaves it out
+    view = await reg.operator_view() if reg else OperatorView()
     findings = control.findings()
     replicas, mesh, latency = [], {}, {}
     for row in rows:
@@ -107,9 +92,9 @@ async def snapshot(control: ControlPlane, relay: DerpRelay) -> dict:
         replicas.append({
             "id": rid, "hostname": row.hostname, "relay_url": row.relay_url, "version": row.version,
             "region_id": row.region_id, "alive": row.alive, "self": is_self, "error": row.error or None,
-            "heartbeat_age_s": ages.get(rid), "heartbeat_s": row.heartbeat,
+            "heartbeat_age_s": view.ages.get(row.id), "heartbeat_s": row.heartbeat,
         })
-        seen = mine if is_self else matrix.get(row.id, row.peer_latencies)
+        seen = mine if is_self else view.matrix.get(row.id, row.peer_latencies)
         mesh[rid] = {str(p.id): mesh_state(seen, p, is_self, links, row.alive and p.alive) for p in rows if p.id != row.id}
         cells = {str(p.id): _number(_measured(seen, str(p.id)).get("http_ms")) for p in rows if p.id != row.id}
         if row.alive:
@@ -118,7 +103,7 @@ async def snapshot(control: ControlPlane, relay: DerpRelay) -> dict:
         latency[rid] = cells if row.alive else {}
     stats = relay.stats()
     return {
-        "time": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        "time": iso_utc(),
         "replica_id": str(reg.id) if reg else None,
         "threshold_ms": control.settings.latency_threshold * 1e3,
         "database": bool(reg and reg.healthy),
@@ -126,7 +111,7 @@ async def snapshot(control: ControlPlane, relay: DerpRelay) -> dict:
         "replicas": replicas,
         "mesh": mesh,
         "latency": latency,
-        "severity": "error" if any(f.severity == "error" for f in findings) else ("warning" if findings else "ok"),
+        "severity": overall(findings),
         "findings": [f.as_dict() for f in findings],
         "relay": {
             "clients": stats["clients_local"], "connections": stats["current_connections"],

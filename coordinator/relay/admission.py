@@ -17,14 +17,15 @@ sees a callable returning a bool or an awaitable of one; it skips mesh peers its
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from urllib.parse import urlsplit
 
-from coordinator.relay.client import ssl_context
+import anyio
+import httpx
+
+from coordinator.relay.httpclient import http_client, why
 
 log = logging.getLogger("coordinator.admission")
 
@@ -63,40 +64,19 @@ def parse_answer(status: int, body: bytes) -> bool:
 
 
 async def post_json(url: str, body: bytes) -> tuple[int, bytes]:
-    """POST ``body`` to ``url`` on a fresh connection; (status, first MAX_ANSWER bytes of the body)."""
-    parts = urlsplit(url)
-    https = parts.scheme == "https"
-    host = parts.hostname or ""
-    reader, writer = await asyncio.open_connection(
-        host, parts.port or (443 if https else 80), ssl=ssl_context() if https else None,
-        server_hostname=host if https else None)
-    try:
-        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        writer.write(f"POST {path} HTTP/1.1\r\nHost: {parts.netloc.rpartition('@')[2]}\r\n"
-                     f"User-Agent: coordinator\r\nContent-Type: application/json\r\n"
-                     f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
-        head = await reader.readuntil(b"\r\n\r\n")
-        status_line, *lines = head.decode("latin-1").split("\r\n")
-        fields = status_line.split(" ", 2)
-        if len(fields) < 2 or not fields[0].startswith("HTTP/1.") or not fields[1].isdigit():
-            raise WebhookFailure("not-http", f"answered something that is not HTTP: {status_line[:40]!r}")
-        headers = {name.strip().lower(): value.strip() for name, _, value in (ln.partition(":") for ln in lines)}
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            answer = b""
-            while len(answer) < MAX_ANSWER:
-                size = int((await reader.readuntil(b"\r\n")).split(b";")[0].strip() or b"0", 16)
-                if size == 0:
-                    break
-                answer += (await reader.readexactly(size + 2))[:-2]
-        elif "content-length" in headers:
-            answer = await reader.readexactly(min(int(headers["content-length"]), MAX_ANSWER))
-        else:
-            answer = await reader.read(MAX_ANSWER)
-        return int(fields[1]), answer[:MAX_ANSWER]
-    finally:
-        writer.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(writer.wait_closed(), 1)
+    """POST ``body`` to ``url``; (status, first MAX_ANSWER bytes of the body).
+
+    One client per question: answers are cached and questions shared, so these are rare, and a
+    client without connections left open needs no owner to close it.
+    """
+    async with http_client() as client, client.stream(
+            "POST", url, content=body, headers={"Content-Type": "application/json"}) as response:
+        answer = b""
+        async for chunk in response.aiter_bytes():
+            answer += chunk
+            if len(answer) >= MAX_ANSWER:
+                break
+        return response.status_code, answer[:MAX_ANSWER]
 
 
 class _OnceLog:
@@ -155,12 +135,14 @@ class WebhookAdmission:
         self.counts["requests"] += 1
         try:
             try:
-                status, body = await asyncio.wait_for(post_json(self.url, request_body(key, source)), self.timeout)
+                with anyio.fail_after(self.timeout):
+                    status, body = await post_json(self.url, request_body(key, source))
             except TimeoutError:
                 raise WebhookFailure("timeout", f"did not answer within {self.timeout:g} s") from None
-            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
-                raise WebhookFailure("unreachable", f"is unreachable ({' '.join(str(exc).split()) or type(exc).__name__})"
-                                     ) from None
+            except httpx.RemoteProtocolError as exc:
+                raise WebhookFailure("not-http", f"did not answer in HTTP ({why(exc)})") from None
+            except httpx.HTTPError as exc:
+                raise WebhookFailure("unreachable", f"is unreachable ({why(exc)})") from None
             allowed = parse_answer(status, body)
             self._log.ok()
         except WebhookFailure as failure:

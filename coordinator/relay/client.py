@@ -17,19 +17,19 @@ import asyncio
 import contextlib
 import ipaddress
 import os
-import ssl as ssl_module
 import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias
-from urllib.parse import urlsplit
 
 import anyio
 
 from _relay import codec
 from coordinator.core.keys import NodeKey
+from coordinator.core.urls import endpoint, websocket_url
 from coordinator.relay.handshake import client_info_payload, open_server_info, parse_server_key
+from coordinator.relay.httpclient import ssl_context
 
 if TYPE_CHECKING:  # websockets is imported when a WebSocket connection is made
     from websockets.asyncio.client import ClientConnection
@@ -151,16 +151,6 @@ def parse_frame(ftype: int, payload: bytes) -> Frame:
 # -- transports ----------------------------------------------------------------------------
 
 
-def ssl_context(insecure: bool = False) -> ssl_module.SSLContext:
-    """A client TLS context offering ALPN http/1.1 only (HTTP/2 cannot carry the DERP upgrade)."""
-    ctx = ssl_module.create_default_context()
-    if insecure:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl_module.CERT_NONE
-    ctx.set_alpn_protocols(["http/1.1"])
-    return ctx
-
-
 class _RawStream:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.reader, self.writer = reader, writer
@@ -218,18 +208,15 @@ class _WebSocketStream:
 
 async def _open_raw(url: str, *, timeout: float, insecure: bool, headers: dict[str, str] | None,
                     fast_start: bool = False) -> tuple[_RawStream, dict[str, str]]:
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    ctx = ssl_context(insecure) if parts.scheme == "https" else None
+    where = endpoint(url)
+    ctx = ssl_context(insecure) if where.tls else None
     with anyio.fail_after(timeout):
         reader, writer = await asyncio.open_connection(
-            host, port, ssl=ctx, server_hostname=host if ctx else None, limit=1 << 20
+            where.host, where.port, ssl=ctx, server_hostname=where.host if ctx else None, limit=1 << 20
         )
-    netloc = parts.netloc.rpartition("@")[2]
     lines = [
-        f"GET {parts.path or '/derp'} HTTP/1.1",
-        f"Host: {netloc}",
+        f"GET {where.path or '/derp'} HTTP/1.1",
+        f"Host: {where.netloc}",
         "User-Agent: coordinator-derp-client",
         "Connection: Upgrade",
         "Upgrade: DERP",
@@ -269,12 +256,10 @@ async def _open_websocket(
     import websockets
     from websockets.typing import Subprotocol
 
-    parts = urlsplit(url)
-    ws_url = parts._replace(scheme="wss" if parts.scheme == "https" else "ws").geturl()
-    ctx = ssl_context(insecure) if parts.scheme == "https" else None
+    ctx = ssl_context(insecure) if endpoint(url).tls else None
     try:
         ws = await websockets.connect(
-            ws_url, subprotocols=[Subprotocol("derp")], compression=None, max_size=None, ssl=ctx,
+            websocket_url(url), subprotocols=[Subprotocol("derp")], compression=None, max_size=None, ssl=ctx,
             open_timeout=timeout, ping_interval=None, additional_headers=headers or None,
         )
     except (OSError, websockets.InvalidHandshake, websockets.InvalidURI) as exc:
@@ -329,7 +314,7 @@ class DerpClient:
                 stream, resp_headers = await _open_websocket(url, timeout=timeout, insecure=insecure, headers=headers), {}
             else:
                 stream, resp_headers = await _open_raw(url, timeout=timeout, insecure=insecure, headers=headers)
-        except (TimeoutError, OSError) as exc:
+        except (TimeoutError, OSError, ValueError) as exc:
             raise DerpError(f"{url}: cannot connect: {exc or type(exc).__name__}") from exc
         self = cls(stream, key, b"", url)
         self.response_headers = resp_headers

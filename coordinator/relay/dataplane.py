@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+from _relay import codec
 from _relay.relay import Forwarder, RelayServer
 from coordinator.core.keys import NodeKey, load_or_create_server_key
 from coordinator.core.settings import Settings
@@ -82,7 +83,7 @@ class DerpRelay:
             b"HTTP/1.1 101 Switching Protocols\r\n"
             b"Upgrade: DERP\r\n"
             b"Connection: Upgrade\r\n"
-            b"Derp-Version: 2\r\n"
+            b"Derp-Version: " + str(codec.PROTOCOL_VERSION).encode() + b"\r\n"
             b"Derp-Public-Key: " + self.key.public.hex().encode() + b"\r\n\r\n"
         )
 
@@ -107,7 +108,12 @@ class DerpRelay:
         """Close every client; ``restarting=(reconnect_in_ms, try_for_ms)`` first sends each a Restarting frame."""
         self.server.close_all(restarting)
 
+    # The numbers of stats() that are levels (gauges); every other number counts up from zero.
+    GAUGES = frozenset({"current_connections", "current_home_connections", "clients_local", "clients_remote",
+                        "watchers", "duplicate_keys", "mesh_links_congested", "senders_paused", "admission_pending"})
+
     def stats(self) -> dict:
+        """The relay's counters and levels (:attr:`GAUGES`), plus the admission webhook's own counts."""
         stats = self.server.stats()
         if isinstance(self.admission, WebhookAdmission):
             stats["admission_webhook"] = self.admission.stats()

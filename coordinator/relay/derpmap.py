@@ -14,7 +14,8 @@ import json
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from coordinator.core.settings import ConfigError, Settings
+from coordinator.core.errors import ConfigError
+from coordinator.core.settings import Settings
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
 # Field order of tailcfg.DERPNode; False means `json:",omitempty"` (zero values are left out).

@@ -1,110 +1,125 @@
-"""A minimal HTTP/1.1 keep-alive client for latency checks: timed requests carry no connection set-up.
+"""The one HTTP client path for everything but the DERP upgrade: httpx, with anyio timeouts.
 
-Used by the replicas' latency monitor and by ``coordinator probe``.
+Used by the admission webhook, the replicas' latency monitor and ``coordinator probe``. Proxies
+from the environment are ignored (a latency figure through a proxy measures the proxy), and
+httpx's own timeouts are off: callers bound each exchange with an anyio scope (see
+``coordinator.relay.client`` for why never ``asyncio.wait_for``).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+import functools
+import os
+import ssl as ssl_module
 import time
-from urllib.parse import urlsplit
 
-from coordinator.core.errors import describe  # noqa: F401 - re-exported for older imports
-from coordinator.relay.client import ssl_context
+import anyio
+import httpx
+
+from coordinator.core.errors import describe
+from coordinator.core.urls import relay_base
+
+USER_AGENT = "coordinator"
+
+
+@functools.cache
+def ssl_context(insecure: bool = False) -> ssl_module.SSLContext:
+    """A client TLS context offering ALPN http/1.1 only (HTTP/2 cannot carry the DERP upgrade).
+
+    Built once per flavour: loading the trust store costs milliseconds, a context serves any number
+    of connections.
+    """
+    ctx = ssl_module.create_default_context()
+    if insecure:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl_module.CERT_NONE
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+def http_client(*, insecure: bool = False, connections: int | None = None, base_url: str = "") -> httpx.AsyncClient:
+    """An httpx client as every caller here wants it: our TLS context, no proxies, no httpx timeouts.
+
+    ``connections`` caps the pool (one for a latency check: every request then shares the
+    connection the first one opened); idle connections are kept until the client closes.
+    """
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections, keepalive_expiry=None)
+    return httpx.AsyncClient(base_url=base_url, verify=ssl_context(insecure), timeout=None, limits=limits,
+                             trust_env=False, headers={"User-Agent": USER_AGENT})
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    seen: BaseException | None = exc
+    while seen is not None and seen not in chain:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    return chain
+
+
+def tls_failure(exc: BaseException) -> ssl_module.SSLError | None:
+    """The TLS error behind an httpx error, if that is what it was."""
+    return next((e for e in _causes(exc) if isinstance(e, ssl_module.SSLError)), None)
+
+
+def why(exc: BaseException) -> str:
+    """One line for an httpx error: the system's words for the socket error behind it, if any.
+
+    httpx says "All connection attempts failed"; the operator wants "Connection refused".
+    """
+    for cause in reversed(_causes(exc)):
+        if isinstance(cause, ssl_module.SSLError):
+            return describe(cause)
+        if isinstance(cause, OSError) and (cause.errno or cause.strerror):
+            return os.strerror(cause.errno) if cause.errno and cause.errno > 0 else str(cause.strerror)
+    return describe(exc)
 
 
 class KeepAliveHttp:
-    """A minimal HTTP/1.1 keep-alive client: the timed requests carry no connection set-up."""
+    """Timed ``GET`` requests to one server over one kept-alive connection.
+
+    :meth:`round_trip` times a request that found the connection open; one that had to open it
+    (the first, or after the server closed an idle connection) pays for the TCP and TLS set-up and
+    is repeated, so a figure is always one request's round trip.
+    """
 
     def __init__(self, base: str, timeout: float, insecure: bool = False):
-        parts = urlsplit(base)
-        self.host = parts.hostname or ""
-        self.port = parts.port or (443 if parts.scheme == "https" else 80)
-        self.netloc = parts.netloc.rpartition("@")[2]
-        self.ssl = ssl_context(insecure) if parts.scheme == "https" else None
+        self.base = relay_base(base)
         self.timeout = timeout
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
+        self.client = http_client(insecure=insecure, connections=1, base_url=self.base or "")
+        self._stream: object = None  # the connection the last answer came on
 
-    async def _open(self) -> None:
-        try:
-            self.reader, self.writer = await asyncio.wait_for(
-                asyncio.open_connection(self.host, self.port, ssl=self.ssl,
-                                        server_hostname=self.host if self.ssl else None),
-                self.timeout)
-        except TimeoutError:
-            raise ConnectionError(f"cannot connect: no answer within {self.timeout:g} s") from None
-        except OSError as exc:
-            raise ConnectionError(f"cannot connect: {describe(exc)}") from None
-
-    async def get(self, path: str) -> float:
-        """Seconds from sending ``GET path`` to the end of a 200 response; raises on anything else."""
-        if self.writer is None:
-            await self._open()
-        assert self.reader is not None and self.writer is not None
-        request = (f"GET {path} HTTP/1.1\r\nHost: {self.netloc}\r\nUser-Agent: coordinator\r\n"
-                   "Accept: */*\r\n\r\n").encode()
-        try:
-            async with asyncio.timeout(self.timeout):
-                start = time.perf_counter()
-                self.writer.write(request)
-                status, keep = await self._read_response()
-                elapsed = time.perf_counter() - start
-        except TimeoutError:
-            await self.close()
-            raise TimeoutError(f"no answer to GET {path} within {self.timeout:g} s") from None
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
-            await self.close()
-            if isinstance(exc, asyncio.IncompleteReadError) and not exc.partial:
-                raise ConnectionError(f"GET {path}: the server closed the connection without answering") from None
-            raise ConnectionError(f"GET {path}: {describe(exc)}") from None
-        if not keep:
-            await self.close()
-        if status != 200:
-            raise ConnectionError(f"GET {path} answered HTTP {status}, not 200")
+    async def round_trip(self, path: str) -> float:
+        """Seconds of one ``GET path`` answered 200 on an open connection; raises on anything else."""
+        elapsed, reused = await self._get(path)
+        if not reused:
+            elapsed, _ = await self._get(path)
         return elapsed
 
-    async def _read_response(self) -> tuple[int, bool]:
-        reader = self.reader
-        assert reader is not None
-        head = await reader.readuntil(b"\r\n\r\n")
-        status_line, *lines = head.decode("latin-1").split("\r\n")
-        fields = status_line.split(" ", 2)
-        if len(fields) < 2 or not fields[0].startswith("HTTP/1.") or not fields[1].isdigit():
-            raise ValueError(f"not an HTTP response: {status_line[:40]!r}")
-        headers = {}
-        for line in lines:
-            name, sep, value = line.partition(":")
-            if sep:
-                headers[name.strip().lower()] = value.strip().lower()
-        keep = "close" not in headers.get("connection", "") and fields[0] != "HTTP/1.0"
-        if "chunked" in headers.get("transfer-encoding", ""):
-            while True:
-                size = int((await reader.readuntil(b"\r\n")).split(b";")[0].strip() or b"0", 16)
-                await reader.readexactly(size + 2)
-                if size == 0:
-                    break
-        elif "content-length" in headers:
-            await reader.readexactly(int(headers["content-length"]))
-        elif fields[1] not in ("204", "304"):
-            await reader.read()  # body until EOF
-            keep = False
-        return int(fields[1]), keep
-
-    @property
-    def connected(self) -> bool:
-        return self.writer is not None
-
-    def abort(self) -> None:
-        """Drop the connection without waiting (from synchronous code)."""
-        writer, self.writer, self.reader = self.writer, None, None
-        if writer is not None:
-            writer.close()
+    async def _get(self, path: str) -> tuple[float, bool]:
+        if self.base is None:
+            raise ConnectionError("no usable relay URL")
+        request = self.client.build_request("GET", path)
+        try:
+            with anyio.fail_after(self.timeout):
+                start = time.perf_counter()
+                response = await self.client.send(request)
+                elapsed = time.perf_counter() - start
+        except TimeoutError:
+            self._stream = None
+            raise TimeoutError(f"no answer to GET {path} within {self.timeout:g} s") from None
+        except httpx.ConnectError as exc:
+            self._stream = None
+            raise ConnectionError(f"cannot connect: {why(exc)}") from None
+        except httpx.HTTPError as exc:
+            self._stream = None
+            raise ConnectionError(f"GET {path}: {why(exc)}") from None
+        # httpcore hands out the connection's own stream object: the same one means the same connection.
+        stream = response.extensions.get("network_stream")
+        reused, self._stream = stream is not None and stream is self._stream, stream
+        if response.status_code != 200:
+            raise ConnectionError(f"GET {path} answered HTTP {response.status_code}, not 200")
+        return elapsed, reused
 
     async def close(self) -> None:
-        writer, self.writer, self.reader = self.writer, None, None
-        if writer is not None:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), 1)
+        await self.client.aclose()

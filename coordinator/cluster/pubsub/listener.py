@@ -18,10 +18,9 @@ from typing import Any
 import psycopg
 from psycopg import pq
 
-from coordinator.cluster.db import Connection
+from coordinator.cluster.db import Connection, shut_socket
 from coordinator.cluster.pubsub.errors import NotConnected, PubSubError
 from coordinator.cluster.pubsub.metrics import Metrics
-from coordinator.cluster.pubsub.pgconn import abort
 from coordinator.cluster.pubsub.publisher import Publisher
 from coordinator.cluster.pubsub.queue import Subscriber
 from coordinator.core.errors import describe
@@ -93,7 +92,7 @@ class Listener:
         if self._first is not None and not self._first.done():  # a start() is still waiting
             self._first.set_exception(PubSubError("PubSub closed while starting"))
         if self._conn is not None and not self._idle:
-            abort(self._conn)  # don't let a hung statement hold up close
+            shut_socket(self._conn)  # don't let a hung statement hold up close
 
     def cancel_calls(self) -> None:
         for _, fut in self._calls:
@@ -104,7 +103,7 @@ class Listener:
         if self.session_id != session or self._conn is None:
             return False
         self._teardown_reason = reason
-        abort(self._conn)
+        shut_socket(self._conn)
         return True
 
     async def query(self, sql: str, timeout: float) -> list[tuple[Any, ...]]:
@@ -225,7 +224,7 @@ class Listener:
         self._teardown_reason = None
         self._listening = set()
         # Pings start once connected; until then a stalled server is cut off by this timer.
-        setup_timer = loop.call_later(self._connect_timeout, abort, conn)
+        setup_timer = loop.call_later(self._connect_timeout, shut_socket, conn)
         try:
             if conn.info.parameter_status("client_encoding") != want_enc:
                 await conn.execute(f"SET client_encoding TO '{want_enc}'".encode())

@@ -1,11 +1,9 @@
-"""Connection options and the socket-level abort that the listener and the publishers share."""
+"""Connection options the listener and the publishers share."""
 
 from __future__ import annotations
 
 import math
 from typing import Any
-
-from coordinator.cluster.db import shut_socket
 
 
 def connection_kwargs(
@@ -23,7 +21,3 @@ def connection_kwargs(
         "tcp_user_timeout": (keepalive_idle + keepalive_interval * keepalive_count) * 1000,
     }
 
-
-# A hung statement must not hold up close: shutting its socket makes the pending read return EOF
-# at once (psycopg's own cancel would first wait on a server-side cancel, blocking the process).
-abort = shut_socket

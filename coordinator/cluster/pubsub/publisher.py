@@ -14,10 +14,9 @@ from typing import Any
 import psycopg
 from psycopg import pq
 
-from coordinator.cluster.db import Connection
+from coordinator.cluster.db import Connection, shut_socket
 from coordinator.cluster.pubsub.errors import PublishError
 from coordinator.cluster.pubsub.metrics import Metrics
-from coordinator.cluster.pubsub.pgconn import abort
 from coordinator.core.errors import describe
 
 # Binary parameters: psycopg dumps text arrays about twice as fast in binary as in text format.
@@ -84,7 +83,7 @@ class Publisher:
 
             def expire() -> None:
                 fired.append(True)
-                abort(conn)
+                shut_socket(conn)
 
             timer = loop.call_at(deadline, expire)
             error: psycopg.Error | None = None

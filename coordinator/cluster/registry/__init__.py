@@ -2,5 +2,6 @@
 
 from coordinator.cluster.registry.registry import CHANNEL, ReplicaRegistry
 from coordinator.cluster.registry.table import ALIVE_SQL, MISSED_BEATS, ReplicaInfo
+from coordinator.cluster.registry.view import OperatorView
 
-__all__ = ["ALIVE_SQL", "CHANNEL", "MISSED_BEATS", "ReplicaInfo", "ReplicaRegistry"]
+__all__ = ["ALIVE_SQL", "CHANNEL", "MISSED_BEATS", "OperatorView", "ReplicaInfo", "ReplicaRegistry"]

@@ -33,9 +33,9 @@ import anyio.abc
 import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
-from psycopg_pool import PoolTimeout
 
 from coordinator.cluster.db import Database, DatabaseUnavailable
+from coordinator.cluster.registry.health import BeatHealth
 from coordinator.cluster.registry.table import (
     _CLEANUP,
     _INSERT_SELF,
@@ -45,6 +45,7 @@ from coordinator.cluster.registry.table import (
     MISSED_BEATS,
     ReplicaInfo,
 )
+from coordinator.cluster.registry.view import OperatorView, read_view
 from coordinator.core.errors import describe
 
 log = logging.getLogger("coordinator.replicas")
@@ -107,22 +108,16 @@ class ReplicaRegistry:
         self.on_probe = on_probe  # called with each heartbeat's database round trip (seconds)
         self._measurements: dict = {"peer_latencies": Jsonb({}), "pubsub_latency": 0}
         self._database_median: float | None = None
-        self.clock_skew = 0.0  # database clock minus ours, seconds
+        self.health = BeatHealth(self.id, heartbeat, recovery_grace)
 
         self._self_row: ReplicaInfo | None = None
         self._rows: list[ReplicaInfo] = []
         self._peers: list[ReplicaInfo] = []
         self._peer_key: tuple | None = None
-        self._healthy = False
-        self._last_error: str | None = None
-        self._down_since: float | None = None
-        self._grace_until = 0.0
-        self._last_beat_ok = math.inf  # monotonic time of our last successful write
         self._next_expiry: float | None = None
         self._row_error = ""
         self._written_error = ""
         self._written_error_changed = False
-        self._skew_warned = False
         self._malformed = 0
         self._malformed_logged_at = -math.inf
         # One-slot buffer: kicks arriving during a sync collapse into a single follow-up sync.
@@ -147,12 +142,17 @@ class ReplicaRegistry:
     @property
     def healthy(self) -> bool:
         """True while heartbeats reach the database."""
-        return self._healthy
+        return self.health.healthy
 
     @property
     def last_error(self) -> str | None:
         """Why the last heartbeat failed, or None while healthy."""
-        return self._last_error
+        return self.health.last_error
+
+    @property
+    def clock_skew(self) -> float:
+        """The database clock minus ours, seconds (as of the last heartbeat)."""
+        return self.health.clock_skew
 
     def peers(self) -> list[ReplicaInfo]:
         """Live replicas in every region, excluding this one."""
@@ -231,22 +231,9 @@ class ReplicaRegistry:
         await self._stopped.wait()
         return self._stop_recorded or self._self_row is None
 
-    async def peer_matrix(self) -> dict[UUID, dict]:
-        """Each replica's ``peer_latencies`` (what it measured to its peers), read now."""
-        with anyio.fail_after(self._op_timeout):
-            async with self.db.connection(timeout=self._op_timeout) as conn:
-                cur = await conn.execute("SELECT id, peer_latencies FROM replicas")
-                return {rid: latencies or {} for rid, latencies in await cur.fetchall()}
-
-    async def peer_matrix_or_none(self) -> dict[UUID, dict]:
-        """:meth:`peer_matrix` for the operator's views: empty while the database is away (rows as last seen)."""
-        if self.db is None:
-            return {}
-        try:
-            return await self.peer_matrix()
-        except Exception as exc:
-            log.debug("latency matrix unavailable: %s", exc)
-            return {}
+    async def operator_view(self) -> OperatorView:
+        """Each replica's latency matrix row and heartbeat age, read now; empty while the database is away."""
+        return await read_view(self.db, self._op_timeout)
 
     async def refresh(self) -> None:
         """Re-read the table now (Coder's UpdateNow, without the write)."""
@@ -271,7 +258,7 @@ class ReplicaRegistry:
         try:
             with anyio.fail_after(max(self._op_timeout, 10.0)):
                 await self._beat()
-            self._mark_healthy()
+            self.health.beat_ok()
             await self._publish()
             await self._sync()
         except Exception as exc:
@@ -286,7 +273,7 @@ class ReplicaRegistry:
         deadline = anyio.current_time() + self._leave_timeout
         if self._self_row is not None:
             # With the database already down, don't hold up the stop hoping for it.
-            timeout = self._leave_timeout if self._healthy else min(1.0, self._leave_timeout)
+            timeout = self._leave_timeout if self.health.healthy else min(1.0, self._leave_timeout)
             try:
                 with anyio.fail_after(timeout):
                     async with self.db.connection(timeout=timeout) as conn:
@@ -309,7 +296,7 @@ class ReplicaRegistry:
                     await unsubscribe()
                 except Exception as exc:
                     log.debug("unsubscribe from %r failed: %s", CHANNEL, describe(exc))
-        self._healthy = False
+        self.health.healthy = False
         self._kick_send.close()
         self._kick_recv.close()
 
@@ -334,12 +321,12 @@ class ReplicaRegistry:
                     reinserted = await self._beat()
             except Exception as exc:  # whatever the database does, keep beating
                 failures += 1
-                await self._mark_unhealthy(exc)
+                await self.health.beat_failed(exc, self._diagnose)
                 if isinstance(exc, psycopg.errors.UndefinedTable):
                     await self._remigrate()
                 continue
             failures = 0
-            resumed = self._mark_healthy()
+            resumed = self.health.beat_ok()
             if reinserted or resumed or self._written_error_changed:
                 await self._publish()
             self._kick()
@@ -371,7 +358,7 @@ class ReplicaRegistry:
             if row is None:
                 await cur.execute(_INSERT_SELF, params)
                 row = await cur.fetchone()
-        self._check_skew(probe.skew)
+        self.health.check_skew(probe.skew)
         if self.on_probe is not None:
             self.on_probe(probe.latency)
         if reinserted:
@@ -382,39 +369,8 @@ class ReplicaRegistry:
         self._written_error = error
         return reinserted
 
-    def _mark_healthy(self) -> bool:
-        """Record a successful beat; True if it ends a gap long enough for peers to have dropped us."""
-        now = time.monotonic()
-        gap = now - self._last_beat_ok
-        self._last_beat_ok = now
-        resumed = gap > MISSED_BEATS * self.heartbeat
-        if resumed:
-            # Peers' rows went stale during the same outage; let them beat again before judging.
-            self._grace_until = now + MISSED_BEATS * self.heartbeat + self.recovery_grace
-        if not self._healthy and self._down_since is not None:
-            log.info("replica %s: database reachable again after %.1f s; heartbeating", self.id, now - self._down_since)
-        self._healthy = True
-        self._last_error = None
-        self._down_since = None
-        return resumed
-
-    async def _mark_unhealthy(self, exc: BaseException) -> None:
-        reason = describe(exc)
-        timed_out = isinstance(exc, TimeoutError | PoolTimeout)
-        if not self._healthy:
-            if not timed_out:  # else keep the diagnosed cause from the start of the outage
-                self._last_error = reason
-            log.debug("replica %s: heartbeat still failing: %s", self.id, reason)
-            return
-        self._healthy = False
-        self._down_since = time.monotonic()
-        if timed_out:
-            # The pool only knows it waited; once per outage, ask for the real cause.
-            cause = await self.db.diagnose(timeout=min(self._op_timeout, 5.0))
-            if cause:
-                reason = f"{reason}: {cause}"
-        self._last_error = reason
-        log.warning("replica %s: heartbeat failed (%s); keeping last known peers and retrying", self.id, reason)
+    async def _diagnose(self) -> str | None:
+        return await self.db.diagnose(timeout=min(self._op_timeout, 5.0))
 
     async def _remigrate(self) -> None:
         # The schema is gone: the database was replaced (restored, or a failover lost recent
@@ -424,14 +380,6 @@ class ReplicaRegistry:
                 await self.db.migrate()
         except Exception as exc:
             log.debug("re-applying migrations failed: %s", describe(exc))
-
-    def _check_skew(self, skew: float) -> None:
-        self.clock_skew = skew
-        off = abs(skew) > max(1.0, self.heartbeat)
-        if off != self._skew_warned:
-            self._skew_warned = off
-            if off:
-                log.warning("local clock is %+.2f s off the database clock; liveness uses database time only", -skew)
 
     async def _cleanup(self) -> None:
         try:
@@ -505,12 +453,11 @@ class ReplicaRegistry:
         peers = [r for r in replicas if r.alive and r.id != self.id]
         expiries = [r["expires_in"] for r in rows if r["alive"] and r["id"] != self.id]
         self._next_expiry = now + min(expiries) + 0.01 if expiries else None
-        # While our own heartbeat is overdue (or just resumed) staleness says more about the
-        # database than about peers: keep last known peers unless they left or were removed.
-        if now < self._grace_until or now - self._last_beat_ok > MISSED_BEATS * self.heartbeat:
+        # Keep last known peers unless they left or were removed.
+        if self.health.in_grace(now):
             peers += self._kept_in_grace(peers, replicas)
-            if now < self._grace_until:
-                self._next_expiry = min(self._next_expiry or math.inf, self._grace_until)
+            if now < self.health.grace_until:
+                self._next_expiry = min(self._next_expiry or math.inf, self.health.grace_until)
         peers.sort(key=lambda r: str(r.id))
         self._rows = replicas
         self._peers = peers

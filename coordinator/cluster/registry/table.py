@@ -22,6 +22,9 @@ _SELECT_ALL = f"""
            extract(epoch FROM updated_at + {MISSED_BEATS} * heartbeat_ms * interval '1 millisecond' - now())::float8
                AS expires_in
     FROM replicas"""
+# What the operator's views read on demand: the latency matrix and each heartbeat's age (database time).
+_SELECT_VIEW = """
+    SELECT id, peer_latencies, extract(epoch FROM now() - updated_at)::float8 AS heartbeat_age FROM replicas"""
 _UPDATE_SELF = """
     UPDATE replicas
     SET updated_at = now(), stopped_at = NULL, hostname = %(hostname)s, region_id = %(region_id)s,

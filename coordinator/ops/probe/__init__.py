@@ -28,7 +28,6 @@ Modules: ``model`` (figures, replicas, formats), ``discovery`` (database or API)
 from coordinator.ops.probe.cli import add_arguments, build_parser, main, run_from_args
 from coordinator.ops.probe.model import (
     DEFAULT_SAMPLES,
-    DEFAULT_THRESHOLD,
     DEFAULT_TIMEOUT,
     EXIT_INTERNAL,
     EXIT_OK,
@@ -43,7 +42,6 @@ from coordinator.ops.probe.run import run_probe
 
 __all__ = [
     "DEFAULT_SAMPLES",
-    "DEFAULT_THRESHOLD",
     "DEFAULT_TIMEOUT",
     "EXIT_INTERNAL",
     "EXIT_OK",

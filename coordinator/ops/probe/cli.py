@@ -11,10 +11,10 @@ import sys
 import traceback
 
 from coordinator.core.errors import one_line
+from coordinator.core.health import LATENCY_THRESHOLD
 from coordinator.ops.probe.discovery import local_database
 from coordinator.ops.probe.model import (
     DEFAULT_SAMPLES,
-    DEFAULT_THRESHOLD,
     EXIT_INTERNAL,
     EXIT_OK,
     EXIT_PROBLEMS,
@@ -81,14 +81,14 @@ def _setup_logging(verbose: bool) -> None:
 
 def _durations(args: argparse.Namespace) -> tuple[float, float]:
     """(threshold, timeout) in seconds from the options and the environment; refuses what cannot work."""
-    from coordinator.core.settings import parse_duration
+    from coordinator.core.values import parse_duration
 
     if args.threshold is not None:
         threshold = parse_duration(args.threshold, "--threshold")
     elif os.environ.get(THRESHOLD_ENV):
         threshold = parse_duration(os.environ[THRESHOLD_ENV], THRESHOLD_ENV)
     else:
-        threshold = DEFAULT_THRESHOLD
+        threshold = LATENCY_THRESHOLD
     timeout = parse_duration(args.timeout, "--timeout")
     if not threshold > 0:
         raise ProbeUsageError("the threshold must be positive")
@@ -121,7 +121,7 @@ def _database_url(args: argparse.Namespace) -> str | None:
 
 def run_from_args(args: argparse.Namespace, prog: str = "coordinator probe") -> int:
     """Run with parsed options (from :func:`add_arguments`); returns the exit status."""
-    from coordinator.core.settings import ConfigError
+    from coordinator.core.errors import ConfigError
 
     _setup_logging(args.verbose)
 

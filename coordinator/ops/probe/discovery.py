@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import math
-import ssl as ssl_module
-import urllib.error
-import urllib.request
 from pathlib import Path
+
+import anyio
+import httpx
 
 from coordinator.cluster.registry import ALIVE_SQL
 from coordinator.core.errors import describe, one_line
 from coordinator.ops.probe.model import TOKEN_ENV, ProbeUsageError, ReplicaInfo
-from coordinator.relay.client import ssl_context
+from coordinator.relay.httpclient import http_client, tls_failure, why
+
+MAX_API_ANSWER = 8 << 20  # bytes of /api/v2/replicas read: thousands of replicas, never a runaway body
 
 _REPLICAS_SQL = f"""
     SELECT id, hostname, region_id, relay_url, error, database_latency, pubsub_latency, peer_latencies,
@@ -64,7 +65,7 @@ async def connect_db(url: str, timeout: float):
     conninfo = make_conninfo(conninfo, connect_timeout=str(max(2, math.ceil(timeout))),
                              application_name="coordinator-probe")
     try:
-        async with asyncio.timeout(timeout + 1.0):
+        with anyio.fail_after(timeout + 1.0):
             conn = await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
     except TimeoutError:
         raise ProbeUsageError(f"cannot connect to PostgreSQL at {target}: no answer within {timeout:g} s") from None
@@ -78,7 +79,7 @@ async def replicas_from_db(conn, target: str, timeout: float) -> list[ReplicaInf
     from psycopg.rows import dict_row
 
     try:
-        async with asyncio.timeout(timeout):
+        with anyio.fail_after(timeout):
             try:
                 cur = await conn.cursor(row_factory=dict_row).execute(_REPLICAS_SQL)
             except psycopg.errors.UndefinedColumn:
@@ -104,28 +105,31 @@ async def replicas_from_db(conn, target: str, timeout: float) -> list[ReplicaInf
     ]
 
 
-def replicas_from_api(url: str, token: str | None, timeout: float, insecure: bool) -> list[ReplicaInfo]:
-    """``GET <url>/api/v2/replicas`` (blocking: run in a thread)."""
+async def replicas_from_api(url: str, token: str | None, timeout: float, insecure: bool) -> list[ReplicaInfo]:
+    """``GET <url>/api/v2/replicas``."""
     api = url.rstrip("/") + "/api/v2/replicas"
     headers = {"Accept": "application/json", "User-Agent": "coordinator-probe"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    ctx = ssl_context(insecure) if api.startswith("https:") else None
     try:
-        with urllib.request.urlopen(urllib.request.Request(api, headers=headers), timeout=timeout, context=ctx) as resp:
-            ctype = resp.headers.get("Content-Type", "")
-            body = resp.read(8 << 20)
-    except urllib.error.HTTPError as exc:
-        raise _http_error(url, api, exc, token) from None
-    except urllib.error.URLError as exc:
-        reason = exc.reason
-        if isinstance(reason, ssl_module.SSLError):
-            raise ProbeUsageError(f"TLS with {url} failed: {describe(reason)} (--insecure skips verification)") from None
-        raise ProbeUsageError(f"cannot reach {url}: {describe(reason) if isinstance(reason, BaseException) else reason}") from None
+        with anyio.fail_after(timeout):
+            async with http_client(insecure=insecure) as client, client.stream("GET", api, headers=headers) as resp:
+                body = b""
+                async for chunk in resp.aiter_bytes():
+                    body += chunk
+                    if len(body) >= MAX_API_ANSWER:
+                        break
     except TimeoutError:
         raise ProbeUsageError(f"no answer from {url} within {timeout:g} s") from None
-    except (OSError, ValueError) as exc:  # http.client's BadStatusLine & co. are ValueError/OSError subclasses
-        raise ProbeUsageError(f"{url} did not answer like an HTTP server: {describe(exc)}") from None
+    except httpx.ConnectError as exc:
+        if (tls := tls_failure(exc)) is not None:
+            raise ProbeUsageError(f"TLS with {url} failed: {describe(tls)} (--insecure skips verification)") from None
+        raise ProbeUsageError(f"cannot reach {url}: {why(exc)}") from None
+    except httpx.HTTPError as exc:
+        raise ProbeUsageError(f"{url} did not answer like an HTTP server: {why(exc)}") from None
+    if resp.status_code != 200:
+        raise _http_error(url, api, resp.status_code, resp.reason_phrase, body, token)
+    ctype = resp.headers.get("Content-Type", "")
 
     try:
         data = json.loads(body)
@@ -148,17 +152,17 @@ def replicas_from_api(url: str, token: str | None, timeout: float, insecure: boo
     ]
 
 
-def _http_error(url: str, api: str, exc: urllib.error.HTTPError, token: str | None) -> ProbeUsageError:
+def _http_error(url: str, api: str, code: int, reason: str, body: bytes, token: str | None) -> ProbeUsageError:
     message = ""
     with contextlib.suppress(Exception):
-        data = json.loads(exc.read(65536))
+        data = json.loads(body)
         if isinstance(data, dict):
             message = str(data.get("message") or data.get("detail") or "")
     detail = f": {one_line(message)}" if message else ""
-    if exc.code in (401, 403):
+    if code in (401, 403):
         if not token:
-            return ProbeUsageError(f"{url} wants an API token (HTTP {exc.code}{detail}): pass --token or set {TOKEN_ENV[0]}")
-        return ProbeUsageError(f"{url} refused the API token (HTTP {exc.code}{detail})")
-    if exc.code == 404:
+            return ProbeUsageError(f"{url} wants an API token (HTTP {code}{detail}): pass --token or set {TOKEN_ENV[0]}")
+        return ProbeUsageError(f"{url} refused the API token (HTTP {code}{detail})")
+    if code == 404:
         return ProbeUsageError(f"{api} does not exist (HTTP 404): is {url} a coordinator replica (or its load balancer)?")
-    return ProbeUsageError(f"{api} answered HTTP {exc.code} {exc.reason}{detail}")
+    return ProbeUsageError(f"{api} answered HTTP {code} {reason}{detail}")

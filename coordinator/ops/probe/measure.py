@@ -8,6 +8,8 @@ import time
 from itertools import permutations
 from typing import TYPE_CHECKING
 
+import anyio
+
 from coordinator.core.errors import describe
 from coordinator.core.urls import relay_base
 from coordinator.ops.probe.model import Figure, MeshPair, ReplicaInfo
@@ -84,16 +86,10 @@ class _HttpCheck(_Check):
 
     def __init__(self, r: ReplicaInfo, timeout: float, insecure: bool):
         super().__init__(r.http)
-        self.base = relay_base(r.relay_url)
-        self.conn = KeepAliveHttp(self.base or "http://invalid", timeout, insecure)
-
-    async def setup(self) -> None:
-        if self.base is None:
-            raise ConnectionError("no usable relay URL")
-        await self.once()  # the first request pays for the TCP (and TLS) handshake
+        self.conn = KeepAliveHttp(r.relay_url, timeout, insecure)
 
     async def once(self) -> float:
-        return await self.conn.get("/derp/latency-check")
+        return await self.conn.round_trip("/derp/latency-check")
 
     async def close(self) -> None:
         await self.conn.close()
@@ -167,7 +163,7 @@ class _DerpCheck(_Check):
 
 async def _setup(check: _Check, timeout: float) -> None:
     try:
-        async with asyncio.timeout(2 * timeout + 1):  # connect, then one round trip
+        with anyio.fail_after(2 * timeout + 1):  # connect, then one round trip
             await check.setup()
         check.ready = True
     except Exception as exc:
@@ -180,7 +176,7 @@ async def _sample_round_robin(checks: list[_Check], samples: int, timeout: float
             if not check.ready:
                 continue
             try:
-                async with asyncio.timeout(timeout):
+                with anyio.fail_after(timeout):
                     check.fig.samples.append(await check.once())
             except Exception as exc:
                 check.ready = False
@@ -220,7 +216,7 @@ async def _measure_mesh(pair: MeshPair, a: _DerpCheck, b: _DerpCheck, samples: i
         for _ in range(samples):
             fut = loop.create_future()
             try:
-                async with asyncio.timeout(timeout):
+                with anyio.fail_after(timeout):
                     start = time.perf_counter()
                     await send_probe(fut)
                     pair.rtt.samples.append(await fut - start)

@@ -6,7 +6,6 @@ import statistics
 from dataclasses import dataclass, field
 
 SCHEMA = "coordinator.ops.probe/v1"
-DEFAULT_THRESHOLD = 0.010  # seconds
 DEFAULT_SAMPLES = 5
 DEFAULT_TIMEOUT = 3.0  # seconds, per connection attempt and per sample
 

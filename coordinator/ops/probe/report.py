@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from coordinator.core.errors import one_line
+from coordinator.core.timestamps import iso_utc
 from coordinator.ops.probe.model import SCHEMA, Figure, MeshPair, ReplicaInfo, fmt_ms, fmt_threshold, ms
 
 RELAY_URL_ENV = "COORDINATOR_DERP_SERVER_RELAY_URL"
@@ -172,7 +173,7 @@ def build_report(*, source: dict, threshold: float, samples: int, started_at: da
     matrix = _matrix(judge, replicas)
     return {
         "schema": SCHEMA,
-        "started_at": started_at.isoformat().replace("+00:00", "Z"),
+        "started_at": iso_utc(started_at),
         "duration_ms": round(duration * 1000.0, 1),
         "threshold_ms": judge.threshold_ms,
         "samples": samples,

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from datetime import UTC, datetime
 
+from coordinator.core.health import LATENCY_THRESHOLD
 from coordinator.core.urls import relay_base, without_userinfo
 from coordinator.ops.probe.discovery import connect_db, replicas_from_api, replicas_from_db
 from coordinator.ops.probe.measure import measure
 from coordinator.ops.probe.model import (
     DEFAULT_SAMPLES,
-    DEFAULT_THRESHOLD,
     DEFAULT_TIMEOUT,
     ProbeUsageError,
     assign_short_ids,
@@ -25,7 +24,7 @@ async def run_probe(
     pg_url: str | None = None,
     replica_url: str | None = None,
     token: str | None = None,
-    threshold: float = DEFAULT_THRESHOLD,
+    threshold: float = LATENCY_THRESHOLD,
     samples: int = DEFAULT_SAMPLES,
     timeout: float = DEFAULT_TIMEOUT,
     insecure: bool = False,
@@ -53,7 +52,7 @@ async def run_probe(
             assert replica_url is not None  # one of the two, checked above
             if relay_base(replica_url) is None:
                 raise ProbeUsageError(f"--url {replica_url!r} must be an http:// or https:// URL with a host")
-            found = await asyncio.to_thread(replicas_from_api, replica_url, token, timeout, insecure)
+            found = await replicas_from_api(replica_url, token, timeout, insecure)
             source = {"mode": "replica", "target": without_userinfo(replica_url)}
         alive = [r for r in found if r.alive]
         not_alive = [r for r in found if not r.alive]

@@ -6,12 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-from pgcluster import free_port
+from testkit.pgcluster import free_port
+from testkit.polling import wait_blocking
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,17 +32,13 @@ class Proc:
         return self.log_path.read_text(errors="replace")
 
     def wait_http(self, url: str, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def ready() -> bool:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"process exited with {self.proc.returncode}:\n{self.output[-3000:]}")
-            try:
-                with urllib.request.urlopen(url, timeout=1) as resp:
-                    if resp.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"{url} not ready within {timeout} s:\n{self.output[-3000:]}")
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                return resp.status == 200
+
+        wait_blocking(ready, timeout, lambda: f"{url} to answer 200:\n{self.output[-3000:]}", 0.05, ignore=(OSError,))
 
     def signal(self, sig: int) -> None:
         if self.proc.poll() is None:

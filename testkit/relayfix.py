@@ -13,7 +13,7 @@ from coordinator.edge.protocol import DerpHttpProtocol
 from coordinator.edge.routes import create_app
 from coordinator.relay.client import DerpClient
 from coordinator.relay.dataplane import DerpRelay
-from polling import wait_for
+from testkit.polling import wait_for
 
 
 @contextlib.asynccontextmanager

@@ -1,4 +1,7 @@
-"""Wait for a condition in a test: poll it, and fail with what was awaited instead of hanging."""
+"""Every wait of the tests and scripts: poll a condition, and fail with what was awaited instead of hanging.
+
+A blocking predicate (HTTP calls to replica processes) in async code: ``lambda: asyncio.to_thread(check)``.
+"""
 
 from __future__ import annotations
 
@@ -35,10 +38,10 @@ async def wait_for(predicate: Callable[[], Any], timeout: float = 5.0, what: Wha
 
 
 async def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, what: What = "the condition",
-                     interval: float = 0.01) -> float:
+                     interval: float = 0.01, ignore: tuple[type[BaseException], ...] = ()) -> float:
     """Like :func:`wait_for`, but return how many seconds it took (for the figures tests print)."""
     start = time.monotonic()
-    await wait_for(predicate, timeout, what, interval)
+    await wait_for(predicate, timeout, what, interval, ignore)
     return time.monotonic() - start
 
 
@@ -56,3 +59,11 @@ def wait_blocking(predicate: Callable[[], Any], timeout: float, what: What = "th
         if time.monotonic() > deadline:
             raise _timed_out(timeout, what)
         time.sleep(interval)
+
+
+def wait_until_blocking(predicate: Callable[[], Any], timeout: float, what: What = "the condition",
+                        interval: float = 0.1, ignore: tuple[type[BaseException], ...] = ()) -> float:
+    """:func:`wait_blocking`, returning how many seconds it took (for the figures benchmarks print)."""
+    start = time.monotonic()
+    wait_blocking(predicate, timeout, what, interval, ignore)
+    return time.monotonic() - start

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from coordinator.core.keys import NodeKey
 from coordinator.relay.client import DerpClient, DerpError, RecvPacket, Restarting
+from testkit.polling import wait_for
 
 WARM_UP = b"warm-up"  # not 8 bytes long, so never taken for a numbered packet
 
@@ -143,15 +144,17 @@ class Traffic:
 
     async def routed(self, timeout: float = 20.0) -> None:
         """Wait until every flow delivers (each receiver's presence has crossed the mesh)."""
-        deadline = time.monotonic() + timeout
         pending = list(self.flows)
-        while pending:
+
+        async def delivered() -> bool:
+            nonlocal pending
+            pending = [f for f in pending if not f.routed]
             for f in pending:
                 await f.src.send(f.dst.public_key, WARM_UP)
-            await asyncio.sleep(0.05)
-            pending = [f for f in pending if not f.routed]
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{len(pending)} of {len(self.flows)} flows never delivered")
+            return not pending
+
+        await wait_for(delivered, timeout, lambda: f"every flow to deliver ({len(pending)} of {len(self.flows)} never did)",
+                       0.05)
 
     def run(self) -> None:
         """Start sending numbered packets on every flow."""

@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from coordinator.cli import nginx
-from coordinator.cluster.mesh import normalize_relay_url
-from procs import Proc, free_port, python
+from coordinator.core.urls import derp_url
+from testkit.procs import Proc, free_port, python
 
 
 class Replica:
@@ -83,7 +83,7 @@ class Replica:
 def full_mesh(replicas: list[Replica]) -> bool:
     """Every one of ``replicas`` has a connected mesh link to every other."""
     for r in replicas:
-        want = {normalize_relay_url(o.url) for o in replicas if o is not r}
+        want = {derp_url(o.url) for o in replicas if o is not r}
         if not want <= r.mesh_connected():
             return False
     return True

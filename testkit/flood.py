@@ -1,6 +1,6 @@
 """One sender/receiver pair through a relay, in its own process: the sender writes as fast as TCP lets it.
 
-``python tests/flood.py URL --seconds S [--warmup W] [--size N] [--mesh-key K]`` prints one JSON
+``python testkit/flood.py URL --seconds S [--warmup W] [--size N] [--mesh-key K]`` prints one JSON
 line: payload bytes the receiver got during the measured window, the window's length, and
 whether the packets (numbered by the sender) arrived without a gap, i.e. nothing was dropped.
 """

