@@ -49,9 +49,18 @@ test: $(VENV)/.installed
 	@echo "==> running the test suite (on the embedded mode's PostgreSQL)"
 	$(PY) -m pytest
 
+# The venv's tools, found by name: cython-lint starts pycodestyle from PATH, which need not have it.
+# abspath: VENV may be relative or absolute.
+LINT_PATH := $(abspath $(VENV))/bin:$(PATH)
+
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check coordinator tests scripts
-	$(VENV)/bin/cython-lint _relay/*.pyx _relay/*.pxd _relay/*.pxi
+	PATH="$(LINT_PATH)" ruff check coordinator tests scripts
+	PATH="$(LINT_PATH)" cython-lint _relay/*.pyx _relay/*.pxd _relay/*.pxi
+	PATH="$(LINT_PATH)" lint-imports
+	PATH="$(LINT_PATH)" mypy
+	@# grimp reads .py files only: the compiled data plane is checked here (see [tool.importlinter]).
+	@if grep -nE '^\s*(c?import|from)\s+coordinator\b' $(wildcard _relay/*.py*) $(wildcard _relay/*.pxi); then \
+		echo "lint: _relay (the data plane) must not import coordinator"; exit 1; fi
 
 bench: $(VENV)/.installed
 	$(PY) scripts/bench_relay.py

@@ -60,6 +60,8 @@ def test_wheel_is_manylinux_with_no_sources_and_with_its_data(dist):
                  "coordinator/ops/static/status.html", "coordinator/ops/static/login.html",
                  "coordinator/ops/static/status.css", "coordinator/cluster/migrations/0001_initial.sql"):
         assert data in names, data
+    for typed in ("_relay/relay.pyi", "_relay/codec.pyi", "_relay/py.typed", "coordinator/py.typed"):
+        assert typed in names, typed  # what an embedding service's type checker reads
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     meta = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert "License-Expression: MIT" in meta

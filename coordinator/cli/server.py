@@ -53,7 +53,8 @@ def uvicorn_config(settings: Settings, app) -> uvicorn.Config:
         forwarded_allow_ips=settings.forwarded_allow_ips,
         ssl_certfile=settings.tls_cert_file or None,
         ssl_keyfile=settings.tls_key_file or None,
-        timeout_graceful_shutdown=max(0.1, settings.shutdown_timeout * HTTP_DRAIN_SHARE),
+        # uvicorn annotates int, but it waits with asyncio, where a fraction of a second works.
+        timeout_graceful_shutdown=max(0.1, settings.shutdown_timeout * HTTP_DRAIN_SHARE),  # type: ignore[arg-type]
     )
 
 
@@ -67,7 +68,7 @@ class ReplicaServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, replica: Replica):
         super().__init__(config)
         self.replica = replica
-        self.loop = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self._signalled = False
         self._watchdog: threading.Timer | None = None
 

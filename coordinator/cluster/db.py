@@ -69,8 +69,8 @@ class _PoolOutageFilter(logging.Filter):
         self.quiet: set[str] = set()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.msg in self._MESSAGES and record.args:
-            name = record.args[0]
+        if record.msg in self._MESSAGES and isinstance(record.args, tuple) and record.args:
+            name = str(record.args[0])
             if name in self.quiet:
                 record.levelno, record.levelname = logging.DEBUG, "DEBUG"
                 return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
@@ -165,10 +165,11 @@ def prepare_conninfo(url: str) -> tuple[str, str, str | None]:
         params = conninfo_to_dict(url)
     except psycopg.Error as exc:
         raise DatabaseError(f"invalid PostgreSQL URL: {redact(str(exc), password)}") from None
-    password = params.get("password") or password
+    if params.get("password"):
+        password = str(params["password"])
     for key, value in _CONN_DEFAULTS.items():
         params.setdefault(key, value)
-    return make_conninfo(**params), describe_target(params), password
+    return make_conninfo("", **params), describe_target(params), password
 
 
 def _fatal(exc: Exception) -> bool:
@@ -216,7 +217,7 @@ async def _probe(conn: psycopg.AsyncConnection) -> Probe:
     t0 = time.perf_counter()
     cur = await conn.execute("SELECT clock_timestamp()")
     latency = time.perf_counter() - t0
-    db_time: datetime = (await cur.fetchone())[0]
+    db_time: datetime = (await cur.fetchall())[0][0]  # the one row
     return Probe(latency, db_time.timestamp() - (wall + latency / 2))
 
 
@@ -225,7 +226,7 @@ class Database:
 
     def __init__(
         self,
-        pool: AsyncConnectionPool,
+        pool: AsyncConnectionPool[Connection],
         target: str,
         server_version: int,
         migrations: list[Migration] | None = None,
@@ -260,7 +261,7 @@ class Database:
         conn = await _connect_with_retry(conninfo, target, password, wait)
         try:
             cur = await conn.execute("SELECT current_setting('server_version_num')::int")
-            version = (await cur.fetchone())[0]
+            version = (await cur.fetchall())[0][0]  # the one row
             check_server_version(version, f"the server at {target}")
             applied = await migrate(conn, migrations)
         except psycopg.OperationalError as exc:
@@ -334,7 +335,7 @@ class Database:
         """
         try:
             with anyio.fail_after(timeout):
-                conn = await Connection.connect(self.pool.conninfo, autocommit=True)
+                conn = await Connection.connect(str(self.pool.conninfo), autocommit=True)
                 try:
                     await conn.execute("SELECT 1")
                 finally:

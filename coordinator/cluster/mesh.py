@@ -27,7 +27,7 @@ from coordinator.core.errors import describe, dial_error
 from coordinator.core.keys import short
 from coordinator.core.urls import derp_url
 from coordinator.relay.client import DerpClient, DerpError, PeerGone, PeerPresent, Restarting
-from coordinator.relay.dataplane import DerpRelay
+from coordinator.relay.dataplane import DerpRelay, Forwarder
 
 log = logging.getLogger("coordinator.mesh")
 
@@ -57,7 +57,7 @@ class MeshLink:
         self.done = anyio.Event()
         self._scope = anyio.CancelScope()
         self._tg: anyio.abc.TaskGroup | None = None
-        self._forwarder = None
+        self._forwarder: Forwarder | None = None
         self._drain_scope: anyio.CancelScope | None = None
 
     async def run(self) -> None:

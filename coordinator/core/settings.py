@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -345,7 +346,7 @@ def _unknown_variables(environ) -> list[str]:
     return [f"ignoring environment variables this project does not know: {', '.join(odd)}"] if odd else []
 
 
-def load_settings(overrides: dict | None = None, environ: dict | None = None) -> Settings:
+def load_settings(overrides: dict | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     """Settings from the environment, then ``overrides`` (flags by field name; ``None`` values are ignored)."""
     environ = os.environ if environ is None else environ
     overrides = overrides or {}

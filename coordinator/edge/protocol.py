@@ -18,8 +18,10 @@ import contextlib
 import hashlib
 import logging
 import socket
+import weakref
 
 import httptools
+from uvicorn.config import Config
 from uvicorn.middleware.proxy_headers import _TrustedHosts
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -28,6 +30,10 @@ from coordinator.edge.frontdoor import FrontDoor
 log = logging.getLogger("coordinator.http")
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+# What a listener's connections share, kept by the listener's uvicorn Config (one per listener).
+_front_doors: weakref.WeakKeyDictionary[Config, FrontDoor] = weakref.WeakKeyDictionary()
+_trusted_hosts: weakref.WeakKeyDictionary[Config, _TrustedHosts] = weakref.WeakKeyDictionary()
 
 
 def find_state(app, name: str):
@@ -49,11 +55,10 @@ def find_relay(app):
 
 
 def front_door(protocol: HttpToolsProtocol) -> FrontDoor:
-    """The listener's FrontDoor (``app.state.front_door``, else one with default limits), kept on its config."""
-    door = getattr(protocol.config, "_coordinator_front_door", None)
+    """The listener's FrontDoor (``app.state.front_door``, else one with default limits), kept by its config."""
+    door = _front_doors.get(protocol.config)
     if door is None:
-        door = find_state(protocol.app, "front_door") or FrontDoor()
-        protocol.config._coordinator_front_door = door
+        door = _front_doors[protocol.config] = find_state(protocol.app, "front_door") or FrontDoor()
     return door
 
 
@@ -97,9 +102,9 @@ def client_address(protocol: HttpToolsProtocol, headers: dict[bytes, bytes]) -> 
     forwarded = headers.get(b"x-forwarded-for")
     if not (config.proxy_headers and forwarded and peer):
         return peer
-    trusted = getattr(config, "_derp_trusted_hosts", None)
+    trusted = _trusted_hosts.get(config)
     if trusted is None:
-        trusted = config._derp_trusted_hosts = _TrustedHosts(config.forwarded_allow_ips)
+        trusted = _trusted_hosts[config] = _TrustedHosts(config.forwarded_allow_ips)
     if peer[0] not in trusted:
         return peer
     host, port = trusted.get_trusted_client_address(forwarded.decode("latin-1"))

@@ -19,7 +19,9 @@ import ipaddress
 import os
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import anyio
 
@@ -28,6 +30,9 @@ from coordinator.core.keys import NodeKey
 from coordinator.core.urls import endpoint, websocket_url
 from coordinator.relay.handshake import client_info_payload, open_server_info, parse_server_key
 from coordinator.relay.httpclient import ssl_context
+
+if TYPE_CHECKING:  # websockets is imported when a WebSocket connection is made
+    from websockets.asyncio.client import ClientConnection
 
 
 class DerpError(Exception):
@@ -43,7 +48,7 @@ class DerpRefused(DerpError):
 
 @dataclass(frozen=True, slots=True)
 class ServerInfo:
-    info: dict
+    info: dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +103,12 @@ class UnknownFrame:
     payload: bytes
 
 
-def parse_frame(ftype: int, payload: bytes):
+Frame: TypeAlias = (
+    ServerInfo | RecvPacket | KeepAlive | PeerGone | PeerPresent | Ping | Pong | Health | Restarting | UnknownFrame
+)
+
+
+def parse_frame(ftype: int, payload: bytes) -> Frame:
     """Decode one server-to-client frame; short frames of known types raise DerpError."""
     try:
         if ftype == codec.RECV_PACKET:
@@ -165,10 +175,10 @@ class _RawStream:
 
 
 class _WebSocketStream:
-    def __init__(self, ws):
+    def __init__(self, ws: ClientConnection):
         self.ws = ws
         self.pending: list[bytes] = []
-        self.transport = None
+        self.transport: asyncio.Transport | None = None
 
     async def read(self) -> bytes:
         import websockets
@@ -240,13 +250,16 @@ async def _open_raw(url: str, *, timeout: float, insecure: bool, headers: dict[s
     return stream, resp_headers
 
 
-async def _open_websocket(url: str, *, timeout: float, insecure: bool, headers: dict[str, str] | None):
+async def _open_websocket(
+    url: str, *, timeout: float, insecure: bool, headers: dict[str, str] | None
+) -> _WebSocketStream:
     import websockets
+    from websockets.typing import Subprotocol
 
     ctx = ssl_context(insecure) if endpoint(url).tls else None
     try:
         ws = await websockets.connect(
-            websocket_url(url), subprotocols=["derp"], compression=None, max_size=None, ssl=ctx,
+            websocket_url(url), subprotocols=[Subprotocol("derp")], compression=None, max_size=None, ssl=ctx,
             open_timeout=timeout, ping_interval=None, additional_headers=headers or None,
         )
     except (OSError, websockets.InvalidHandshake, websockets.InvalidURI) as exc:
@@ -263,18 +276,18 @@ async def _open_websocket(url: str, *, timeout: float, insecure: bool, headers: 
 class DerpClient:
     """One DERP connection. Not safe for concurrent ``recv`` calls from several tasks."""
 
-    def __init__(self, stream, key: NodeKey, server_key: bytes, url: str):
+    def __init__(self, stream: _RawStream | _WebSocketStream, key: NodeKey, server_key: bytes, url: str):
         self._stream = stream
         self.key = key
         self.server_key = server_key
         self.url = url
-        self.server_info: dict | None = None
+        self.server_info: dict[str, Any] | None = None
         self.response_headers: dict[str, str] = {}
         self._reader = codec.FrameReader()
-        self._backlog: deque = deque()
-        self._held: deque = deque()  # frames a ping read on behalf of recv
+        self._backlog: deque[tuple[int, bytes]] = deque()
+        self._held: deque[tuple[int, bytes]] = deque()  # frames a ping read on behalf of recv
         self._read_lock = asyncio.Lock()
-        self._pings: dict[bytes, asyncio.Future] = {}
+        self._pings: dict[bytes, asyncio.Future[float]] = {}
         self._receivers = 0  # recv calls in progress: ping then leaves the reading to them
         self._closed = False
 
@@ -289,11 +302,13 @@ class DerpClient:
         timeout: float = 10.0,
         insecure: bool = False,
         headers: dict[str, str] | None = None,
-        info: dict | None = None,
+        info: dict[str, Any] | None = None,
         wait_server_info: bool = True,
     ) -> DerpClient:
         """Dial ``url`` (``http(s)://host[:port]/derp``) and complete the DERP handshake."""
         key = key or NodeKey.generate()
+        stream: _RawStream | _WebSocketStream
+        resp_headers: dict[str, str]
         try:
             if websocket:
                 stream, resp_headers = await _open_websocket(url, timeout=timeout, insecure=insecure, headers=headers), {}
@@ -311,12 +326,12 @@ class DerpClient:
             raise
         return self
 
-    async def _handshake(self, mesh_key: str | None, info: dict | None, wait_server_info: bool) -> None:
+    async def _handshake(self, mesh_key: str | None, info: dict[str, Any] | None, wait_server_info: bool) -> None:
         ftype, payload = await self._read_frame()
         if ftype != codec.SERVER_KEY or not 40 <= len(payload) <= 1024:
             raise DerpError(f"{self.url}: expected ServerKey, got frame type 0x{ftype:02x} ({len(payload)} bytes)")
         self.server_key = parse_server_key(payload)
-        client_info: dict = {}
+        client_info: dict[str, Any] = {}
         if mesh_key:
             client_info["meshKey"] = mesh_key
         client_info.update({"version": codec.PROTOCOL_VERSION, "CanAckPings": True})
@@ -359,7 +374,7 @@ class DerpClient:
 
     # -- receiving ---------------------------------------------------------------------------
 
-    async def recv(self, timeout: float | None = None):
+    async def recv(self, timeout: float | None = None) -> Frame:
         """The next frame from the server, decoded (RecvPacket, PeerGone, KeepAlive, ...)."""
         self._receivers += 1
         try:
@@ -367,7 +382,7 @@ class DerpClient:
         finally:
             self._receivers -= 1
 
-    async def _recv(self, timeout: float | None):
+    async def _recv(self, timeout: float | None) -> Frame:
         async with self._read_lock:
             while True:
                 if self._held:
@@ -406,7 +421,7 @@ class DerpClient:
         self._stream.write(codec.send_packet(dst, data))
         await self._stream.drain()
 
-    async def send_many(self, dst: bytes, packets) -> None:
+    async def send_many(self, dst: bytes, packets: Iterable[bytes]) -> None:
         """Send several packets in one write."""
         self._stream.write(b"".join(codec.send_packet(dst, p) for p in packets))
         await self._stream.drain()
@@ -433,7 +448,7 @@ class DerpClient:
     async def ping(self, timeout: float = 5.0) -> float:
         """Round-trip time in seconds of a DERP Ping; works alongside a task blocked in ``recv``."""
         data = os.urandom(8)
-        fut = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
         self._pings[data] = fut
         start = time.perf_counter()
         await self.send_raw(codec.frame(codec.PING, data))
@@ -469,5 +484,5 @@ class DerpClient:
     async def __aenter__(self) -> DerpClient:
         return self
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.close()

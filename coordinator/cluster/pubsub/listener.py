@@ -36,7 +36,7 @@ def _listen_sql(verb: bytes, channel: str) -> bytes:
     return verb + b' "' + channel.encode().replace(b'"', b'""') + b'"'
 
 
-def _resolve(fut: asyncio.Future) -> None:
+def _resolve(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
 
@@ -68,20 +68,20 @@ class Listener:
         self.last_error: str | None = None
         self.disconnected_at: float | None = time.monotonic()
         self.closed = False
-        self._calls: deque[tuple[str, asyncio.Future]] = deque()
+        self._calls: deque[tuple[str, asyncio.Future[list[tuple[Any, ...]]]]] = deque()
         self._listening: set[str] = set()
         self._want_gen = 0  # bumped on every change to the wanted channel set
         self._applied_gen = 0  # the listener connection reflects all changes up to this
         self._pass_event = asyncio.Event()
-        self._wakeup: asyncio.Future | None = None
+        self._wakeup: asyncio.Future[None] | None = None
         self._conn: psycopg.AsyncConnection | None = None
         self._idle = False
         self._teardown_reason: str | None = None
-        self._first: asyncio.Future | None = None
+        self._first: asyncio.Future[None] | None = None
 
     # what the facade and the liveness check ask of it
 
-    def expect_first(self) -> asyncio.Future:
+    def expect_first(self) -> asyncio.Future[None]:
         """A future that the first connection attempt resolves (or fails with NotConnected)."""
         self._first = asyncio.get_running_loop().create_future()
         return self._first
@@ -106,11 +106,11 @@ class Listener:
         shut_socket(self._conn)
         return True
 
-    async def query(self, sql: str, timeout: float) -> list[tuple]:
+    async def query(self, sql: str, timeout: float) -> list[tuple[Any, ...]]:
         """Run ``sql`` on the listener connection itself, between reads."""
         if not self.connected:
             raise NotConnected("listener is not connected")
-        fut = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[list[tuple[Any, ...]]] = asyncio.get_running_loop().create_future()
         self._calls.append((sql, fut))
         self._wake()
         async with asyncio.timeout(timeout):

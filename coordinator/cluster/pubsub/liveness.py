@@ -22,7 +22,7 @@ from coordinator.core.errors import describe
 log = logging.getLogger("coordinator.pubsub")
 
 
-async def _wait(fut: asyncio.Future, timeout: float) -> bool:
+async def _wait(fut: asyncio.Future[None], timeout: float) -> bool:
     try:
         async with asyncio.timeout(timeout):
             await asyncio.shield(fut)
@@ -39,7 +39,7 @@ class Liveness:
     ):
         self.channel, self.interval, self.timeout = channel, interval, timeout
         self._m, self._pub = metrics, publisher
-        self._probes: dict[bytes, asyncio.Future] = {}
+        self._probes: dict[bytes, asyncio.Future[None]] = {}
         self.listener: Listener | None = None  # set by the facade: the two refer to each other
 
     def received(self, payload: bytes) -> None:
@@ -50,7 +50,7 @@ class Liveness:
         elif not fut.done():
             fut.set_result(None)
 
-    def _new_probe(self) -> tuple[bytes, asyncio.Future]:
+    def _new_probe(self) -> tuple[bytes, asyncio.Future[None]]:
         key = uuid.uuid4().hex.encode()
         fut = asyncio.get_running_loop().create_future()
         self._probes[key] = fut

@@ -61,7 +61,7 @@ class Publisher:
         """NOTIFY all pairs in one statement (one commit); psycopg and socket errors are raised as such."""
         await self.execute(BATCH_SQL, (channels, texts))
 
-    async def execute(self, query: str, params: tuple) -> None:
+    async def execute(self, query: str, params: tuple[object, ...]) -> None:
         loop = asyncio.get_running_loop()
         timeout = self.timeout
         deadline = loop.time() + timeout
@@ -80,7 +80,12 @@ class Publisher:
                 except TimeoutError:
                     raise TimeoutError(f"connecting took over {timeout:g}s") from None
             fired: list[bool] = []
-            timer = loop.call_at(deadline, lambda: (fired.append(True), shut_socket(conn)))
+
+            def expire() -> None:
+                fired.append(True)
+                shut_socket(conn)
+
+            timer = loop.call_at(deadline, expire)
             error: psycopg.Error | None = None
             try:
                 await conn.execute(query, params)

@@ -32,7 +32,7 @@ class Subscriber:
         self.unhandled = 0  # queued payloads plus the one being handled: the bound Coder's tests count
         self.closed = False
         self.error: BaseException | None = None
-        self._waiter: asyncio.Future | None = None
+        self._waiter: asyncio.Future[None] | None = None
 
     def put(self, payload: bytes) -> bool:
         """Queue ``payload``; False if the queue is full (the loss is marked instead)."""
@@ -78,7 +78,7 @@ class Subscriber:
                 self._waiter = None
                 continue
             item = items.popleft()
-            args: tuple
+            args: tuple[bytes | None, DroppedMessages | None] | tuple[bytes]
             if isinstance(item, Gap):
                 err = DroppedMessages(self.channel, item.reason, item.count)
                 if not with_err:

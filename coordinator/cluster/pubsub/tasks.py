@@ -18,13 +18,13 @@ class TaskOwner:
     """Starts named tasks, logs any that fail, and on ``aclose`` cancels and awaits all of them."""
 
     def __init__(self) -> None:
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
 
     def __len__(self) -> int:
         return len(self._tasks)
 
-    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task:
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         if self._closed:
             coro.close()
             raise RuntimeError("task owner is closed")
@@ -33,7 +33,7 @@ class TaskOwner:
         task.add_done_callback(self._done)
         return task
 
-    def _done(self, task: asyncio.Task) -> None:
+    def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("pubsub: task %s failed", task.get_name(), exc_info=task.exception())

@@ -364,6 +364,7 @@ class ReplicaRegistry:
             self.on_probe(probe.latency)
         if reinserted:
             log.warning("replica %s: our row was deleted externally; re-inserted it", self.id)
+        assert row is not None  # INSERT ... RETURNING returns the row it wrote
         self._self_row = ReplicaInfo.from_row(row, alive=True)
         self._written_error_changed = error != self._written_error
         self._written_error = error

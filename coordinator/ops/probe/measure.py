@@ -6,6 +6,7 @@ import asyncio
 import os
 import time
 from itertools import permutations
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -13,6 +14,9 @@ from coordinator.core.errors import describe
 from coordinator.core.urls import relay_base
 from coordinator.ops.probe.model import Figure, MeshPair, ReplicaInfo
 from coordinator.relay.httpclient import KeepAliveHttp
+
+if TYPE_CHECKING:  # imported when a relay is probed
+    from coordinator.relay.client import DerpClient
 
 _MAGIC = b"coordinator-probe\x00"  # mesh probe packets: _MAGIC + b"Q"|b"R" + 8-byte nonce
 _PAIR_CONCURRENCY = 8  # mesh pairs sampled at once (more would measure the probe's own event loop)
@@ -103,7 +107,7 @@ class _DerpCheck(_Check):
         self.replica = r
         self.timeout, self.insecure = timeout, insecure
         self.pending = pending  # nonce -> future resolved with the arrival time of its echo (shared)
-        self.client = None
+        self.client: DerpClient | None = None
         self.reader: asyncio.Task | None = None
         self.lost: str | None = None
 
@@ -117,8 +121,15 @@ class _DerpCheck(_Check):
         self.replica.server_key = self.client.server_key
         await self.once()
 
+    @property
+    def connected(self) -> DerpClient:
+        """The client ``setup`` connected."""
+        if self.client is None:
+            raise RuntimeError("the DERP check is not set up")
+        return self.client
+
     async def once(self) -> float:
-        return await self.client.ping(self.timeout)
+        return await self.connected.ping(self.timeout)
 
     def start_echo(self) -> None:
         self.reader = asyncio.create_task(self._read(), name=f"probe-reader {self.replica.short}")
@@ -126,7 +137,7 @@ class _DerpCheck(_Check):
     async def _read(self) -> None:
         from coordinator.relay.client import DerpError, RecvPacket
 
-        client = self.client
+        client = self.connected
         try:
             while True:
                 frame = await client.recv()
@@ -177,12 +188,12 @@ async def _measure_mesh(pair: MeshPair, a: _DerpCheck, b: _DerpCheck, samples: i
                         gate: asyncio.Semaphore) -> None:
     loop = asyncio.get_running_loop()
     pending = a.pending
-    dst = b.client.public_key
+    dst = b.connected.public_key
 
     async def send_probe(fut: asyncio.Future) -> None:
         nonce = os.urandom(8)
         pending[nonce] = fut
-        await a.client.send(dst, _MAGIC + b"Q" + nonce)
+        await a.connected.send(dst, _MAGIC + b"Q" + nonce)
 
     # Routing first: B's key reaches A's relay (and A's reaches B's) over the mesh in a few ms.
     up = loop.create_future()
@@ -220,7 +231,7 @@ async def measure(replicas: list[ReplicaInfo], conn, pg_url: str | None, samples
     pending: dict[bytes, asyncio.Future] = {}
     database = pubsub = None
     checks: list[_Check] = []
-    if conn is not None:
+    if conn is not None and pg_url is not None:  # (the probe connected to pg_url)
         database, pubsub = Figure(), Figure()
         checks += [_DatabaseCheck(database, conn), _PubSubCheck(pubsub, pg_url, timeout)]
     derps = {r.id: _DerpCheck(r, timeout, insecure, pending) for r in replicas if r.relay_url}

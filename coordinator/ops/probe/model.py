@@ -93,10 +93,10 @@ class MeshPair:
         rtt = self.rtt.median
         if rtt is None:
             return None
-        legs = [r.derp.median for r in (self.a, self.b)]
-        if any(leg is None for leg in legs):
+        leg_a, leg_b = self.a.derp.median, self.b.derp.median
+        if leg_a is None or leg_b is None:
             return rtt
-        return max(0.0, rtt - sum(legs))
+        return max(0.0, rtt - leg_a - leg_b)
 
 
 def assign_short_ids(replicas: list[ReplicaInfo]) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from coordinator.core.errors import one_line
 from coordinator.core.timestamps import iso_utc
@@ -49,7 +50,7 @@ class _Judge:
                peer: ReplicaInfo | None = None, figure: str | None = None, unreachable: bool = True) -> None:
         """No samples: unreachable (or failed); samples then an error: failed; a median over: latency."""
         med = fig.median
-        where = dict(replica=replica, peer=peer, figure=figure)
+        where: dict[str, Any] = dict(replica=replica, peer=peer, figure=figure)
         if med is None:
             self.problem("unreachable" if unreachable else "failed", subject, f"{what}: {fig.error or 'no samples'}", **where)
             return
@@ -105,13 +106,13 @@ def _shared_relays(judge: _Judge, replicas: list[ReplicaInfo]) -> None:
 
 
 def _mesh_pair(judge: _Judge, p: MeshPair) -> dict:
-    relays = p.relays()
+    relays, rtt = p.relays(), p.rtt.median
     what = f"mesh path {p.a.short} -> {p.b.short}"
-    if relays is None:
+    if relays is None or rtt is None:  # (no round trip, no relays' share)
         judge.figure(p.rtt, "mesh", what, replica=p.a, peer=p.b, figure="mesh")
     elif relays > judge.threshold:
         judge.problem("latency", "mesh", judge.over(f"{what}: relays' share", ms(relays))
-                      + f" (round trip {fmt_ms(ms(p.rtt.median))})", replica=p.a, peer=p.b, figure="mesh",
+                      + f" (round trip {fmt_ms(ms(rtt))})", replica=p.a, peer=p.b, figure="mesh",
                       value_ms=ms(relays))
     return {
         "from": p.a.id, "to": p.b.id, "region_id": p.a.region_id, "rtt": p.rtt.to_json(judge.threshold),
@@ -121,7 +122,7 @@ def _mesh_pair(judge: _Judge, p: MeshPair) -> dict:
 
 
 def _matrix_cell(judge: _Judge, r: ReplicaInfo, peer: ReplicaInfo, entry: dict) -> dict:
-    cell = {k: entry.get(k) for k in ("relay_url", "http_ms", "derp_ms", "p99_ms", "error")}
+    cell: dict[str, Any] = {k: entry.get(k) for k in ("relay_url", "http_ms", "derp_ms", "p99_ms", "error")}
     for k in ("http_ms", "derp_ms", "p99_ms"):
         if not isinstance(cell[k], int | float) or isinstance(cell[k], bool):
             cell[k] = None

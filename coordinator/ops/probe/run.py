@@ -49,6 +49,7 @@ async def run_probe(
             found = await replicas_from_db(conn, target, timeout)
             source = {"mode": "database", "target": target}
         else:
+            assert replica_url is not None  # one of the two, checked above
             if relay_base(replica_url) is None:
                 raise ProbeUsageError(f"--url {replica_url!r} must be an http:// or https:// URL with a host")
             found = await replicas_from_api(replica_url, token, timeout, insecure)
