@@ -25,10 +25,11 @@ def settings(**overrides):
 
 
 def test_shape_is_tailcfg_with_its_omitempty_rules():
-    """Go's field order; zero-valued omitempty fields absent; Regions keyed by the ID as a string."""
+    """Go's field order (Coder's fork: EmbeddedRelay first); zero-valued omitempty fields absent; Regions keyed
+    by the ID as a string."""
     https = render(derp_map(settings(access_url="https://derp.big.corp", region_id="901", region_code="fra",
                                      region_name="Frankfurt")))
-    assert https == (b'{"Regions":{"901":{"RegionID":901,"RegionCode":"fra","RegionName":"Frankfurt","Nodes":['
+    assert https == (b'{"Regions":{"901":{"EmbeddedRelay":true,"RegionID":901,"RegionCode":"fra","RegionName":"Frankfurt","Nodes":['
                      b'{"Name":"901a","RegionID":901,"HostName":"derp.big.corp","STUNPort":-1,"DERPPort":443}]}}}')
     # Plain HTTP: Coder's ForceHTTP, an explicit port (0 would mean 443), CanPort80 only on port 80.
     plain = derp_map(settings(access_url="http://10.0.0.5:3000"))
@@ -37,7 +38,7 @@ def test_shape_is_tailcfg_with_its_omitempty_rules():
     assert node["DERPPort"] == 3000 and node["ForceHTTP"] is True
     assert derp_map(settings(access_url="http://lb.corp"))["Regions"]["999"]["Nodes"][0]["CanPort80"] is True
     region = plain["Regions"]["999"]
-    assert list(region) == ["RegionID", "RegionCode", "RegionName", "Nodes"]
+    assert list(region) == ["EmbeddedRelay", "RegionID", "RegionCode", "RegionName", "Nodes"]
     assert (region["RegionCode"], region["RegionName"]) == ("coordinator", "Coordinator Embedded Relay")
     ipv6 = derp_map(settings(access_url="https://[2001:db8::1]:8443"))["Regions"]["999"]["Nodes"][0]
     assert (ipv6["HostName"], ipv6["DERPPort"]) == ("2001:db8::1", 8443)
