@@ -13,6 +13,7 @@ from starlette.routing import Route
 
 from coordinator.cluster.controlplane import ControlPlane
 from coordinator.ops.prometheus import Exposition
+from coordinator.ops.relays import derp_view
 from coordinator.relay.dataplane import DerpRelay
 
 SESSION_COOKIE = "coordinator_status"
@@ -108,7 +109,14 @@ def api_routes(control: ControlPlane, relay: DerpRelay) -> list[Route]:
             "server_key": relay.key.public_text,
             **control.status(),
             "relay": relay.stats(),
+            "derp": derp_view(control),
         })
+
+    async def derp(request: Request) -> Response:
+        """The DERP map served now, where its custom part comes from, and each custom relay's last check."""
+        if (denied := authorized(request)) is not None:
+            return denied
+        return JSONResponse(derp_view(control))
 
     async def metrics(request: Request) -> Response:
         if (denied := authorized(request)) is not None:
@@ -131,6 +139,7 @@ def api_routes(control: ControlPlane, relay: DerpRelay) -> list[Route]:
         Route("/api/v2/replicas", replicas),
         Route("/api/v2/debug/health", health),
         Route("/api/v2/debug/status", status),
+        Route("/api/v2/debug/derp", derp),
         Route("/metrics", metrics),
         Route("/readyz", readyz),
     ]
