@@ -141,6 +141,14 @@ def wait_for(what: str, check, timeout: float = 20.0):
         time.sleep(0.1)
 
 
+def probe(*args: str) -> tuple[dict, int]:
+    """``coordinator probe --json`` (a generous threshold: only the relays are under test here)."""
+    done = subprocess.run([python(), "-m", "coordinator", "probe", "--json", "--threshold", "1s", "--timeout", "2s",
+                           *args], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode in (0, 1), done.stderr
+    return json.loads(done.stdout), done.returncode
+
+
 def node_url(node: dict) -> str:
     """What a region client dials for ``node`` (https unless Coder's ForceHTTP; the scheme's port by default)."""
     scheme = "http" if node.get("ForceHTTP") else "https"
@@ -203,8 +211,20 @@ async def test_relay_off_replicas_serve_the_custom_map_and_clients_meet_on_its_r
         in metrics, metrics
     assert "coordinator_derp_map_embedded_relay 0.0" in metrics
 
+    # `coordinator probe` measures the custom relay as derpprobe would, from the replica's API or the database.
+    report, status = probe("--url", a_url, "--token", TOKEN)
+    assert status == 0 and report["ok"], report["problems"]
+    (measured,) = report["relays"]
+    assert measured["reachable"] and measured["url"] == external.url and measured["http"]["median_ms"] > 0, measured
+    assert report["derp_map"]["embedded_relay"] is False and any("embedded relay is off" in n for n in report["notes"])
+    print(f"probe: /derp/probe {measured['http']['median_ms']} ms, DERP ping {measured['derp']['median_ms']} ms")
+    report, status = probe("--pg-url", pg_url, "--derp-map", b_url + "/derpmap/default")
+    assert status == 0 and report["relays"][0]["reachable"], report["problems"]
+
     # The relay goes away: its check says so, as a finding and a metric; the replicas stay ready.
     external.stop()
+    report, status = probe("--url", a_url, "--token", TOKEN)
+    assert status == 1 and [p["subject"] for p in report["problems"]] == ["relay", "relay"], report["problems"]
     health = wait_for("EDERPMAP02", lambda: (h := api(a_url, "/api/v2/debug/health")) and
                       any(f["code"] == "EDERPMAP02" for f in h["findings"]) and h)
     print("finding:", [f["message"] for f in health["findings"] if f["code"] == "EDERPMAP02"][0])

@@ -77,11 +77,12 @@ def _check_node(node: object, region_id: int, index: int, names: set[str], where
     return node
 
 
-def parse_derp_map(data: bytes, where: str) -> dict:
+def parse_derp_map(data: bytes, where: str, *, keep_embedded: bool = False) -> dict:
     """The checked ``tailcfg.DERPMap`` in ``data``; DerpMapError (one line, starting with ``where``) if unusable.
 
     Regions come back keyed by their ID and in Go's order (keys sorted as strings); a custom region
-    never claims to be the embedded one (``EmbeddedRelay`` is dropped).
+    never claims to be the embedded one (``EmbeddedRelay`` is dropped, unless ``keep_embedded``: for
+    reading a deployment's own ``/derpmap/default``).
     """
     try:
         document = json.loads(data.decode("utf-8"), object_pairs_hook=_unique_keys)
@@ -114,7 +115,7 @@ def parse_derp_map(data: bytes, where: str) -> dict:
             raise DerpMapError(f"{where}: region {region_id} has no nodes")
         for index, node in enumerate(nodes):
             _check_node(node, region_id, index, names, where)
-        checked[str(region_id)] = {k: v for k, v in region.items() if k != "EmbeddedRelay"}
+        checked[str(region_id)] = {k: v for k, v in region.items() if keep_embedded or k != "EmbeddedRelay"}
     out: dict = {}
     if "HomeParams" in document:
         out["HomeParams"] = document["HomeParams"]

@@ -76,10 +76,11 @@ class _PubSubCheck(_Check):
 
 
 class _HttpCheck(_Check):
-    """``GET /derp/latency-check`` on one kept-alive connection."""
+    """``GET /derp/latency-check`` (a custom relay: ``/derp/probe``, as derpprobe asks) on one kept-alive connection."""
 
-    def __init__(self, r: ReplicaInfo, timeout: float, insecure: bool):
+    def __init__(self, r: ReplicaInfo, timeout: float, insecure: bool, path: str = "/derp/latency-check"):
         super().__init__(r.http)
+        self.path = path
         self.base = relay_base(r.relay_url)
         self.conn = KeepAliveHttp(self.base or "http://invalid", timeout, insecure)
 
@@ -89,7 +90,7 @@ class _HttpCheck(_Check):
         await self.once()  # the first request pays for the TCP (and TLS) handshake
 
     async def once(self) -> float:
-        return await self.conn.get("/derp/latency-check")
+        return await self.conn.get(self.path)
 
     async def close(self) -> None:
         await self.conn.close()
@@ -220,7 +221,9 @@ async def _measure_mesh(pair: MeshPair, a: _DerpCheck, b: _DerpCheck, samples: i
 
 
 async def measure(replicas: list[ReplicaInfo], conn, pg_url: str | None, samples: int, timeout: float,
-                   insecure: bool) -> tuple[Figure | None, Figure | None, list[MeshPair]]:
+                   insecure: bool, relays: list | None = None) -> tuple[Figure | None, Figure | None, list[MeshPair]]:
+    """Everything measured from here; ``relays`` (custom relay nodes, as RelayInfo) get the replicas' HTTP and
+    DERP checks, not the mesh's."""
     pending: dict[bytes, asyncio.Future] = {}
     database = pubsub = None
     checks: list[_Check] = []
@@ -230,6 +233,8 @@ async def measure(replicas: list[ReplicaInfo], conn, pg_url: str | None, samples
     derps = {r.id: _DerpCheck(r, timeout, insecure, pending) for r in replicas if r.relay_url}
     checks += [_HttpCheck(r, timeout, insecure) for r in replicas if r.relay_url]
     checks += list(derps.values())
+    for r in relays or ():
+        checks += [_HttpCheck(r, timeout, insecure or r.insecure, "/derp/probe"), _DerpCheck(r, timeout, insecure or r.insecure, pending)]
     pairs = [MeshPair(a, b) for a, b in permutations(replicas, 2)
              if a.region_id == b.region_id and a.relay_url and b.relay_url]
     try:
