@@ -61,7 +61,7 @@ def _relays(report: dict) -> list[str]:
     out = [f"Custom relays of the DERP map{where} (http: GET /derp/probe; derp: DERP ping; reported, not judged "
            "against the threshold)"]
     if not report.get("relays"):
-        return [*out, f"  none ({src['error']})" if src.get("error") else "  none"]
+        return []  # none in the map (or no map: a note says why)
     rows = [[
         f"{r['region_id']} {r['region_code']}".strip(), r["name"], r["url"], fmt_ms(r["http"]["median_ms"]),
         fmt_ms(r["derp"]["median_ms"]),
@@ -124,5 +124,6 @@ def render_text(report: dict) -> str:
     ]
     for part in (_from_here(report), _replicas(report), _relays(report), _mesh(report, short), _matrix(report, short),
                  _verdict(report)):
-        out += ["", *part]
+        if part:
+            out += ["", *part]
     return "\n".join(out) + "\n"
