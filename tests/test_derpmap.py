@@ -13,6 +13,7 @@ from coordinator.core.settings import load_settings
 from coordinator.edge.routes import create_app
 from coordinator.relay.client import DerpClient
 from coordinator.relay.dataplane import DerpRelay
+from coordinator.relay.derpconfig import DerpMapError, DerpMaps, merge, parse_derp_map, relay_nodes
 from coordinator.relay.derpmap import PublishedMap, derp_map, render
 from procs import Proc, free_port, python, refused_at_start
 from relayfix import serve_app
@@ -101,3 +102,68 @@ async def test_fetched_map_leads_a_client_to_a_working_relay(pg_url, tmp_path):
 def test_bad_region_settings_are_refused_in_one_line(flags, named):
     access = [] if not flags or flags[0] == "--access-url" else ["--access-url", "https://lb.corp"]
     refused_at_start(["derpmap", *access, *flags], named)
+
+
+# -- custom relays: the map merged with an external one (docs/custom-relays.md) -----------------------
+
+
+def ext_region(region_id: int, **node) -> dict:
+    return {"RegionID": region_id, "RegionCode": f"r{region_id}", "RegionName": "External",
+            "Nodes": [{"Name": f"{region_id}a", "RegionID": region_id, "HostName": "derp.example.com", **node}]}
+
+
+def test_custom_map_merged_in_gos_order_with_its_extras_and_no_borrowed_embedded_flag():
+    custom = parse_derp_map(json.dumps({
+        "HomeParams": {"RegionScore": {"1000": 0.5}}, "omitDefaultRegions": True,
+        "Regions": {"1000": {**ext_region(1000), "EmbeddedRelay": True}, "2": ext_region(2)},
+    }).encode(), "test")
+    merged = merge(settings(access_url="https://lb.corp"), custom, "test")
+    assert list(merged) == ["HomeParams", "Regions", "omitDefaultRegions"]
+    assert list(merged["Regions"]) == ["1000", "2", "999"]  # Go sorts map keys as strings
+    assert "EmbeddedRelay" not in merged["Regions"]["1000"] and merged["Regions"]["999"]["EmbeddedRelay"] is True
+    assert [n.name for n in relay_nodes(merged)] == ["1000a", "2a"]
+    # The embedded relay off: the custom regions alone, as given.
+    off = merge(settings(access_url="https://lb.corp", derp_server_enable="false", derp_config_path="/x"), custom, "t")
+    assert list(off["Regions"]) == ["1000", "2"]
+
+
+def test_relay_nodes_skip_stun_only_nodes_and_dial_what_the_node_says():
+    custom = parse_derp_map(json.dumps({"Regions": {
+        "900": ext_region(900, ForceHTTP=True, DERPPort=8080),
+        "901": ext_region(901, STUNOnly=True),
+        "902": {**ext_region(902), "Nodes": [{"Name": "902a", "HostName": "2001:db8::1", "InsecureForTests": True}]},
+    }}).encode(), "t")
+    nodes = relay_nodes(custom)
+    assert [(n.name, n.base_url, n.insecure) for n in nodes] == [
+        ("900a", "http://derp.example.com:8080", False), ("902a", "https://[2001:db8::1]", True)]
+
+
+@pytest.mark.parametrize(("document", "why"), [
+    ('{"Regions": {"900": {"RegionID": 900, "Nodes": [{"Name": "a", "HostName": "h"}]}, '
+     '"0900": {"RegionID": 900, "Nodes": [{"Name": "b", "HostName": "h"}]}}}', "region ID 900 appears twice"),
+    ('{"Regions": {"eu": {"RegionID": 1}}}', "is not a region ID"),
+    ('{"Regions": {"900": {"RegionID": 901, "Nodes": []}}}', "it must equal its key"),
+    ('{"Regions": {"900": {"RegionID": 900, "Nodes": []}}}', "has no nodes"),
+    ('{"Regions": {"900": {"RegionID": 900, "Nodes": [{"Name": "a", "HostName": " "}]}}}', "has no HostName"),
+    ('{"Regions": {"900": {"RegionID": 900, "Nodes": [{"HostName": "h"}]}}}', "has no Name"),
+    ('{"Regions": {"900": {"RegionID": 900, "Nodes": [{"Name": "a", "HostName": "h", "DERPPort": 70000}]}}}',
+     "DERPPort 70000"),
+    ('{"Regions": {"900": {"RegionID": 900, "Nodes": [{"Name": "a", "HostName": "h"}]}, '
+     '"901": {"RegionID": 901, "Nodes": [{"Name": "a", "HostName": "h"}]}}}', "node name 'a' appears twice"),
+    ('[1, 2]', "not list"),
+    (b'\xff\xfe', "not UTF-8"),
+])
+def test_unusable_maps_are_refused_in_one_line(document, why):
+    data = document if isinstance(document, bytes) else document.encode()
+    with pytest.raises(DerpMapError) as err:
+        parse_derp_map(data, "--derp-config-path (m.json)")
+    message = str(err.value)
+    assert message.startswith("--derp-config-path (m.json): ") and why in message and "\n" not in message, message
+
+
+def test_without_access_url_the_custom_regions_are_served_alone(tmp_path):
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps({"Regions": {"900": ext_region(900)}}))
+    maps = DerpMaps.load(settings(derp_config_path=str(path)))
+    assert list(json.loads(maps.published.body)["Regions"]) == ["900"]
+    assert "COORDINATOR_ACCESS_URL" in DerpMaps.load(settings()).published.missing

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Sequence
 from itertools import permutations
 
 from coordinator.core.errors import describe
@@ -221,7 +222,7 @@ async def _measure_mesh(pair: MeshPair, a: _DerpCheck, b: _DerpCheck, samples: i
 
 
 async def measure(replicas: list[ReplicaInfo], conn, pg_url: str | None, samples: int, timeout: float,
-                   insecure: bool, relays: list | None = None) -> tuple[Figure | None, Figure | None, list[MeshPair]]:
+                   insecure: bool, relays: Sequence[ReplicaInfo] = ()) -> tuple[Figure | None, Figure | None, list[MeshPair]]:
     """Everything measured from here; ``relays`` (custom relay nodes, as RelayInfo) get the replicas' HTTP and
     DERP checks, not the mesh's."""
     pending: dict[bytes, asyncio.Future] = {}
@@ -233,8 +234,9 @@ async def measure(replicas: list[ReplicaInfo], conn, pg_url: str | None, samples
     derps = {r.id: _DerpCheck(r, timeout, insecure, pending) for r in replicas if r.relay_url}
     checks += [_HttpCheck(r, timeout, insecure) for r in replicas if r.relay_url]
     checks += list(derps.values())
-    for r in relays or ():
-        checks += [_HttpCheck(r, timeout, insecure or r.insecure, "/derp/probe"), _DerpCheck(r, timeout, insecure or r.insecure, pending)]
+    for r in relays:
+        own = insecure or getattr(r, "insecure", False)  # the map's InsecureForTests
+        checks += [_HttpCheck(r, timeout, own, "/derp/probe"), _DerpCheck(r, timeout, own, pending)]
     pairs = [MeshPair(a, b) for a, b in permutations(replicas, 2)
              if a.region_id == b.region_id and a.relay_url and b.relay_url]
     try:

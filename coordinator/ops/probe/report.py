@@ -6,6 +6,7 @@ be filtered by a machine and the text read by a person.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -166,7 +167,7 @@ def _matrix(judge: _Judge, replicas: list[ReplicaInfo]) -> dict[str, dict[str, d
 
 def build_report(*, source: dict, threshold: float, samples: int, started_at: datetime, duration: float,
                  database: Figure | None, pubsub: Figure | None, replicas: list[ReplicaInfo],
-                 not_alive: list[ReplicaInfo], mesh: list[MeshPair], relays: list[ReplicaInfo] | None = None,
+                 not_alive: list[ReplicaInfo], mesh: list[MeshPair], relays: Sequence[ReplicaInfo] = (),
                  derp_map: dict | None = None) -> dict:
     """The ``coordinator.ops.probe/v1`` document for these figures (``threshold`` and ``duration`` in seconds)."""
     judge = _Judge(threshold)
@@ -188,7 +189,7 @@ def build_report(*, source: dict, threshold: float, samples: int, started_at: da
     replicas_json = [_replica(judge, r, single or relay_off) for r in replicas]
     if derp_map and derp_map.get("error"):
         notes.append(f"custom relays not probed: {derp_map['error']}")
-    relays_json = [_custom_relay(judge, r) for r in relays or ()]
+    relays_json = [_custom_relay(judge, r) for r in relays]
     _shared_relays(judge, replicas)
     mesh_json = [_mesh_pair(judge, p) for p in mesh]
     matrix = _matrix(judge, replicas)
