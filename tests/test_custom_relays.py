@@ -349,3 +349,46 @@ def test_bad_config_url_and_other_settings_are_refused_at_start(tmp_path):
     assert "--derp-config-url or --derp-config-path, not both" in line, line
     line = refused(["server", "--derp-server-enable", "maybe"])
     assert "--derp-server-enable" in line, line
+
+
+# -- the status page shows the custom relays, live ------------------------------------------------------
+
+
+def test_status_page_shows_the_custom_relays_up_then_down(pg_url, tmp_path, parts):
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[test]')")
+    chromium, driver_bin = "/usr/bin/chromium", "/usr/bin/chromedriver"
+    if not (os.access(chromium, os.X_OK) and os.access(driver_bin, os.X_OK)):
+        pytest.skip("Debian's chromium and chromium-driver are not installed (scripts/bootstrap.sh installs them)")
+    from selenium.webdriver.common.by import By
+
+    external = ExternalRelay(tmp_path)
+    parts.append(external)
+    map_file = tmp_path / "derpmap.json"
+    map_file.write_text(json.dumps({"Regions": {"900": external.region(900, "ext")}}))
+    replicas = Replicas(tmp_path, pg_url)
+    parts.append(replicas)
+    _, url = replicas.start("--derp-server-enable", "false", "--derp-config-path", str(map_file))
+
+    os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must never fetch a driver or browser
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_bin))
+    try:
+        driver.get(url + "/status")
+        driver.find_element(By.ID, "token").send_keys(TOKEN)
+        driver.find_element(By.ID, "login-button").click()
+
+        def state() -> str | None:
+            cells = driver.find_elements(By.CSS_SELECTOR, '#derp-relays tr[data-relay="900a"] td:nth-child(4)')
+            return cells[0].text if cells else None
+
+        wait_for("the custom relay shown up", lambda: state() == "up", 30)
+        summary = driver.find_element(By.ID, "derp-summary").text
+        assert "embedded relay off" in summary and "--derp-config-path" in summary, summary
+        external.stop()
+        wait_for("the custom relay shown down", lambda: state() == "down", 30)
+        assert any("EDERPMAP02" in li.text for li in driver.find_elements(By.CSS_SELECTOR, "#findings li"))
+    finally:
+        driver.quit()
