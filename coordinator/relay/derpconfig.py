@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import anyio
 import httpx
 
-from coordinator.core.errors import describe, one_line
+from coordinator.core.errors import one_line
 from coordinator.core.settings import ConfigError, Settings
 from coordinator.relay.derpmap import PublishedMap, embedded_region
 
@@ -196,6 +196,11 @@ def _status_problem(response: httpx.Response) -> str | None:
     return None
 
 
+def http_failure(exc: httpx.HTTPError) -> str:
+    """Why a request failed, on one line (httpx's own text is sometimes empty)."""
+    return one_line(str(exc)) or f"the connection failed ({type(exc).__name__})"
+
+
 def _collect(body: bytearray, chunk: bytes, where: str) -> None:
     body += chunk
     if len(body) > MAX_MAP_BYTES:
@@ -218,7 +223,7 @@ def fetch_sync(url: str, where: str, timeout: float = FETCH_TIMEOUT) -> bytes:
     except httpx.TimeoutException:
         raise DerpMapError(f"{where}: no whole answer within {timeout:g} s") from None
     except httpx.HTTPError as exc:
-        raise DerpMapError(f"{where}: cannot fetch: {one_line(describe(exc))}") from None
+        raise DerpMapError(f"{where}: cannot fetch: {http_failure(exc)}") from None
     return bytes(body)
 
 
@@ -235,7 +240,7 @@ async def fetch(client: httpx.AsyncClient, url: str, where: str, timeout: float 
     except (TimeoutError, httpx.TimeoutException):
         raise DerpMapError(f"{where}: no whole answer within {timeout:g} s") from None
     except httpx.HTTPError as exc:
-        raise DerpMapError(f"{where}: cannot fetch: {one_line(describe(exc))}") from None
+        raise DerpMapError(f"{where}: cannot fetch: {http_failure(exc)}") from None
     return bytes(body)
 
 
@@ -308,10 +313,15 @@ class DerpMaps:
         """The custom relays' DERP nodes in the map served now."""
         return relay_nodes(self.document) if self.document else []
 
-    async def refresh(self, client: httpx.AsyncClient) -> bool:
-        """Fetch the config URL once; on success serve the new map, else keep the last good one. True if it worked."""
+    async def refresh(self) -> bool:
+        """Fetch the config URL once; on success serve the new map, else keep the last good one. True if it worked.
+
+        A new connection each time: minutes apart, a kept-alive one would mostly be stale.
+        """
         try:
-            custom = parse_derp_map(await fetch(client, self.settings.derp_config_url, self.source), self.source)
+            async with httpx.AsyncClient(follow_redirects=True, headers={"User-Agent": USER_AGENT}) as client:
+                data = await fetch(client, self.settings.derp_config_url, self.source)
+            custom = parse_derp_map(data, self.source)
             before = self.published.etag
             self._publish(custom)
         except DerpMapError as exc:
@@ -333,10 +343,9 @@ class DerpMaps:
         """Fetch the config URL again every ``--derp-config-refresh`` until cancelled (nothing to do without one)."""
         if not self.settings.derp_config_url:
             return
-        async with httpx.AsyncClient(follow_redirects=True, headers={"User-Agent": USER_AGENT}) as client:
-            while True:
-                await anyio.sleep(self.settings.derp_config_refresh)
-                await self.refresh(client)
+        while True:
+            await anyio.sleep(self.settings.derp_config_refresh)
+            await self.refresh()
 
     def problems(self) -> list[tuple[str, str, str]]:
         """(code, severity, message) for the health report."""

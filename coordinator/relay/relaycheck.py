@@ -18,7 +18,7 @@ import anyio
 import httpx
 
 from coordinator.core.errors import describe, one_line
-from coordinator.relay.derpconfig import USER_AGENT, RelayNode
+from coordinator.relay.derpconfig import USER_AGENT, RelayNode, http_failure
 
 log = logging.getLogger("coordinator.derpmap")
 
@@ -86,7 +86,10 @@ class RelayChecks:
                     state.warm = True
                 rtt = await self._get(state)
         except (TimeoutError, httpx.HTTPError, OSError) as exc:
-            why = f"no answer within {2 * self.timeout:g} s" if isinstance(exc, TimeoutError) else one_line(describe(exc))
+            if isinstance(exc, TimeoutError):
+                why = f"no answer within {2 * self.timeout:g} s"
+            else:
+                why = http_failure(exc) if isinstance(exc, httpx.HTTPError) else one_line(describe(exc))
             if state.up is not False:
                 log.warning("custom relay %s (%s) unreachable: %s", state.node.label, state.node.base_url, why)
             state.up, state.latency, state.error, state.warm = False, None, why, False

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import httpx
 
-from coordinator.core.errors import describe, one_line
+from coordinator.core.errors import one_line
 from coordinator.ops.probe.model import ProbeUsageError, ReplicaInfo
-from coordinator.relay.derpconfig import USER_AGENT, DerpMapError, parse_derp_map, relay_nodes
+from coordinator.relay.derpconfig import USER_AGENT, DerpMapError, http_failure, parse_derp_map, relay_nodes
 
 CONFIG_ENV = ("COORDINATOR_DERP_CONFIG_URL", "CODER_DERP_CONFIG_URL", "COORDINATOR_DERP_CONFIG_PATH",
               "CODER_DERP_CONFIG_PATH")
@@ -67,7 +67,7 @@ async def read_map(source: str, timeout: float, insecure: bool) -> dict:
                                      headers={"User-Agent": USER_AGENT}) as client:
             response = await client.get(source)
     except httpx.HTTPError as exc:
-        raise DerpMapError(f"{where}: cannot fetch: {one_line(describe(exc))}") from None
+        raise DerpMapError(f"{where}: cannot fetch: {http_failure(exc)}") from None
     if response.status_code != 200:
         raise DerpMapError(f"{where}: HTTP {response.status_code}: {one_line(response.text[:200])}")
     return parse_derp_map(response.content, where, keep_embedded=True)
