@@ -187,6 +187,9 @@ async def test_relay_off_replicas_serve_the_custom_map_and_clients_meet_on_its_r
     with pytest.raises((DerpError, OSError)) as refused:
         await DerpClient.connect(a_url + "/derp", timeout=5)
     assert "404" in str(refused.value), refused.value
+    with pytest.raises((DerpError, OSError)) as refused:
+        await DerpClient.connect(a_url + "/derp", websocket=True, timeout=5)
+    assert "404" in str(refused.value), refused.value
 
     # The map holds the external relay alone, the same on both replicas; clients dial it and meet there.
     code, body = http_get(a_url + "/derpmap/default")
@@ -333,6 +336,9 @@ def test_bad_config_url_and_other_settings_are_refused_at_start(tmp_path):
         line = refused(["server", "--derp-config-url", server.url.replace("map.json", "missing.json")],
                        {"CODER_DERP_CONFIG_URL": server.url})
         assert "--derp-config-url" in line and "HTTP 404" in line, line
+        server.document = {"Regions": {}, "padding": "x" * (5 << 20)}  # a config URL may not flood us
+        line = refused(["server", "--derp-config-url", server.url])
+        assert "--derp-config-url" in line and "larger than 4 MiB" in line, line
     finally:
         server.stop()
     line = refused(["server"], {"COORDINATOR_DERP_CONFIG_URL": server.url})  # nothing answers now

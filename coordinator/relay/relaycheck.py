@@ -25,6 +25,7 @@ log = logging.getLogger("coordinator.derpmap")
 PROBE_PATH = "/derp/probe"
 CHECK_INTERVAL_BEATS = 5  # one check of every custom relay per 5 heartbeats (10 s by default)
 UNREACHABLE = "EDERPMAP02"
+MAX_PROBE_ANSWER = 64 << 10  # /derp/probe answers with an empty body; more is not read
 
 
 @dataclass
@@ -68,11 +69,15 @@ class RelayChecks:
     async def _get(self, state: RelayState) -> float:
         assert state.client is not None
         start = time.perf_counter()
-        response = await state.client.get(state.node.base_url + PROBE_PATH)
-        elapsed = time.perf_counter() - start
-        if response.status_code != 200:
-            raise ConnectionError(f"{PROBE_PATH} answered HTTP {response.status_code}")
-        return elapsed
+        async with state.client.stream("GET", state.node.base_url + PROBE_PATH) as response:
+            if response.status_code != 200:
+                raise ConnectionError(f"{PROBE_PATH} answered HTTP {response.status_code}")
+            size = 0
+            async for chunk in response.aiter_bytes():  # read to the end, so the connection is kept
+                size += len(chunk)
+                if size > MAX_PROBE_ANSWER:
+                    raise ConnectionError(f"{PROBE_PATH} answered more than {MAX_PROBE_ANSWER >> 10} KiB")
+        return time.perf_counter() - start
 
     async def check(self, state: RelayState) -> None:
         """One check of one node: warm the connection if needed, then time a request."""

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 
 import httpx
 
-from coordinator.core.errors import one_line
 from coordinator.ops.probe.model import ProbeUsageError, ReplicaInfo
-from coordinator.relay.derpconfig import USER_AGENT, DerpMapError, http_failure, parse_derp_map, relay_nodes
+from coordinator.relay.derpconfig import USER_AGENT, DerpMapError, fetch, parse_derp_map, relay_nodes
 
 CONFIG_ENV = ("COORDINATOR_DERP_CONFIG_URL", "CODER_DERP_CONFIG_URL", "COORDINATOR_DERP_CONFIG_PATH",
               "CODER_DERP_CONFIG_PATH")
@@ -62,15 +61,10 @@ async def read_map(source: str, timeout: float, insecure: bool) -> dict:
                 return parse_derp_map(file.read(), where, keep_embedded=True)
         except OSError as exc:
             raise DerpMapError(f"{where}: cannot read: {exc.strerror or exc}") from None
-    try:
-        async with httpx.AsyncClient(timeout=timeout, verify=not insecure, follow_redirects=True,
-                                     headers={"User-Agent": USER_AGENT}) as client:
-            response = await client.get(source)
-    except httpx.HTTPError as exc:
-        raise DerpMapError(f"{where}: cannot fetch: {http_failure(exc)}") from None
-    if response.status_code != 200:
-        raise DerpMapError(f"{where}: HTTP {response.status_code}: {one_line(response.text[:200])}")
-    return parse_derp_map(response.content, where, keep_embedded=True)
+    async with httpx.AsyncClient(timeout=timeout, verify=not insecure, follow_redirects=True,
+                                 headers={"User-Agent": USER_AGENT}) as client:
+        data = await fetch(client, source, where, timeout + 1.0)  # bounded in time and size
+    return parse_derp_map(data, where, keep_embedded=True)
 
 
 async def custom_relays(explicit: str | None, replica_url: str | None, replicas: list[ReplicaInfo], timeout: float,
