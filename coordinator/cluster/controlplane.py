@@ -104,7 +104,7 @@ class ControlPlane:
                         self.mesh = await stack.enter_async_context(Mesh(self.relay, on_error=self._on_dial_error))
                     self.monitor = LatencyMonitor(
                         threshold=s.latency_threshold, peer_timeout=s.peer_timeout, pubsub=self.pubsub,
-                        derp_ping=self.mesh.ping if self.mesh else None,
+                        derp_ping=self.mesh.ping if self.mesh is not None else None,
                     )
                     stack.callback(self.monitor.close)
                     async with anyio.create_task_group() as tg:
