@@ -36,7 +36,9 @@ from coordinator.edge.routes import relay_routes
 from coordinator.ops.api import api_routes
 from coordinator.ops.status import status_routes
 from coordinator.relay.dataplane import DerpRelay
+from coordinator.relay.derpconfig import DerpMaps
 from coordinator.relay.derpmap import PublishedMap
+from coordinator.relay.relaycheck import CHECK_INTERVAL_BEATS, RelayChecks
 
 log = logging.getLogger("coordinator.replica")
 
@@ -63,15 +65,19 @@ class Replica:
         pg_url: str | None = None,
         relay: DerpRelay | None = None,
         join_when_listening: bool = False,
+        derp_maps: DerpMaps | None = None,
     ):
         url = pg_url or settings.pg_url
         if not url:
             raise ValueError("a replica needs PostgreSQL: set COORDINATOR_PG_CONNECTION_URL (Settings.pg_url)")
         self.settings = settings
         self.relay = relay if relay is not None else DerpRelay.from_settings(settings)
-        self.derp_map = PublishedMap.from_settings(settings)
+        # The DERP map (custom relays read or fetched now: ConfigError if unusable) and their checks.
+        self.derp_maps = derp_maps if derp_maps is not None else DerpMaps.load(settings)
+        self.relay_checks = RelayChecks(settings.peer_timeout)
         self.pubsub: PubSub = PubSub(url)
         self.control = ControlPlane(settings, self.relay, url, pubsub=self.pubsub)
+        self.control.derp_maps, self.control.relay_checks = self.derp_maps, self.relay_checks
         self.stop_clean: bool | None = None  # once stopped: whether the stop was clean
         self._join_when_listening = join_when_listening
         self._listening: anyio.Event | None = None
@@ -114,6 +120,19 @@ class Replica:
         self.control.on_failure = callback
 
     @property
+    def derp_map(self) -> PublishedMap:
+        """What ``/derpmap/default`` serves now."""
+        return self.derp_maps.published
+
+    @property
+    def derp_off(self) -> str | None:
+        """Why this replica serves no DERP (its embedded relay is off), else None."""
+        if self.settings.derp_server_enable:
+            return None
+        return (f"this replica's embedded DERP relay is off ({self.settings.source('derp_server_enable')}=false): "
+                "connect to the relays of /derpmap/default")
+
+    @property
     def stopping(self) -> bool:
         return self._stop_started is not None
 
@@ -143,7 +162,8 @@ class Replica:
         if app is not None:
             app.state.derp_relay = self.relay  # the DERP upgrade and the WebSocket route find it here
             app.state.replica = self
-            app.state.derp_map = self.derp_map
+            app.state.derp_map = self.derp_maps
+            app.state.derp_off = self.derp_off
         self._listening, self._stopped = anyio.Event(), anyio.Event()
         if not self._join_when_listening:
             self._listening.set()
@@ -152,6 +172,9 @@ class Replica:
             self.relay.start()
             await self.pubsub.start(wait=False)  # subscribe at once; it connects in the background
             tg.start_soon(lambda: self.control.run(listening=self._listening), name="control plane")
+            tg.start_soon(self.derp_maps.run, name="DERP map refresh")
+            tg.start_soon(self.relay_checks.run, self.derp_maps.relays, self.settings.heartbeat * CHECK_INTERVAL_BEATS,
+                          name="custom relay checks")
             try:
                 yield
             finally:

@@ -86,9 +86,9 @@ def test_readme_settings_table_is_the_declared_settings():
 
 
 def test_unknown_and_unsupported_variables_get_one_warning():
-    s = load_settings(environ={"COORDINATOR_RELAY": "x", "CODER_DERP_SERVER_ENABLE": "true", "CODER_TLS_ENABLE": "1",
+    s = load_settings(environ={"COORDINATOR_RELAY": "x", "CODER_DERP_SERVER_STUN_ADDRESSES": "disable", "CODER_TLS_ENABLE": "1",
                                "CODER_ACCESS_URL": "https://lb.corp", "COORDINATOR_WITH_NGINX": "1"})
-    assert s.warnings == ["ignoring environment variables this project does not know: CODER_DERP_SERVER_ENABLE, "
+    assert s.warnings == ["ignoring environment variables this project does not know: CODER_DERP_SERVER_STUN_ADDRESSES, "
                           "CODER_TLS_ENABLE, COORDINATOR_RELAY"]
 
 

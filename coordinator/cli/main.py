@@ -15,6 +15,9 @@ log = logging.getLogger("coordinator")
 
 # The settings `coordinator api-token` and `postgres-url` take (the server takes all of them).
 TOKEN_SETTINGS = ("pg_url", "db_wait", "data_dir", "api_token", "api_token_file")
+# The settings `coordinator derpmap` takes: what the DERP map is made of.
+DERPMAP_SETTINGS = ("access_url", "region_id", "region_code", "region_name", "derp_server_enable", "derp_config_url",
+                    "derp_config_path")
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
@@ -42,14 +45,17 @@ def setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # it logs every request at INFO
 
 
 def cmd_server(args: argparse.Namespace) -> int:
     from coordinator.cli.server import run_server
+    from coordinator.relay.derpconfig import DerpMaps
 
     settings = _settings_from(args)
+    derp_maps = DerpMaps.load(settings)  # before anything starts: a bad custom DERP map is refused (exit 2)
     setup_logging(settings.log_level)
-    return run_server(settings)
+    return run_server(settings, derp_maps)
 
 
 def cmd_postgres_url(args: argparse.Namespace) -> int:
@@ -96,9 +102,12 @@ def cmd_api_token(args: argparse.Namespace) -> int:
 
 
 def cmd_derpmap(args: argparse.Namespace) -> int:
-    from coordinator.relay.derpmap import derp_map, render
+    from coordinator.relay.derpconfig import DerpMaps
 
-    print(render(derp_map(_settings_from(args))).decode())
+    maps = DerpMaps.load(_settings_from(args))
+    if not maps.published.body:
+        raise ConfigError(maps.published.missing)
+    print(maps.published.body.decode())
     return 0
 
 
@@ -132,8 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_settings_flags(token, TOKEN_SETTINGS)
     token.set_defaults(func=cmd_api_token)
     derpmap = sub.add_parser("derpmap", help="print the DERP map (tailcfg.DERPMap JSON) that /derpmap/default serves")
-    for flag in ("--access-url", "--region-id", "--region-code", "--region-name"):
-        derpmap.add_argument(flag, default=None)
+    _add_settings_flags(derpmap, DERPMAP_SETTINGS)
     derpmap.set_defaults(func=cmd_derpmap)
     # `coordinator probe ...` is handed to coordinator.ops.probe whole (see main below); listed here for --help.
     sub.add_parser("probe", help="measure latency to the database, pub/sub and every replica (probe --help)",

@@ -23,6 +23,7 @@ from coordinator.core.settings import Settings, ensure_data_dir
 from coordinator.edge.frontdoor import FrontDoor, Limits, open_listener
 from coordinator.edge.protocol import DerpHttpProtocol
 from coordinator.ops.prometheus import start_prometheus
+from coordinator.relay.derpconfig import DerpMaps
 from coordinator.replica import Replica
 
 log = logging.getLogger("coordinator.server")
@@ -95,7 +96,7 @@ class ReplicaServer(uvicorn.Server):
         os._exit(EXIT_UNCLEAN_STOP)
 
 
-def run_server(settings: Settings) -> int:
+def run_server(settings: Settings, derp_maps: DerpMaps | None = None) -> int:
     data = ensure_data_dir(settings)
     listener = open_listener(settings)
     embedded = None
@@ -114,15 +115,15 @@ def run_server(settings: Settings) -> int:
         how = "started" if embedded.started else "shared with another local replica"
         _say(f"no COORDINATOR_PG_CONNECTION_URL; using embedded PostgreSQL in {embedded.pgdata} ({how})")
     try:
-        return _serve(settings, pg_url, listener)
+        return _serve(settings, pg_url, listener, derp_maps)
     finally:
         listener.close()
         if embedded is not None:
             embedded.stop()
 
 
-def _serve(settings: Settings, pg_url: str, listener) -> int:
-    replica = Replica(settings, pg_url=pg_url, join_when_listening=True)
+def _serve(settings: Settings, pg_url: str, listener, derp_maps: DerpMaps | None = None) -> int:
+    replica = Replica(settings, pg_url=pg_url, join_when_listening=True, derp_maps=derp_maps)
     app = replica.app()
     app.state.front_door = FrontDoor(Limits.from_settings(settings))
     server = ReplicaServer(uvicorn_config(settings, app), replica)

@@ -33,6 +33,8 @@ from coordinator.core.health import Finding
 from coordinator.core.settings import Settings
 from coordinator.core.version import __version__
 from coordinator.relay.dataplane import SERVER_KEY_FILE, DerpRelay
+from coordinator.relay.derpconfig import DerpMaps
+from coordinator.relay.relaycheck import RelayChecks
 
 log = logging.getLogger("coordinator.controlplane")
 
@@ -72,6 +74,8 @@ class ControlPlane:
         self._stop_requested = False
         self._deadline = math.inf  # when closing must be over (set by stop())
         self._unclean: list[str] = []  # what did not stop as it should
+        self.derp_maps: DerpMaps | None = None  # the DERP map served (set by the replica)
+        self.relay_checks: RelayChecks | None = None  # the custom relays' last checks (set by the replica)
 
     # -- life ----------------------------------------------------------------------------------
 
@@ -91,11 +95,12 @@ class ControlPlane:
                     stack.push_async_callback(self._close, "the pub/sub", self.pubsub.close)
                     await self.pubsub.start(wait=False)  # it retries on its own meanwhile
                     stack.push_async_callback(self._close, "the database", self._close_db)
-                    self.mesh = await stack.enter_async_context(Mesh(self.relay, on_error=self._on_dial_error))
                     s = self.settings
+                    if s.derp_server_enable:  # else no relay to mesh: Postgres is the only rendezvous
+                        self.mesh = await stack.enter_async_context(Mesh(self.relay, on_error=self._on_dial_error))
                     self.monitor = LatencyMonitor(
                         threshold=s.latency_threshold, peer_timeout=s.peer_timeout, pubsub=self.pubsub,
-                        derp_ping=self.mesh.ping,
+                        derp_ping=self.mesh.ping if self.mesh is not None else None,
                     )
                     stack.push_async_callback(self._close, "the latency checks", self.monitor.close)
                     async with anyio.create_task_group() as tg:
@@ -240,7 +245,7 @@ class ControlPlane:
 
     async def _on_peers(self, peers: list[ReplicaInfo]) -> None:
         regional = [p for p in peers if p.region_id == self.settings.region_id]
-        if regional and not self.settings.relay_url and not self._warned_no_relay_url:
+        if regional and self.mesh is not None and not self.settings.relay_url and not self._warned_no_relay_url:
             self._warned_no_relay_url = True
             log.warning(
                 "%d other replicas are alive but COORDINATOR_DERP_SERVER_RELAY_URL is not set: they cannot reach "
@@ -255,13 +260,14 @@ class ControlPlane:
 
     def findings(self) -> list[Finding]:
         """Coded problems for the health report."""
+        relays = [Finding(*p) for part in (self.derp_maps, self.relay_checks) if part is not None for p in part.problems()]
         if self.monitor is None or self.registry is None:
-            return [Finding("EDB01", "error", "control plane not started")]
+            return [Finding("EDB01", "error", "control plane not started"), *relays]
         if not self.registry.healthy:
             self.monitor.database_failed(self.registry.last_error or "heartbeats failing")
         return self.monitor.findings(
             database_ok=self.registry.healthy, pubsub_connected=bool(self.pubsub and self.pubsub.connected),
-        ) + self.duplicate_keys.check(self.mesh)
+        ) + self.duplicate_keys.check(self.mesh) + relays
 
     def status(self) -> dict:
         """State for health endpoints."""

@@ -180,6 +180,23 @@ class Settings:
         "--per-client-rate-burst", "COORDINATOR_DERP_PER_CLIENT_RATE_BURST", 0, kind="size",
         help="bytes a client may send at once above the rate (default 0.1 s of it; at least one maximum-size packet)",
     )
+    # -- custom relays: the embedded relay on or off, external DERP maps (docs/custom-relays.md) -----
+    derp_server_enable: bool = _setting(
+        "--derp-server-enable", "COORDINATOR_DERP_SERVER_ENABLE", True, aliases=("CODER_DERP_SERVER_ENABLE",), kind="bool",
+        help="run the embedded DERP relay at /derp and mesh the replicas; false: clients use the custom map's relays only",
+    )
+    derp_config_url: str = _setting(
+        "--derp-config-url", "COORDINATOR_DERP_CONFIG_URL", "", aliases=("CODER_DERP_CONFIG_URL",), kind="http_url",
+        help="URL of a tailcfg.DERPMap JSON of external relays, merged into /derpmap/default; fetched again periodically",
+    )
+    derp_config_path: str = _setting(
+        "--derp-config-path", "COORDINATOR_DERP_CONFIG_PATH", "", aliases=("CODER_DERP_CONFIG_PATH",),
+        help="file holding a tailcfg.DERPMap JSON of external relays (instead of --derp-config-url), read at start",
+    )
+    derp_config_refresh: float = _setting(
+        "--derp-config-refresh", "COORDINATOR_DERP_CONFIG_REFRESH", 300.0, kind="duration",
+        help="how often --derp-config-url is fetched again (a failed fetch keeps the last good map)",
+    )
     extra: dict = field(default_factory=dict)
     sources: dict = field(default_factory=dict, repr=False)    # field -> the flag or variable it came from
     warnings: list = field(default_factory=list, repr=False)   # one line each, for the operator
@@ -213,6 +230,7 @@ class Settings:
         """Raise ConfigError for settings that can never work; every message names what the operator typed."""
         src = self.source
         self.listen  # noqa: B018 - parses and raises
+        self._validate_derp_config()
         if self.access_url:
             check_http_url(self.access_url, src("access_url"))
         if self.relay_url:
@@ -268,6 +286,27 @@ class Settings:
                 raise ConfigError(f"{self.source(name)}: {value!r} must be non-empty printable text")
         if self.per_client_rate_burst and not self.per_client_rate_limit:
             raise ConfigError(f"{self.source('per_client_rate_burst')} needs {self.source('per_client_rate_limit')}")
+
+    def _validate_derp_config(self) -> None:
+        """The custom-relays block: one source of external relays; without the embedded relay, one is needed."""
+        src = self.source
+        if self.derp_config_url and self.derp_config_path:
+            raise ConfigError(f"give {src('derp_config_url')} or {src('derp_config_path')}, not both")
+        if self.derp_config_refresh <= 0:
+            raise ConfigError(f"{src('derp_config_refresh')} must be positive")
+        if self.derp_server_enable:
+            return
+        if not (self.derp_config_url or self.derp_config_path):
+            raise ConfigError(
+                f"{src('derp_server_enable')}=false needs {src('derp_config_url')} or {src('derp_config_path')}: "
+                "without the embedded relay the DERP map would have no relays"
+            )
+        if self.relay_url:  # Postgres is the only rendezvous: no replica dials another
+            note = (f"{src('relay_url')} is ignored: the embedded relay is off ({src('derp_server_enable')}=false), "
+                    "so replicas do not mesh")
+            if note not in self.warnings:
+                self.warnings.append(note)
+            self.relay_url = ""
 
 
 _FIELDS = {f.name: f for f in fields(Settings) if f.metadata}

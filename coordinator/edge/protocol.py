@@ -299,6 +299,10 @@ class DerpHttpProtocol(HttpToolsProtocol):
         self.transport.close()
 
     def _hand_over(self, pending: bytes) -> None:
+        off = find_state(self.app, "derp_off")  # the embedded relay is off: say so, and why
+        if off is not None:
+            self._plain_response(b"404 Not Found", off + "\n")
+            return
         relay = find_relay(self.app)
         if relay is None:
             self._plain_response(b"503 Service Unavailable", "DERP relay is not running")

@@ -19,6 +19,7 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from coordinator.relay.dataplane import DerpRelay
+from coordinator.relay.derpconfig import DerpMaps
 from coordinator.relay.derpmap import PublishedMap
 
 log = logging.getLogger("coordinator.app")
@@ -27,8 +28,19 @@ _CHALLENGE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 PROBE_HEADERS = {"Access-Control-Allow-Origin": "*"}
 
 
+def relay_off(app) -> str | None:
+    """Why this replica serves no DERP (``app.state.derp_off``: its embedded relay is off), else None."""
+    return getattr(app.state, "derp_off", None)
+
+
+def _not_here(reason: str) -> Response:
+    return PlainTextResponse(reason + "\n", status_code=404, headers=PROBE_HEADERS)
+
+
 async def derp_plain(request: Request) -> Response:
     """``/derp`` without an upgrade the relay could take (raw upgrades never reach the app)."""
+    if (off := relay_off(request.app)) is not None:
+        return _not_here(off)
     upgrade = request.headers.get("upgrade", "").lower()
     if upgrade in ("derp", "websocket"):
         return PlainTextResponse(
@@ -40,6 +52,8 @@ async def derp_plain(request: Request) -> Response:
 
 
 async def probe(request: Request) -> Response:
+    if (off := relay_off(request.app)) is not None:
+        return _not_here(off)
     if request.method not in ("GET", "HEAD"):
         return PlainTextResponse("bogus probe method", status_code=405, headers=PROBE_HEADERS)
     return Response(status_code=200, headers=PROBE_HEADERS)
@@ -55,7 +69,8 @@ async def generate_204(request: Request) -> Response:
 
 async def derpmap_default(request: Request) -> Response:
     """The deployment's ``tailcfg.DERPMap`` (public and cacheable; the same on every replica)."""
-    published: PublishedMap | None = getattr(request.app.state, "derp_map", None)
+    source: DerpMaps | PublishedMap | None = getattr(request.app.state, "derp_map", None)
+    published = source.published if isinstance(source, DerpMaps) else source
     if published is None or not published.body:
         reason = published.missing if published else "this app was built without settings"
         return PlainTextResponse(f"no DERP map: {reason}\n", status_code=404)
@@ -124,6 +139,9 @@ class _WebSocketTransport(asyncio.Transport):
 
 
 async def derp_websocket(websocket: WebSocket) -> None:
+    if (off := relay_off(websocket.app)) is not None:
+        await websocket.close(code=1008, reason=off[:120])  # a close reason is at most 123 bytes
+        return
     relay: DerpRelay = websocket.app.state.derp_relay
     if "derp" not in websocket.scope.get("subprotocols", []):
         await websocket.close(code=1008, reason="client must speak the derp subprotocol")
@@ -167,7 +185,7 @@ def relay_routes() -> list[BaseRoute]:
 
 
 def create_app(relay: DerpRelay, *, extra_routes: list | None = None, lifespan=None,
-               derp_map: PublishedMap | None = None) -> Starlette:
+               derp_map: DerpMaps | PublishedMap | None = None) -> Starlette:
     """The Starlette app of one replica, serving ``relay`` (and ``derp_map`` at /derpmap/default)."""
 
     @contextlib.asynccontextmanager

@@ -16,6 +16,7 @@ from coordinator.cluster.registry import OperatorView
 from coordinator.core.health import overall
 from coordinator.core.timestamps import iso_utc
 from coordinator.ops.prometheus import Exposition
+from coordinator.ops.relays import derp_view
 from coordinator.relay.dataplane import DerpRelay
 
 SESSION_COOKIE = "coordinator_status"
@@ -110,7 +111,14 @@ def api_routes(control: ControlPlane, relay: DerpRelay) -> list[Route]:
             "server_key": relay.key.public_text,
             **control.status(),
             "relay": relay.stats(),
+            "derp": derp_view(control),
         })
+
+    async def derp(request: Request) -> Response:
+        """The DERP map served now, where its custom part comes from, and each custom relay's last check."""
+        if (denied := authorized(request)) is not None:
+            return denied
+        return JSONResponse(derp_view(control))
 
     async def metrics(request: Request) -> Response:
         if (denied := authorized(request)) is not None:
@@ -133,6 +141,7 @@ def api_routes(control: ControlPlane, relay: DerpRelay) -> list[Route]:
         Route("/api/v2/replicas", replicas),
         Route("/api/v2/debug/health", health),
         Route("/api/v2/debug/status", status),
+        Route("/api/v2/debug/derp", derp),
         Route("/metrics", metrics),
         Route("/readyz", readyz),
     ]

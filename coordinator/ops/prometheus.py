@@ -81,6 +81,45 @@ class ControlCollector:
         yield findings
 
 
+class DerpMapCollector:
+    """The DERP map served and the custom relays' last checks (``coordinator_custom_relay_*``, one series per node)."""
+
+    def __init__(self, control):
+        self.control = control
+
+    def collect(self):
+        maps, checks = getattr(self.control, "derp_maps", None), getattr(self.control, "relay_checks", None)
+        if maps is None:
+            return
+        regions = (maps.document or {}).get("Regions", {})
+        yield GaugeMetricFamily("coordinator_derp_map_regions", "Regions in the DERP map served at /derpmap/default",
+                                value=len(regions))
+        yield GaugeMetricFamily("coordinator_derp_map_embedded_relay", "1 while the embedded relay runs and is in the map",
+                                value=1 if maps.embedded else 0)
+        yield CounterMetricFamily("coordinator_derp_map_fetch_failures", "Fetches of --derp-config-url that failed",
+                                  value=maps.failures)
+        yield GaugeMetricFamily("coordinator_derp_map_stale", "1 while the last fetch of --derp-config-url failed "
+                                "(the last good map is served)", value=1 if maps.fetch_error else 0)
+        if maps.fetched_at is not None:
+            yield GaugeMetricFamily("coordinator_derp_map_fetched_timestamp_seconds",
+                                    "When --derp-config-url was last fetched successfully", value=maps.fetched_at)
+        labels = ["region_id", "region_code", "node", "url"]
+        up = GaugeMetricFamily("coordinator_custom_relay_up", "1 if the custom relay's /derp/probe answered at the "
+                               "last check, 0 if not", labels=labels)
+        latency = GaugeMetricFamily("coordinator_custom_relay_latency_seconds", "Round trip of the custom relay's "
+                                    "last /derp/probe check", labels=labels)
+        for state in (checks.states.values() if checks is not None else ()):
+            if state.up is None:
+                continue
+            n = state.node
+            values = [str(n.region_id), n.region_code, n.name, n.base_url]
+            up.add_metric(values, 1 if state.up else 0)
+            if state.latency is not None:
+                latency.add_metric(values, state.latency)
+        yield up
+        yield latency
+
+
 class Exposition:
     """Every metric of one replica as Prometheus text."""
 
@@ -90,6 +129,7 @@ class Exposition:
         self.registry = CollectorRegistry()
         self.registry.register(RelayCollector(relay))
         self.registry.register(ControlCollector(control))
+        self.registry.register(DerpMapCollector(control))
         ProcessCollector(registry=self.registry)  # process_resident_memory_bytes and friends
 
     def render(self, front_door=None) -> bytes:

@@ -23,6 +23,7 @@ from coordinator.core.health import overall
 from coordinator.core.timestamps import iso_utc
 from coordinator.core.urls import derp_url
 from coordinator.ops.api import SESSION_COOKIE, check_operator, session_value, token_matches
+from coordinator.ops.relays import derp_view
 from coordinator.relay.dataplane import DerpRelay
 
 log = logging.getLogger("coordinator.status")
@@ -119,6 +120,7 @@ async def snapshot(control: ControlPlane, relay: DerpRelay) -> dict:
             "packets_out": stats["packets_out"], "forwarded_in": stats["forwarded_in"],
             "forwarded_out": stats["forwarded_out"], "drops": stats["drops"],
         },
+        "derp": derp_view(control),
     }
 
 

@@ -1,10 +1,11 @@
-"""The deployment's DERP map: one region whose node is the access URL, as ``tailcfg.DERPMap`` JSON.
+"""The deployment's DERP map: the embedded region, whose node is the access URL, as ``tailcfg.DERPMap`` JSON.
 
 Tailscale clients and control servers learn relays from this document (headscale's ``derp.urls``,
 derpprobe's ``-derp-map``, tailscaled's region clients). Field names, their order and the
 ``omitempty`` rules follow Tailscale's ``tailcfg.DERPMap`` / ``DERPRegion`` / ``DERPNode``, so the
 JSON is what Go's ``encoding/json`` would print for the same values. Served at ``/derpmap/default``
-and printed by ``coordinator derpmap``.
+and printed by ``coordinator derpmap``. External relays (``--derp-config-url``/``--derp-config-path``)
+are merged in by :mod:`coordinator.relay.derpconfig`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ _NODE_FIELDS = (
     ("STUNTestIP", False), ("CanPort80", False),
 )
 _REGION_FIELDS = (
+    ("EmbeddedRelay", False),  # Coder's fork of tailcfg only (first there); marks the replicas' own region
     ("RegionID", True), ("RegionCode", True), ("RegionName", True), ("Latitude", False), ("Longitude", False),
     ("Avoid", False), ("Nodes", True),
 )
@@ -56,17 +58,22 @@ def derp_node(access_url: str, region_id: int) -> dict:
     }, _NODE_FIELDS)
 
 
-def derp_map(settings: Settings) -> dict:
-    """The ``tailcfg.DERPMap`` of this deployment; raises ConfigError without an access URL."""
+def embedded_region(settings: Settings) -> dict:
+    """The ``DERPRegion`` of the replicas' embedded relay; raises ConfigError without an access URL."""
     if not settings.access_url:
         raise ConfigError("the DERP map needs COORDINATOR_ACCESS_URL (--access-url): its node is the access URL")
-    region = _ordered({
+    return _ordered({
+        "EmbeddedRelay": True,
         "RegionID": settings.region_id,
         "RegionCode": settings.region_code,
         "RegionName": settings.region_name,
         "Nodes": [derp_node(settings.access_url, settings.region_id)],
     }, _REGION_FIELDS)
-    return {"Regions": {str(settings.region_id): region}}
+
+
+def derp_map(settings: Settings) -> dict:
+    """The ``tailcfg.DERPMap`` of the embedded relay alone; raises ConfigError without an access URL."""
+    return {"Regions": {str(settings.region_id): embedded_region(settings)}}
 
 
 def render(document: dict) -> bytes:
@@ -85,7 +92,11 @@ class PublishedMap:
     @classmethod
     def from_settings(cls, settings: Settings) -> PublishedMap:
         try:
-            body = render(derp_map(settings))
+            return cls.from_document(derp_map(settings))
         except ConfigError as exc:
             return cls(missing=str(exc))
+
+    @classmethod
+    def from_document(cls, document: dict) -> PublishedMap:
+        body = render(document)
         return cls(body, '"' + hashlib.sha256(body).hexdigest()[:32] + '"')

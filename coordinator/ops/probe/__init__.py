@@ -11,6 +11,8 @@ replicas and measures, each as the median of a few samples:
   sends to a probe client on B's relay, which echoes. The round trip crosses A's and B's relays
   twice; what is judged is the relays' share of it, the round trip minus the probe's own DERP
   pings to A and to B (the legs between this host and the two relays);
+* per custom relay node of the DERP map (``--derp-map``, see ``docs/custom-relays.md``): ``GET
+  /derp/probe`` and a DERP ping, judged on answering only;
 * and it shows what the replicas measured themselves: their database and pub/sub latency and
   the peer matrix (``replicas.peer_latencies``).
 

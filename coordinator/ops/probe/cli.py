@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "PostgreSQL of the local data directory, if one is running]")
     where.add_argument("--url", metavar="URL", help="one replica's URL (or the load balancer's), with --token")
     parser.add_argument("--token", metavar="TOKEN", help=f"API token for --url [${TOKEN_ENV[0]}]")
+    parser.add_argument("--derp-map", metavar="URL|PATH",
+                        help="the DERP map whose custom relays to probe (GET /derp/probe, DERP ping) [default: the "
+                             "/derpmap/default of --url, else $COORDINATOR_DERP_CONFIG_URL or _PATH, else a replica's]")
     parser.add_argument("--threshold", metavar="DURATION",
                         help=f"the most any figure may be, Go-style (10ms, 1.5ms; a bare number is seconds) "
                              f"[${THRESHOLD_ENV}, default 10ms]")
@@ -141,7 +144,7 @@ def run_from_args(args: argparse.Namespace, prog: str = "coordinator probe") -> 
     try:
         report = asyncio.run(run_probe(pg_url=pg_url, replica_url=None if pg_url else args.url, token=token,
                                        threshold=threshold, samples=args.samples, timeout=timeout,
-                                       insecure=args.insecure))
+                                       insecure=args.insecure, derp_map=args.derp_map))
     except ProbeUsageError as exc:
         return fail(str(exc))
     except KeyboardInterrupt:

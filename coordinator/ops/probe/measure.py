@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Sequence
 from itertools import permutations
 from typing import TYPE_CHECKING
 
@@ -82,14 +83,15 @@ class _PubSubCheck(_Check):
 
 
 class _HttpCheck(_Check):
-    """``GET /derp/latency-check`` on one kept-alive connection."""
+    """``GET /derp/latency-check`` (a custom relay: ``/derp/probe``, as derpprobe asks) on one kept-alive connection."""
 
-    def __init__(self, r: ReplicaInfo, timeout: float, insecure: bool):
+    def __init__(self, r: ReplicaInfo, timeout: float, insecure: bool, path: str = "/derp/latency-check"):
         super().__init__(r.http)
+        self.path = path
         self.conn = KeepAliveHttp(r.relay_url, timeout, insecure)
 
     async def once(self) -> float:
-        return await self.conn.round_trip("/derp/latency-check")
+        return await self.conn.round_trip(self.path)
 
     async def close(self) -> None:
         await self.conn.close()
@@ -227,7 +229,9 @@ async def _measure_mesh(pair: MeshPair, a: _DerpCheck, b: _DerpCheck, samples: i
 
 
 async def measure(replicas: list[ReplicaInfo], conn, pg_url: str | None, samples: int, timeout: float,
-                   insecure: bool) -> tuple[Figure | None, Figure | None, list[MeshPair]]:
+                   insecure: bool, relays: Sequence[ReplicaInfo] = ()) -> tuple[Figure | None, Figure | None, list[MeshPair]]:
+    """Everything measured from here; ``relays`` (custom relay nodes, as RelayInfo) get the replicas' HTTP and
+    DERP checks, not the mesh's."""
     pending: dict[bytes, asyncio.Future] = {}
     database = pubsub = None
     checks: list[_Check] = []
@@ -237,6 +241,9 @@ async def measure(replicas: list[ReplicaInfo], conn, pg_url: str | None, samples
     derps = {r.id: _DerpCheck(r, timeout, insecure, pending) for r in replicas if r.relay_url}
     checks += [_HttpCheck(r, timeout, insecure) for r in replicas if r.relay_url]
     checks += list(derps.values())
+    for r in relays:
+        own = insecure or getattr(r, "insecure", False)  # the map's InsecureForTests
+        checks += [_HttpCheck(r, timeout, own, "/derp/probe"), _DerpCheck(r, timeout, own, pending)]
     pairs = [MeshPair(a, b) for a, b in permutations(replicas, 2)
              if a.region_id == b.region_id and a.relay_url and b.relay_url]
     try:

@@ -28,10 +28,10 @@ def _from_here(report: dict) -> list[str]:
     return out
 
 
-def _status(r: dict, lone: bool) -> str:
+def _status(r: dict, lone: bool, relay_off: bool = False) -> str:
     status = "ok"
     if not r["relay_url"]:
-        status = "single replica, no relay URL" if lone else "NO RELAY URL"
+        status = "embedded relay off" if relay_off else "single replica, no relay URL" if lone else "NO RELAY URL"
     elif not r["reachable"]:
         status = "UNREACHABLE: " + (r["http"]["error"] or r["derp"]["error"] or "")
     if r["error"]:
@@ -47,12 +47,27 @@ def _replicas(report: dict) -> list[str]:
         r["short"], r["hostname"], str(r["region_id"]), r["relay_url"] or "-",
         fmt_ms(r["http"]["median_ms"], th), fmt_ms(r["derp"]["median_ms"], th),
         fmt_ms(r["reported"]["database_ms"], th), fmt_ms(r["reported"]["pubsub_ms"], th),
-        _status(r, len(replicas) == 1),
+        _status(r, len(replicas) == 1, (report.get("derp_map") or {}).get("embedded_relay") is False),
     ] for r in replicas]
     out += _table(["replica", "hostname", "region", "relay URL", "http", "derp", "db", "pubsub", "status"], rows)
     if report["not_alive"]:
         out.append(f"  ({len(report['not_alive'])} stopped or dead replica rows not probed)")
     return out
+
+
+def _relays(report: dict) -> list[str]:
+    src = report.get("derp_map") or {}
+    where = f" from {src['source']}" if src.get("source") else ""
+    out = [f"Custom relays of the DERP map{where} (http: GET /derp/probe; derp: DERP ping; reported, not judged "
+           "against the threshold)"]
+    if not report.get("relays"):
+        return []  # none in the map (or no map: a note says why)
+    rows = [[
+        f"{r['region_id']} {r['region_code']}".strip(), r["name"], r["url"], fmt_ms(r["http"]["median_ms"]),
+        fmt_ms(r["derp"]["median_ms"]),
+        "ok" if r["reachable"] else "UNREACHABLE: " + (r["http"]["error"] or r["derp"]["error"] or ""),
+    ] for r in report["relays"]]
+    return out + _table(["region", "node", "URL", "http", "derp", "status"], rows)
 
 
 def _mesh(report: dict, short: dict[str, str]) -> list[str]:
@@ -107,6 +122,8 @@ def render_text(report: dict) -> str:
         f"Threshold {fmt_threshold(report['threshold_ms'])} (medians of {report['samples']} samples; '!' marks a "
         f"figure over it); took {report['duration_ms'] / 1000:.2f} s",
     ]
-    for part in (_from_here(report), _replicas(report), _mesh(report, short), _matrix(report, short), _verdict(report)):
-        out += ["", *part]
+    for part in (_from_here(report), _replicas(report), _relays(report), _mesh(report, short), _matrix(report, short),
+                 _verdict(report)):
+        if part:
+            out += ["", *part]
     return "\n".join(out) + "\n"

@@ -6,6 +6,7 @@ be filtered by a machine and the text read by a person.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -92,6 +93,21 @@ def _replica(judge: _Judge, r: ReplicaInfo, single: bool) -> dict:
     }
 
 
+def _custom_relay(judge: _Judge, r: ReplicaInfo) -> dict:
+    """A custom relay node: judged on answering (HTTP /derp/probe and a DERP ping), not on the threshold."""
+    for fig, figure, what in ((r.http, "http", "GET /derp/probe"), (r.derp, "derp", "DERP ping")):
+        if fig.median is None:
+            judge.problem("unreachable", "relay", f"{r.label}: {what}: {fig.error or 'no samples'}", figure=figure,
+                          peer=r.id)
+    return {
+        "id": r.id, "region_id": r.region_id, "region_code": getattr(r, "region_code", ""),
+        "name": getattr(r, "name", r.id), "host_name": r.hostname, "url": r.relay_url,
+        "reachable": r.http.median is not None and r.derp.median is not None,
+        "server_key": ("nodekey:" + r.server_key.hex()) if r.server_key else None,
+        "http": r.http.to_json(judge.threshold), "derp": r.derp.to_json(judge.threshold),
+    }
+
+
 def _shared_relays(judge: _Judge, replicas: list[ReplicaInfo]) -> None:
     """Two replicas whose relay URLs reach one relay (same server key): a load balancer in the way."""
     seen: dict[bytes, ReplicaInfo] = {}
@@ -153,7 +169,8 @@ def _matrix(judge: _Judge, replicas: list[ReplicaInfo]) -> dict[str, dict[str, d
 
 def build_report(*, source: dict, threshold: float, samples: int, started_at: datetime, duration: float,
                  database: Figure | None, pubsub: Figure | None, replicas: list[ReplicaInfo],
-                 not_alive: list[ReplicaInfo], mesh: list[MeshPair]) -> dict:
+                 not_alive: list[ReplicaInfo], mesh: list[MeshPair], relays: Sequence[ReplicaInfo] = (),
+                 derp_map: dict | None = None) -> dict:
     """The ``coordinator.ops.probe/v1`` document for these figures (``threshold`` and ``duration`` in seconds)."""
     judge = _Judge(threshold)
     notes: list[str] = []
@@ -164,10 +181,17 @@ def build_report(*, source: dict, threshold: float, samples: int, started_at: da
     if not replicas:
         judge.problem("unreachable", "replicas", "no live replicas found")
     single = len(replicas) == 1 and not replicas[0].relay_url
-    if single:
+    relay_off = derp_map is not None and derp_map.get("embedded_relay") is False
+    if relay_off:
+        notes.append("the embedded relay is off (the DERP map has no embedded region): replicas have no relay URL "
+                     "and no mesh; clients use the custom relays")
+    elif single:
         notes.append(f"single-replica setup: {replicas[0].label} has no relay URL, which it needs only once a "
                      f"second replica joins (set {RELAY_URL_ENV} then)")
-    replicas_json = [_replica(judge, r, single) for r in replicas]
+    replicas_json = [_replica(judge, r, single or relay_off) for r in replicas]
+    if derp_map and derp_map.get("error"):
+        notes.append(f"custom relays not probed: {derp_map['error']}")
+    relays_json = [_custom_relay(judge, r) for r in relays]
     _shared_relays(judge, replicas)
     mesh_json = [_mesh_pair(judge, p) for p in mesh]
     matrix = _matrix(judge, replicas)
@@ -182,6 +206,8 @@ def build_report(*, source: dict, threshold: float, samples: int, started_at: da
         "pubsub": _section(pubsub, threshold),
         "replicas": replicas_json,
         "mesh": mesh_json,
+        "derp_map": derp_map,
+        "relays": relays_json,
         "matrix": matrix,
         "not_alive": [{"id": r.id, "hostname": r.hostname, "relay_url": r.relay_url} for r in not_alive],
         "notes": notes,

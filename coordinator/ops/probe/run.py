@@ -16,6 +16,7 @@ from coordinator.ops.probe.model import (
     ProbeUsageError,
     assign_short_ids,
 )
+from coordinator.ops.probe.relays import custom_relays
 from coordinator.ops.probe.report import build_report
 
 
@@ -28,11 +29,14 @@ async def run_probe(
     samples: int = DEFAULT_SAMPLES,
     timeout: float = DEFAULT_TIMEOUT,
     insecure: bool = False,
+    derp_map: str | None = None,
 ) -> dict:
     """Discover the replicas (from ``pg_url``, else from ``replica_url``'s API) and measure.
 
     Returns the ``coordinator.ops.probe/v1`` report (``report["ok"]``); raises :class:`ProbeUsageError`
-    when the arguments lead nowhere. Thresholds and timeouts are in seconds.
+    when the arguments lead nowhere. Thresholds and timeouts are in seconds. The custom relays of the
+    DERP map (``derp_map``, a URL or file, else found as :mod:`coordinator.ops.probe.relays` says) are
+    measured too.
     """
     if bool(pg_url) == bool(replica_url):
         raise ProbeUsageError("give either a database URL (--pg-url) or a replica URL (--url), not both or neither")
@@ -57,11 +61,12 @@ async def run_probe(
         alive = [r for r in found if r.alive]
         not_alive = [r for r in found if not r.alive]
         assign_short_ids(found)
-        database, pubsub, mesh = await measure(alive, conn, pg_url, samples, timeout, insecure)
+        relays, map_info = await custom_relays(derp_map, replica_url if not pg_url else None, alive, timeout, insecure)
+        database, pubsub, mesh = await measure(alive, conn, pg_url, samples, timeout, insecure, relays)
     finally:
         if conn is not None:
             with contextlib.suppress(Exception):
                 await conn.close()
     return build_report(source=source, threshold=threshold, samples=samples, started_at=started_at,
                         duration=time.perf_counter() - t0, database=database, pubsub=pubsub,
-                        replicas=alive, not_alive=not_alive, mesh=mesh)
+                        replicas=alive, not_alive=not_alive, mesh=mesh, relays=relays, derp_map=map_info)

@@ -142,6 +142,34 @@ function renderRelay(data) {
     Object.entries(r.drops).map(([reason, n]) => [reason, n, "drop-" + reason]));
 }
 
+function renderDerp(data) {
+  const d = data.derp;
+  if (!d) return;
+  const parts = [d.embedded_relay ? "embedded relay on" : "embedded relay off (custom relays only)"];
+  parts.push(d.regions.length + " region" + (d.regions.length === 1 ? "" : "s") + " served");
+  if (d.source) parts.push("custom map from " + d.source);
+  if (d.fetch_error) parts.push("last fetch FAILED: " + d.fetch_error + " (serving the last good map)");
+  else if (d.fetched_at) parts.push("fetched " + d.fetched_at);
+  const summary = document.getElementById("derp-summary");
+  summary.textContent = parts.join("; ");
+  summary.className = d.fetch_error ? "error" : "muted";
+  const body = document.querySelector("#derp-relays tbody");
+  body.replaceChildren();
+  if (!d.relays.length) {
+    const tr = el("tr");
+    tr.append(el("td", {colspan: 7, class: "muted"}, "no custom relays"));
+    body.append(tr);
+  }
+  for (const r of d.relays) {
+    const tr = el("tr", {"data-relay": r.name});
+    const state = r.up === null ? "unchecked" : (r.up ? "up" : "down");
+    tr.append(el("td", {}, r.region_id + (r.region_code ? " " + r.region_code : "")), el("td", {}, r.name),
+      el("td", {}, r.url), el("td", {class: r.up === null ? "na" : state}, state), el("td", {}, fmtMs(r.latency_ms)),
+      el("td", {class: "muted"}, r.checked_at || "—"), el("td", {class: "error"}, r.error || ""));
+    body.append(tr);
+  }
+}
+
 function render(data) {
   const overall = document.getElementById("overall");
   overall.textContent = data.severity;
@@ -152,6 +180,7 @@ function render(data) {
   renderMesh(data);
   renderLatency(data);
   renderRelay(data);
+  renderDerp(data);
 }
 
 async function poll() {
