@@ -29,6 +29,7 @@ from coordinator.cluster.controlplane import ControlPlane
 from coordinator.cluster.db import Database
 from coordinator.cluster.latency import LatencyMonitor
 from coordinator.cluster.mesh import Mesh
+from coordinator.cluster.pgbudget import split
 from coordinator.cluster.pubsub import PubSub
 from coordinator.cluster.registry import ReplicaRegistry
 from coordinator.core.settings import Settings
@@ -70,7 +71,9 @@ class Replica:
         self.settings = settings
         self.relay = relay if relay is not None else DerpRelay.from_settings(settings)
         self.derp_map = PublishedMap.from_settings(settings)
-        self.pubsub: PubSub = PubSub(url)
+        self.pubsub: PubSub = PubSub(
+            url, listen_url=settings.pg_listen_url or None, publish_connections=split(settings.pg_max_conns).publishers,
+        )
         self.control = ControlPlane(settings, self.relay, url, pubsub=self.pubsub)
         self.stop_clean: bool | None = None  # once stopped: whether the stop was clean
         self._join_when_listening = join_when_listening

@@ -20,6 +20,7 @@ class ConfigError(ValueError):
 
 
 DEFAULT_PROMETHEUS_ADDRESS = "127.0.0.1:2112"  # Coder's default
+MIN_PG_CONNS = 4  # a replica's smallest Postgres budget: pool 2, listener 1, publisher 1
 _BOOLS = {"1": True, "t": True, "true": True, "yes": True, "on": True,
           "0": False, "f": False, "false": False, "no": False, "off": False}
 
@@ -270,6 +271,15 @@ class Settings:
         "--per-client-rate-burst", "COORDINATOR_DERP_PER_CLIENT_RATE_BURST", 0, kind="size",
         help="bytes a client may send at once above the rate (default 0.1 s of it; at least one maximum-size packet)",
     )
+    # -- Postgres behind poolers, connection budget (docs/deployment.md) -------------------------------
+    pg_listen_url: str = _setting(
+        "--pg-listen-url", "COORDINATOR_PG_LISTEN_URL", "", secret=True,
+        help="direct PostgreSQL URL for the pub/sub's LISTEN connection when --pg-url goes through a transaction pooler",
+    )
+    pg_max_conns: int = _setting(
+        "--pg-max-conns", "COORDINATOR_PG_MAX_CONNS", 8, kind="int",
+        help="PostgreSQL connections one replica may hold at most (pool, listener, publishers; at least 4)",
+    )
     extra: dict = field(default_factory=dict)
     sources: dict = field(default_factory=dict, repr=False)    # field -> the flag or variable it came from
     warnings: list = field(default_factory=list, repr=False)   # one line each, for the operator
@@ -336,6 +346,7 @@ class Settings:
             raise ConfigError(f"{src('log_level')}: {self.log_level!r} is not one of debug, info, warning, error")
         self._validate_prometheus()
         self._validate_relay_policy()
+        self._validate_postgres()
 
     def _validate_prometheus(self) -> None:
         metrics = self.prometheus_listen
@@ -349,6 +360,12 @@ class Settings:
                 f"differ from {self.source('address')} ({self.address}): the metrics listener has no token and needs "
                 "its own port"
             )
+
+    def _validate_postgres(self) -> None:
+        """The Postgres block (see the fields above)."""
+        if self.pg_max_conns < MIN_PG_CONNS:
+            raise ConfigError(f"{self.source('pg_max_conns')} must be at least {MIN_PG_CONNS} "
+                              "(pool 2, pub/sub listener 1, publisher 1)")
 
     def _validate_relay_policy(self) -> None:
         """The DERP map, admission and rate-limit block (see the fields above)."""
@@ -447,7 +464,7 @@ def load_settings(overrides: dict | None = None, environ: dict | None = None) ->
         if overrides.get(name) is not None:
             values[name] = _convert(meta["kind"], overrides[name], meta["flag"])
             sources[name] = meta["flag"]
-            if meta["secret"] and values[name] and (name != "pg_url" or _has_password(values[name])):
+            if meta["secret"] and values[name] and (name not in ("pg_url", "pg_listen_url") or _has_password(values[name])):
                 notes.append(f"{meta['flag']} on the command line is readable by every local user (/proc/PID/cmdline); "
                              f"prefer {meta['env']}" + (f" or {meta['flag']}-file" if f"{name}_file" in _FIELDS else ""))
             continue

@@ -36,6 +36,8 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import PoolTimeout
 
 from coordinator.cluster.db import Database, DatabaseUnavailable
+from coordinator.cluster.pgerrors import explain
+from coordinator.cluster.registry.bounded import bounded
 from coordinator.cluster.registry.table import (
     _CLEANUP,
     _INSERT_SELF,
@@ -364,13 +366,14 @@ class ReplicaRegistry:
             }
             cur = conn.cursor(row_factory=dict_row)
             row = None
-            if previous is not None:
-                await cur.execute(_UPDATE_SELF, params)
-                row = await cur.fetchone()
-            reinserted = row is None and previous is not None
-            if row is None:
-                await cur.execute(_INSERT_SELF, params)
-                row = await cur.fetchone()
+            async with bounded(conn, self._op_timeout):
+                if previous is not None:
+                    await cur.execute(_UPDATE_SELF, params)
+                    row = await cur.fetchone()
+                reinserted = row is None and previous is not None
+                if row is None:
+                    await cur.execute(_INSERT_SELF, params)
+                    row = await cur.fetchone()
         self._check_skew(probe.skew)
         if self.on_probe is not None:
             self.on_probe(probe.latency)
@@ -413,7 +416,8 @@ class ReplicaRegistry:
             if cause:
                 reason = f"{reason}: {cause}"
         self._last_error = reason
-        log.warning("replica %s: heartbeat failed (%s); keeping last known peers and retrying", self.id, reason)
+        url = getattr(getattr(self.db, "pool", None), "conninfo", "")
+        log.warning("replica %s: heartbeat failed: %s; keeping last known peers and retrying", self.id, explain(reason, url))
 
     async def _remigrate(self) -> None:
         # The schema is gone: the database was replaced (restored, or a failover lost recent
@@ -435,7 +439,7 @@ class ReplicaRegistry:
     async def _cleanup(self) -> None:
         try:
             with anyio.fail_after(self._op_timeout):
-                async with self.db.connection(timeout=self._op_timeout) as conn:
+                async with self.db.connection(timeout=self._op_timeout) as conn, bounded(conn, self._op_timeout):
                     cur = await conn.execute(_CLEANUP, {"id": self.id, "after": self.cleanup_after})
             if cur.rowcount:
                 log.info("deleted %d replica rows dead for over %g s", cur.rowcount, self.cleanup_after)
@@ -496,7 +500,7 @@ class ReplicaRegistry:
 
     async def _read(self) -> list[ReplicaInfo] | None:
         """Re-read every row; the new peer list if it changed, else None."""
-        async with self.db.connection(timeout=self._op_timeout) as conn:
+        async with self.db.connection(timeout=self._op_timeout) as conn, bounded(conn, self._op_timeout):
             cur = await conn.cursor(row_factory=dict_row).execute(_SELECT_ALL)
             rows = await cur.fetchall()
         now = time.monotonic()
