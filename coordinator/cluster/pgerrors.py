@@ -36,21 +36,21 @@ LISTEN_URL_FLAG = "--pg-listen-url (COORDINATOR_PG_LISTEN_URL)"
 TOO_MANY_CLIENTS = Cause(
     "EDB03", "PostgreSQL has no connection slots left",
     f"raise max_connections on the server (or the pooler's limit), or lower {MAX_CONNS_FLAG} on the "
-    "replicas; retrying with backoff meanwhile",
+    "replicas",
 )
 READ_ONLY = Cause(
     "EDB04", "the PostgreSQL URL leads to a read-only standby",
-    "point it at the primary (a managed service's writer endpoint); retrying with backoff meanwhile",
+    "point it at the primary (a managed service's writer endpoint)",
 )
 # With several hosts, libpq can skip standbys by itself.
 READ_ONLY_MULTI_HOST = Cause(
     "EDB04", READ_ONLY.name,
-    "add target_session_attrs=read-write to the multi-host URL so libpq skips standbys; retrying with backoff meanwhile",
+    "add target_session_attrs=read-write to the multi-host URL so libpq skips standbys",
 )
 TLS = Cause(
     "EDB05", "TLS to PostgreSQL failed",
     "check sslrootcert= (the CA that signed the server's certificate) and that the URL's host name is one the "
-    "certificate names (sslmode=verify-full checks both); retrying with backoff meanwhile",
+    "certificate names (sslmode=verify-full checks both)",
 )
 LOCKED = Cause(
     "EDB06", "a heartbeat statement timed out waiting in PostgreSQL",

@@ -190,7 +190,7 @@ class Listener:
                 self.last_error = f"connect: {describe(exc)}"
                 self._fail_first(NotConnected(f"cannot connect to Postgres: {describe(exc)}"))
                 level = logging.ERROR if attempt == 1 or attempt % 10 == 0 else logging.DEBUG
-                log.log(level, "pubsub failed to connect to postgres (attempt %d): %s", attempt, explain(exc, self._url))
+                log.log(level, "pubsub failed to connect to postgres (attempt %d): %s; retrying with backoff", attempt, explain(exc, self._url))
             else:
                 reason = "closed"
                 quiet, self._quiet_teardown = self._quiet_teardown, False
@@ -208,7 +208,7 @@ class Listener:
                 if not was_up:
                     self._fail_first(NotConnected(f"listener setup failed: {reason}"))
                     level = logging.ERROR if attempt == 1 or attempt % 10 == 0 else logging.DEBUG
-                    log.log(level, "pubsub listener setup failed (attempt %d): %s", attempt, explain(reason, self._url))
+                    log.log(level, "pubsub listener setup failed (attempt %d): %s; retrying with backoff", attempt, explain(reason, self._url))
                 if was_up:
                     ever_up = True
                     self._m.disconnections += 1

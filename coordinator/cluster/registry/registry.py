@@ -236,7 +236,7 @@ class ReplicaRegistry:
     async def peer_matrix(self) -> dict[UUID, dict]:
         """Each replica's ``peer_latencies`` (what it measured to its peers), read now."""
         with anyio.fail_after(self._op_timeout):
-            async with self.db.connection(timeout=self._op_timeout) as conn:
+            async with self.db.connection(timeout=self._op_timeout) as conn, bounded(conn, self._op_timeout):
                 cur = await conn.execute("SELECT id, peer_latencies FROM replicas")
                 return {rid: latencies or {} for rid, latencies in await cur.fetchall()}
 
