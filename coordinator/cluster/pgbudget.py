@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from coordinator.core.settings import MIN_PG_CONNS
+
 LISTENER = 1  # the pub/sub's LISTEN session
 SPARE = 1  # start-up migration / pool diagnosis: one at a time, never alongside a full pool for long
 MAX_PUBLISHERS = 4
@@ -27,9 +29,9 @@ class Budget:
 
 
 def split(total: int) -> Budget:
-    """Share ``total`` (at least 4) out: a quarter (1-4) to publishing, the listener and a spare, the rest to the pool."""
-    if total < 4:
-        raise ValueError(f"a replica needs at least 4 Postgres connections, not {total}")
+    """Share ``total`` out: a quarter (1-4) to publishing, one each to the listener and a spare, the rest to the pool."""
+    if total < MIN_PG_CONNS:
+        raise ValueError(f"a replica needs at least {MIN_PG_CONNS} Postgres connections, not {total}")
     publishers = max(1, min(MAX_PUBLISHERS, total // 4))
     pool = total - LISTENER - SPARE - publishers
     return Budget(total=total, pool=pool, publishers=publishers)

@@ -20,7 +20,7 @@ class ConfigError(ValueError):
 
 
 DEFAULT_PROMETHEUS_ADDRESS = "127.0.0.1:2112"  # Coder's default
-MIN_PG_CONNS = 4  # a replica's smallest Postgres budget: pool 2, listener 1, publisher 1
+MIN_PG_CONNS = 4  # a replica's smallest Postgres budget: pool, listener, publisher, one spare
 _BOOLS = {"1": True, "t": True, "true": True, "yes": True, "on": True,
           "0": False, "f": False, "false": False, "no": False, "off": False}
 
@@ -365,7 +365,7 @@ class Settings:
         """The Postgres block (see the fields above)."""
         if self.pg_max_conns < MIN_PG_CONNS:
             raise ConfigError(f"{self.source('pg_max_conns')} must be at least {MIN_PG_CONNS} "
-                              "(pool 2, pub/sub listener 1, publisher 1)")
+                              "(a pool, the pub/sub listener, a publisher and a spare)")
 
     def _validate_relay_policy(self) -> None:
         """The DERP map, admission and rate-limit block (see the fields above)."""
