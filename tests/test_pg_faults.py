@@ -300,7 +300,7 @@ async def test_lock_table_replicas_for_30s_stalls_nothing_and_nobody_is_declared
     replicas = cluster.add_replicas(2)
     await wait_until(lambda: full_mesh(replicas), 30, "a full mesh")
     held = threading.Event()
-    peers_min, healthz_max, waiting_max, edb06 = 99, 0.0, 0, set()
+    peers_min, healthz_max, waiting_max, page_max, edb06, on_page = 99, 0.0, 0, 0.0, set(), set()
     with psycopg.connect(pg_url, autocommit=True, application_name="admin") as admin:
         async with cross_traffic(replicas) as traffic:
             locker = asyncio.create_task(asyncio.to_thread(_hold_lock, pg_url, 30.0, held))
@@ -312,6 +312,11 @@ async def test_lock_table_replicas_for_30s_stalls_nothing_and_nobody_is_declared
                     peers_min = min(peers_min, r.status()["peers"])
                     if "EDB06" in codes(r):
                         edb06.add(r.index)
+                    t0 = time.monotonic()
+                    page = r.api("/status/data")  # the status page's document: answers, names the lock
+                    page_max = max(page_max, time.monotonic() - t0)
+                    if "EDB06" in {f["code"] for f in page["findings"]}:
+                        on_page.add(r.index)
                 waiting_max = max(waiting_max, sum(1 for *_, wait in backends(admin) if wait == "Lock"))
                 await asyncio.sleep(0.2)
             await locker
@@ -333,16 +338,48 @@ async def test_lock_table_replicas_for_30s_stalls_nothing_and_nobody_is_declared
     sent, dropped = lost(traffic, until)
     gap = max(f.longest_gap() for f in traffic.flows)
     print(f"\nLOCK TABLE replicas held {released - locked:.0f} s: {dropped} of {sent} packets lost, longest gap "
-          f"{gap * 1000:.0f} ms, slowest /healthz {healthz_max:.0f} ms, fewest peers seen {peers_min}, at most "
+          f"{gap * 1000:.0f} ms, slowest /healthz {healthz_max:.0f} ms, slowest /status/data {page_max * 1000:.0f} ms, "
+          f"fewest peers seen {peers_min}, at most "
           f"{waiting_max} backends waiting on the lock, heartbeats caught up {caught_up:.1f} s after release")
     assert dropped == 0
     assert peers_min == 1  # nobody was declared dead
-    assert edb06 == {0, 1}
+    assert edb06 == {0, 1} and on_page == {0, 1}
     assert waiting_max <= 6  # server-side lock_timeout: abandoned heartbeats do not pile up
     for r in replicas:
         no_traceback(r)
         assert LOCK_LINE in r.proc.output
         assert "EDB06" not in codes(r)
+
+
+async def test_slow_heartbeat_statements_time_out_server_side_and_catch_up(pg_url, make_cluster):
+    """A storm of slow statements: every write to replicas takes 4 s (a trigger sleeps) for 15 s."""
+    cluster = make_cluster(pg_url)
+    replicas = cluster.add_replicas(2)
+    await wait_until(lambda: full_mesh(replicas), 30, "a full mesh")
+    with psycopg.connect(pg_url, autocommit=True, application_name="admin") as admin:
+        admin.execute("CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS "
+                      "$$ BEGIN PERFORM pg_sleep(4); RETURN NEW; END $$")
+        async with cross_traffic(replicas) as traffic:
+            admin.execute("CREATE TRIGGER slow BEFORE UPDATE ON replicas FOR EACH ROW EXECUTE FUNCTION slow()")
+            await wait_until(lambda: all("EDB06" in codes(r) for r in replicas), 15, "finding EDB06")
+            await asyncio.sleep(10)
+            for r in replicas:
+                assert healthz_ms(r) < 5000 and r.status()["peers"] == 1
+                assert "statement timeout" in finding(r, "EDB06")
+            await asyncio.to_thread(admin.execute, "DROP TRIGGER slow ON replicas")
+            dropped_at = time.monotonic()
+            await wait_until(lambda: all(r.ready() and "EDB06" not in codes(r) for r in replicas), 20,
+                             "heartbeats to catch up", interval=0.1)
+            caught_up = time.monotonic() - dropped_at
+            until = await traffic.stop()
+    sent, dropped = lost(traffic, until)
+    print(f"\nslow heartbeat writes (4 s each) for 10+ s: {dropped} of {sent} packets lost; ready again "
+          f"{caught_up:.1f} s after they were fast again")
+    assert dropped == 0
+    assert full_mesh(replicas)
+    for r in replicas:
+        no_traceback(r)
+        assert LOCK_LINE in r.proc.output
 
 
 # -- the rules themselves (no server) ------------------------------------------------------------

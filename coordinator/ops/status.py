@@ -21,6 +21,7 @@ from starlette.routing import Route
 
 from coordinator.cluster.controlplane import ControlPlane
 from coordinator.cluster.mesh import normalize_relay_url
+from coordinator.cluster.registry.bounded import bounded
 from coordinator.ops.api import SESSION_COOKIE, check_operator, session_value, token_matches
 from coordinator.relay.dataplane import DerpRelay
 
@@ -84,7 +85,8 @@ async def heartbeat_ages(control: ControlPlane) -> dict[str, float]:
         return {}
     try:
         with anyio.fail_after(1.0):
-            async with control.db.connection(timeout=1.0) as conn:
+            # bounded: a lock on replicas must not leave a waiting backend behind per page refresh
+            async with control.db.connection(timeout=1.0) as conn, bounded(conn, 1.0):
                 rows = await (await conn.execute(AGE_QUERY)).fetchall()
     except Exception as exc:  # the page then shows the ages as unknown; the findings say why
         log.debug("heartbeat ages unavailable: %s", exc)
