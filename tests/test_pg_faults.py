@@ -361,10 +361,13 @@ async def test_slow_heartbeat_statements_time_out_server_side_and_catch_up(pg_ur
                       "$$ BEGIN PERFORM pg_sleep(4); RETURN NEW; END $$")
         async with cross_traffic(replicas) as traffic:
             admin.execute("CREATE TRIGGER slow BEFORE UPDATE ON replicas FOR EACH ROW EXECUTE FUNCTION slow()")
-            await wait_until(lambda: all("EDB06" in codes(r) for r in replicas), 15, "finding EDB06")
-            await asyncio.sleep(10)
+            slow_at, peers_min = time.monotonic(), 99
+            while time.monotonic() < slow_at + 12:  # reads still work: peers are re-read, none may drop
+                for r in replicas:
+                    assert healthz_ms(r) < 5000
+                    peers_min = min(peers_min, r.status()["peers"])
+                await asyncio.sleep(0.1)
             for r in replicas:
-                assert healthz_ms(r) < 5000 and r.status()["peers"] == 1
                 assert "statement timeout" in finding(r, "EDB06")
             await asyncio.to_thread(admin.execute, "DROP TRIGGER slow ON replicas")
             dropped_at = time.monotonic()
@@ -373,9 +376,10 @@ async def test_slow_heartbeat_statements_time_out_server_side_and_catch_up(pg_ur
             caught_up = time.monotonic() - dropped_at
             until = await traffic.stop()
     sent, dropped = lost(traffic, until)
-    print(f"\nslow heartbeat writes (4 s each) for 10+ s: {dropped} of {sent} packets lost; ready again "
-          f"{caught_up:.1f} s after they were fast again")
+    print(f"\nslow heartbeat writes (4 s each) for 12 s: {dropped} of {sent} packets lost; fewest peers seen "
+          f"{peers_min}; ready again {caught_up:.1f} s after they were fast again")
     assert dropped == 0
+    assert peers_min == 1  # reads went on and saw stale rows: nobody was declared dead
     assert full_mesh(replicas)
     for r in replicas:
         no_traceback(r)

@@ -55,6 +55,7 @@ CHANNEL = "replica"
 STOP_TIMEOUT = 5.0
 RETRY_CAP = 5.0  # longest pause between heartbeat attempts while the database is down
 RECOVERY_GRACE = 10.0
+OVERDUE_BEATS = 1.5  # our own beat is overdue (writes stalling?) after this many intervals without one
 DEFAULT_CLEANUP_AFTER = 24 * 3600.0
 
 
@@ -510,7 +511,10 @@ class ReplicaRegistry:
         self._next_expiry = now + min(expiries) + 0.01 if expiries else None
         # While our own heartbeat is overdue (or just resumed) staleness says more about the
         # database than about peers: keep last known peers unless they left or were removed.
-        if now < self._grace_until or now - self._last_beat_ok > MISSED_BEATS * self.heartbeat:
+        # "Overdue" must trip before a peer that beat just before us expires (3 beats after its
+        # last write, at most one beat after ours): when writes stall for everyone (a lock that
+        # still lets reads through, slow writes) but reads go on, no peer is dropped meanwhile.
+        if now < self._grace_until or now - self._last_beat_ok > OVERDUE_BEATS * self.heartbeat:
             peers += self._kept_in_grace(peers, replicas)
             if now < self._grace_until:
                 self._next_expiry = min(self._next_expiry or math.inf, self._grace_until)
