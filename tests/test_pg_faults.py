@@ -430,3 +430,11 @@ def test_too_small_a_connection_budget_is_refused_at_start():
     line = refused_at_start(["server", "--pg-url", "postgresql://x@127.0.0.1:1/x", "--pg-max-conns", "3"],
                             "--pg-max-conns")
     assert "at least 4" in line
+
+
+def test_an_unparsable_listen_url_is_refused_at_start():
+    from procs import refused_at_start
+
+    line = refused_at_start(["server", "--pg-url", "postgresql://x@127.0.0.1:1/x", "--pg-listen-url",
+                             "password=s3cret oops"], "--pg-listen-url")
+    assert "s3cret" not in line

@@ -366,6 +366,15 @@ class Settings:
         if self.pg_max_conns < MIN_PG_CONNS:
             raise ConfigError(f"{self.source('pg_max_conns')} must be at least {MIN_PG_CONNS} "
                               "(a pool, the pub/sub listener, a publisher and a spare)")
+        if self.pg_listen_url:
+            from psycopg import Error as PsycopgError  # noqa: PLC0415 - only when the setting is used
+            from psycopg.conninfo import conninfo_to_dict  # noqa: PLC0415
+
+            try:
+                conninfo_to_dict(self.pg_listen_url)
+            except PsycopgError:  # its message may quote the URL, password included
+                raise ConfigError(f"{self.source('pg_listen_url')} is not a PostgreSQL URL "
+                                  "(postgresql://user:password@host:5432/dbname)") from None
 
     def _validate_relay_policy(self) -> None:
         """The DERP map, admission and rate-limit block (see the fields above)."""
