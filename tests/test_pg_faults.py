@@ -306,16 +306,22 @@ async def test_lock_table_replicas_for_30s_stalls_nothing_and_nobody_is_declared
             locker = asyncio.create_task(asyncio.to_thread(_hold_lock, pg_url, 30.0, held))
             await asyncio.to_thread(held.wait, 10)
             locked = time.monotonic()
+
+            def look(r) -> tuple[float, int, bool, float, bool]:
+                """(/healthz ms, peers, EDB06 on health, /status/data s, EDB06 on the status page)."""
+                t0 = time.monotonic()
+                page = r.api("/status/data")  # the status page's document: answers, names the lock
+                took = time.monotonic() - t0
+                on = "EDB06" in {f["code"] for f in page["findings"]}
+                return healthz_ms(r), r.status()["peers"], "EDB06" in codes(r), took, on
+
             while not locker.done():
-                for r in replicas:
-                    healthz_max = max(healthz_max, healthz_ms(r))
-                    peers_min = min(peers_min, r.status()["peers"])
-                    if "EDB06" in codes(r):
+                for r in replicas:  # in a thread: the test's own clients must never wait on these calls
+                    ms, peers, named, took, on = await asyncio.to_thread(look, r)
+                    healthz_max, peers_min, page_max = max(healthz_max, ms), min(peers_min, peers), max(page_max, took)
+                    if named:
                         edb06.add(r.index)
-                    t0 = time.monotonic()
-                    page = r.api("/status/data")  # the status page's document: answers, names the lock
-                    page_max = max(page_max, time.monotonic() - t0)
-                    if "EDB06" in {f["code"] for f in page["findings"]}:
+                    if on:
                         on_page.add(r.index)
                 waiting_max = max(waiting_max, sum(1 for *_, wait in backends(admin) if wait == "Lock"))
                 await asyncio.sleep(0.2)
