@@ -45,6 +45,7 @@ from coordinator.cluster.registry.table import (
     _STOP_SELF,
     _UPDATE_SELF,
     MISSED_BEATS,
+    OVERDUE_BEATS,
     ReplicaInfo,
 )
 from coordinator.core.errors import describe
@@ -55,7 +56,6 @@ CHANNEL = "replica"
 STOP_TIMEOUT = 5.0
 RETRY_CAP = 5.0  # longest pause between heartbeat attempts while the database is down
 RECOVERY_GRACE = 10.0
-OVERDUE_BEATS = 1.5  # our own beat is overdue (writes stalling?) after this many intervals without one
 DEFAULT_CLEANUP_AFTER = 24 * 3600.0
 
 

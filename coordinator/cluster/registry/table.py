@@ -11,6 +11,9 @@ from datetime import datetime
 from uuid import UUID
 
 MISSED_BEATS = 3  # a peer is dead once it missed this many heartbeats
+# Our own beat is overdue (writes stalling for everyone?) after this many intervals without one:
+# before a peer that beat just ahead of us can expire (MISSED_BEATS after its last write).
+OVERDUE_BEATS = 1.5
 
 ALIVE_SQL = f"(stopped_at IS NULL AND updated_at > now() - {MISSED_BEATS} * heartbeat_ms * interval '1 millisecond')"
 # Every column but the latency matrix (peer_latencies): N rows of N entries, read by every replica at
