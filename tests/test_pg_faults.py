@@ -392,6 +392,19 @@ async def test_slow_heartbeat_statements_time_out_server_side_and_catch_up(pg_ur
         assert LOCK_LINE in r.proc.output
 
 
+async def test_a_listen_url_on_another_database_is_named_and_not_redialled(pg_cluster, pg_url, caplog):
+    """--pg-listen-url leading elsewhere than --pg-url: the publishers' pings can never arrive."""
+    from coordinator.cluster.pubsub import PubSub
+
+    async with PubSub(pg_url, listen_url=pg_cluster.url, ping_interval=0.5, ping_timeout=0.5) as ps:
+        await wait_until(lambda: ps.listen_problem is not None, 10, "the listener check to name it")
+        assert "the same database as --pg-url" in ps.listen_problem
+        await asyncio.sleep(3)  # several more checks
+        assert ps.connected and ps.metrics["reconnects"] == 0
+    lines = [r.getMessage() for r in caplog.records if "LISTEN does not deliver" in r.getMessage()]
+    assert len(lines) == 1, lines
+
+
 # -- the rules themselves (no server) ------------------------------------------------------------
 
 
@@ -414,6 +427,9 @@ def test_causes_are_recognised_by_sqlstate_and_by_libpq_text():
     assert classify('connection to server at "db" failed: FATAL:  sorry, too many clients already') is TOO_MANY_CLIENTS
     assert classify("SSL error: certificate verify failed") is TLS
     assert classify("connection refused") is None
+    assert classify("FATAL:  the database system is in recovery mode") is None  # a restarting primary
+    assert classify("SSL SYSCALL error: EOF detected") is None  # a cut connection
+    assert classify("ERROR:  cannot execute LISTEN during recovery") is READ_ONLY
     assert explain("connection refused") == "connection refused"
     assert for_url(READ_ONLY, "postgresql://u@a:5432,b:5432/db") is READ_ONLY_MULTI_HOST
     assert for_url(READ_ONLY, "postgresql://u@a:5432,b:5432/db?target_session_attrs=read-write") is READ_ONLY

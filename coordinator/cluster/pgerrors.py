@@ -64,12 +64,23 @@ LISTEN_UNSUPPORTED = Cause(
     "peers are found at heartbeat pace",
 )
 
+# With a listen URL of its own, the other likely cause: it leads to another database than the publishers'.
+LISTEN_ELSEWHERE = Cause(
+    "EPS03", "LISTEN does not deliver through the listen URL",
+    f"the listener's own notifications never arrive although it answers queries; make {LISTEN_URL_FLAG} lead to "
+    "the same database as --pg-url (COORDINATOR_PG_CONNECTION_URL), directly rather than through a transaction "
+    "pooler; relaying, the mesh and heartbeats go on, peers are found at heartbeat pace",
+)
+
 _TEXT_CAUSES: tuple[tuple[re.Pattern[str], Cause], ...] = (
     (re.compile(r"too many clients already|remaining connection slots are reserved|"
                 r"too many connections for (role|database)|no more connections allowed", re.I), TOO_MANY_CLIENTS),
-    (re.compile(r"read-only transaction|during recovery|read-only standby|in recovery", re.I), READ_ONLY),
-    (re.compile(r"certificate verify failed|does not match host name|SSL error|sslrootcert|"
-                r"root certificate file|SSL SYSCALL|server does not support SSL|certificate", re.I), TLS),
+    # Not "the database system is in recovery mode": that is a primary restarting after a crash.
+    (re.compile(r"read-only transaction|read-only standby|cannot execute \S+ during recovery|"
+                r"while recovery is in progress", re.I), READ_ONLY),
+    # Not "SSL SYSCALL error": a connection cut mid-TLS is a network fault, not a certificate one.
+    (re.compile(r"certificate verify failed|does not match host name|sslrootcert|certificate|"
+                r"server does not support SSL", re.I), TLS),
     (re.compile(r"lock timeout|canceling statement due to (lock|statement) timeout", re.I), LOCKED),
 )
 _SQLSTATE_CAUSES = {
@@ -78,10 +89,6 @@ _SQLSTATE_CAUSES = {
     "55P03": LOCKED,  # lock_not_available
     "57014": LOCKED,  # query_canceled (statement_timeout)
 }
-
-
-class ListenUnsupported(Exception):
-    """The listener's own notifications never arrive although its connection answers."""
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
@@ -97,13 +104,9 @@ def classify(error: BaseException | str | None) -> Cause | None:
     """The operator-facing cause of ``error`` (an exception, its chain, or a message), or None."""
     if error is None:
         return None
-    if isinstance(error, ListenUnsupported):
-        return LISTEN_UNSUPPORTED
     texts: list[str] = []
     if isinstance(error, BaseException):
         for exc in _chain(error):
-            if isinstance(exc, ListenUnsupported):
-                return LISTEN_UNSUPPORTED
             state = getattr(exc, "sqlstate", None)
             if state in _SQLSTATE_CAUSES:
                 return _SQLSTATE_CAUSES[state]
@@ -111,8 +114,6 @@ def classify(error: BaseException | str | None) -> Cause | None:
     else:
         texts.append(error)
     text = " ".join(texts)
-    if LISTEN_UNSUPPORTED.name in text:
-        return LISTEN_UNSUPPORTED
     for pattern, cause in _TEXT_CAUSES:
         if pattern.search(text):
             return cause

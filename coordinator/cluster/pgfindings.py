@@ -43,7 +43,7 @@ def postgres_findings(url: str, registry: _Registry | None, pubsub: _PubSub | No
     out: list[Finding] = []
     if pubsub is not None:
         if pubsub.listen_problem:
-            out.append(Finding(LISTEN_UNSUPPORTED.code, "error", LISTEN_UNSUPPORTED.line(pubsub.listen_problem)))
+            out.append(Finding(LISTEN_UNSUPPORTED.code, "error", pubsub.listen_problem))
         elif not pubsub.connected and pubsub.last_error:
             errors.append(("the pub/sub listener", pubsub.last_error, pubsub.listen_url))
     seen: set[str] = {f.code for f in out}

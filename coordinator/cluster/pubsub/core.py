@@ -105,6 +105,7 @@ class PubSub:
             publisher=self._pub,
         )
         self._liveness.listener = self._listener
+        self._liveness.own_listen_url = self.listen_url != url
         self._tasks = TaskOwner()
         self._started = False
         self._closed = False
@@ -169,7 +170,7 @@ class PubSub:
 
     @property
     def listen_problem(self) -> str | None:
-        """Why LISTEN does not deliver through this URL although the listener answers, or None."""
+        """The line saying why LISTEN does not deliver although the listener answers (cause and what to do), or None."""
         return self._liveness.broken
 
     async def wait_connected(self, timeout: float | None = None) -> bool:

@@ -19,7 +19,7 @@ import logging
 import time
 import uuid
 
-from coordinator.cluster.pgerrors import LISTEN_UNSUPPORTED
+from coordinator.cluster.pgerrors import LISTEN_ELSEWHERE, LISTEN_UNSUPPORTED
 from coordinator.cluster.pubsub.errors import NotConnected, PublishError, PubSubError
 from coordinator.cluster.pubsub.listener import Listener
 from coordinator.cluster.pubsub.metrics import Metrics
@@ -50,7 +50,8 @@ class Liveness:
         self._m, self._pub = metrics, publisher
         self._probes: dict[bytes, asyncio.Future] = {}
         self.listener: Listener | None = None  # set by the facade: the two refer to each other
-        self.broken: str | None = None  # why LISTEN does not deliver through this URL, while it doesn't
+        self.broken: str | None = None  # the line saying why LISTEN does not deliver, while it doesn't
+        self.own_listen_url = False  # the listener has a URL of its own (set by the facade)
         self._heard_session = 0  # the listener session that last delivered one of our pings
         self._redial_at = 0.0
 
@@ -159,10 +160,11 @@ class Liveness:
     def _not_delivering(self, listener: Listener, session: int, why: str) -> None:
         now = time.monotonic()
         if self.broken is None:
-            self.broken = why
+            cause = LISTEN_ELSEWHERE if self.own_listen_url else LISTEN_UNSUPPORTED
+            self.broken = cause.line(why)
             self._redial_at = now + BROKEN_REDIAL
             self._m.ping_failures += 1
-            log.error("pubsub: %s", LISTEN_UNSUPPORTED.line(why))
+            log.error("pubsub: %s", self.broken)
         elif now >= self._redial_at:
             self._redial_at = now + BROKEN_REDIAL
             listener.tear_down(session, f"LISTEN still not delivering: {why}", quiet=True)
