@@ -223,6 +223,44 @@ async def test_url_on_a_read_only_standby_is_named_backs_off_and_joins_once_prom
         standby.destroy()
 
 
+async def test_an_endpoint_that_moves_to_a_standby_while_running_is_named_and_left(make_pg, make_cluster):
+    """The URL's endpoint (a proxy here, a VIP or DNS name in life) leads to the standby for a while."""
+    from delayproxy import DelayProxy
+
+    primary = make_pg()
+    standby = PgCluster.standby_of(primary)
+    try:
+        standby.start()
+        with DelayProxy("127.0.0.1", primary.port) as proxy:
+            replicas = make_cluster(f"postgresql://postgres@127.0.0.1:{proxy.port}/postgres").add_replicas(2)
+            await wait_until(lambda: full_mesh(replicas), 30, "a full mesh")
+            async with cross_traffic(replicas) as traffic:
+                proxy.target_port = standby.port
+                proxy.drop_connections()
+                await wait_until(lambda: all("EDB04" in codes(r) for r in replicas), 30, "finding EDB04")
+                for r in replicas:
+                    assert STANDBY_LINE in r.proc.output
+                await asyncio.sleep(3)
+                proxy.target_port = primary.port
+                proxy.drop_connections()
+                back = time.monotonic()
+                await wait_until(lambda: all(r.ready() and "EDB04" not in codes(r) for r in replicas), 30,
+                                 "recovery on the primary", interval=0.1)
+                recovered = time.monotonic() - back
+                until = await traffic.stop()
+            sent, dropped = lost(traffic, until)
+            print(f"\nendpoint on a standby for a while: {dropped} of {sent} packets lost, ready "
+                  f"{recovered:.1f} s after it led to the primary again")
+            assert dropped == 0
+            for r in replicas:
+                no_traceback(r)
+                named = [ln for ln in r.proc.output.splitlines() if STANDBY_LINE in ln]
+                assert 1 <= len(named) <= 3, named  # once per part (heartbeat, listener), not per retry
+            print("\n".join(ln[:240] for ln in named))
+    finally:
+        standby.destroy()
+
+
 # -- 4. TLS ------------------------------------------------------------------------------------
 
 

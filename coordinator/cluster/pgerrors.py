@@ -120,6 +120,25 @@ def classify(error: BaseException | str | None) -> Cause | None:
     return None
 
 
+class CauseChanges:
+    """Says when the known cause of a run of failures changes, so each cause is logged once per outage."""
+
+    def __init__(self) -> None:
+        self._last: str | None = None
+
+    def new(self, error: BaseException | str) -> bool:
+        """True if ``error`` has a known cause other than the last one seen (then remembered)."""
+        cause = classify(error)
+        if cause is None or cause.code == self._last:
+            return False
+        self._last = cause.code
+        return True
+
+    def reset(self) -> None:
+        """The failures ended."""
+        self._last = None
+
+
 def for_url(cause: Cause, url: str) -> Cause:
     """``cause``, with the advice that fits ``url`` (a multi-host URL without read-write targeting)."""
     if cause.code != READ_ONLY.code:

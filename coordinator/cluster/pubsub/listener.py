@@ -19,7 +19,7 @@ import psycopg
 from psycopg import pq
 
 from coordinator.cluster.db import Connection
-from coordinator.cluster.pgerrors import explain
+from coordinator.cluster.pgerrors import CauseChanges, explain
 from coordinator.cluster.pubsub.errors import NotConnected, PubSubError
 from coordinator.cluster.pubsub.metrics import Metrics
 from coordinator.cluster.pubsub.pgconn import abort
@@ -80,6 +80,7 @@ class Listener:
         self._idle = False
         self._teardown_reason: str | None = None
         self._quiet_teardown = False  # a planned redial: log it at DEBUG only
+        self._causes = CauseChanges()  # a failure with a newly known cause is logged whatever the attempt
         self._first: asyncio.Future | None = None
 
     # what the facade and the liveness check ask of it
@@ -189,8 +190,10 @@ class Listener:
                 attempt += 1
                 self.last_error = f"connect: {describe(exc)}"
                 self._fail_first(NotConnected(f"cannot connect to Postgres: {describe(exc)}"))
-                level = logging.ERROR if attempt == 1 or attempt % 10 == 0 else logging.DEBUG
-                log.log(level, "pubsub failed to connect to postgres (attempt %d): %s; retrying with backoff", attempt, explain(exc, self._url))
+                new_cause = self._causes.new(exc)
+                level = logging.ERROR if attempt == 1 or attempt % 10 == 0 or new_cause else logging.DEBUG
+                log.log(level, "pubsub failed to connect to postgres (attempt %d): %s; retrying with backoff", attempt,
+                        explain(exc, self._url))
             else:
                 reason = "closed"
                 quiet, self._quiet_teardown = self._quiet_teardown, False
@@ -207,8 +210,10 @@ class Listener:
                 self.last_error = reason
                 if not was_up:
                     self._fail_first(NotConnected(f"listener setup failed: {reason}"))
-                    level = logging.ERROR if attempt == 1 or attempt % 10 == 0 else logging.DEBUG
-                    log.log(level, "pubsub listener setup failed (attempt %d): %s; retrying with backoff", attempt, explain(reason, self._url))
+                    new_cause = self._causes.new(reason)
+                    level = logging.ERROR if attempt == 1 or attempt % 10 == 0 or new_cause else logging.DEBUG
+                    log.log(level, "pubsub listener setup failed (attempt %d): %s; retrying with backoff", attempt,
+                            explain(reason, self._url))
                 if was_up:
                     ever_up = True
                     self._m.disconnections += 1
@@ -249,6 +254,7 @@ class Listener:
         self.connected = True
         self.disconnected_at = None
         self.last_error = None
+        self._causes.reset()
         self._m.connected = True
         self._signal_pass()
         if reconnect:

@@ -36,7 +36,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import PoolTimeout
 
 from coordinator.cluster.db import Database, DatabaseUnavailable
-from coordinator.cluster.pgerrors import explain
+from coordinator.cluster.pgerrors import CauseChanges, explain
 from coordinator.cluster.registry.bounded import bounded
 from coordinator.cluster.registry.table import (
     _CLEANUP,
@@ -126,6 +126,7 @@ class ReplicaRegistry:
         self._written_error = ""
         self._written_error_changed = False
         self._skew_warned = False
+        self._causes = CauseChanges()  # a heartbeat failure with a newly known cause is logged mid-outage too
         self._malformed = 0
         self._malformed_logged_at = -math.inf
         # One-slot buffer: kicks arriving during a sync collapse into a single follow-up sync.
@@ -397,6 +398,7 @@ class ReplicaRegistry:
         if not self._healthy and self._down_since is not None:
             log.info("replica %s: database reachable again after %.1f s; heartbeating", self.id, now - self._down_since)
         self._healthy = True
+        self._causes.reset()
         self._last_error = None
         self._down_since = None
         return resumed
@@ -404,10 +406,12 @@ class ReplicaRegistry:
     async def _mark_unhealthy(self, exc: BaseException) -> None:
         reason = describe(exc)
         timed_out = isinstance(exc, TimeoutError | PoolTimeout)
+        url = getattr(getattr(self.db, "pool", None), "conninfo", "")
         if not self._healthy:
             if not timed_out:  # else keep the diagnosed cause from the start of the outage
                 self._last_error = reason
-            log.debug("replica %s: heartbeat still failing: %s", self.id, reason)
+            level = logging.WARNING if self._causes.new(exc) else logging.DEBUG
+            log.log(level, "replica %s: heartbeat still failing: %s", self.id, explain(reason, url))
             return
         self._healthy = False
         self._down_since = time.monotonic()
@@ -417,7 +421,8 @@ class ReplicaRegistry:
             if cause:
                 reason = f"{reason}: {cause}"
         self._last_error = reason
-        url = getattr(getattr(self.db, "pool", None), "conninfo", "")
+        self._causes.reset()
+        self._causes.new(reason)
         log.warning("replica %s: heartbeat failed: %s; keeping last known peers and retrying", self.id, explain(reason, url))
 
     async def _remigrate(self) -> None:
