@@ -281,7 +281,8 @@ async def _connect_with_retry(conninfo: str, target: str, password: str | None, 
 async def _check_writable(conn: psycopg.AsyncConnection, target: str) -> None:
     """Refuse a standby now, with its cause named, rather than fail later at every write."""
     cur = await conn.execute("SELECT pg_is_in_recovery()")
-    if (await cur.fetchone())[0]:
+    row = await cur.fetchone()
+    if row is not None and row[0]:
         raise DatabaseUnavailable(f"PostgreSQL at {target} is a read-only standby (in recovery)")
 
 
