@@ -10,6 +10,7 @@ its pub/sub every few seconds.
 from __future__ import annotations
 
 import asyncio
+import time
 from urllib.parse import urlsplit
 
 import pytest
@@ -127,3 +128,34 @@ async def test_transaction_pooling_without_a_listen_url_is_named_once_and_servin
     print(f"\nPgBouncer transaction pooling without a listen URL: {lost} of {sent} packets lost; "
           "EPS03 raised, one log line per replica")
     assert lost == 0
+
+
+async def test_a_pgbouncer_restart_is_ridden_out(transaction_bouncer, pg_url, make_cluster):
+    """The pooler restarts under traffic: heartbeats resume through it, relaying never notices."""
+    replicas = make_cluster(transaction_bouncer.url(_dbname(pg_url)), "--pg-listen-url", pg_url).add_replicas(2)
+    await wait_until(lambda: full_mesh(replicas), 30, "a full mesh")
+    traffic = Traffic(2, lambda k: replicas[(k // 2 + k % 2) % len(replicas)].url + "/derp")
+    try:
+        await traffic.start()
+        await traffic.routed()
+        traffic.run()
+        await asyncio.sleep(1)
+        await asyncio.to_thread(transaction_bouncer.stop)
+        await wait_until(lambda: not any(r.ready() for r in replicas), 15, "heartbeats to fail")
+        await asyncio.sleep(5)  # down for longer than a heartbeat may take: heartbeats fail meanwhile
+        await asyncio.to_thread(transaction_bouncer.start)
+        back = time.monotonic()
+        await wait_until(lambda: all(r.ready() and r.status()["database"] for r in replicas), 30,
+                         "heartbeats through the restarted pooler", interval=0.1)
+        recovered = time.monotonic() - back
+        await asyncio.sleep(1)
+        until = await traffic.stop()
+    finally:
+        await traffic.close()
+    sent = sum(len(f.sent) for f in traffic.flows)
+    lost = sum(len(f.lost(until)) for f in traffic.flows)
+    print(f"\nPgBouncer restarted (down 5 s after heartbeats failed): heartbeating again {recovered:.1f} s after it was back; "
+          f"{lost} of {sent} packets lost")
+    assert lost == 0
+    for r in replicas:
+        assert "Traceback" not in r.proc.output and r.running
