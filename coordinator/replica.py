@@ -29,6 +29,7 @@ from coordinator.cluster.controlplane import ControlPlane
 from coordinator.cluster.db import Database
 from coordinator.cluster.latency import LatencyMonitor
 from coordinator.cluster.mesh import Mesh
+from coordinator.cluster.pgbudget import split
 from coordinator.cluster.pubsub import PubSub
 from coordinator.cluster.registry import ReplicaRegistry
 from coordinator.core.settings import Settings
@@ -75,7 +76,9 @@ class Replica:
         # The DERP map (custom relays read or fetched now: ConfigError if unusable) and their checks.
         self.derp_maps = derp_maps if derp_maps is not None else DerpMaps.load(settings)
         self.relay_checks = RelayChecks(settings.peer_timeout)
-        self.pubsub: PubSub = PubSub(url)
+        self.pubsub: PubSub = PubSub(
+            url, listen_url=settings.pg_listen_url or None, publish_connections=split(settings.pg_max_conns).publishers,
+        )
         self.control = ControlPlane(settings, self.relay, url, pubsub=self.pubsub)
         self.control.derp_maps, self.control.relay_checks = self.derp_maps, self.relay_checks
         self.stop_clean: bool | None = None  # once stopped: whether the stop was clean

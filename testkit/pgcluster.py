@@ -76,6 +76,7 @@ class PgCluster:
         self.bindir = pg_bindir()
         self.user = _demote_target()
         self.proc: subprocess.Popen | None = None
+        self.settings: dict[str, str] = {}  # more server settings (-c name=value), e.g. ssl or max_connections
         self._prepare()
         if initdb:
             self._run("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync")
@@ -135,6 +136,7 @@ class PgCluster:
                 str(self.bindir / "postgres"), "-D", str(self.data), "-p", str(self.port),
                 "-k", str(self.sock), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
                 "-c", "max_connections=300", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+                *(arg for name, value in self.settings.items() for arg in ("-c", f"{name}={value}")),
             ],
             stdout=log, stderr=subprocess.STDOUT, preexec_fn=self._preexec(), start_new_session=True,
         )

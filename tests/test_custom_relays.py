@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.relay.client import DerpClient, DerpError
-from procs import ROOT, Proc, free_port, http_get, python
+from testkit.procs import ROOT, Proc, free_port, http_get, python
 
 pytestmark = pytest.mark.anyio
 TOKEN = "test-api-token"

@@ -26,6 +26,9 @@ from coordinator.cluster.dberrors import DatabaseError, DatabaseRefused, Migrati
 from coordinator.cluster.dupkey import DuplicateKeyCheck
 from coordinator.cluster.latency import LatencyMonitor
 from coordinator.cluster.mesh import Mesh
+from coordinator.cluster.pgbudget import split
+from coordinator.cluster.pgerrors import explain
+from coordinator.cluster.pgfindings import postgres_findings
 from coordinator.cluster.pubsub import PubSub
 from coordinator.cluster.registry import ReplicaInfo, ReplicaRegistry
 from coordinator.core.errors import merge_dial_errors
@@ -58,7 +61,9 @@ class ControlPlane:
         self.settings = settings
         self.relay = relay
         self.pg_url = pg_url
-        self.pubsub = pubsub if pubsub is not None else PubSub(pg_url)
+        self.pubsub = pubsub if pubsub is not None else PubSub(
+            pg_url, listen_url=settings.pg_listen_url or None, publish_connections=split(settings.pg_max_conns).publishers,
+        )
         self.db: Database | None = None
         self.registry: ReplicaRegistry | None = None
         self.mesh: Mesh | None = None
@@ -76,6 +81,7 @@ class ControlPlane:
         self._unclean: list[str] = []  # what did not stop as it should
         self.derp_maps: DerpMaps | None = None  # the DERP map served (set by the replica)
         self.relay_checks: RelayChecks | None = None  # the custom relays' last checks (set by the replica)
+        self.join_error: str | None = None  # why the last attempt to join failed, while retrying
 
     # -- life ----------------------------------------------------------------------------------
 
@@ -165,15 +171,16 @@ class ControlPlane:
                     if isinstance(exc, DatabaseError):
                         raise
                     raise DatabaseError(f"cannot join the replica set within {wait:g} s: {reason}") from None
+                self.join_error = reason
                 if reason != last_reason:
-                    log.warning("cannot join the replica set yet (%s); retrying", reason)
+                    log.warning("cannot join the replica set yet: %s; retrying", explain(exc, self.pg_url))
                     last_reason = reason
                 await anyio.sleep(min(delay, max(0.0, deadline - anyio.current_time())))
                 delay = min(2 * delay, RETRY_CAP)
 
     async def _connect(self, tg: anyio.abc.TaskGroup, listening: anyio.Event | None, wait: float) -> None:
         s = self.settings
-        self.db = await Database.open(self.pg_url, wait=wait)
+        self.db = await Database.open(self.pg_url, wait=wait, max_size=split(s.pg_max_conns).pool)
         self.relay.set_mesh_key(await self.db.derp_mesh_key(s.mesh_key or None))
         if not self.api_token:
             self.api_token = await self.db.get_or_create_site_config("api_token", lambda: secrets.token_urlsafe(32))
@@ -194,6 +201,7 @@ class ControlPlane:
         )
         await self.registry.start(tg)
         assert self.joined is not None
+        self.join_error = None
         self.joined.set()
         log.info(
             "replica %s joined (region %d, relay URL %s, %d live peers)",
@@ -261,13 +269,14 @@ class ControlPlane:
     def findings(self) -> list[Finding]:
         """Coded problems for the health report."""
         relays = [Finding(*p) for part in (self.derp_maps, self.relay_checks) if part is not None for p in part.problems()]
+        pg = postgres_findings(self.pg_url, self.registry, self.pubsub, self.join_error)
         if self.monitor is None or self.registry is None:
-            return [Finding("EDB01", "error", "control plane not started"), *relays]
+            return [Finding("EDB01", "error", "control plane not started"), *pg, *relays]
         if not self.registry.healthy:
             self.monitor.database_failed(self.registry.last_error or "heartbeats failing")
         return self.monitor.findings(
             database_ok=self.registry.healthy, pubsub_connected=bool(self.pubsub and self.pubsub.connected),
-        ) + self.duplicate_keys.check(self.mesh) + relays
+        ) + pg + self.duplicate_keys.check(self.mesh) + relays
 
     def status(self) -> dict:
         """State for health endpoints."""

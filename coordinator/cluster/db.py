@@ -29,6 +29,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import AsyncConnectionPool
 
 from coordinator.cluster.dberrors import DatabaseError, DatabaseRefused, DatabaseUnavailable
+from coordinator.cluster.pgerrors import explain
 from coordinator.cluster.schema import Migration, check_server_version, load_migrations, migrate
 
 log = logging.getLogger("coordinator.db")
@@ -189,9 +190,9 @@ async def _connect_with_retry(conninfo: str, target: str, password: str | None, 
         try:
             # connect_timeout is per host and at least 2 s; this keeps the total within ``wait``.
             with anyio.fail_after(max(deadline - time.monotonic(), 1.0)):
-                return await Connection.connect(conninfo, autocommit=True)
+                return await Connection.connect(conninfo, autocommit=True, prepare_threshold=None)
         except (psycopg.OperationalError, TimeoutError) as exc:
-            reason = "timed out" if isinstance(exc, TimeoutError) else redact(" ".join(str(exc).split()), password)
+            reason = "timed out" if isinstance(exc, TimeoutError) else redact(explain(exc, conninfo), password)
             if _fatal(exc):
                 raise DatabaseRefused(f"PostgreSQL at {target} refused the connection: {reason}") from None
             now = time.monotonic()
@@ -201,7 +202,7 @@ async def _connect_with_retry(conninfo: str, target: str, password: str | None, 
                     f"cannot connect to PostgreSQL at {target} after {wait:g} s ({attempts} attempts): {reason}"
                 ) from None
             if attempts == 1 and math.isinf(wait):
-                log.warning("PostgreSQL at %s is not answering (%s); retrying until it does "
+                log.warning("cannot connect to PostgreSQL at %s: %s; retrying until it does "
                             "(--db-wait / COORDINATOR_PG_WAIT bounds the wait)", target, reason)
             elif attempts == 1:
                 log.warning("waiting up to %g s for PostgreSQL at %s: %s", wait, target, reason)
@@ -210,6 +211,14 @@ async def _connect_with_retry(conninfo: str, target: str, password: str | None, 
                 log.warning("still waiting for PostgreSQL at %s after %.0f s: %s", target, now - started, reason)
             await anyio.sleep(min(delay, remaining))
             delay = min(delay * 2, 5.0)
+
+
+async def _check_writable(conn: psycopg.AsyncConnection, target: str) -> None:
+    """Refuse a standby now, with its cause named, rather than fail later at every write."""
+    cur = await conn.execute("SELECT pg_is_in_recovery()")
+    row = await cur.fetchone()
+    if row is not None and row[0]:
+        raise DatabaseUnavailable(f"PostgreSQL at {target} is a read-only standby (in recovery)")
 
 
 async def _probe(conn: psycopg.AsyncConnection) -> Probe:
@@ -263,6 +272,7 @@ class Database:
             cur = await conn.execute("SELECT current_setting('server_version_num')::int")
             version = (await cur.fetchall())[0][0]  # the one row
             check_server_version(version, f"the server at {target}")
+            await _check_writable(conn, target)
             applied = await migrate(conn, migrations)
         except psycopg.OperationalError as exc:
             raise DatabaseUnavailable(f"PostgreSQL at {target} failed during start-up: {redact(str(exc), password)}") from None
@@ -284,7 +294,9 @@ class Database:
             min_size=min_size,
             max_size=max_size,
             connection_class=Connection,
-            kwargs={"autocommit": True},
+            # No server-side prepared statements: a transaction pooler (PgBouncer before 1.21) hands
+            # each transaction another server session, where "_pg3_0" is missing or already exists.
+            kwargs={"autocommit": True, "prepare_threshold": None},
             configure=configure,
             check=AsyncConnectionPool.check_connection,  # hand out no connection that died in an outage
             timeout=10.0,
@@ -335,7 +347,7 @@ class Database:
         """
         try:
             with anyio.fail_after(timeout):
-                conn = await Connection.connect(str(self.pool.conninfo), autocommit=True)
+                conn = await Connection.connect(str(self.pool.conninfo), autocommit=True, prepare_threshold=None)
                 try:
                     await conn.execute("SELECT 1")
                 finally:

@@ -19,6 +19,7 @@ ROOT_DATA_DIR = "/var/lib/coordinator"
 
 
 DEFAULT_PROMETHEUS_ADDRESS = "127.0.0.1:2112"  # Coder's default
+MIN_PG_CONNS = 4  # a replica's smallest Postgres budget: pool, listener, publisher, one spare
 _MISSING = object()
 
 
@@ -197,6 +198,15 @@ class Settings:
         "--derp-config-refresh", "COORDINATOR_DERP_CONFIG_REFRESH", 300.0, kind="duration",
         help="how often --derp-config-url is fetched again (a failed fetch keeps the last good map)",
     )
+    # -- Postgres behind poolers, connection budget (docs/deployment.md) -------------------------------
+    pg_listen_url: str = _setting(
+        "--pg-listen-url", "COORDINATOR_PG_LISTEN_URL", "", secret=True,
+        help="direct PostgreSQL URL for the pub/sub's LISTEN connection when --pg-url goes through a transaction pooler",
+    )
+    pg_max_conns: int = _setting(
+        "--pg-max-conns", "COORDINATOR_PG_MAX_CONNS", 8, kind="int",
+        help="PostgreSQL connections one replica may hold at most (pool, listener, publishers; at least 4)",
+    )
     extra: dict = field(default_factory=dict)
     sources: dict = field(default_factory=dict, repr=False)    # field -> the flag or variable it came from
     warnings: list = field(default_factory=list, repr=False)   # one line each, for the operator
@@ -264,6 +274,7 @@ class Settings:
             raise ConfigError(f"{src('log_level')}: {self.log_level!r} is not one of debug, info, warning, error")
         self._validate_prometheus()
         self._validate_relay_policy()
+        self._validate_postgres()
 
     def _validate_prometheus(self) -> None:
         metrics = self.prometheus_listen
@@ -277,6 +288,21 @@ class Settings:
                 f"differ from {self.source('address')} ({self.address}): the metrics listener has no token and needs "
                 "its own port"
             )
+
+    def _validate_postgres(self) -> None:
+        """The Postgres block (see the fields above)."""
+        if self.pg_max_conns < MIN_PG_CONNS:
+            raise ConfigError(f"{self.source('pg_max_conns')} must be at least {MIN_PG_CONNS} "
+                              "(a pool, the pub/sub listener, a publisher and a spare)")
+        if self.pg_listen_url:
+            from psycopg import Error as PsycopgError  # noqa: PLC0415 - only when the setting is used
+            from psycopg.conninfo import conninfo_to_dict  # noqa: PLC0415
+
+            try:
+                conninfo_to_dict(self.pg_listen_url)
+            except PsycopgError:  # its message may quote the URL, password included
+                raise ConfigError(f"{self.source('pg_listen_url')} is not a PostgreSQL URL "
+                                  "(postgresql://user:password@host:5432/dbname)") from None
 
     def _validate_relay_policy(self) -> None:
         """The DERP map, admission and rate-limit block (see the fields above)."""
@@ -396,7 +422,7 @@ def load_settings(overrides: dict | None = None, environ: Mapping[str, str] | No
         if overrides.get(name) is not None:
             values[name] = _convert(meta["kind"], overrides[name], meta["flag"])
             sources[name] = meta["flag"]
-            if meta["secret"] and values[name] and (name != "pg_url" or _has_password(values[name])):
+            if meta["secret"] and values[name] and (name not in ("pg_url", "pg_listen_url") or _has_password(values[name])):
                 notes.append(f"{meta['flag']} on the command line is readable by every local user (/proc/PID/cmdline); "
                              f"prefer {meta['env']}" + (f" or {meta['flag']}-file" if f"{name}_file" in _FIELDS else ""))
             continue

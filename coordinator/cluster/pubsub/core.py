@@ -60,8 +60,10 @@ class PubSub:
         keepalive_idle: int = 5,
         keepalive_interval: int = 2,
         keepalive_count: int = 3,
+        listen_url: str | None = None,
     ):
         self.url = url
+        self.listen_url = listen_url or url  # a direct URL when ``url`` goes through a transaction pooler
         self.instance_id = uuid.uuid4().hex
         self.registry = registry if registry is not None else CollectorRegistry()
         self.application_name = f"{application_name}-listen-{self.instance_id[:12]}"
@@ -79,7 +81,9 @@ class PubSub:
         )
         self._pub = Publisher(
             url,
-            {**kwargs, "application_name": f"{application_name}-publish", "client_encoding": "UTF8"},
+            # No server-side prepared statements: a transaction pooler gives each NOTIFY another session.
+            {**kwargs, "application_name": f"{application_name}-publish", "client_encoding": "UTF8",
+             "prepare_threshold": None},
             size=publish_connections,
             timeout=publish_timeout,
             backoff=backoff,
@@ -90,7 +94,7 @@ class PubSub:
             self.latency_channel, interval=ping_interval, timeout=ping_timeout, metrics=self._m, publisher=self._pub
         )
         self._listener = Listener(
-            url,
+            self.listen_url,
             kwargs,
             application_name=self.application_name,
             internal_channel=self.latency_channel,
@@ -101,6 +105,7 @@ class PubSub:
             publisher=self._pub,
         )
         self._liveness.listener = self._listener
+        self._liveness.own_listen_url = self.listen_url != url
         self._tasks = TaskOwner()
         self._started = False
         self._closed = False
@@ -157,6 +162,16 @@ class PubSub:
     def connected(self) -> bool:
         """True while the listener connection is up and LISTENing."""
         return self._listener.connected
+
+    @property
+    def last_error(self) -> str | None:
+        """Why the listener last failed (connect, setup or lost connection), or None."""
+        return self._listener.last_error
+
+    @property
+    def listen_problem(self) -> str | None:
+        """The line saying why LISTEN does not deliver although the listener answers (cause and what to do), or None."""
+        return self._liveness.broken
 
     async def wait_connected(self, timeout: float | None = None) -> bool:
         """Wait until the listener is connected; False on timeout."""
@@ -216,6 +231,7 @@ class PubSub:
             "connected": listener.connected,
             "disconnected_seconds": 0.0 if listener.connected or down is None else time.monotonic() - down,
             "last_error": listener.last_error,
+            "listen_problem": self._liveness.broken,
             "channels": len(listener.channels),
             "subscribers": sum(len(s) for s in listener.channels.values()),
             **self._m.snapshot(),

@@ -19,6 +19,7 @@ import psycopg
 from psycopg import pq
 
 from coordinator.cluster.db import Connection, shut_socket
+from coordinator.cluster.pgerrors import CauseChanges, explain
 from coordinator.cluster.pubsub.errors import NotConnected, PubSubError
 from coordinator.cluster.pubsub.metrics import Metrics
 from coordinator.cluster.pubsub.publisher import Publisher
@@ -77,6 +78,8 @@ class Listener:
         self._conn: psycopg.AsyncConnection | None = None
         self._idle = False
         self._teardown_reason: str | None = None
+        self._quiet_teardown = False  # a planned redial: log it at DEBUG only
+        self._causes = CauseChanges()  # a failure with a newly known cause is logged whatever the attempt
         self._first: asyncio.Future[None] | None = None
 
     # what the facade and the liveness check ask of it
@@ -98,11 +101,15 @@ class Listener:
         for _, fut in self._calls:
             fut.cancel()
 
-    def tear_down(self, session: int, reason: str) -> bool:
-        """Cut connection ``session`` (if it is still the current one) so it is redialled; True if cut."""
+    def tear_down(self, session: int, reason: str, *, quiet: bool = False) -> bool:
+        """Cut connection ``session`` (if it is still the current one) so it is redialled; True if cut.
+
+        ``quiet``: a planned redial whose cause was already logged; its disconnect and reconnect go to DEBUG.
+        """
         if self.session_id != session or self._conn is None:
             return False
         self._teardown_reason = reason
+        self._quiet_teardown = quiet
         shut_socket(self._conn)
         return True
 
@@ -182,12 +189,15 @@ class Listener:
                 attempt += 1
                 self.last_error = f"connect: {describe(exc)}"
                 self._fail_first(NotConnected(f"cannot connect to Postgres: {describe(exc)}"))
-                level = logging.ERROR if attempt == 1 or attempt % 10 == 0 else logging.DEBUG
-                log.log(level, "pubsub failed to connect to postgres (attempt %d): %s", attempt, describe(exc))
+                new_cause = self._causes.new(exc)
+                level = logging.ERROR if attempt == 1 or attempt % 10 == 0 or new_cause else logging.DEBUG
+                log.log(level, "pubsub failed to connect to postgres (attempt %d): %s; retrying with backoff", attempt,
+                        explain(exc, self._url))
             else:
                 reason = "closed"
+                quiet, self._quiet_teardown = self._quiet_teardown, False
                 try:
-                    await self._session(conn, reconnect=ever_up)
+                    await self._session(conn, reconnect=ever_up, quiet=quiet)
                 except (psycopg.Error, OSError) as exc:
                     reason = self._teardown_reason or describe(exc)
                 except Exception as exc:  # a bug here must not end the listener for good
@@ -199,17 +209,22 @@ class Listener:
                 self.last_error = reason
                 if not was_up:
                     self._fail_first(NotConnected(f"listener setup failed: {reason}"))
+                    new_cause = self._causes.new(reason)
+                    level = logging.ERROR if attempt == 1 or attempt % 10 == 0 or new_cause else logging.DEBUG
+                    log.log(level, "pubsub listener setup failed (attempt %d): %s; retrying with backoff", attempt,
+                            explain(reason, self._url))
                 if was_up:
                     ever_up = True
                     self._m.disconnections += 1
-                    log.error("pubsub disconnected from postgres: %s", reason)
+                    level = logging.DEBUG if self._quiet_teardown else logging.ERROR
+                    log.log(level, "pubsub disconnected from postgres: %s", reason)
                     if loop.time() - began >= self._reconnect_max:
                         attempt = 1  # it was stable: start the backoff over
             # Jitter, so replicas that lost Postgres together do not all come back in the same instant.
             delay = min(self._reconnect_max, self._reconnect_min * 2 ** (attempt - 1))
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
 
-    async def _session(self, conn: psycopg.AsyncConnection, *, reconnect: bool) -> None:
+    async def _session(self, conn: psycopg.AsyncConnection, *, reconnect: bool, quiet: bool = False) -> None:
         loop = asyncio.get_running_loop()
         pg = conn.pgconn
         # Take libpq's notifications raw: psycopg's own handler decodes strictly with the connection
@@ -228,12 +243,17 @@ class Listener:
         try:
             if conn.info.parameter_status("client_encoding") != want_enc:
                 await conn.execute(f"SET client_encoding TO '{want_enc}'".encode())
+            # A standby refuses LISTEN channel by channel, which would drop every subscriber: refuse it whole.
+            cur = await conn.execute(b"SELECT pg_is_in_recovery()")
+            if (await cur.fetchone() or (False,))[0]:
+                raise psycopg.OperationalError("the server is a read-only standby (in recovery); LISTEN needs the primary")
             await self._sync_listens(conn)
         finally:
             setup_timer.cancel()
         self.connected = True
         self.disconnected_at = None
         self.last_error = None
+        self._causes.reset()
         self._m.connected = True
         self._signal_pass()
         if reconnect:
@@ -244,7 +264,8 @@ class Listener:
                     if sub.with_err:
                         sub.gap("listener reconnected; notifications sent while it was down are lost")
                         told += 1
-            log.warning(
+            log.log(
+                logging.DEBUG if quiet else logging.WARNING,
                 "pubsub reconnected to postgres; %d subscribers told to resync, plain subscribers may have missed messages",
                 told,
             )

@@ -4,6 +4,12 @@ TCP keepalives catch a dead peer, not a listener that no longer delivers. Every 
 goes out through the publish path; if it is not received in time, the listener connection itself is
 asked ``SELECT 1`` (which also flushes notifications already on the wire), and a listener that stays
 silent is torn down so it is redialled. Nothing here exits the process.
+
+A listener that answers queries but has not received one of its own pings since it connected is
+not broken but behind something that cannot LISTEN (a transaction pooler, or a listen URL that leads
+to another database than the publishers'): redialling cannot help, so that is said once, reported
+as ``broken``, and the connection is only redialled every ``BROKEN_REDIAL`` seconds in case the
+path changed (e.g. the pooler was reconfigured).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import logging
 import time
 import uuid
 
+from coordinator.cluster.pgerrors import LISTEN_ELSEWHERE, LISTEN_UNSUPPORTED
 from coordinator.cluster.pubsub.errors import NotConnected, PublishError, PubSubError
 from coordinator.cluster.pubsub.listener import Listener
 from coordinator.cluster.pubsub.metrics import Metrics
@@ -20,6 +27,8 @@ from coordinator.cluster.pubsub.publisher import Publisher
 from coordinator.core.errors import describe
 
 log = logging.getLogger("coordinator.pubsub")
+
+BROKEN_REDIAL = 60.0  # seconds between quiet redials while LISTEN does not deliver through this URL
 
 
 async def _wait(fut: asyncio.Future[None], timeout: float) -> bool:
@@ -41,14 +50,21 @@ class Liveness:
         self._m, self._pub = metrics, publisher
         self._probes: dict[bytes, asyncio.Future[None]] = {}
         self.listener: Listener | None = None  # set by the facade: the two refer to each other
+        self.broken: str | None = None  # the line saying why LISTEN does not deliver, while it doesn't
+        self.own_listen_url = False  # the listener has a URL of its own (set by the facade)
+        self._heard_session = 0  # the listener session that last delivered one of our pings
+        self._redial_at = 0.0
 
     def received(self, payload: bytes) -> None:
         """A notification on the private channel (called by the listener; must not raise)."""
         fut = self._probes.get(payload)
         if fut is None:
             log.warning("pubsub: received unexpected message on latency channel: %r", payload[:64])
-        elif not fut.done():
-            fut.set_result(None)
+        else:
+            if self.listener is not None:
+                self._heard_session = self.listener.session_id
+            if not fut.done():
+                fut.set_result(None)
 
     def _new_probe(self) -> tuple[bytes, asyncio.Future[None]]:
         key = uuid.uuid4().hex.encode()
@@ -109,6 +125,7 @@ class Liveness:
                 if await _wait(fut, timeout):
                     self._m.send_latency.observe(send)
                     self._m.recv_latency.observe(time.perf_counter() - start)
+                    self._delivering()
                     return
                 why = f"ping not received within {timeout:g}s"
             # No pong (or the publish path is down): is the listener connection itself answering?
@@ -123,10 +140,31 @@ class Liveness:
                     return
                 if await _wait(fut, timeout):
                     log.warning("pubsub: slow round trip (%s) but the listener answers", why)
+                    self._delivering()
                     return
                 why += " although the listener answers"
+                if self._heard_session != session:  # not one ping came through on this connection
+                    self._not_delivering(listener, session, why)
+                    return
         finally:
             self._probes.pop(key, None)
         if listener.tear_down(session, f"listener check failed: {why}"):
             self._m.ping_failures += 1
             log.error("pubsub: listener check failed, reconnecting: %s", why)
+
+    def _delivering(self) -> None:
+        if self.broken is not None:
+            self.broken = None
+            log.warning("pubsub: LISTEN delivers notifications again")
+
+    def _not_delivering(self, listener: Listener, session: int, why: str) -> None:
+        now = time.monotonic()
+        if self.broken is None:
+            cause = LISTEN_ELSEWHERE if self.own_listen_url else LISTEN_UNSUPPORTED
+            self.broken = cause.line(why)
+            self._redial_at = now + BROKEN_REDIAL
+            self._m.ping_failures += 1
+            log.error("pubsub: %s", self.broken)
+        elif now >= self._redial_at:
+            self._redial_at = now + BROKEN_REDIAL
+            listener.tear_down(session, f"LISTEN still not delivering: {why}", quiet=True)

@@ -10,7 +10,8 @@ from uuid import UUID
 
 from psycopg_pool import PoolTimeout
 
-from coordinator.cluster.registry.table import MISSED_BEATS
+from coordinator.cluster.pgerrors import CauseChanges, explain
+from coordinator.cluster.registry.table import MISSED_BEATS, OVERDUE_BEATS
 from coordinator.core.errors import describe
 
 log = logging.getLogger("coordinator.replicas")
@@ -34,6 +35,7 @@ class BeatHealth:
         self._down_since: float | None = None
         self._last_beat_ok = math.inf  # monotonic time of our last successful write
         self._skew_warned = False
+        self._causes = CauseChanges()  # a heartbeat failure with a newly known cause is logged mid-outage too
 
     def beat_ok(self) -> bool:
         """Record a successful beat; True if it ends a gap long enough for peers to have dropped us."""
@@ -48,18 +50,24 @@ class BeatHealth:
             log.info("replica %s: database reachable again after %.1f s; heartbeating", self.replica_id,
                      now - self._down_since)
         self.healthy = True
+        self._causes.reset()
         self.last_error = None
         self._down_since = None
         return resumed
 
-    async def beat_failed(self, exc: BaseException, diagnose: Callable[[], Awaitable[str | None]]) -> None:
-        """Record a failed beat; ``diagnose`` is asked (once per outage) what a bare timeout hides."""
+    async def beat_failed(self, exc: BaseException, diagnose: Callable[[], Awaitable[str | None]],
+                          url: str = "") -> None:
+        """Record a failed beat; ``diagnose`` is asked (once per outage) what a bare timeout hides.
+
+        ``url`` (the database's) lets the log line name the cause and what to set.
+        """
         reason = describe(exc)
         timed_out = isinstance(exc, TimeoutError | PoolTimeout)
         if not self.healthy:
             if not timed_out:  # else keep the diagnosed cause from the start of the outage
                 self.last_error = reason
-            log.debug("replica %s: heartbeat still failing: %s", self.replica_id, reason)
+            level = logging.WARNING if self._causes.new(exc) else logging.DEBUG
+            log.log(level, "replica %s: heartbeat still failing: %s", self.replica_id, explain(reason, url))
             return
         self.healthy = False
         self._down_since = time.monotonic()
@@ -69,12 +77,18 @@ class BeatHealth:
             if cause:
                 reason = f"{reason}: {cause}"
         self.last_error = reason
-        log.warning("replica %s: heartbeat failed (%s); keeping last known peers and retrying", self.replica_id, reason)
+        self._causes.reset()
+        self._causes.new(reason)
+        log.warning("replica %s: heartbeat failed: %s; keeping last known peers and retrying", self.replica_id,
+                    explain(reason, url))
 
     def in_grace(self, now: float) -> bool:
         """True while our own heartbeat is overdue or just resumed: staleness then says more about
         the database than about peers."""
-        return now < self.grace_until or now - self._last_beat_ok > MISSED_BEATS * self.heartbeat
+        # "Overdue" must trip before a peer that beat just before us expires (3 beats after its
+        # last write, at most one beat after ours): when writes stall for everyone (a lock that
+        # still lets reads through, slow writes) but reads go on, no peer is dropped meanwhile.
+        return now < self.grace_until or now - self._last_beat_ok > OVERDUE_BEATS * self.heartbeat
 
     def check_skew(self, skew: float) -> None:
         self.clock_skew = skew

@@ -36,6 +36,7 @@ from psycopg.types.json import Jsonb
 
 from coordinator.cluster.db import Database
 from coordinator.cluster.dberrors import DatabaseUnavailable
+from coordinator.cluster.registry.bounded import bounded
 from coordinator.cluster.registry.health import BeatHealth
 from coordinator.cluster.registry.table import (
     _CLEANUP,
@@ -322,7 +323,7 @@ class ReplicaRegistry:
                     reinserted = await self._beat()
             except Exception as exc:  # whatever the database does, keep beating
                 failures += 1
-                await self.health.beat_failed(exc, self._diagnose)
+                await self.health.beat_failed(exc, self._diagnose, str(self.db.pool.conninfo))
                 if isinstance(exc, psycopg.errors.UndefinedTable):
                     await self._remigrate()
                 continue
@@ -352,13 +353,14 @@ class ReplicaRegistry:
             }
             cur = conn.cursor(row_factory=dict_row)
             row = None
-            if previous is not None:
-                await cur.execute(_UPDATE_SELF, params)
-                row = await cur.fetchone()
-            reinserted = row is None and previous is not None
-            if row is None:
-                await cur.execute(_INSERT_SELF, params)
-                row = await cur.fetchone()
+            async with bounded(conn, self._op_timeout):
+                if previous is not None:
+                    await cur.execute(_UPDATE_SELF, params)
+                    row = await cur.fetchone()
+                reinserted = row is None and previous is not None
+                if row is None:
+                    await cur.execute(_INSERT_SELF, params)
+                    row = await cur.fetchone()
         self.health.check_skew(probe.skew)
         if self.on_probe is not None:
             self.on_probe(probe.latency)
@@ -385,7 +387,7 @@ class ReplicaRegistry:
     async def _cleanup(self) -> None:
         try:
             with anyio.fail_after(self._op_timeout):
-                async with self.db.connection(timeout=self._op_timeout) as conn:
+                async with self.db.connection(timeout=self._op_timeout) as conn, bounded(conn, self._op_timeout):
                     cur = await conn.execute(_CLEANUP, {"id": self.id, "after": self.cleanup_after})
             if cur.rowcount:
                 log.info("deleted %d replica rows dead for over %g s", cur.rowcount, self.cleanup_after)
@@ -446,7 +448,7 @@ class ReplicaRegistry:
 
     async def _read(self) -> list[ReplicaInfo] | None:
         """Re-read every row; the new peer list if it changed, else None."""
-        async with self.db.connection(timeout=self._op_timeout) as conn:
+        async with self.db.connection(timeout=self._op_timeout) as conn, bounded(conn, self._op_timeout):
             cur = await conn.cursor(row_factory=dict_row).execute(_SELECT_ALL)
             rows = await cur.fetchall()
         now = time.monotonic()

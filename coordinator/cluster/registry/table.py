@@ -11,6 +11,9 @@ from datetime import datetime
 from uuid import UUID
 
 MISSED_BEATS = 3  # a peer is dead once it missed this many heartbeats
+# Our own beat is overdue (writes stalling for everyone?) after this many intervals without one:
+# before a peer that beat just ahead of us can expire (MISSED_BEATS after its last write).
+OVERDUE_BEATS = 1.5
 
 ALIVE_SQL = f"(stopped_at IS NULL AND updated_at > now() - {MISSED_BEATS} * heartbeat_ms * interval '1 millisecond')"
 # Every column but the latency matrix (peer_latencies): N rows of N entries, read by every replica at
@@ -27,20 +30,22 @@ _SELECT_VIEW = """
     SELECT id, peer_latencies, extract(epoch FROM now() - updated_at)::float8 AS heartbeat_age FROM replicas"""
 _UPDATE_SELF = """
     UPDATE replicas
-    SET updated_at = now(), stopped_at = NULL, hostname = %(hostname)s, region_id = %(region_id)s,
+    SET updated_at = clock_timestamp(), stopped_at = NULL, hostname = %(hostname)s, region_id = %(region_id)s,
         relay_url = %(relay_url)s, version = %(version)s, database_latency = %(latency)s,
         error = %(error)s, heartbeat_ms = %(heartbeat_ms)s,
         peer_latencies = %(peer_latencies)s, pubsub_latency = %(pubsub_latency)s
     WHERE id = %(id)s
     RETURNING *"""
+# updated_at is clock_timestamp(), not now() (the transaction's start): a beat that waited on a
+# lock must not write a time that is already stale, or its peers would judge it dead at once.
 # started_at/created_at come back from our previous row (database time) when re-inserting.
 _INSERT_SELF = """
     INSERT INTO replicas (id, hostname, region_id, relay_url, version, database_latency, error,
-                          heartbeat_ms, created_at, started_at)
+                          heartbeat_ms, created_at, started_at, updated_at)
     VALUES (%(id)s, %(hostname)s, %(region_id)s, %(relay_url)s, %(version)s, %(latency)s, %(error)s,
-            %(heartbeat_ms)s, coalesce(%(created_at)s, now()), coalesce(%(started_at)s, now()))
+            %(heartbeat_ms)s, coalesce(%(created_at)s, now()), coalesce(%(started_at)s, now()), clock_timestamp())
     ON CONFLICT (id) DO UPDATE
-    SET updated_at = now(), stopped_at = NULL, database_latency = excluded.database_latency,
+    SET updated_at = clock_timestamp(), stopped_at = NULL, database_latency = excluded.database_latency,
         error = excluded.error
     RETURNING *"""
 _STOP_SELF = """

@@ -9,6 +9,7 @@ from uuid import UUID
 import anyio
 
 from coordinator.cluster.db import Database
+from coordinator.cluster.registry.bounded import bounded
 from coordinator.cluster.registry.table import _SELECT_VIEW
 
 log = logging.getLogger("coordinator.replicas")
@@ -28,7 +29,8 @@ async def read_view(db: Database | None, timeout: float) -> OperatorView:
         return OperatorView()
     try:
         with anyio.fail_after(timeout):
-            async with db.connection(timeout=timeout) as conn:
+            # bounded: a lock on replicas must not leave a waiting backend behind per page refresh
+            async with db.connection(timeout=timeout) as conn, bounded(conn, timeout):
                 rows = await (await conn.execute(_SELECT_VIEW)).fetchall()
     except Exception as exc:  # the health findings say why the database is away
         log.debug("operator view unavailable: %s", exc)
