@@ -32,6 +32,19 @@ def test_bench_relay_is_lossless_against_both_servers():
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="the floor relay needs a C compiler")
+def test_bench_relay_per_packet_client_against_the_floor():
+    """Every packet its own write (as Tailscale's client): ours and the floor both deliver all of it."""
+    out, _ = run_script("bench_relay.py", "--client", "per-packet", "--no-baseline")
+    rows = out["results"]["relay"] + out["results"]["floor"]
+    assert len(rows) == 2
+    for r in rows:
+        assert r["received_total"] > 0
+        assert r["received_total"] == r["sent_total"]
+        assert r["server_us_per_pkt"] > 0
+    assert any("the floor's" in line for line in out["targets"])
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="the floor relay needs a C compiler")
 def test_bench_mesh_crosses_the_mesh_and_measures_the_floor():
     out, _ = run_script("bench_mesh.py")
     by = {(r["relay"], r["topology"]): r for r in out["results"]}

@@ -36,7 +36,8 @@ def client_specs(args, size: int, mode: str, **extra) -> list[dict]:
     return [{
         "pairs": len(range(i, args.pairs, nproc)), "size": size, "mode": mode,
         "window": args.window, "ack_every": args.ack_every, "sample_every": args.sample_every,
-        "warmup": args.warmup, "seconds": args.seconds, "client_loop": args.client_loop, **extra,
+        "warmup": args.warmup, "seconds": args.seconds, "client_loop": args.client_loop, "client": args.client,
+        **extra,
     } for i in range(nproc)]
 
 
@@ -101,7 +102,8 @@ def run_relay_case(server: proc.ServerProcess, args, mode: str, size: int) -> di
     def sample():
         return server.cpu(), proc.machine_cpu_seconds(), time.monotonic()
 
-    run = drive_clients(client_specs(args, size, mode, url=server.url), clients.client_worker, args, server.stats, sample)
+    specs = client_specs(args, size, mode, url=server.url, wait_server_info=not getattr(server, "floor", False))
+    run = drive_clients(specs, clients.client_worker, args, server.stats, sample)
     results, (stats0, stats1) = run["results"], run["counters"]
     (cpu0, mach0, m0), (cpu1, mach1, m1) = run["samples"]
     traffic = client_totals(results, size)
@@ -148,7 +150,7 @@ def run_mesh_case(relays: list[proc.ServerProcess], args, mode: str, size: int, 
     busy, total, steal = mach1[0] - mach0[0], mach1[1] - mach0[1], st1 - st0
     deltas = [counter_delta(s0, s1, MESH_COUNTERS) for s0, s1 in zip(stats0, stats1, strict=True)]
     return {
-        "relay": "floor" if floor else "ours",
+        "relay": "floor" if floor else ("before" if a.name.startswith("before") else "ours"),
         "mode": mode, "size": size, "topology": topology, "pairs": args.pairs, **traffic,
         "relay_cpu_s": {"A": relay_cpu[0], "B": relay_cpu[1]},
         "relay_us_per_pkt": 1e6 * sum(relay_cpu) / received if received else None,

@@ -10,7 +10,9 @@ from bench import proc
 
 
 class FloorProcess(proc.ServerProcess):
-    """A ``floor_relay`` process: it keeps no counters and speaks no HTTP."""
+    """A ``floor_relay`` process: it keeps no counters, speaks no HTTP and sends no ServerInfo."""
+
+    floor = True
 
     def stats(self, timeout: float = 5.0, path: str = "") -> dict:
         return {}
@@ -29,6 +31,11 @@ def build_floor(workdir: str, log) -> str | None:
         print(f"note: floor_relay.c did not compile, so no floor to compare with:\n{done.stderr}", file=log)
         return None
     return out
+
+
+def start_one_floor(binary: str) -> proc.ServerProcess:
+    """One floor relay without a mesh peer (bench_relay.py)."""
+    return FloorProcess([binary], "floor").__enter__()
 
 
 def start_floor(binary: str) -> list[proc.ServerProcess]:

@@ -7,6 +7,7 @@ RELAY_TARGETS = {  # windowed mode, from the issue: (size, metric, minimum)
     1000: ("pkt/s", 80_000),
     16000: ("MB/s", 200),
 }
+FLOOR_CPU_TARGET = {100: 1.3, 1000: 1.3}  # one relay, windowed, per-packet client: ours/floor server CPU per packet
 MESH_TARGET = ("windowed", 1000, 0.6)  # mode, size, minimum cross/single pkt/s ratio (from the issue)
 
 
@@ -51,15 +52,44 @@ def print_relay_results(results: dict[str, list[dict]], args) -> None:
                 rows.append((r["mode"], str(r["size"]), label, fmt(ours, spec), fmt(theirs, spec), ratio))
         table(("mode", "size", "metric", "ours", "baseline", "ours/baseline"), rows)
 
-    checks = relay_target_checks(results.get("relay", []))
+    if "floor" in results:
+        print()
+        print("server CPU per delivered packet against the floor (zero-work C relay, same client; lower is better)")
+        others = [n for n in results if n not in ("floor", "baseline")]
+        floor = {(r["mode"], r["size"]): r for r in results["floor"]}
+        rows = []
+        for r in results["floor"]:
+            row = [r["mode"], str(r["size"]), fmt(r["server_us_per_pkt"], ".2f")]
+            for name in others:
+                o = next((x for x in results[name] if (x["mode"], x["size"]) == (r["mode"], r["size"])), None)
+                v, f = (o or {}).get("server_us_per_pkt"), floor[(r["mode"], r["size"])]["server_us_per_pkt"]
+                row += [fmt(v, ".2f"), "-" if v is None or not f else f"{v / f:.2f}",
+                        "-" if o is None or not r["pkt_s"] else f"{o['pkt_s'] / r['pkt_s']:.2f}"]
+            rows.append(tuple(row))
+        cols = ["mode", "size", "floor µs/pkt"]
+        for name in others:
+            cols += [f"{name} µs/pkt", f"{name}/floor CPU", f"{name}/floor pkt/s"]
+        table(tuple(cols), rows)
+
+    checks = relay_target_checks(results.get("relay", []), results.get("floor", []))
     if checks:
         print()
         for line in checks:
             print(line)
 
 
-def relay_target_checks(cases: list[dict]) -> list[str]:
+def relay_target_checks(cases: list[dict], floor: list[dict] = ()) -> list[str]:
     out = []
+    floor_by = {(r["mode"], r["size"]): r for r in floor}
+    for r in cases:
+        f = floor_by.get((r["mode"], r["size"]))
+        if r["size"] not in FLOOR_CPU_TARGET or f is None or not r["server_us_per_pkt"] or not f["server_us_per_pkt"]:
+            continue
+        ratio = r["server_us_per_pkt"] / f["server_us_per_pkt"]
+        limit = FLOOR_CPU_TARGET[r["size"]]
+        out.append(f"target windowed {r['size']:>5} B: server CPU per packet <= {limit}x the floor's: "
+                   f"{'MET' if ratio <= limit else 'NOT MET'} ({ratio:.2f}x: {r['server_us_per_pkt']:.2f} vs "
+                   f"{f['server_us_per_pkt']:.2f} µs)")
     for r in cases:
         if r["mode"] != "windowed" or r["size"] not in RELAY_TARGETS:
             continue
@@ -134,12 +164,23 @@ def print_mesh_results(results: list[dict], args) -> None:
     vs_floor = list(against_floor(results))
     if vs_floor:
         print()
-        print("ours / floor (share of the zero-work C relay's figure that ours reaches; higher is better)")
-        cols = ("mode", "size", "single pkt/s", "cross pkt/s", "cross/single ratio")
-        table(cols, [(m, str(z), f"{a:.2f}", f"{b:.2f}", f"{c:.2f}") for m, z, a, b, c in vs_floor])
+        print("ours / floor (the zero-work C relay, same client): pkt/s (higher is better) and relays' CPU per "
+              "packet (lower is better)")
+        cols = ("relay", "mode", "size", "single pkt/s", "cross pkt/s", "cross/single ratio", "single CPU/pkt",
+                "cross CPU/pkt")
+        table(cols, [(rl, m, str(z), f"{a:.2f}", f"{b:.2f}", f"{c:.2f}", fmt(d, ".2f"), fmt(e, ".2f"))
+                     for rl, m, z, a, b, c, d, e in vs_floor])
     for line in mesh_target_checks(results):
         print()
         print(line)
+
+
+def median_cases(runs: list[dict]) -> list[dict]:
+    """Per case (mode, size), the run with the median server CPU per packet (the lower of an even count)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["mode"], r["size"]), []).append(r)
+    return [sorted(g, key=lambda r: r["server_us_per_pkt"] or 0.0)[(len(g) - 1) // 2] for g in groups.values()]
 
 
 def median_runs(runs: list[dict]) -> list[dict]:
@@ -164,23 +205,39 @@ def pkt_ratio(single: dict, cross: dict) -> float:
 
 
 def against_floor(results: list[dict]):
-    """(mode, size, single, cross, ratio): ours over the floor's, for cases measured on both."""
+    """(relay, mode, size, single, cross, ratio, cpu single, cpu cross): ours (and before) over the floor's."""
     pairs = {key: (s, c) for key, s, c in paired(results)}
+
+    def cpu(r: dict, f: dict) -> float | None:
+        ours, floor = r["relay_us_per_pkt"], f["relay_us_per_pkt"]
+        return ours / floor if ours and floor else None
+
     for (relay, mode, size), (s, c) in pairs.items():
         floor = pairs.get(("floor", mode, size))
-        if relay == "ours" and floor and floor[0]["pkt_s"] and floor[1]["pkt_s"]:
+        if relay != "floor" and floor and floor[0]["pkt_s"] and floor[1]["pkt_s"]:
             fs, fc = floor
-            yield (mode, size, s["pkt_s"] / fs["pkt_s"], c["pkt_s"] / fc["pkt_s"],
-                   pkt_ratio(s, c) / pkt_ratio(fs, fc) if pkt_ratio(fs, fc) else 0.0)
+            yield (relay, mode, size, s["pkt_s"] / fs["pkt_s"], c["pkt_s"] / fc["pkt_s"],
+                   pkt_ratio(s, c) / pkt_ratio(fs, fc) if pkt_ratio(fs, fc) else 0.0, cpu(s, fs), cpu(c, fc))
+
+
+MESH_FLOOR_TARGET = (0.9, 1.2)  # across the mesh: ours >= 0.9x the floor's pkt/s and <= 1.2x its CPU per packet
 
 
 def mesh_target_checks(results: list[dict]) -> list[str]:
     mode, size, minimum = MESH_TARGET
     out = []
+    min_pkt, max_cpu = MESH_FLOOR_TARGET
+    for relay, m, s, _, cross, _, _, cpu in against_floor(results):
+        if relay == "ours":
+            ok = cross >= min_pkt and cpu is not None and cpu <= max_cpu
+            out.append(f"target {m} {s} B across the mesh: >= {min_pkt}x the floor's pkt/s and <= {max_cpu}x its CPU "
+                       f"per packet: {'MET' if ok else 'NOT MET'} ({cross:.2f}x pkt/s, {fmt(cpu, '.2f')}x CPU)")
     for (relay, m, s), single, cross in paired(results):
         if (m, s) != (mode, size):
             continue
         ratio = pkt_ratio(single, cross)
+        if relay == "before":
+            continue
         if relay == "ours":
             ok = ratio >= minimum and cross["loss_pct"] == 0
             out.append(f"target {mode} {size} B across two replicas >= {minimum}x one replica, no loss: "
