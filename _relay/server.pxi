@@ -326,7 +326,6 @@ cdef class RelayServer:
     def stats(self) -> dict:
         """Counters and gauges, for metrics and tests."""
         cdef Counters c = self.counters
-        cdef int i
         dups = sum(1 for cs in self.clients.values() if len((<ClientSet>cs).conns) > 1)
         return {
             "accepts": c.accepts,
@@ -359,6 +358,6 @@ cdef class RelayServer:
             "preauth_refused": c.preauth_refused,
             "mesh_links_congested": sum(1 for f in self.congested if (<Forwarder>f).congested),
             "senders_paused": sum(len((<Forwarder>f).paused) for f in self.congested),
-            "drops": {DROP_REASONS[i]: c.drops[i] for i in range(N_DROPS)},
-            "drop_bytes": {DROP_REASONS[i]: c.drop_bytes[i] for i in range(N_DROPS)},
+            "drops": {name: c.drops[i] for i, name in DROP_REASONS.items()},
+            "drop_bytes": {name: c.drop_bytes[i] for i, name in DROP_REASONS.items()},
         }

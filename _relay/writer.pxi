@@ -40,31 +40,15 @@ cdef class Writer:
         return 0
 
     cdef int flush(self) except -1:
-        cdef bytes out
-        cdef Py_ssize_t n = self.olen, total, pos, k, w
-        cdef unsigned char* q
+        cdef Py_ssize_t n = self.olen
         if n == 0 or self.transport is None:
             self.olen = 0
             return 0
-        if not self.ws:
-            out = PyBytes_FromStringAndSize(<char*>self.obuf, n)
-        else:
-            # One WebSocket binary message per 32 KiB: Go clients refuse larger messages.
-            total = n + ((n + P.WS_MAX_OUT_MESSAGE - 1) // P.WS_MAX_OUT_MESSAGE) * 4
-            out = PyBytes_FromStringAndSize(NULL, total)
-            q = <unsigned char*>PyBytes_AS_STRING(out)
-            pos = 0
-            w = 0
-            while pos < n:
-                k = min(n - pos, <Py_ssize_t>P.WS_MAX_OUT_MESSAGE)
-                w += ws_put_header(q + w, WS_OP_BINARY, k)
-                memcpy(q + w, self.obuf + pos, k)
-                w += k
-                pos += k
-            if w != total:
-                out = out[:w]
         self.olen = 0
-        self.write_out(out)
+        if self.ws is None:
+            self.write_out(PyBytes_FromStringAndSize(<char*>self.obuf, n))
+        else:
+            self.write_out(self.ws.frame(self.obuf, n))
         return 0
 
     cdef int write_out(self, bytes out) except -1:
@@ -108,9 +92,9 @@ cdef class Forwarder(Writer):
         if self.closed:
             c.drop(DROP_GONE, 1, n)
             return 0
-        if self.congested and sender is not None and not sender.read_paused:
+        if self.congested and sender is not None and not sender.pause_why & PAUSE_MESH:
             # The rest of the sender's current read still goes out; nothing more is read from it.
-            if sender.pause_reading():
+            if sender.hold_reads(PAUSE_MESH):  # False for a bridge: shed past the link's hard limit
                 self.paused.append(sender)
                 c.mesh_pushbacks += 1
         self.reserve(P.FRAME_HEADER_LEN + 2 * P.KEY_LEN + n)
@@ -149,7 +133,7 @@ cdef class Forwarder(Writer):
         self.congested = False
         paused, self.paused = self.paused, []
         for conn in paused:
-            (<Conn>conn).resume_reading()
+            (<Conn>conn).release_reads(PAUSE_MESH)
 
     def unsent(self) -> int:
         """Bytes the link's transport holds, not yet taken by the socket."""
