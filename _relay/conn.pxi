@@ -84,6 +84,7 @@ cdef class Conn(Writer):
         return False
 
     def connection_lost(self, exc):
+        self.fd = -1
         if exc is None:
             self.close("client disconnected", False)
         else:
@@ -151,6 +152,7 @@ cdef class Conn(Writer):
             self.flush()
         else:
             self.transport.write(prefix + server.server_key_frame)
+            self.fd = direct_fd(self.transport)
         if pending:
             self.data_received(pending)
 
@@ -186,6 +188,7 @@ cdef class Conn(Writer):
             self.rl.timer = None
         self.drop_queued(DROP_GONE)
         if self.transport is not None:
+            self.fd = -1  # a flush from now on goes through the transport, which knows it is closing
             if error and (self.ws is None or not self.ws.closing):
                 self.transport.abort()
             else:

@@ -6,6 +6,10 @@ cimport cython
 
 from _relay cimport proto as P
 
+cdef extern from "<sys/socket.h>" nogil:
+    ssize_t send(int fd, const void* buf, size_t n, int flags)
+    int MSG_DONTWAIT, MSG_NOSIGNAL
+
 cdef extern from "<time.h>" nogil:
     ctypedef long time_t
     cdef struct timespec:
@@ -119,6 +123,9 @@ cdef class Writer:
     cdef RelayServer server
     cdef object transport
     cdef WebSocket ws            # a WebSocket client's framing (both ways); None for raw DERP and mesh links
+    cdef int fd                  # the socket under a plain uvloop TCP transport, else -1 (see Writer.try_send)
+    cdef bint queued             # the transport may hold unsent bytes of ours: ask it before sending directly
+    cdef bint shared             # others write to this transport too: always ask (a mesh link's client)
     # output buffer, flushed once per event-loop turn that wrote to it
     cdef unsigned char* obuf
     cdef Py_ssize_t olen, ocap
@@ -130,6 +137,7 @@ cdef class Writer:
     cdef int put_frame(self, unsigned char ftype, const unsigned char* a, Py_ssize_t na,
                        const unsigned char* b, Py_ssize_t nb) except -1
     cdef int flush(self) except -1
+    cdef Py_ssize_t try_send(self, const unsigned char* buf, Py_ssize_t n) except -1
     cdef int write_out(self, bytes out) except -1
     cdef void release_buffer(self) noexcept
 

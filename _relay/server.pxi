@@ -115,14 +115,19 @@ cdef class RelayServer:
         self.congested = still
 
     cdef int flush_dirty(self) except -1:
-        cdef list batch
+        cdef list dirty = self.dirty
         cdef Writer w
-        while self.dirty:
-            batch = self.dirty
-            self.dirty = []
-            for w in batch:
+        cdef Py_ssize_t i = 0
+        if not dirty:
+            return 0
+        try:
+            while i < len(dirty):  # a flush may dirty more writers: they are appended, and flushed here too
+                w = dirty[i]
+                i += 1
                 w.dirty = False
                 w.flush()
+        finally:
+            del dirty[:i]  # the one list is kept: no list is allocated per read
         return 0
 
     def flush_soon(self) -> None:

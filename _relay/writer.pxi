@@ -1,7 +1,24 @@
 # Output buffers (Writer) and mesh forwarders (Forwarder); included by relay.pyx.
 
+cdef int direct_fd(transport) except -2:
+    """The socket of a plain uvloop TCP transport, which a flush may write to directly; else -1."""
+    if type(transport).__name__ != "TCPTransport" or type(transport).__module__ != "uvloop.loop":
+        return -1
+    sock = transport.get_extra_info("socket")
+    return -1 if sock is None else sock.fileno()
+
+
 cdef class Writer:
-    """An output buffer bound to a transport, flushed once per event-loop turn that wrote to it."""
+    """An output buffer bound to a transport, flushed once per event-loop turn that wrote to it.
+
+    A flush writes straight to the socket (one send(2), no bytes object, no transport call) while
+    the transport holds nothing unsent; what the socket does not take goes to the transport, which
+    keeps it in order and pushes back as usual, and the next flushes ask it until it has drained.
+    """
+
+    def __cinit__(self, *args, **kwargs):
+        self.fd = -1
+        self.queued = True
 
     cdef int reserve(self, Py_ssize_t extra) except -1:
         cdef Py_ssize_t need = self.olen + extra
@@ -45,14 +62,31 @@ cdef class Writer:
             self.olen = 0
             return 0
         self.olen = 0
-        if self.ws is None:
-            self.write_out(PyBytes_FromStringAndSize(<char*>self.obuf, n))
-        else:
-            self.write_out(self.ws.frame(self.obuf, n))
-        return 0
+        if self.ws is not None:
+            return self.write_out(self.ws.frame(self.obuf, n))
+        cdef Py_ssize_t sent = self.try_send(self.obuf, n)
+        return self.write_out(PyBytes_FromStringAndSize(<char*>self.obuf + sent, n - sent) if sent < n else None)
+
+    cdef Py_ssize_t try_send(self, const unsigned char* buf, Py_ssize_t n) except -1:
+        """Write what the socket takes now, if nothing of ours waits in the transport; how much was written."""
+        if self.fd < 0:
+            return 0
+        if self.queued:
+            if self.transport.get_write_buffer_size():
+                return 0
+            self.queued = self.shared
+        if self.transport.is_closing():  # its socket may be closed already, and the number reused
+            self.fd = -1
+            return 0
+        cdef Py_ssize_t sent = send(self.fd, buf, n, MSG_DONTWAIT | MSG_NOSIGNAL)
+        if sent < n:
+            self.queued = True  # the rest (after an error: all of it) goes through the transport, which reports errors
+        return max(sent, 0)
 
     cdef int write_out(self, bytes out) except -1:
-        self.transport.write(out)
+        """Hand ``out`` to the transport; None: the flush went straight to the socket."""
+        if out is not None:
+            self.transport.write(out)
         return 0
 
     cdef void release_buffer(self) noexcept:
@@ -85,6 +119,8 @@ cdef class Forwarder(Writer):
         self.max_buffer = max_buffer
         self.on_congested = on_congested
         self.paused = []
+        self.shared = True  # the mesh client writes its own frames on this link
+        self.fd = direct_fd(transport)
 
     cdef int forward(self, Conn sender, const unsigned char* src, const unsigned char* dst,
                      const unsigned char* pkt, Py_ssize_t n) except -1:
@@ -111,9 +147,12 @@ cdef class Forwarder(Writer):
 
     cdef int write_out(self, bytes out) except -1:
         cdef Counters c = self.server.counters
-        cdef Py_ssize_t unsent = self.transport.get_write_buffer_size()
-        frames, nbytes = self.pending_frames, self.pending_bytes
+        cdef Py_ssize_t frames = self.pending_frames, nbytes = self.pending_bytes
         self.pending_frames = self.pending_bytes = 0
+        if out is None:  # all of it went straight to the socket
+            c.forwarded_out += frames
+            return 0
+        cdef Py_ssize_t unsent = self.transport.get_write_buffer_size()
         if unsent > self.max_buffer and not self.congested:
             self.congested = True
             if self not in self.server.congested:
@@ -150,6 +189,7 @@ cdef class Forwarder(Writer):
     def close(self) -> None:
         """Stop forwarding through this link (its keys must be removed by the caller)."""
         self.closed = True
+        self.fd = -1
         self.olen = 0
         self.server.counters.drop(DROP_GONE, self.pending_frames, self.pending_bytes)
         self.pending_frames = self.pending_bytes = 0

@@ -56,7 +56,7 @@ import sys
 import tempfile
 import time
 
-from bench import options, proc
+from bench import callgrind, options, proc
 from bench.driver import run_relay_case
 from bench.floor import build_floor, start_one_floor
 from bench.report import fmt, median_cases, print_relay_results, relay_target_checks
@@ -73,6 +73,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--no-baseline", action="store_true", help="skip the pure-Python baseline relay")
     ap.add_argument("--no-floor", dest="floor", action="store_false",
                     help="skip the floor: windowed cases against floor_relay.c, a zero-work C relay")
+    ap.add_argument("--callgrind", metavar="DIR",
+                    help="run the servers under valgrind's callgrind (dumps into DIR, for callgrind_annotate) and "
+                         "report their user-space instructions per packet: reproducible on a busy machine (rates "
+                         "under valgrind mean nothing; use --window 1 --ack-every 1 for one packet per read)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run every case N times, all servers alternated; report the median (default 1)")
     ap.add_argument("--before-path", metavar="DIR",
@@ -122,12 +126,21 @@ def main() -> int:
     started = time.monotonic()
     procs: list[proc.ServerProcess] = []
     workdir = tempfile.mkdtemp(prefix="bench-relay-")
+    args.callgrind_dir = None
+    if args.callgrind:
+        if not callgrind.available():
+            print("--callgrind: valgrind is not installed", file=log)
+            return 2
+        os.makedirs(args.callgrind, exist_ok=True)
+        args.callgrind_dir = args.callgrind
     try:
         for name, argv in servers:
-            procs.append(proc.ServerProcess(argv, name).__enter__())
+            if args.callgrind:
+                argv = callgrind.wrap(argv, args.callgrind, name)
+            procs.append(proc.ServerProcess(argv, name, start_timeout=300 if args.callgrind else 20).__enter__())
         binary = build_floor(workdir, log) if args.floor else None
         if binary:
-            procs.append(start_one_floor(binary))
+            procs.append(start_one_floor(binary, callgrind.wrap([binary], args.callgrind, "floor") if args.callgrind else None))
             runs["floor"] = []
         print("servers: " + ", ".join(f"{p.name} pid {p.pid} port {p.port}" for p in procs)
               + f"; client: {args.client_procs} process(es), {args.client_loop}; {os.cpu_count()} CPUs", file=log)

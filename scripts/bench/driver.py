@@ -5,7 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import time
 
-from bench import clients, proc
+from bench import callgrind, clients, proc
 
 
 def client_totals(results: list[dict], size: int) -> dict:
@@ -103,7 +103,20 @@ def run_relay_case(server: proc.ServerProcess, args, mode: str, size: int) -> di
         return server.cpu(), proc.machine_cpu_seconds(), time.monotonic()
 
     specs = client_specs(args, size, mode, url=server.url, wait_server_info=not getattr(server, "floor", False))
-    run = drive_clients(specs, clients.client_worker, args, server.stats, sample)
+    workdir = getattr(args, "callgrind_dir", None)
+    instructions = []
+
+    def counters():
+        if workdir is None:
+            return server.stats()
+        if instructions:  # the second call: the clients are done
+            instructions.append(callgrind.stop(server.pid, workdir))
+        else:
+            callgrind.start(server.pid)
+            instructions.append(0)
+        return server.stats()
+
+    run = drive_clients(specs, clients.client_worker, args, counters, sample)
     results, (stats0, stats1) = run["results"], run["counters"]
     (cpu0, mach0, m0), (cpu1, mach1, m1) = run["samples"]
     traffic = client_totals(results, size)
@@ -123,6 +136,8 @@ def run_relay_case(server: proc.ServerProcess, args, mode: str, size: int) -> di
         "others_cpu_s": max(0.0, busy - srv_cpu - cli_cpu),
         "server_counted": counted,
         "server_drops": drops,
+        # --callgrind: the server's user-space instructions per packet delivered over the whole case
+        "server_ir_per_pkt": instructions[-1] / traffic["received_total"] if workdir and traffic["received_total"] else None,
     }
 
 

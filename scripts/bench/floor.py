@@ -33,9 +33,9 @@ def build_floor(workdir: str, log) -> str | None:
     return out
 
 
-def start_one_floor(binary: str) -> proc.ServerProcess:
-    """One floor relay without a mesh peer (bench_relay.py)."""
-    return FloorProcess([binary], "floor").__enter__()
+def start_one_floor(binary: str, argv: list[str] | None = None) -> proc.ServerProcess:
+    """One floor relay without a mesh peer (bench_relay.py); ``argv`` runs it some other way (callgrind)."""
+    return FloorProcess(argv or [binary], "floor", start_timeout=60).__enter__()
 
 
 def start_floor(binary: str) -> list[proc.ServerProcess]:
