@@ -127,7 +127,7 @@ cdef class RelayServer:
                 w.dirty = False
                 w.flush()
         finally:
-            del dirty[:i]  # the one list is kept: no list is allocated per read
+            PyList_DelSlice(dirty, 0, i, NULL)  # the one list is kept: no list is allocated per read
         return 0
 
     def flush_soon(self) -> None:

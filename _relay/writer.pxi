@@ -1,11 +1,18 @@
 # Output buffers (Writer) and mesh forwarders (Forwarder); included by relay.pyx.
 
+cdef object tcp_is_closing = None  # uvloop's TCPTransport.is_closing: called unbound, no lookup per flush
+
+
 cdef int direct_fd(transport) except -2:
     """The socket of a plain uvloop TCP transport, which a flush may write to directly; else -1."""
+    global tcp_is_closing
     if type(transport).__name__ != "TCPTransport" or type(transport).__module__ != "uvloop.loop":
         return -1
     sock = transport.get_extra_info("socket")
-    return -1 if sock is None else sock.fileno()
+    if sock is None:
+        return -1
+    tcp_is_closing = type(transport).is_closing
+    return sock.fileno()
 
 
 cdef class Writer:
@@ -75,7 +82,7 @@ cdef class Writer:
             if self.transport.get_write_buffer_size():
                 return 0
             self.queued = self.shared
-        if self.transport.is_closing():  # its socket may be closed already, and the number reused
+        if tcp_is_closing(self.transport):  # its socket may be closed already, and the number reused
             self.fd = -1
             return 0
         cdef Py_ssize_t sent = send(self.fd, buf, n, MSG_DONTWAIT | MSG_NOSIGNAL)

@@ -20,7 +20,7 @@ def fmt(v, spec: str = ",.0f") -> str:
 def print_relay_results(results: dict[str, list[dict]], args) -> None:
     """bench_relay.py's tables: every case, then ours / baseline, then the targets."""
     cols = ("mode", "size", "server", "pkt/s", "MB/s", "loss %", "p50 µs", "p99 µs", "srv CPU s",
-            "srv µs/pkt", "cli CPU s", "cli µs/pkt", "machine busy %", "others CPU s", "relay drops")
+            "srv µs/pkt", "cli CPU s", "cli µs/pkt", "machine busy %", "others CPU s", "relay drops", "srv instr/pkt")
     rows = []
     for name, cases in results.items():
         for r in cases:
@@ -30,6 +30,7 @@ def print_relay_results(results: dict[str, list[dict]], args) -> None:
                 fmt(r["server_us_per_pkt"], ".2f"), fmt(r["client_cpu_s"], ".2f"), fmt(r["client_us_per_pkt"], ".2f"),
                 fmt(r["machine_busy_pct"], ".0f"), fmt(r["others_cpu_s"], ".2f"),
                 ",".join(f"{k}={v}" for k, v in r["server_drops"].items()) or "0",
+                fmt(r.get("server_ir_per_pkt"), ",.0f"),
             ))
     rows.sort(key=lambda row: (args.modes.index(row[0]), int(row[1]), row[2] != "relay"))
     table(cols, rows)
