@@ -60,7 +60,7 @@ import sys
 import tempfile
 import time
 
-from bench import options, proc
+from bench import callgrind, options, proc
 from bench.driver import mesh_relays, run_mesh_case
 from bench.floor import build_floor, start_floor
 from bench.report import (
@@ -92,6 +92,9 @@ def parse_args() -> argparse.Namespace:
                          "alternated with ours in the same run")
     ap.add_argument("--no-floor", dest="floor", action="store_false",
                     help="skip the floor: the same cases against floor_relay.c, a zero-work C relay (see above)")
+    ap.add_argument("--callgrind", metavar="DIR",
+                    help="run the relays under valgrind's callgrind (dumps into DIR) and report A + B's user-space "
+                         "instructions per packet: reproducible on a busy machine (rates under valgrind mean nothing)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON instead of tables")
     args = ap.parse_args()
     options.check_case_options(ap, args)
@@ -126,15 +129,27 @@ def main() -> int:
     before: list[proc.ServerProcess] = []
     floor: list[proc.ServerProcess] = []
     workdir = tempfile.mkdtemp(prefix="bench-mesh-")
+    args.callgrind_dir = None
+    if args.callgrind:
+        if not callgrind.available():
+            print("--callgrind: valgrind is not installed", file=log)
+            return 2
+        os.makedirs(args.callgrind, exist_ok=True)
+        args.callgrind_dir = args.callgrind
+
+    def wrap(argv: list[str], name: str) -> list[str]:
+        return callgrind.wrap(argv, args.callgrind, name) if args.callgrind else argv
+
+    start_timeout = 300 if args.callgrind else 20
     try:
         for name in ("A", "B"):
-            relays.append(proc.ServerProcess(relay_argv, name).__enter__())
+            relays.append(proc.ServerProcess(wrap(relay_argv, name), name, start_timeout=start_timeout).__enter__())
         if before_argv:
             for name in ("before A", "before B"):
-                before.append(proc.ServerProcess(before_argv, name).__enter__())
+                before.append(proc.ServerProcess(wrap(before_argv, name), name, start_timeout=start_timeout).__enter__())
         binary = build_floor(workdir, log) if args.floor else None
         if binary:
-            floor = start_floor(binary)
+            floor = start_floor(binary, wrap)
         if args.relay_cpus:
             for p in relays + before + floor:
                 os.sched_setaffinity(p.pid, args.relay_cpus)

@@ -154,8 +154,20 @@ def run_mesh_case(relays: list[proc.ServerProcess], args, mode: str, size: int, 
 
     specs = client_specs(args, size, mode, send_url=a.url, recv_url=b.url if topology == "cross" else a.url,
                             route_timeout=args.route_timeout, cpus=args.client_cpus, wait_server_info=not floor)
-    run = drive_clients(specs, clients.mesh_client_worker, args, lambda: [r.stats() for r in relays], sample,
-                           ready_timeout=60 + args.route_timeout)
+    workdir = getattr(args, "callgrind_dir", None)
+    instructions: list[int] = []
+
+    def counters():
+        if workdir is not None:
+            if instructions:  # the second call: the clients are done
+                instructions[:] = [sum(callgrind.stop(r.pid, workdir) for r in relays)]
+            else:
+                for r in relays:
+                    callgrind.start(r.pid)
+                instructions.append(0)
+        return [r.stats() for r in relays]
+
+    run = drive_clients(specs, clients.mesh_client_worker, args, counters, sample, ready_timeout=60 + args.route_timeout)
     ready, results, (stats0, stats1) = run["ready"], run["results"], run["counters"]
     (cpu0, mach0, st0, m0), (cpu1, mach1, st1, m1) = run["samples"]
     traffic = client_totals(results, size)
@@ -176,6 +188,8 @@ def run_mesh_case(relays: list[proc.ServerProcess], args, mode: str, size: int, 
         "relay_counted": {"A": deltas[0][0], "B": deltas[1][0]},
         "relay_drops": {"A": deltas[0][1], "B": deltas[1][1]},
         "probes": sum(r["probes"] for r in ready), "route_ms": max(r["route_ms"] for r in ready),
+        # --callgrind: relays A + B's user-space instructions per packet delivered over the whole case
+        "relay_ir_per_pkt": instructions[0] / traffic["received_total"] if workdir and traffic["received_total"] else None,
     }
 
 

@@ -38,11 +38,12 @@ def start_one_floor(binary: str, argv: list[str] | None = None) -> proc.ServerPr
     return FloorProcess(argv or [binary], "floor", start_timeout=60).__enter__()
 
 
-def start_floor(binary: str) -> list[proc.ServerProcess]:
-    """Floor relays A and B, A dialing B as its mesh peer."""
-    b = FloorProcess([binary], "floor B").__enter__()
+def start_floor(binary: str, wrap=None) -> list[proc.ServerProcess]:
+    """Floor relays A and B, A dialing B as its mesh peer; ``wrap(argv, name)`` runs them some other way."""
+    wrap = wrap or (lambda argv, name: argv)
+    b = FloorProcess(wrap([binary], "floor B"), "floor B", start_timeout=60).__enter__()
     try:
-        a = FloorProcess([binary, str(b.port)], "floor A").__enter__()
+        a = FloorProcess(wrap([binary, str(b.port)], "floor A"), "floor A", start_timeout=60).__enter__()
     except BaseException:
         b.stop()
         raise
