@@ -129,7 +129,8 @@ cdef class Writer:
     # output buffer, flushed once per event-loop turn that wrote to it
     cdef unsigned char* obuf
     cdef Py_ssize_t olen, ocap
-    cdef bint dirty              # listed in server.dirty
+    cdef bint dirty              # in the server's dirty chain
+    cdef Writer next_dirty       # the next in that chain
     cdef bint used               # written since the last tick (idle buffers are freed)
 
     cdef int reserve(self, Py_ssize_t extra) except -1
@@ -272,7 +273,7 @@ cdef class RelayServer:
     cdef list watchers
     cdef unsigned long long gen  # bumped on every routing change (route caches compare it)
     # output coalescing and push-back
-    cdef list dirty              # Writers written this turn, flushed at its end
+    cdef Writer dirty_head, dirty_tail  # Writers written this turn, chained by next_dirty, flushed at its end
     cdef list congested          # Forwarders pushing back on their senders
     cdef bint flush_scheduled
     cdef object tick_handle

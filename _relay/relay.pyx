@@ -35,10 +35,6 @@ from libc.stdint cimport uint64_t
 
 from _relay cimport proto as P
 
-cdef extern from "Python.h":
-    # With NULL for the items: delete list[low:high] without building a slice object.
-    int PyList_DelSlice "PyList_SetSlice"(object lst, Py_ssize_t low, Py_ssize_t high, PyObject* items) except -1
-
 import asyncio
 import inspect
 import ipaddress

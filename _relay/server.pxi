@@ -45,7 +45,6 @@ cdef class RelayServer:
         self.heard = {}
         self.conns = {}
         self.watchers = []
-        self.dirty = []
         self.congested = []
         self.gen = 1
         self.scratch = <unsigned char*>malloc(SCRATCH_SIZE)
@@ -115,19 +114,16 @@ cdef class RelayServer:
         self.congested = still
 
     cdef int flush_dirty(self) except -1:
-        cdef list dirty = self.dirty
+        """Flush every Writer written since the last flush (a flush may chain more: they are flushed too)."""
         cdef Writer w
-        cdef Py_ssize_t i = 0
-        if not dirty:
-            return 0
-        try:
-            while i < len(dirty):  # a flush may dirty more writers: they are appended, and flushed here too
-                w = dirty[i]
-                i += 1
-                w.dirty = False
-                w.flush()
-        finally:
-            PyList_DelSlice(dirty, 0, i, NULL)  # the one list is kept: no list is allocated per read
+        while self.dirty_head is not None:
+            w = self.dirty_head
+            self.dirty_head = w.next_dirty
+            if self.dirty_head is None:
+                self.dirty_tail = None
+            w.next_dirty = None
+            w.dirty = False
+            w.flush()
         return 0
 
     def flush_soon(self) -> None:

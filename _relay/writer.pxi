@@ -45,9 +45,15 @@ cdef class Writer:
 
     cdef inline void mark_dirty(self):
         self.used = True
+        cdef RelayServer server
         if not self.dirty:
             self.dirty = True
-            self.server.dirty.append(self)
+            server = self.server
+            if server.dirty_tail is None:
+                server.dirty_head = self
+            else:
+                server.dirty_tail.next_dirty = self
+            server.dirty_tail = self  # a chain, not a list: no allocation, no list call per read
 
     cdef int put_frame(self, unsigned char ftype, const unsigned char* a, Py_ssize_t na,
                        const unsigned char* b, Py_ssize_t nb) except -1:
