@@ -56,6 +56,7 @@ import json
 import os
 import secrets
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -92,6 +93,9 @@ def parse_args() -> argparse.Namespace:
                          "alternated with ours in the same run")
     ap.add_argument("--no-floor", dest="floor", action="store_false",
                     help="skip the floor: the same cases against floor_relay.c, a zero-work C relay (see above)")
+    ap.add_argument("--tls", action="store_true",
+                    help="also run two meshed relays serving HTTPS (self-signed certificate, trusted through "
+                         "SSL_CERT_FILE): clients and the mesh link speak TLS; reported as relay 'tls'")
     ap.add_argument("--callgrind", metavar="DIR",
                     help="run the relays under valgrind's callgrind (dumps into DIR) and report A + B's user-space "
                          "instructions per packet: reproducible on a busy machine (rates under valgrind mean nothing)")
@@ -114,6 +118,15 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def make_certificate(workdir: str) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 (openssl), as (cert, key) paths."""
+    cert, key = os.path.join(workdir, "cert.pem"), os.path.join(workdir, "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", key, "-out", cert],
+                   check=True, capture_output=True)
+    return cert, key
+
+
 def main() -> int:
     args = parse_args()
     proc.sigterm_as_interrupt()
@@ -126,6 +139,7 @@ def main() -> int:
     started = time.monotonic()
     runs: list[dict] = []
     relays: list[proc.ServerProcess] = []
+    tls: list[proc.ServerProcess] = []
     before: list[proc.ServerProcess] = []
     floor: list[proc.ServerProcess] = []
     workdir = tempfile.mkdtemp(prefix="bench-mesh-")
@@ -144,6 +158,12 @@ def main() -> int:
     try:
         for name in ("A", "B"):
             relays.append(proc.ServerProcess(wrap(relay_argv, name), name, start_timeout=start_timeout).__enter__())
+        if args.tls:
+            cert = make_certificate(workdir)
+            os.environ["SSL_CERT_FILE"] = cert[0]  # the relays' mesh links, the clients and our own requests
+            for name in ("tls A", "tls B"):
+                tls.append(proc.ServerProcess(wrap(relay_argv + ["--tls", *cert], name), name,
+                                              start_timeout=start_timeout).__enter__())
         if before_argv:
             for name in ("before A", "before B"):
                 before.append(proc.ServerProcess(wrap(before_argv, name), name, start_timeout=start_timeout).__enter__())
@@ -151,15 +171,17 @@ def main() -> int:
         if binary:
             floor = start_floor(binary, wrap)
         if args.relay_cpus:
-            for p in relays + before + floor:
+            for p in relays + tls + before + floor:
                 os.sched_setaffinity(p.pid, args.relay_cpus)
         mesh_relays(relays, 20.0)
+        if tls:
+            mesh_relays(tls, 20.0)
         if before:
             mesh_relays(before, 20.0)
         pinned = f"; pinned: relays on CPU {args.relay_cpus}, client on {args.client_cpus}" if args.pin else ""
-        print("relays (meshed): " + ", ".join(f"{p.name} pid {p.pid} port {p.port}" for p in relays + before + floor)
+        print("relays (meshed): " + ", ".join(f"{p.name} pid {p.pid} port {p.port}" for p in relays + tls + before + floor)
               + f"; client: {args.client_procs} process(es), {args.client_loop}; {os.cpu_count()} CPUs{pinned}", file=log)
-        sets = [("ours", relays)] + ([("before", before)] if before else []) + ([("floor", floor)] if floor else [])
+        sets = [("ours", relays)] + ([("tls", tls)] if tls else []) + ([("before", before)] if before else []) + ([("floor", floor)] if floor else [])
         for mode in args.modes:
             for size in args.sizes:
                 for _ in range(args.repeat):
@@ -179,10 +201,10 @@ def main() -> int:
         print("interrupted", file=log)
         return 130
     finally:
-        for p in relays + before:  # unmesh first: a link whose peer vanishes logs a warning and redials
+        for p in relays + tls + before:  # unmesh first: a link whose peer vanishes logs a warning and redials
             with contextlib.suppress(Exception):
                 p.post("/bench/mesh", {"peers": []}, timeout=2)
-        for p in reversed(relays + before + floor):
+        for p in reversed(relays + tls + before + floor):
             p.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     results = median_runs(runs)

@@ -177,7 +177,7 @@ def run_mesh_case(relays: list[proc.ServerProcess], args, mode: str, size: int, 
     busy, total, steal = mach1[0] - mach0[0], mach1[1] - mach0[1], st1 - st0
     deltas = [counter_delta(s0, s1, MESH_COUNTERS) for s0, s1 in zip(stats0, stats1, strict=True)]
     return {
-        "relay": "floor" if floor else ("before" if a.name.startswith("before") else "ours"),
+        "relay": "floor" if floor else a.name.split()[0] if " " in a.name else "ours",
         "mode": mode, "size": size, "topology": topology, "pairs": args.pairs, **traffic,
         "relay_cpu_s": {"A": relay_cpu[0], "B": relay_cpu[1]},
         "relay_us_per_pkt": 1e6 * sum(relay_cpu) / received if received else None,
