@@ -70,3 +70,14 @@ def test_bench_cluster_measures_a_small_cluster():
     stop = out["mass_stop"]
     assert (stop["stopped"], stop["survivors"], stop["exited"]) == (2, 2, 2)
     assert stop["drop_lines_missing"] == 0 and stop["exit_statuses"] == [0]
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="the TLS relays need a certificate made with openssl")
+def test_bench_mesh_over_tls_next_to_plain_http():
+    out, _ = run_script("bench_mesh.py", "--tls", "--no-floor", "--topologies", "cross")
+    by = {r["relay"]: r for r in out["results"]}
+    assert set(by) == {"ours", "tls"}
+    for r in by.values():
+        assert r["received_total"] > 0
+        assert r["received_total"] == r["sent_total"]
+    assert by["tls"]["relay_counted"]["A"]["forwarded_out"] > 0  # it crossed the TLS mesh link
