@@ -1,17 +1,20 @@
 # Output buffers (Writer) and mesh forwarders (Forwarder); included by relay.pyx.
 
-cdef object tcp_is_closing = None  # uvloop's TCPTransport.is_closing: called unbound, no lookup per flush
+# uvloop's TCPTransport.is_closing and get_write_buffer_size, called unbound: no lookup per flush
+cdef object tcp_is_closing = None
+cdef object tcp_unsent = None
 
 
 cdef int direct_fd(transport) except -2:
     """The socket of a plain uvloop TCP transport, which a flush may write to directly; else -1."""
-    global tcp_is_closing
+    global tcp_is_closing, tcp_unsent
     if type(transport).__name__ != "TCPTransport" or type(transport).__module__ != "uvloop.loop":
         return -1
     sock = transport.get_extra_info("socket")
     if sock is None:
         return -1
     tcp_is_closing = type(transport).is_closing
+    tcp_unsent = type(transport).get_write_buffer_size
     return sock.fileno()
 
 
@@ -85,7 +88,7 @@ cdef class Writer:
         if self.fd < 0:
             return 0
         if self.queued:
-            if self.transport.get_write_buffer_size():
+            if tcp_unsent(self.transport):
                 return 0
             self.queued = self.shared
         if tcp_is_closing(self.transport):  # its socket may be closed already, and the number reused
