@@ -123,9 +123,10 @@ cdef class Writer:
     cdef RelayServer server
     cdef object transport
     cdef WebSocket ws            # a WebSocket client's framing (both ways); None for raw DERP and mesh links
-    cdef int fd                  # the socket under a plain uvloop TCP transport, else -1 (see Writer.try_send)
-    cdef bint queued             # the transport may hold unsent bytes of ours: ask it before sending directly
-    cdef bint shared             # others write to this transport too: always ask (a mesh link's client)
+    cdef bint shared             # others write to this transport too (a mesh link's client)
+    # direct writes to the socket (Writer.try_send)
+    cdef int fd                  # the socket under a plain uvloop TCP transport, else -1
+    cdef bint queued             # the transport may hold unsent bytes: ask it before sending directly
     # output buffer, flushed once per event-loop turn that wrote to it
     cdef unsigned char* obuf
     cdef Py_ssize_t olen, ocap
