@@ -118,9 +118,6 @@ cdef class FrameReader:
     raise FrameError, as Go clients refuse frames over 1 MiB.
     """
 
-    cdef bytearray buf
-    cdef Py_ssize_t max_frame
-
     def __cinit__(self, Py_ssize_t max_frame=MAX_CLIENT_FRAME):
         self.buf = bytearray()
         self.max_frame = max_frame

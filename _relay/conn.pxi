@@ -28,8 +28,8 @@ cdef class Conn(Writer):
     def __cinit__(self, RelayServer server, transport, bint websocket, str remote_ip, int remote_port, bint not_ideal):
         self.server = server
         self.transport = transport
-        self.ws = websocket
-        self.websocket = websocket
+        if websocket:
+            self.ws = WebSocket()
         self.remote_ip = remote_ip
         self.remote_port = remote_port
         self.not_ideal = not_ideal
@@ -68,10 +68,10 @@ cdef class Conn(Writer):
         if self.cset is not None and self.cset.active is not self:
             self.server.make_active(self)
         try:
-            if self.ws:
-                self.ws_feed(p, n)
-            else:
+            if self.ws is None:
                 self.feed(p, n)
+            else:
+                self.ws.feed(self, p, n)
         except ProtocolViolation as exc:
             self.close(str(exc), True)
         finally:
@@ -84,24 +84,12 @@ cdef class Conn(Writer):
         return False
 
     def connection_lost(self, exc):
+        self.fd = -1
         if exc is None:
             self.close("client disconnected", False)
         else:
             self.close(f"connection lost: {exc}", False)
         self.transport = None
-
-    cdef bint pause_reading(self):
-        """Stop reading this connection (a mesh link it sends to is congested); False if we cannot."""
-        if not self.hold_reads(PAUSE_MESH):
-            return False  # a bridge transport: its packets are shed past the link's hard limit
-        self.read_paused = True
-        return True
-
-    cdef void resume_reading(self):
-        if not self.read_paused:
-            return
-        self.read_paused = False
-        self.release_reads(PAUSE_MESH)
 
     cdef bint hold_reads(self, int why):
         """Stop reading for reason ``why`` (a PAUSE_* bit); False if the transport cannot pause."""
@@ -141,9 +129,8 @@ cdef class Conn(Writer):
         self.server.flush_dirty()
 
     cdef int send_pending_pongs(self) except -1:
-        if self.ws_pong_pending is not None and self.state != ST_CLOSED:
-            body, self.ws_pong_pending = self.ws_pong_pending, None
-            self.ws_write_control(WS_OP_PONG, body)
+        if self.ws is not None:
+            self.ws.send_pending_pong(self)
         if self.pong_pending and self.state == ST_ACTIVE:
             self.pong_pending = False
             self.server.counters.pongs += 1
@@ -157,7 +144,7 @@ cdef class Conn(Writer):
         server = self.server
         self.transport.set_write_buffer_limits(server.high_water, server.high_water // 4)
         self.hs_timer = server.loop.call_later(server.handshake_timeout, self.handshake_timeout)
-        if self.ws:
+        if self.ws is not None:
             if prefix:
                 self.transport.write(prefix)
             self.put_frame(P.FRAME_SERVER_KEY, <const unsigned char*>P.DERP_MAGIC, P.MAGIC_LEN,
@@ -165,6 +152,7 @@ cdef class Conn(Writer):
             self.flush()
         else:
             self.transport.write(prefix + server.server_key_frame)
+            self.fd = direct_fd(self.transport)
         if pending:
             self.data_received(pending)
 
@@ -200,7 +188,8 @@ cdef class Conn(Writer):
             self.rl.timer = None
         self.drop_queued(DROP_GONE)
         if self.transport is not None:
-            if error and not self.ws_closing:
+            self.fd = -1  # a flush from now on goes through the transport, which knows it is closing
+            if error and (self.ws is None or not self.ws.closing):
                 self.transport.abort()
             else:
                 if self.olen:
@@ -240,43 +229,6 @@ cdef class Conn(Writer):
 
     # -- incoming DERP frames ---------------------------------------------------------
 
-    cdef int check_header(self, int ftype, Py_ssize_t length) except -1:
-        """0: buffer and handle this frame; 1: skip its payload. Raises for violations."""
-        if self.state == ST_HANDSHAKE:
-            if ftype != P.FRAME_CLIENT_INFO:
-                raise ProtocolViolation(f"first frame must be ClientInfo, got type 0x{ftype:02x}")
-            if length < P.CLIENT_INFO_MIN or length > self.server.client_info_max:
-                raise ProtocolViolation(f"ClientInfo frame of {length} bytes "
-                                        f"(allowed {P.CLIENT_INFO_MIN}..{self.server.client_info_max})")
-            return 0
-        if ftype == P.FRAME_SEND_PACKET:
-            if length < P.KEY_LEN or length > P.KEY_LEN + P.MAX_PACKET_SIZE:
-                raise ProtocolViolation(f"SendPacket frame of {length} bytes (packet limit {P.MAX_PACKET_SIZE})")
-        elif ftype == P.FRAME_FORWARD_PACKET:
-            if not self.can_mesh:
-                raise ProtocolViolation("ForwardPacket from a client without the mesh key")
-            if length < 2 * P.KEY_LEN or length > 2 * P.KEY_LEN + P.MAX_PACKET_SIZE:
-                raise ProtocolViolation(f"ForwardPacket frame of {length} bytes (packet limit {P.MAX_PACKET_SIZE})")
-        elif ftype == P.FRAME_PING:
-            if length < P.PING_MIN or length > P.PING_MAX:
-                raise ProtocolViolation(f"Ping frame of {length} bytes (allowed {P.PING_MIN}..{P.PING_MAX})")
-        elif ftype == P.FRAME_NOTE_PREFERRED:
-            if length != 1:
-                raise ProtocolViolation(f"NotePreferred frame of {length} bytes (must be 1)")
-        elif ftype == P.FRAME_WATCH_CONNS:
-            if not self.can_mesh:
-                raise ProtocolViolation("WatchConns from a client without the mesh key")
-            if length != 0:
-                raise ProtocolViolation(f"WatchConns frame of {length} bytes (must be 0)")
-        elif ftype == P.FRAME_CLOSE_PEER:
-            if not self.can_mesh:
-                raise ProtocolViolation("ClosePeer from a client without the mesh key")
-            if length != P.KEY_LEN:
-                raise ProtocolViolation(f"ClosePeer frame of {length} bytes (must be 32)")
-        else:
-            return 1  # unknown or client-bound types are skipped, as Go servers do
-        return 0
-
     cdef int ibuf_append(self, const unsigned char* p, Py_ssize_t n) except -1:
         cdef Py_ssize_t cap
         cdef unsigned char* nb
@@ -313,7 +265,7 @@ cdef class Conn(Writer):
                     if self.ilen < P.FRAME_HEADER_LEN:
                         return 0
                     length = P.read_be32(self.ibuf + 1)
-                    if self.check_header(self.ibuf[0], length):
+                    if self.on_frame(self.ibuf[0], NULL, length) == FRAME_SKIP:
                         self.ilen = 0
                         self.skip = length
                         continue
@@ -337,15 +289,15 @@ cdef class Conn(Writer):
                 return 0
             ftype = p[0]
             length = P.read_be32(p + 1)
-            if self.check_header(ftype, length):
+            if n - P.FRAME_HEADER_LEN >= length:
+                self.on_frame(ftype, p + P.FRAME_HEADER_LEN, length)  # a skipped frame is passed over here
+                p += P.FRAME_HEADER_LEN + length
+                n -= P.FRAME_HEADER_LEN + length
+                continue
+            if self.on_frame(ftype, NULL, length) == FRAME_SKIP:
                 self.skip = length
                 p += P.FRAME_HEADER_LEN
                 n -= P.FRAME_HEADER_LEN
-                continue
-            if n - P.FRAME_HEADER_LEN >= length:
-                self.on_frame(ftype, p + P.FRAME_HEADER_LEN, length)
-                p += P.FRAME_HEADER_LEN + length
-                n -= P.FRAME_HEADER_LEN + length
                 continue
             self.ineed = P.FRAME_HEADER_LEN + length
             self.ibuf_append(p, n)
@@ -362,50 +314,128 @@ cdef class Conn(Writer):
         held += (<const char*>p)[:n]
         return 0
 
+    # -- one handler per frame type --------------------------------------------------
+    #
+    # A handler first checks the frame's length (and who may send it); with ``p`` NULL only the
+    # header has arrived, so it returns there and the payload is buffered (or skipped, if it
+    # returns FRAME_SKIP). With ``p`` the whole payload is at hand and it handles the frame.
+
     cdef int on_frame(self, int ftype, const unsigned char* p, Py_ssize_t n) except -1:
-        cdef RelayServer server = self.server
-        cdef Counters c = server.counters
-        cdef object target
+        if self.state == ST_HANDSHAKE and ftype != P.FRAME_CLIENT_INFO:
+            raise ProtocolViolation(f"first frame must be ClientInfo, got type 0x{ftype:02x}")
         if ftype == P.FRAME_SEND_PACKET:
-            c.packets_in += 1
-            c.bytes_in += n - P.KEY_LEN
-            target = self.route(p, True)
-            if target is None:
-                self.drop_unknown(p, p + P.KEY_LEN, n - P.KEY_LEN, DROP_UNKNOWN_DEST)
-            elif type(target) is Conn:
-                (<Conn>target).enqueue(<const unsigned char*>PyBytes_AS_STRING(self.key), p + P.KEY_LEN, n - P.KEY_LEN)
-            else:
-                (<Forwarder>target).forward(self, <const unsigned char*>PyBytes_AS_STRING(self.key), p,
-                                            p + P.KEY_LEN, n - P.KEY_LEN)
-        elif ftype == P.FRAME_FORWARD_PACKET:
-            c.forwarded_in += 1
-            c.bytes_in += n - 2 * P.KEY_LEN
-            target = self.route(p + P.KEY_LEN, False)
-            if type(target) is Conn:
-                (<Conn>target).heard_from_ptr(p)
-                (<Conn>target).enqueue(p, p + 2 * P.KEY_LEN, n - 2 * P.KEY_LEN)
-            else:
-                # Never re-forward: packets travel at most one mesh hop.
-                self.drop_unknown(p + P.KEY_LEN, p + 2 * P.KEY_LEN, n - 2 * P.KEY_LEN, DROP_UNKNOWN_DEST_ON_FWD)
-        elif ftype == P.FRAME_PING:
-            c.pings += 1
-            if not self.paused:
-                c.pongs += 1
-                self.put_frame(P.FRAME_PONG, p, 8, NULL, 0)
-            elif self.pong_pending:
-                c.pongs_dropped += 1  # as Go's derper: one Pong pending at most, extra Pings ignored
-            else:
-                self.pong_pending = True
-                memcpy(self.pong_data, p, 8)
-        elif ftype == P.FRAME_NOTE_PREFERRED:
-            self.preferred = p[0] != 0
-        elif ftype == P.FRAME_CLIENT_INFO:
+            return self.handle_send_packet(p, n)
+        if ftype == P.FRAME_FORWARD_PACKET:
+            return self.handle_forward_packet(p, n)
+        if ftype == P.FRAME_PING:
+            return self.handle_ping(p, n)
+        if ftype == P.FRAME_NOTE_PREFERRED:
+            return self.handle_note_preferred(p, n)
+        if ftype == P.FRAME_CLIENT_INFO:
+            return self.handle_client_info(p, n)
+        if ftype == P.FRAME_WATCH_CONNS:
+            return self.handle_watch_conns(p, n)
+        if ftype == P.FRAME_CLOSE_PEER:
+            return self.handle_close_peer(p, n)
+        return FRAME_SKIP  # unknown or client-bound types are skipped, as Go servers do
+
+    cdef int handle_client_info(self, const unsigned char* p, Py_ssize_t n) except -1:
+        """The client's key and boxed info: the handshake (once; later ones are skipped)."""
+        if self.state != ST_HANDSHAKE:
+            return FRAME_SKIP
+        if n < P.CLIENT_INFO_MIN or n > self.server.client_info_max:
+            raise ProtocolViolation(f"ClientInfo frame of {n} bytes "
+                                    f"(allowed {P.CLIENT_INFO_MIN}..{self.server.client_info_max})")
+        if p != NULL:
             self.finish_handshake(PyBytes_FromStringAndSize(<const char*>p, n))
-        elif ftype == P.FRAME_WATCH_CONNS:
-            server.add_watcher(self)
-        elif ftype == P.FRAME_CLOSE_PEER:
-            server.close_peer(PyBytes_FromStringAndSize(<const char*>p, P.KEY_LEN))
         return 0
+
+    cdef int handle_send_packet(self, const unsigned char* p, Py_ssize_t n) except -1:
+        """A packet from this client: to the local connection of its destination, over a mesh link, or dropped."""
+        if n < P.KEY_LEN or n > P.KEY_LEN + P.MAX_PACKET_SIZE:
+            raise ProtocolViolation(f"SendPacket frame of {n} bytes (packet limit {P.MAX_PACKET_SIZE})")
+        if p == NULL:
+            return 0
+        cdef Counters c = self.server.counters
+        cdef const unsigned char* src = <const unsigned char*>PyBytes_AS_STRING(self.key)
+        c.packets_in += 1
+        c.bytes_in += n - P.KEY_LEN
+        target = self.route(p, True)
+        if target is None:
+            self.drop_unknown(p, p + P.KEY_LEN, n - P.KEY_LEN, DROP_UNKNOWN_DEST)
+        elif type(target) is Conn:
+            (<Conn>target).enqueue(src, p + P.KEY_LEN, n - P.KEY_LEN)
+        else:
+            (<Forwarder>target).forward(self, src, p, p + P.KEY_LEN, n - P.KEY_LEN)
+        return 0
+
+    cdef int handle_forward_packet(self, const unsigned char* p, Py_ssize_t n) except -1:
+        """A packet a mesh peer relays for one of its clients: delivered here, never forwarded again."""
+        if not self.can_mesh:
+            raise ProtocolViolation("ForwardPacket from a client without the mesh key")
+        if n < 2 * P.KEY_LEN or n > 2 * P.KEY_LEN + P.MAX_PACKET_SIZE:
+            raise ProtocolViolation(f"ForwardPacket frame of {n} bytes (packet limit {P.MAX_PACKET_SIZE})")
+        if p == NULL:
+            return 0
+        cdef Counters c = self.server.counters
+        c.forwarded_in += 1
+        c.bytes_in += n - 2 * P.KEY_LEN
+        target = self.route(p + P.KEY_LEN, False)
+        if type(target) is Conn:
+            (<Conn>target).heard_from_ptr(p)
+            (<Conn>target).enqueue(p, p + 2 * P.KEY_LEN, n - 2 * P.KEY_LEN)
+        else:
+            # Never re-forward: packets travel at most one mesh hop.
+            self.drop_unknown(p + P.KEY_LEN, p + 2 * P.KEY_LEN, n - 2 * P.KEY_LEN, DROP_UNKNOWN_DEST_ON_FWD)
+        return 0
+
+    cdef int handle_ping(self, const unsigned char* p, Py_ssize_t n) except -1:
+        """Answer with a Pong of the first 8 bytes; while our transport pushes back, one Pong waits."""
+        if n < P.PING_MIN or n > P.PING_MAX:
+            raise ProtocolViolation(f"Ping frame of {n} bytes (allowed {P.PING_MIN}..{P.PING_MAX})")
+        if p == NULL:
+            return 0
+        cdef Counters c = self.server.counters
+        c.pings += 1
+        if not self.paused:
+            c.pongs += 1
+            self.put_frame(P.FRAME_PONG, p, 8, NULL, 0)
+        elif self.pong_pending:
+            c.pongs_dropped += 1  # as Go's derper: one Pong pending at most, extra Pings ignored
+        else:
+            self.pong_pending = True
+            memcpy(self.pong_data, p, 8)
+        return 0
+
+    cdef int handle_note_preferred(self, const unsigned char* p, Py_ssize_t n) except -1:
+        """Whether this is the client's home relay (a gauge counts them)."""
+        if n != 1:
+            raise ProtocolViolation(f"NotePreferred frame of {n} bytes (must be 1)")
+        if p != NULL:
+            self.preferred = p[0] != 0
+        return 0
+
+    cdef int handle_watch_conns(self, const unsigned char* p, Py_ssize_t n) except -1:
+        """A mesh peer subscribes to PeerPresent/PeerGone for our clients."""
+        if not self.can_mesh:
+            raise ProtocolViolation("WatchConns from a client without the mesh key")
+        if n != 0:
+            raise ProtocolViolation(f"WatchConns frame of {n} bytes (must be 0)")
+        if p != NULL:
+            self.server.add_watcher(self)
+        return 0
+
+    cdef int handle_close_peer(self, const unsigned char* p, Py_ssize_t n) except -1:
+        """A mesh peer asks us to close a client's connections."""
+        if not self.can_mesh:
+            raise ProtocolViolation("ClosePeer from a client without the mesh key")
+        if n != P.KEY_LEN:
+            raise ProtocolViolation(f"ClosePeer frame of {n} bytes (must be 32)")
+        if p != NULL:
+            self.server.close_peer(PyBytes_FromStringAndSize(<const char*>p, P.KEY_LEN))
+        return 0
+
+    # -- routing -----------------------------------------------------------------------
 
     cdef object route(self, const unsigned char* dst, bint note):
         """The local Conn or Forwarder for ``dst``, or None; recent answers are cached per sender."""
@@ -459,33 +489,27 @@ cdef class Conn(Writer):
     # -- outgoing packets -------------------------------------------------------------
 
     cdef int enqueue(self, const unsigned char* src, const unsigned char* pkt, Py_ssize_t n) except -1:
+        """A RecvPacket for this client: into the output buffer, or a bounded queue while the transport pushes back."""
         cdef Counters c = self.server.counters
+        cdef Py_ssize_t size = P.FRAME_HEADER_LEN + P.KEY_LEN + n
         cdef bytes frame
-        cdef unsigned char* f
         if self.state != ST_ACTIVE:
             c.drop(DROP_GONE, 1, n)
             return 0
         if not self.paused:
-            self.reserve(P.FRAME_HEADER_LEN + P.KEY_LEN + n)
-            f = self.obuf + self.olen
-            P.write_header(f, P.FRAME_RECV_PACKET, <unsigned int>(P.KEY_LEN + n))
-            memcpy(f + P.FRAME_HEADER_LEN, src, P.KEY_LEN)
-            memcpy(f + P.FRAME_HEADER_LEN + P.KEY_LEN, pkt, n)
-            self.olen += P.FRAME_HEADER_LEN + P.KEY_LEN + n
+            self.reserve(size)
+            write_recv_packet(self.obuf + self.olen, src, pkt, n)
+            self.olen += size
             c.packets_out += 1
             c.bytes_out += n
             self.mark_dirty()
             return 0
         # The transport pushes back: hold the frame in a bounded queue, dropping the oldest.
-        frame = PyBytes_FromStringAndSize(NULL, P.FRAME_HEADER_LEN + P.KEY_LEN + n)
-        f = <unsigned char*>PyBytes_AS_STRING(frame)
-        P.write_header(f, P.FRAME_RECV_PACKET, <unsigned int>(P.KEY_LEN + n))
-        memcpy(f + P.FRAME_HEADER_LEN, src, P.KEY_LEN)
-        memcpy(f + P.FRAME_HEADER_LEN + P.KEY_LEN, pkt, n)
-        queue = self.disco_queue if looks_like_disco(pkt, n) else self.queue
+        cdef bint disco = looks_like_disco(pkt, n)
+        queue = self.disco_queue if disco else self.queue
         if queue is None:
             queue = deque()
-            if looks_like_disco(pkt, n):
+            if disco:
                 self.disco_queue = queue
             else:
                 self.queue = queue
@@ -495,6 +519,8 @@ cdef class Conn(Writer):
                 return 0
             old = queue.popleft()
             c.drop(DROP_QUEUE_HEAD, 1, len(old) - P.FRAME_HEADER_LEN - P.KEY_LEN)
+        frame = PyBytes_FromStringAndSize(NULL, size)
+        write_recv_packet(<unsigned char*>PyBytes_AS_STRING(frame), src, pkt, n)
         queue.append(frame)
         return 0
 
@@ -597,8 +623,8 @@ cdef class Conn(Writer):
         """Admission control said no: a clear close (Health frame or WebSocket 1008), counted, logged at debug."""
         cdef bytes why = b"refused by the server's admission control"
         self.server.counters.admission_refused += 1
-        if self.ws:
-            self.ws_close_with(1008, why)
+        if self.ws is not None:
+            self.ws.close_with(self, 1008, why)
         else:
             self.put_frame(P.FRAME_HEALTH, <const unsigned char*>PyBytes_AS_STRING(why), len(why), NULL, 0)
         self.close("refused by admission control", False)
@@ -625,117 +651,17 @@ cdef class Conn(Writer):
         server.register(self)
         return 0
 
-    # -- WebSocket framing (client frames are masked; ours are not) -------------------
-
-    cdef int ws_feed(self, const unsigned char* p, Py_ssize_t n) except -1:
-        cdef WsDecoder* d = &self.wsd
-        cdef unsigned char* scratch = self.server.scratch
-        cdef Py_ssize_t k
-        while n > 0 and self.state != ST_CLOSED:
-            if not d.in_payload:
-                k = ws_take_header(d, p, n)
-                p += k
-                n -= k
-                if d.in_payload:
-                    self.ws_begin_frame()
-                continue
-            k = <Py_ssize_t>min(<unsigned long long>n, d.rem, <unsigned long long>SCRATCH_SIZE)
-            ws_unmask(scratch, p, k, d.mask, d.moff)
-            d.moff = (d.moff + k) & 3
-            d.rem -= k
-            p += k
-            n -= k
-            if d.op >= 0x8:
-                self.ws_ctrl += (<char*>scratch)[:k]
-            else:
-                # Message boundaries mean nothing: the payload is just more of the DERP stream.
-                self.feed(scratch, k)
-            if d.rem == 0:
-                d.in_payload = False
-                if d.op >= 0x8:
-                    self.ws_control()
-        return 0
-
-    cdef int ws_begin_frame(self) except -1:
-        """Check the header ``ws_take_header`` just decoded (RFC 6455 §5); handle an empty frame at once."""
-        cdef WsDecoder* d = &self.wsd
-        cdef int op = d.op
-        if d.hdr[0] & 0x70:
-            self.ws_fail(1002, "WebSocket RSV bits set, but no extension was negotiated")
-        if not (d.hdr[1] & 0x80):
-            self.ws_fail(1002, "unmasked WebSocket frame from client")
-        if op == WS_OP_TEXT:
-            self.ws_fail(1003, "text WebSocket message (DERP needs binary)")
-        if op >= 0x8:
-            if op not in (WS_OP_CLOSE, WS_OP_PING, WS_OP_PONG) or d.rem > 125 or not d.fin:
-                self.ws_fail(1002, f"bad WebSocket control frame (opcode {op}, {d.rem} bytes)")
-            self.ws_ctrl = bytearray()
-        elif op == WS_OP_CONT:
-            if not d.fragmented:
-                self.ws_fail(1002, "WebSocket continuation frame without a message to continue")
-            d.fragmented = not d.fin
-        elif op == WS_OP_BINARY:
-            if d.fragmented:
-                self.ws_fail(1002, "new WebSocket message before the fragmented one ended")
-            d.fragmented = not d.fin
-        else:
-            self.ws_fail(1002, f"unknown WebSocket opcode {op}")
-        if d.rem == 0:
-            d.in_payload = False
-            if op >= 0x8:
-                self.ws_control()
-        return 0
-
-    cdef int ws_control(self) except -1:
-        cdef bytes body = bytes(self.ws_ctrl) if self.ws_ctrl is not None else b""
-        cdef int code = 1000
-        self.ws_ctrl = None
-        if self.wsd.op == WS_OP_PING:
-            if not self.paused:
-                self.ws_write_control(WS_OP_PONG, body)
-            elif self.ws_pong_pending is None:
-                self.ws_pong_pending = body
-            else:
-                self.server.counters.pongs_dropped += 1
-        elif self.wsd.op == WS_OP_CLOSE:
-            # RFC 6455 §7.4: echo a valid code, never 1005/1006; a malformed Close is a protocol error.
-            if len(body) == 1:
-                self.ws_fail(1002, "one-byte WebSocket close payload")
-            if len(body) >= 2:
-                code = int.from_bytes(body[:2], "big")
-                if not ws_close_code_valid(code):
-                    self.ws_fail(1002, f"invalid WebSocket close code {code}")
-                try:
-                    body[2:].decode("utf-8")
-                except UnicodeDecodeError:
-                    self.ws_fail(1007, "WebSocket close reason is not UTF-8")
-            self.ws_close_with(code, b"")
-            self.close("WebSocket closed by client", False)
-        return 0
-
-    cdef int ws_fail(self, int code, str why) except -1:
-        """Send a Close with ``code`` and fail the connection (it closes once the Close is written)."""
-        self.ws_close_with(code, b"")
-        raise ProtocolViolation(why)
-
-    cdef int ws_write_control(self, int opcode, bytes body) except -1:
-        cdef unsigned char hdr[10]
-        cdef Py_ssize_t h = ws_put_header(hdr, opcode, len(body))
-        if self.transport is None:
-            return 0
-        if self.olen:
-            self.flush()
-        self.transport.write((<char*>hdr)[:h] + body)
-        return 0
-
-    cdef int ws_close_with(self, int code, bytes reason) except -1:
-        if self.ws_closing or self.transport is None:
-            return 0
-        self.ws_closing = True
-        self.ws_write_control(WS_OP_CLOSE, code.to_bytes(2, "big") + reason[:120])
-        return 0
-
     # -- Python view --------------------------------------------------------------------
+
+    @property
+    def websocket(self) -> bool:
+        """Whether the client speaks DERP over WebSocket."""
+        return self.ws is not None
+
+    @property
+    def read_paused(self) -> bool:
+        """Whether a congested mesh link holds this connection's reads."""
+        return self.pause_why & PAUSE_MESH != 0
 
     @property
     def active(self) -> bool:

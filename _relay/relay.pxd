@@ -6,6 +6,10 @@ cimport cython
 
 from _relay cimport proto as P
 
+cdef extern from "<sys/socket.h>" nogil:
+    ssize_t send(int fd, const void* buf, size_t n, int flags)
+    int MSG_DONTWAIT, MSG_NOSIGNAL
+
 cdef extern from "<time.h>" nogil:
     ctypedef long time_t
     cdef struct timespec:
@@ -15,7 +19,7 @@ cdef extern from "<time.h>" nogil:
     int CLOCK_MONOTONIC
 
 
-# Drop reasons: indexes into Counters.drops, named in relay.pyx's DROP_REASONS.
+# Drop reasons: indexes into Counters.drops; relay.pyx's DROP_REASONS names each one.
 cdef enum:
     DROP_UNKNOWN_DEST = 0
     DROP_UNKNOWN_DEST_ON_FWD = 1
@@ -46,6 +50,7 @@ cdef enum:                       # why a connection is not read (Conn.pause_why 
     PAUSE_ADMIT = 4              # waiting for the admission decision
     HOLD_LIMIT = 2 * READ_BUFFER_SIZE  # bytes a client may send before it is admitted
     MAX_FRAME = P.FRAME_HEADER_LEN + P.KEY_LEN + P.MAX_PACKET_SIZE  # a SendPacket of the largest packet
+    FRAME_SKIP = 1               # a frame handler's answer to a header: skip the payload unread
 
 cdef enum:
     WS_OP_CONT = 0x0
@@ -94,15 +99,39 @@ cdef class Counters:
     cdef inline void drop(self, int reason, unsigned long long packets, Py_ssize_t nbytes) noexcept
 
 
+@cython.final
+cdef class WebSocket:
+    # incoming frames: the header being decoded, a control frame's payload
+    cdef WsDecoder dec
+    cdef bytearray ctrl
+    # outgoing control frames
+    cdef bint closing            # our Close frame is sent
+    cdef bytes pong_pending      # the payload of a Pong that waits while the transport pushes back
+
+    cdef int feed(self, Conn conn, const unsigned char* p, Py_ssize_t n) except -1
+    cdef int begin_frame(self, Conn conn) except -1
+    cdef int control(self, Conn conn) except -1
+    cdef int send_pending_pong(self, Conn conn) except -1
+    cdef int fail(self, Conn conn, int code, str why) except -1
+    cdef int write_control(self, Conn conn, int opcode, bytes body) except -1
+    cdef int close_with(self, Conn conn, int code, bytes reason) except -1
+    cdef bytes frame(self, const unsigned char* buf, Py_ssize_t n)
+
+
 cdef class Writer:
     # set by the subclass's constructor
     cdef RelayServer server
     cdef object transport
-    cdef bint ws                 # frame output as WebSocket binary messages
+    cdef WebSocket ws            # a WebSocket client's framing (both ways); None for raw DERP and mesh links
+    cdef bint shared             # others write to this transport too (a mesh link's client)
+    # direct writes to the socket (Writer.try_send)
+    cdef int fd                  # the socket under a plain uvloop TCP transport, else -1
+    cdef bint queued             # the transport may hold unsent bytes: ask it before sending directly
     # output buffer, flushed once per event-loop turn that wrote to it
     cdef unsigned char* obuf
     cdef Py_ssize_t olen, ocap
-    cdef bint dirty              # listed in server.dirty
+    cdef bint dirty              # in the server's dirty chain
+    cdef Writer next_dirty       # the next in that chain
     cdef bint used               # written since the last tick (idle buffers are freed)
 
     cdef int reserve(self, Py_ssize_t extra) except -1
@@ -110,6 +139,7 @@ cdef class Writer:
     cdef int put_frame(self, unsigned char ftype, const unsigned char* a, Py_ssize_t na,
                        const unsigned char* b, Py_ssize_t nb) except -1
     cdef int flush(self) except -1
+    cdef Py_ssize_t try_send(self, const unsigned char* buf, Py_ssize_t n) except -1
     cdef int write_out(self, bytes out) except -1
     cdef void release_buffer(self) noexcept
 
@@ -151,7 +181,7 @@ cdef class Conn(Writer):
     # identity: the peer's address at accept, the rest from the handshake
     cdef readonly str remote_ip
     cdef readonly int remote_port
-    cdef readonly bint websocket, not_ideal
+    cdef readonly bint not_ideal
     cdef readonly bytes key
     cdef readonly bint can_mesh, is_prober, preferred
     cdef bytes addr18            # remote address as 16-byte IPv6 + port, for PeerPresent
@@ -170,8 +200,6 @@ cdef class Conn(Writer):
     cdef object queue, disco_queue   # bounded, used only while paused
     cdef bint pong_pending           # at most one reply waits while paused (a ping flood buffers nothing more)
     cdef unsigned char pong_data[8]
-    cdef bytes ws_pong_pending
-    cdef readonly bint read_paused   # by a congested mesh link
     cdef int pause_why               # PAUSE_* bits: the transport is not read while any is set
     cdef RateLimit rl                # None when unlimited (or a mesh peer): one pointer test per read
     # incoming DERP frame reassembly
@@ -183,14 +211,8 @@ cdef class Conn(Writer):
     cdef unsigned char hc_key[P.KEY_LEN]
     cdef unsigned long long hc_gen
     cdef TokenBucket not_here    # PeerGone(NotHere) answers: 1/s, burst 3
-    # incoming WebSocket framing
-    cdef WsDecoder wsd
-    cdef bytearray ws_ctrl       # control frame payload being read
-    cdef bint ws_closing         # our close frame is sent
 
     cdef int consume(self, const unsigned char* p, Py_ssize_t n) except -1
-    cdef bint pause_reading(self)
-    cdef void resume_reading(self)
     cdef bint hold_reads(self, int why)
     cdef void release_reads(self, int why)
     cdef int send_pending_pongs(self) except -1
@@ -198,11 +220,17 @@ cdef class Conn(Writer):
     cpdef close(self, str reason, bint error=*)
     cdef void release_preauth(self) noexcept
     cdef int charge_preauth(self, Py_ssize_t n) except -1
-    cdef int check_header(self, int ftype, Py_ssize_t length) except -1
     cdef int ibuf_append(self, const unsigned char* p, Py_ssize_t n) except -1
     cdef int feed(self, const unsigned char* p, Py_ssize_t n) except -1
     cdef int hold(self, const unsigned char* p, Py_ssize_t n) except -1
     cdef int on_frame(self, int ftype, const unsigned char* p, Py_ssize_t n) except -1
+    cdef int handle_client_info(self, const unsigned char* p, Py_ssize_t n) except -1
+    cdef int handle_send_packet(self, const unsigned char* p, Py_ssize_t n) except -1
+    cdef int handle_forward_packet(self, const unsigned char* p, Py_ssize_t n) except -1
+    cdef int handle_ping(self, const unsigned char* p, Py_ssize_t n) except -1
+    cdef int handle_note_preferred(self, const unsigned char* p, Py_ssize_t n) except -1
+    cdef int handle_watch_conns(self, const unsigned char* p, Py_ssize_t n) except -1
+    cdef int handle_close_peer(self, const unsigned char* p, Py_ssize_t n) except -1
     cdef object route(self, const unsigned char* dst, bint note)
     cdef int heard_from(self, bytes src) except -1
     cdef int heard_from_ptr(self, const unsigned char* src) except -1
@@ -216,12 +244,6 @@ cdef class Conn(Writer):
     cdef int finish_handshake(self, bytes payload) except -1
     cdef int refuse(self) except -1
     cdef int admitted(self, bytes server_info) except -1
-    cdef int ws_feed(self, const unsigned char* p, Py_ssize_t n) except -1
-    cdef int ws_begin_frame(self) except -1
-    cdef int ws_control(self) except -1
-    cdef int ws_fail(self, int code, str why) except -1
-    cdef int ws_write_control(self, int opcode, bytes body) except -1
-    cdef int ws_close_with(self, int code, bytes reason) except -1
 
 
 @cython.final
@@ -252,7 +274,7 @@ cdef class RelayServer:
     cdef list watchers
     cdef unsigned long long gen  # bumped on every routing change (route caches compare it)
     # output coalescing and push-back
-    cdef list dirty              # Writers written this turn, flushed at its end
+    cdef Writer dirty_head, dirty_tail  # Writers written this turn, chained by next_dirty, flushed at its end
     cdef list congested          # Forwarders pushing back on their senders
     cdef bint flush_scheduled
     cdef object tick_handle

@@ -19,8 +19,9 @@ nothing here knows about HTTP, Postgres or configuration. A per-client rate limi
 bucket charged once per read; while it is in debt the connection is not read.
 
 relay.pxd declares every class's fields and C methods; the code is in the included parts:
-writer.pxi (output buffers, mesh forwarders), websocket.pxi (WebSocket framing), conn.pxi (one
-client connection), server.pxi (registry, routing table, ticker, counters' Python view).
+writer.pxi (output buffers, mesh forwarders), websocket.pxi (WebSocket framing, its own class),
+conn.pxi (one client connection: one handler per frame type), server.pxi (registry, routing
+table, ticker, counters' Python view).
 """
 
 cimport cython
@@ -43,8 +44,16 @@ from collections import deque
 
 log = logging.getLogger("coordinator.relay")
 
-# The names of Counters.drops, in index order (see relay.pxd).
-DROP_REASONS = ("unknown_dest", "unknown_dest_on_fwd", "gone", "queue_head", "queue_tail", "write_error")
+# Why packets are dropped: the name (in stats() and metrics) of each index of Counters.drops.
+DROP_REASONS = {
+    DROP_UNKNOWN_DEST: "unknown_dest",
+    DROP_UNKNOWN_DEST_ON_FWD: "unknown_dest_on_fwd",
+    DROP_GONE: "gone",
+    DROP_QUEUE_HEAD: "queue_head",
+    DROP_QUEUE_TAIL: "queue_tail",
+    DROP_WRITE_ERROR: "write_error",
+}
+assert sorted(DROP_REASONS) == list(range(N_DROPS)), "every drop reason needs a name"
 
 
 class ProtocolViolation(Exception):
@@ -53,6 +62,14 @@ class ProtocolViolation(Exception):
 
 cdef inline bint looks_like_disco(const unsigned char* pkt, Py_ssize_t n) noexcept nogil:
     return n >= P.DISCO_MIN_LEN and memcmp(pkt, P.DERP_DISCO_MAGIC, P.DISCO_MAGIC_LEN) == 0
+
+
+cdef inline void write_recv_packet(unsigned char* f, const unsigned char* src, const unsigned char* pkt,
+                                   Py_ssize_t n) noexcept nogil:
+    """A RecvPacket frame from ``src`` carrying ``n`` bytes of ``pkt``, written at ``f``."""
+    P.write_header(f, P.FRAME_RECV_PACKET, <unsigned int>(P.KEY_LEN + n))
+    memcpy(f + P.FRAME_HEADER_LEN, src, P.KEY_LEN)
+    memcpy(f + P.FRAME_HEADER_LEN + P.KEY_LEN, pkt, n)
 
 
 @cython.final

@@ -45,7 +45,6 @@ cdef class RelayServer:
         self.heard = {}
         self.conns = {}
         self.watchers = []
-        self.dirty = []
         self.congested = []
         self.gen = 1
         self.scratch = <unsigned char*>malloc(SCRATCH_SIZE)
@@ -115,14 +114,16 @@ cdef class RelayServer:
         self.congested = still
 
     cdef int flush_dirty(self) except -1:
-        cdef list batch
+        """Flush every Writer written since the last flush (a flush may chain more: they are flushed too)."""
         cdef Writer w
-        while self.dirty:
-            batch = self.dirty
-            self.dirty = []
-            for w in batch:
-                w.dirty = False
-                w.flush()
+        while self.dirty_head is not None:
+            w = self.dirty_head
+            self.dirty_head = w.next_dirty
+            if self.dirty_head is None:
+                self.dirty_tail = None
+            w.next_dirty = None
+            w.dirty = False
+            w.flush()
         return 0
 
     def flush_soon(self) -> None:
@@ -326,7 +327,6 @@ cdef class RelayServer:
     def stats(self) -> dict:
         """Counters and gauges, for metrics and tests."""
         cdef Counters c = self.counters
-        cdef int i
         dups = sum(1 for cs in self.clients.values() if len((<ClientSet>cs).conns) > 1)
         return {
             "accepts": c.accepts,
@@ -359,6 +359,6 @@ cdef class RelayServer:
             "preauth_refused": c.preauth_refused,
             "mesh_links_congested": sum(1 for f in self.congested if (<Forwarder>f).congested),
             "senders_paused": sum(len((<Forwarder>f).paused) for f in self.congested),
-            "drops": {DROP_REASONS[i]: c.drops[i] for i in range(N_DROPS)},
-            "drop_bytes": {DROP_REASONS[i]: c.drop_bytes[i] for i in range(N_DROPS)},
+            "drops": {name: c.drops[i] for i, name in DROP_REASONS.items()},
+            "drop_bytes": {name: c.drop_bytes[i] for i, name in DROP_REASONS.items()},
         }

@@ -1,7 +1,34 @@
 # Output buffers (Writer) and mesh forwarders (Forwarder); included by relay.pyx.
 
+# uvloop's TCPTransport.is_closing and get_write_buffer_size, called unbound: no lookup per flush
+cdef object tcp_is_closing = None
+cdef object tcp_unsent = None
+
+
+cdef int direct_fd(transport) except -2:
+    """The socket of a plain uvloop TCP transport, which a flush may write to directly; else -1."""
+    global tcp_is_closing, tcp_unsent
+    if type(transport).__name__ != "TCPTransport" or type(transport).__module__ != "uvloop.loop":
+        return -1
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return -1
+    tcp_is_closing = type(transport).is_closing
+    tcp_unsent = type(transport).get_write_buffer_size
+    return sock.fileno()
+
+
 cdef class Writer:
-    """An output buffer bound to a transport, flushed once per event-loop turn that wrote to it."""
+    """An output buffer bound to a transport, flushed once per event-loop turn that wrote to it.
+
+    A flush writes straight to the socket (one send(2), no bytes object, no transport call) while
+    the transport holds nothing unsent; what the socket does not take goes to the transport, which
+    keeps it in order and pushes back as usual, and the next flushes ask it until it has drained.
+    """
+
+    def __cinit__(self, *args, **kwargs):
+        self.fd = -1
+        self.queued = True
 
     cdef int reserve(self, Py_ssize_t extra) except -1:
         cdef Py_ssize_t need = self.olen + extra
@@ -21,9 +48,15 @@ cdef class Writer:
 
     cdef inline void mark_dirty(self):
         self.used = True
+        cdef RelayServer server
         if not self.dirty:
             self.dirty = True
-            self.server.dirty.append(self)
+            server = self.server
+            if server.dirty_tail is None:
+                server.dirty_head = self
+            else:
+                server.dirty_tail.next_dirty = self
+            server.dirty_tail = self  # a chain, not a list: no allocation, no list call per read
 
     cdef int put_frame(self, unsigned char ftype, const unsigned char* a, Py_ssize_t na,
                        const unsigned char* b, Py_ssize_t nb) except -1:
@@ -40,35 +73,36 @@ cdef class Writer:
         return 0
 
     cdef int flush(self) except -1:
-        cdef bytes out
-        cdef Py_ssize_t n = self.olen, total, pos, k, w
-        cdef unsigned char* q
+        cdef Py_ssize_t n = self.olen
         if n == 0 or self.transport is None:
             self.olen = 0
             return 0
-        if not self.ws:
-            out = PyBytes_FromStringAndSize(<char*>self.obuf, n)
-        else:
-            # One WebSocket binary message per 32 KiB: Go clients refuse larger messages.
-            total = n + ((n + P.WS_MAX_OUT_MESSAGE - 1) // P.WS_MAX_OUT_MESSAGE) * 4
-            out = PyBytes_FromStringAndSize(NULL, total)
-            q = <unsigned char*>PyBytes_AS_STRING(out)
-            pos = 0
-            w = 0
-            while pos < n:
-                k = min(n - pos, <Py_ssize_t>P.WS_MAX_OUT_MESSAGE)
-                w += ws_put_header(q + w, WS_OP_BINARY, k)
-                memcpy(q + w, self.obuf + pos, k)
-                w += k
-                pos += k
-            if w != total:
-                out = out[:w]
         self.olen = 0
-        self.write_out(out)
-        return 0
+        if self.ws is not None:
+            return self.write_out(self.ws.frame(self.obuf, n))
+        cdef Py_ssize_t sent = self.try_send(self.obuf, n)
+        return self.write_out(PyBytes_FromStringAndSize(<char*>self.obuf + sent, n - sent) if sent < n else None)
+
+    cdef Py_ssize_t try_send(self, const unsigned char* buf, Py_ssize_t n) except -1:
+        """Write what the socket takes now, if nothing of ours waits in the transport; how much was written."""
+        if self.fd < 0:
+            return 0
+        if self.queued:
+            if tcp_unsent(self.transport):
+                return 0
+            self.queued = self.shared
+        if tcp_is_closing(self.transport):  # its socket may be closed already, and the number reused
+            self.fd = -1
+            return 0
+        cdef Py_ssize_t sent = send(self.fd, buf, n, MSG_DONTWAIT | MSG_NOSIGNAL)
+        if sent < n:
+            self.queued = True  # the rest (after an error: all of it) goes through the transport, which reports errors
+        return max(sent, 0)
 
     cdef int write_out(self, bytes out) except -1:
-        self.transport.write(out)
+        """Hand ``out`` to the transport; None: the flush went straight to the socket."""
+        if out is not None:
+            self.transport.write(out)
         return 0
 
     cdef void release_buffer(self) noexcept:
@@ -101,6 +135,8 @@ cdef class Forwarder(Writer):
         self.max_buffer = max_buffer
         self.on_congested = on_congested
         self.paused = []
+        self.shared = True  # the mesh client writes its own frames on this link
+        self.fd = direct_fd(transport)
 
     cdef int forward(self, Conn sender, const unsigned char* src, const unsigned char* dst,
                      const unsigned char* pkt, Py_ssize_t n) except -1:
@@ -108,9 +144,9 @@ cdef class Forwarder(Writer):
         if self.closed:
             c.drop(DROP_GONE, 1, n)
             return 0
-        if self.congested and sender is not None and not sender.read_paused:
+        if self.congested and sender is not None and not sender.pause_why & PAUSE_MESH:
             # The rest of the sender's current read still goes out; nothing more is read from it.
-            if sender.pause_reading():
+            if sender.hold_reads(PAUSE_MESH):  # False for a bridge: shed past the link's hard limit
                 self.paused.append(sender)
                 c.mesh_pushbacks += 1
         self.reserve(P.FRAME_HEADER_LEN + 2 * P.KEY_LEN + n)
@@ -127,9 +163,12 @@ cdef class Forwarder(Writer):
 
     cdef int write_out(self, bytes out) except -1:
         cdef Counters c = self.server.counters
-        cdef Py_ssize_t unsent = self.transport.get_write_buffer_size()
-        frames, nbytes = self.pending_frames, self.pending_bytes
+        cdef Py_ssize_t frames = self.pending_frames, nbytes = self.pending_bytes
         self.pending_frames = self.pending_bytes = 0
+        if out is None:  # all of it went straight to the socket
+            c.forwarded_out += frames
+            return 0
+        cdef Py_ssize_t unsent = self.transport.get_write_buffer_size()
         if unsent > self.max_buffer and not self.congested:
             self.congested = True
             if self not in self.server.congested:
@@ -149,7 +188,7 @@ cdef class Forwarder(Writer):
         self.congested = False
         paused, self.paused = self.paused, []
         for conn in paused:
-            (<Conn>conn).resume_reading()
+            (<Conn>conn).release_reads(PAUSE_MESH)
 
     def unsent(self) -> int:
         """Bytes the link's transport holds, not yet taken by the socket."""
@@ -166,6 +205,7 @@ cdef class Forwarder(Writer):
     def close(self) -> None:
         """Stop forwarding through this link (its keys must be removed by the caller)."""
         self.closed = True
+        self.fd = -1
         self.olen = 0
         self.server.counters.drop(DROP_GONE, self.pending_frames, self.pending_bytes)
         self.pending_frames = self.pending_bytes = 0

@@ -56,11 +56,12 @@ import json
 import os
 import secrets
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
 
-from bench import options, proc
+from bench import callgrind, options, proc
 from bench.driver import mesh_relays, run_mesh_case
 from bench.floor import build_floor, start_floor
 from bench.report import (
@@ -87,8 +88,17 @@ def parse_args() -> argparse.Namespace:
                     help="pin both relays to the last CPU and the client to the others (default: the scheduler "
                          "places them; pinning shows what a quiet, well-placed machine can do)")
     options.add_relay_path_option(ap)
+    ap.add_argument("--before-path", metavar="DIR",
+                    help="also benchmark two meshed relays built in DIR (e.g. the commit before a change), "
+                         "alternated with ours in the same run")
     ap.add_argument("--no-floor", dest="floor", action="store_false",
                     help="skip the floor: the same cases against floor_relay.c, a zero-work C relay (see above)")
+    ap.add_argument("--tls", action="store_true",
+                    help="also run two meshed relays serving HTTPS (self-signed certificate, trusted through "
+                         "SSL_CERT_FILE): clients and the mesh link speak TLS; reported as relay 'tls'")
+    ap.add_argument("--callgrind", metavar="DIR",
+                    help="run the relays under valgrind's callgrind (dumps into DIR) and report A + B's user-space "
+                         "instructions per packet: reproducible on a busy machine (rates under valgrind mean nothing)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON instead of tables")
     args = ap.parse_args()
     options.check_case_options(ap, args)
@@ -108,31 +118,70 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def make_certificate(workdir: str) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 (openssl), as (cert, key) paths."""
+    cert, key = os.path.join(workdir, "cert.pem"), os.path.join(workdir, "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", key, "-out", cert],
+                   check=True, capture_output=True)
+    return cert, key
+
+
 def main() -> int:
     args = parse_args()
     proc.sigterm_as_interrupt()
-    relay_argv = proc.server_argv("relay", "--keepalive", "3600", "--mesh-key", secrets.token_hex(32),
+    mesh_key = secrets.token_hex(32)
+    relay_argv = proc.server_argv("relay", "--keepalive", "3600", "--mesh-key", mesh_key,
                                   *(["--relay-path", args.relay_path] if args.relay_path else []))
+    before_argv = proc.server_argv("relay", "--keepalive", "3600", "--mesh-key", mesh_key,
+                                   "--relay-path", args.before_path) if args.before_path else None
     log = sys.stderr
     started = time.monotonic()
     runs: list[dict] = []
     relays: list[proc.ServerProcess] = []
+    tls: list[proc.ServerProcess] = []
+    before: list[proc.ServerProcess] = []
     floor: list[proc.ServerProcess] = []
     workdir = tempfile.mkdtemp(prefix="bench-mesh-")
+    args.callgrind_dir = None
+    if args.callgrind:
+        if not callgrind.available():
+            print("--callgrind: valgrind is not installed", file=log)
+            return 2
+        os.makedirs(args.callgrind, exist_ok=True)
+        args.callgrind_dir = args.callgrind
+
+    def wrap(argv: list[str], name: str) -> list[str]:
+        return callgrind.wrap(argv, args.callgrind, name) if args.callgrind else argv
+
+    start_timeout = 300 if args.callgrind else 20
     try:
         for name in ("A", "B"):
-            relays.append(proc.ServerProcess(relay_argv, name).__enter__())
+            relays.append(proc.ServerProcess(wrap(relay_argv, name), name, start_timeout=start_timeout).__enter__())
+        if args.tls:
+            cert = make_certificate(workdir)
+            os.environ["SSL_CERT_FILE"] = cert[0]  # the relays' mesh links, the clients and our own requests
+            for name in ("tls A", "tls B"):
+                tls.append(proc.ServerProcess(wrap(relay_argv + ["--tls", *cert], name), name,
+                                              start_timeout=start_timeout).__enter__())
+        if before_argv:
+            for name in ("before A", "before B"):
+                before.append(proc.ServerProcess(wrap(before_argv, name), name, start_timeout=start_timeout).__enter__())
         binary = build_floor(workdir, log) if args.floor else None
         if binary:
-            floor = start_floor(binary)
+            floor = start_floor(binary, wrap)
         if args.relay_cpus:
-            for p in relays + floor:
+            for p in relays + tls + before + floor:
                 os.sched_setaffinity(p.pid, args.relay_cpus)
         mesh_relays(relays, 20.0)
+        if tls:
+            mesh_relays(tls, 20.0)
+        if before:
+            mesh_relays(before, 20.0)
         pinned = f"; pinned: relays on CPU {args.relay_cpus}, client on {args.client_cpus}" if args.pin else ""
-        print("relays (meshed): " + ", ".join(f"{p.name} pid {p.pid} port {p.port}" for p in relays + floor)
+        print("relays (meshed): " + ", ".join(f"{p.name} pid {p.pid} port {p.port}" for p in relays + tls + before + floor)
               + f"; client: {args.client_procs} process(es), {args.client_loop}; {os.cpu_count()} CPUs{pinned}", file=log)
-        sets = [("ours", relays)] + ([("floor", floor)] if floor else [])
+        sets = [("ours", relays)] + ([("tls", tls)] if tls else []) + ([("before", before)] if before else []) + ([("floor", floor)] if floor else [])
         for mode in args.modes:
             for size in args.sizes:
                 for _ in range(args.repeat):
@@ -152,10 +201,10 @@ def main() -> int:
         print("interrupted", file=log)
         return 130
     finally:
-        for p in relays:  # unmesh first: a link whose peer vanishes logs a warning and redials
+        for p in relays + tls + before:  # unmesh first: a link whose peer vanishes logs a warning and redials
             with contextlib.suppress(Exception):
                 p.post("/bench/mesh", {"peers": []}, timeout=2)
-        for p in reversed(relays + floor):
+        for p in reversed(relays + tls + before + floor):
             p.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     results = median_runs(runs)
@@ -167,7 +216,9 @@ def main() -> int:
         json.dump({"args": vars(args), "cpus": os.cpu_count(), "wall_seconds": time.monotonic() - started,
                    "results": results, "runs": runs if args.repeat > 1 else None,
                    "targets": mesh_target_checks(results),
-                   "ours_over_floor": [dict(zip(("mode", "size", "single", "cross", "ratio"), row, strict=True))
+                   "load_average": os.getloadavg(),
+                   "ours_over_floor": [dict(zip(("relay", "mode", "size", "single", "cross", "ratio", "cpu_single",
+                                                 "cpu_cross"), row, strict=True))
                                        for row in against_floor(results)]}, sys.stdout, indent=2)
         print()
     else:
@@ -177,7 +228,8 @@ def main() -> int:
               f"{args.sample_every}th packet. CPU s over the {args.seconds:g} s measured, % = of one core; relays "
               f"µs/pkt = CPU of A + B per delivered packet; machine busy = all {os.cpu_count()} CPUs, incl. steal; others "
               f"= CPU used by neither the relays nor the client (other processes, uncharged softirq); steal = CPU "
-              f"the hypervisor gave to other guests. With --repeat, each row is the run with the median pkt/s.)")
+              f"the hypervisor gave to other guests. With --repeat, each row is the run with the median pkt/s. "
+              f"Client: {args.client}. Load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}.)")
     if lossy:
         print(f"ERROR: windowed mode lost packets in {len(lossy)} case(s)", file=log)
         return 1

@@ -30,6 +30,14 @@ Every case also runs, right after, against a minimal pure-Python asyncio relay (
 pushes back are dropped) in another process, with the same client, and the script prints
 ours/baseline ratios. ``--no-baseline`` skips it; ``--relay-path`` benchmarks a modified build.
 
+Windowed cases also run against the floor (``floor_relay.c``, a zero-work relay in C, one epoll
+thread, compiled here; see ``bench_mesh.py``) with the same client; ``--no-floor`` skips it. The
+server's CPU per delivered packet, ours over the floor's, is what the relay spends beyond the
+least any relay must. With ``--client per-packet`` every packet is its own write, as with
+Tailscale's client, so that ratio is the cost per read; ``--before-path`` adds a second build of
+ours to the same run (before/after a change), and ``--repeat N`` alternates all servers N times
+per case and reports the run with the median server CPU per packet.
+
 The machine's total CPU use over each window is read from /proc/stat as well: on a shared machine
 "others CPU s" (used by neither server nor client) tells how much other work disturbed a figure.
 Both relays count packets (GET /bench/stats); a disagreement with the client's counts is reported.
@@ -43,12 +51,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 
-from bench import options, proc
+from bench import callgrind, options, proc
 from bench.driver import run_relay_case
-from bench.report import fmt, print_relay_results, relay_target_checks
+from bench.floor import build_floor, start_one_floor
+from bench.report import fmt, median_cases, print_relay_results, relay_target_checks
 
 from _relay.codec import FRAME_HEADER_LEN, KEY_LEN
 
@@ -60,6 +71,14 @@ def parse_args() -> argparse.Namespace:
                     help="event loop of the pure-Python baseline relay (default uvloop, like ours)")
     options.add_relay_path_option(ap)
     ap.add_argument("--no-baseline", action="store_true", help="skip the pure-Python baseline relay")
+    ap.add_argument("--no-floor", dest="floor", action="store_false",
+                    help="skip the floor: windowed cases against floor_relay.c, a zero-work C relay")
+    ap.add_argument("--callgrind", metavar="DIR",
+                    help="run the servers under valgrind's callgrind (dumps into DIR, for callgrind_annotate) and "
+                         "report their user-space instructions per packet: reproducible on a busy machine (rates "
+                         "under valgrind mean nothing; use --window 1 --ack-every 1 for one packet per read)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run every case N times, all servers alternated; report the median (default 1)")
     ap.add_argument("--before-path", metavar="DIR",
                     help="also benchmark the relay built in DIR (e.g. the commit before a change) in the same run")
     ap.add_argument("--rate-limit", action="append", default=[], metavar="BYTES[:BURST]",
@@ -67,6 +86,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--json", action="store_true", help="print the results as JSON instead of tables")
     args = ap.parse_args()
     options.check_case_options(ap, args)
+    if args.repeat < 1:
+        ap.error("--repeat must be positive")
     try:
         args.rate_limit = [tuple(int(v) for v in (spec + ":0").split(":")[:2]) for spec in args.rate_limit]
     except ValueError:
@@ -100,20 +121,36 @@ def main() -> int:
         servers.append((limit_name(rate, burst), relay_argv + ["--rate-limit", str(rate), "--rate-burst", str(burst)]))
     if not args.no_baseline:
         servers.append(("baseline", proc.server_argv("baseline", "--loop", args.baseline_loop)))
-    results: dict[str, list[dict]] = {name: [] for name, _ in servers}
+    runs: dict[str, list[dict]] = {name: [] for name, _ in servers}
     log = sys.stderr
     started = time.monotonic()
     procs: list[proc.ServerProcess] = []
+    workdir = tempfile.mkdtemp(prefix="bench-relay-")
+    args.callgrind_dir = None
+    if args.callgrind:
+        if not callgrind.available():
+            print("--callgrind: valgrind is not installed", file=log)
+            return 2
+        os.makedirs(args.callgrind, exist_ok=True)
+        args.callgrind_dir = args.callgrind
     try:
         for name, argv in servers:
-            procs.append(proc.ServerProcess(argv, name).__enter__())
+            if args.callgrind:
+                argv = callgrind.wrap(argv, args.callgrind, name)
+            procs.append(proc.ServerProcess(argv, name, start_timeout=300 if args.callgrind else 20).__enter__())
+        binary = build_floor(workdir, log) if args.floor else None
+        if binary:
+            procs.append(start_one_floor(binary, callgrind.wrap([binary], args.callgrind, "floor") if args.callgrind else None))
+            runs["floor"] = []
         print("servers: " + ", ".join(f"{p.name} pid {p.pid} port {p.port}" for p in procs)
               + f"; client: {args.client_procs} process(es), {args.client_loop}; {os.cpu_count()} CPUs", file=log)
         for mode in args.modes:
             for size in args.sizes:
-                for p in procs:
+                for p in [p for _ in range(args.repeat) for p in procs]:
+                    if p.name == "floor" and mode != "windowed":
+                        continue  # the floor has no drop policy: under flood its buffers only grow
                     r = run_relay_case(p, args, mode, size)
-                    results[p.name].append(r)
+                    runs[p.name].append(r)
                     print(f"  {mode:8} {size:>5} B {p.name:8}: {r['pkt_s']:>10,.0f} pkt/s {r['mb_s']:>8,.1f} MB/s "
                           f"loss {r['loss_pct']:.2f} %  p50 {fmt(r['p50_us'])} µs  p99 {fmt(r['p99_us'])} µs  "
                           f"server CPU {r['server_cpu_s']:.2f} s  client CPU {r['client_cpu_s']:.2f} s", file=log)
@@ -123,6 +160,8 @@ def main() -> int:
     finally:
         for p in reversed(procs):
             p.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    results = {name: median_cases(cases) for name, cases in runs.items()}
     every = results["relay"] + results.get("baseline", [])
     for r in every:
         for line in consistency_warnings(r):
@@ -130,14 +169,17 @@ def main() -> int:
     lossy = [r for r in every if r["mode"] == "windowed" and r["sent_total"] != r["received_total"]]
     if args.json:
         json.dump({"args": vars(args), "cpus": os.cpu_count(), "wall_seconds": time.monotonic() - started,
-                   "results": results, "targets": relay_target_checks(results["relay"])}, sys.stdout, indent=2)
+                   "load_average": os.getloadavg(), "results": results,
+                   "runs": runs if args.repeat > 1 else None,
+                   "targets": relay_target_checks(results["relay"], results.get("floor", []))}, sys.stdout, indent=2)
         print()
     else:
         print_relay_results(results, args)
         print(f"\n({time.monotonic() - started:.0f} s. MB = 10^6 bytes of packet payload. Latency is one-way, sampled "
               f"every {args.sample_every}th packet. CPU s over the {args.seconds:g} s measured; srv % = of one core; "
               f"µs/pkt = CPU per delivered packet; machine busy = all {os.cpu_count()} CPUs; others = CPU used by "
-              f"neither server nor client (other processes, uncharged softirq).)")
+              f"neither server nor client (other processes, uncharged softirq). Client: {args.client}. "
+              f"Load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}.)")
     for rate, burst in args.rate_limit:
         for r in results[limit_name(rate, burst)]:
             share = rate * r["size"] / (r["size"] + FRAME_HEADER_LEN + KEY_LEN)  # the limit counts the framing too

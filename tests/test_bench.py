@@ -32,6 +32,19 @@ def test_bench_relay_is_lossless_against_both_servers():
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="the floor relay needs a C compiler")
+def test_bench_relay_per_packet_client_against_the_floor():
+    """Every packet its own write (as Tailscale's client): ours and the floor both deliver all of it."""
+    out, _ = run_script("bench_relay.py", "--client", "per-packet", "--no-baseline")
+    rows = out["results"]["relay"] + out["results"]["floor"]
+    assert len(rows) == 2
+    for r in rows:
+        assert r["received_total"] > 0
+        assert r["received_total"] == r["sent_total"]
+        assert r["server_us_per_pkt"] > 0
+    assert any("the floor's" in line for line in out["targets"])
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="the floor relay needs a C compiler")
 def test_bench_mesh_crosses_the_mesh_and_measures_the_floor():
     out, _ = run_script("bench_mesh.py")
     by = {(r["relay"], r["topology"]): r for r in out["results"]}
@@ -57,3 +70,14 @@ def test_bench_cluster_measures_a_small_cluster():
     stop = out["mass_stop"]
     assert (stop["stopped"], stop["survivors"], stop["exited"]) == (2, 2, 2)
     assert stop["drop_lines_missing"] == 0 and stop["exit_statuses"] == [0]
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="the TLS relays need a certificate made with openssl")
+def test_bench_mesh_over_tls_next_to_plain_http():
+    out, _ = run_script("bench_mesh.py", "--tls", "--no-floor", "--topologies", "cross")
+    by = {r["relay"]: r for r in out["results"]}
+    assert set(by) == {"ours", "tls"}
+    for r in by.values():
+        assert r["received_total"] > 0
+        assert r["received_total"] == r["sent_total"]
+    assert by["tls"]["relay_counted"]["A"]["forwarded_out"] > 0  # it crossed the TLS mesh link

@@ -28,6 +28,12 @@ pytestmark = pytest.mark.anyio
 DISCO = codec.DISCO_MAGIC + os.urandom(56)
 
 
+@pytest.fixture(params=["asyncio", pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop")])
+def anyio_backend(request):
+    """Every test on both loops: the relay writes to sockets directly only under uvloop's transports."""
+    return request.param
+
+
 @pytest.mark.parametrize(("ws_a", "ws_b"), [(False, False), (True, True), (False, True)], ids=["raw", "websocket", "mixed"])
 async def test_packets_both_ways(relay, ws_a, ws_b):
     url, _ = relay
@@ -394,3 +400,4 @@ async def test_ping_while_another_task_waits_in_recv(relay):
             assert 0 < await a.ping(timeout=2) < 2  # each Pong is resolved by the waiting recv
         assert not reader.done()
         reader.cancel()
+

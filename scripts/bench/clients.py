@@ -5,6 +5,11 @@ each socket is driven by an ``asyncio.Protocol`` of its own; senders write whole
 batches in one ``write`` built with one ``bytes.join`` from a prebuilt header, timestamp and
 payload; receivers check the framing of a whole read at once with strided slices (all frames of a
 case have the same length), so per-packet Python work is limited to the sampled timestamps.
+
+With ``writes="per-packet"`` (``--client per-packet``) the client behaves like Tailscale's derphttp
+client instead: every packet (and every ack) is its own ``write`` (one send(2) while the socket
+takes it), so the server sees about one packet per read, and receivers parse each read frame by
+frame. That mode measures what a relay spends per read rather than per byte.
 Wire constants come from ``_relay.codec``, the relay's own.
 """
 
@@ -27,7 +32,7 @@ ACK_LEN = 8
 PROBE_TAG = b"bench-mesh-probe"  # + a 4-byte sequence number; probes never reach the benchmark protocols
 
 
-async def connect_raw(url: str, timeout: float = 30.0):
+async def connect_raw(url: str, timeout: float = 30.0, wait_server_info: bool = True):
     """A handshaken raw-upgrade DerpClient whose socket has nothing left unread by the client.
 
     Returns ``(client, leftover)``: bytes the client's StreamReader read past the handshake, to be
@@ -35,7 +40,7 @@ async def connect_raw(url: str, timeout: float = 30.0):
     """
     from coordinator.relay.client import DerpClient
 
-    client = await DerpClient.connect(url, timeout=timeout)
+    client = await DerpClient.connect(url, timeout=timeout, wait_server_info=wait_server_info)
     return client, await take_over(client)
 
 
@@ -73,7 +78,8 @@ class FixedFrames(asyncio.Protocol):
     PeerGone, a Ping) falls back to a frame-by-frame parse of that read.
     """
 
-    def __init__(self, src: bytes, payload_len: int):
+    def __init__(self, src: bytes, payload_len: int, per_frame: bool = False):
+        self.per_frame = per_frame  # parse every read frame by frame, as a real client does
         self.F = FRAME_HEADER_LEN + KEY_LEN + payload_len
         self.expect = HDR.pack(RECV_PACKET, KEY_LEN + payload_len) + src[:1]
         self.expect_ints = tuple(self.expect)
@@ -86,6 +92,14 @@ class FixedFrames(asyncio.Protocol):
         self.closed = True
 
     def data_received(self, data: bytes) -> None:
+        if self.per_frame:
+            if self.rem:
+                data, self.rem = self.rem + data, b""
+            off = self._generic(data, 0)
+            if off < len(data):
+                self.rem = data[off:]
+            self._after_read()
+            return
         F = self.F
         off = 0
         if self.rem:
@@ -148,8 +162,9 @@ class FixedFrames(asyncio.Protocol):
 class Receiver(FixedFrames):
     """Counts packets from one sender, samples their timestamps, acks them in windowed mode."""
 
-    def __init__(self, src: bytes, size: int, shared: Shared, sample_every: int, ack_every: int):
-        super().__init__(src, size)
+    def __init__(self, src: bytes, size: int, shared: Shared, sample_every: int, ack_every: int,
+                 per_frame: bool = False):
+        super().__init__(src, size, per_frame)
         self.shared = shared
         self.k = sample_every
         self.count = 0
@@ -182,10 +197,11 @@ class Receiver(FixedFrames):
 class WindowSender(FixedFrames):
     """Keeps ``window`` packets in flight; reads the receiver's cumulative acks."""
 
-    def __init__(self, dst: bytes, size: int, window: int):
-        super().__init__(dst, ACK_LEN)
+    def __init__(self, dst: bytes, size: int, window: int, per_packet: bool = False):
+        super().__init__(dst, ACK_LEN, per_packet)
         self.pre = HDR.pack(SEND_PACKET, KEY_LEN + size) + dst
         self.post = b"\xa5" * (size - 8)
+        self.per_packet = per_packet
         self.window = window
         self.sent = 0
         self.acked = 0
@@ -203,8 +219,13 @@ class WindowSender(FixedFrames):
             return
         m = self.window - (self.sent - self.acked)
         if m > 0:
-            ts = perf_counter_ns().to_bytes(8, "little")
-            self.transport.write(b"".join([self.pre, ts, self.post] * m))
+            if self.per_packet:
+                write = self.transport.write
+                for _ in range(m):
+                    write(b"".join([self.pre, perf_counter_ns().to_bytes(8, "little"), self.post]))
+            else:
+                ts = perf_counter_ns().to_bytes(8, "little")
+                self.transport.write(b"".join([self.pre, ts, self.post] * m))
             self.sent += m
 
     def start(self) -> None:
@@ -218,9 +239,10 @@ class WindowSender(FixedFrames):
 class FloodSender(asyncio.Protocol):
     """Writes ~64 KiB batches, one per event-loop turn, until its transport pushes back."""
 
-    def __init__(self, dst: bytes, size: int, batch_bytes: int = 65536):
+    def __init__(self, dst: bytes, size: int, batch_bytes: int = 65536, per_packet: bool = False):
         self.pre = HDR.pack(SEND_PACKET, KEY_LEN + size) + dst
         self.post = b"\xa5" * (size - 8)
+        self.per_packet = per_packet
         self.m = max(1, batch_bytes // (FRAME_HEADER_LEN + KEY_LEN + size))
         self.transport: asyncio.Transport | None = None
         self.loop = asyncio.get_running_loop()
@@ -253,7 +275,13 @@ class FloodSender(asyncio.Protocol):
         if not self.running or self.paused or self.closed:
             return
         ts = perf_counter_ns().to_bytes(8, "little")
-        self.transport.write(b"".join([self.pre, ts, self.post] * self.m))
+        if self.per_packet:
+            pkt = b"".join([self.pre, ts, self.post])
+            write = self.transport.write
+            for _ in range(self.m):
+                write(pkt)
+        else:
+            self.transport.write(b"".join([self.pre, ts, self.post] * self.m))
         self.sent += self.m
         self.kick()
 
@@ -269,8 +297,13 @@ def attach_pair(s_conn, r_conn, spec: dict, shared: Shared, transports: list):
     """Put a sender and a receiver protocol on two connected clients; returns (sender, receiver)."""
     (s_client, s_left), (r_client, r_left) = s_conn, r_conn
     size, mode = spec["size"], spec["mode"]
-    rcv = Receiver(s_client.public_key, size, shared, spec["sample_every"], spec["ack_every"] if mode == "windowed" else 0)
-    snd = WindowSender(r_client.public_key, size, spec["window"]) if mode == "windowed" else FloodSender(r_client.public_key, size)
+    per_packet = spec.get("client") == "per-packet"
+    rcv = Receiver(s_client.public_key, size, shared, spec["sample_every"], spec["ack_every"] if mode == "windowed" else 0,
+                   per_packet)
+    if mode == "windowed":
+        snd = WindowSender(r_client.public_key, size, spec["window"], per_packet)
+    else:
+        snd = FloodSender(r_client.public_key, size, per_packet=per_packet)
     for proto, client, left in ((rcv, r_client, r_left), (snd, s_client, s_left)):
         t = client.transport
         t.set_protocol(proto)
@@ -335,7 +368,8 @@ async def measure(pipe, spec: dict, shared: Shared, senders: list, receivers: li
 async def client_case(pipe, spec: dict) -> dict:
     """One client process's share of a case: connect, wait for the start time, run, report."""
     shared = Shared()
-    conns = await asyncio.gather(*(connect_raw(spec["url"]) for _ in range(2 * spec["pairs"])))
+    wait_info = spec.get("wait_server_info", True)
+    conns = await asyncio.gather(*(connect_raw(spec["url"], wait_server_info=wait_info) for _ in range(2 * spec["pairs"])))
     senders, receivers, transports = [], [], []
     for i in range(spec["pairs"]):
         snd, rcv = attach_pair(conns[2 * i], conns[2 * i + 1], spec, shared, transports)

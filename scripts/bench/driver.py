@@ -5,7 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import time
 
-from bench import clients, proc
+from bench import callgrind, clients, proc
 
 
 def client_totals(results: list[dict], size: int) -> dict:
@@ -36,7 +36,8 @@ def client_specs(args, size: int, mode: str, **extra) -> list[dict]:
     return [{
         "pairs": len(range(i, args.pairs, nproc)), "size": size, "mode": mode,
         "window": args.window, "ack_every": args.ack_every, "sample_every": args.sample_every,
-        "warmup": args.warmup, "seconds": args.seconds, "client_loop": args.client_loop, **extra,
+        "warmup": args.warmup, "seconds": args.seconds, "client_loop": args.client_loop, "client": args.client,
+        **extra,
     } for i in range(nproc)]
 
 
@@ -101,7 +102,21 @@ def run_relay_case(server: proc.ServerProcess, args, mode: str, size: int) -> di
     def sample():
         return server.cpu(), proc.machine_cpu_seconds(), time.monotonic()
 
-    run = drive_clients(client_specs(args, size, mode, url=server.url), clients.client_worker, args, server.stats, sample)
+    specs = client_specs(args, size, mode, url=server.url, wait_server_info=not getattr(server, "floor", False))
+    workdir = getattr(args, "callgrind_dir", None)
+    instructions = []
+
+    def counters():
+        if workdir is None:
+            return server.stats()
+        if instructions:  # the second call: the clients are done
+            instructions.append(callgrind.stop(server.pid, workdir))
+        else:
+            callgrind.start(server.pid)
+            instructions.append(0)
+        return server.stats()
+
+    run = drive_clients(specs, clients.client_worker, args, counters, sample)
     results, (stats0, stats1) = run["results"], run["counters"]
     (cpu0, mach0, m0), (cpu1, mach1, m1) = run["samples"]
     traffic = client_totals(results, size)
@@ -121,6 +136,8 @@ def run_relay_case(server: proc.ServerProcess, args, mode: str, size: int) -> di
         "others_cpu_s": max(0.0, busy - srv_cpu - cli_cpu),
         "server_counted": counted,
         "server_drops": drops,
+        # --callgrind: the server's user-space instructions per packet delivered over the whole case
+        "server_ir_per_pkt": instructions[-1] / traffic["received_total"] if workdir and traffic["received_total"] else None,
     }
 
 
@@ -137,8 +154,20 @@ def run_mesh_case(relays: list[proc.ServerProcess], args, mode: str, size: int, 
 
     specs = client_specs(args, size, mode, send_url=a.url, recv_url=b.url if topology == "cross" else a.url,
                             route_timeout=args.route_timeout, cpus=args.client_cpus, wait_server_info=not floor)
-    run = drive_clients(specs, clients.mesh_client_worker, args, lambda: [r.stats() for r in relays], sample,
-                           ready_timeout=60 + args.route_timeout)
+    workdir = getattr(args, "callgrind_dir", None)
+    instructions: list[int] = []
+
+    def counters():
+        if workdir is not None:
+            if instructions:  # the second call: the clients are done
+                instructions[:] = [sum(callgrind.stop(r.pid, workdir) for r in relays)]
+            else:
+                for r in relays:
+                    callgrind.start(r.pid)
+                instructions.append(0)
+        return [r.stats() for r in relays]
+
+    run = drive_clients(specs, clients.mesh_client_worker, args, counters, sample, ready_timeout=60 + args.route_timeout)
     ready, results, (stats0, stats1) = run["ready"], run["results"], run["counters"]
     (cpu0, mach0, st0, m0), (cpu1, mach1, st1, m1) = run["samples"]
     traffic = client_totals(results, size)
@@ -148,7 +177,7 @@ def run_mesh_case(relays: list[proc.ServerProcess], args, mode: str, size: int, 
     busy, total, steal = mach1[0] - mach0[0], mach1[1] - mach0[1], st1 - st0
     deltas = [counter_delta(s0, s1, MESH_COUNTERS) for s0, s1 in zip(stats0, stats1, strict=True)]
     return {
-        "relay": "floor" if floor else "ours",
+        "relay": "floor" if floor else a.name.split()[0] if " " in a.name else "ours",
         "mode": mode, "size": size, "topology": topology, "pairs": args.pairs, **traffic,
         "relay_cpu_s": {"A": relay_cpu[0], "B": relay_cpu[1]},
         "relay_us_per_pkt": 1e6 * sum(relay_cpu) / received if received else None,
@@ -159,6 +188,8 @@ def run_mesh_case(relays: list[proc.ServerProcess], args, mode: str, size: int, 
         "relay_counted": {"A": deltas[0][0], "B": deltas[1][0]},
         "relay_drops": {"A": deltas[0][1], "B": deltas[1][1]},
         "probes": sum(r["probes"] for r in ready), "route_ms": max(r["route_ms"] for r in ready),
+        # --callgrind: relays A + B's user-space instructions per packet delivered over the whole case
+        "relay_ir_per_pkt": instructions[0] / traffic["received_total"] if workdir and traffic["received_total"] else None,
     }
 
 

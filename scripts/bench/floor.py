@@ -10,7 +10,9 @@ from bench import proc
 
 
 class FloorProcess(proc.ServerProcess):
-    """A ``floor_relay`` process: it keeps no counters and speaks no HTTP."""
+    """A ``floor_relay`` process: it keeps no counters, speaks no HTTP and sends no ServerInfo."""
+
+    floor = True
 
     def stats(self, timeout: float = 5.0, path: str = "") -> dict:
         return {}
@@ -31,11 +33,17 @@ def build_floor(workdir: str, log) -> str | None:
     return out
 
 
-def start_floor(binary: str) -> list[proc.ServerProcess]:
-    """Floor relays A and B, A dialing B as its mesh peer."""
-    b = FloorProcess([binary], "floor B").__enter__()
+def start_one_floor(binary: str, argv: list[str] | None = None) -> proc.ServerProcess:
+    """One floor relay without a mesh peer (bench_relay.py); ``argv`` runs it some other way (callgrind)."""
+    return FloorProcess(argv or [binary], "floor", start_timeout=60).__enter__()
+
+
+def start_floor(binary: str, wrap=None) -> list[proc.ServerProcess]:
+    """Floor relays A and B, A dialing B as its mesh peer; ``wrap(argv, name)`` runs them some other way."""
+    wrap = wrap or (lambda argv, name: argv)
+    b = FloorProcess(wrap([binary], "floor B"), "floor B", start_timeout=60).__enter__()
     try:
-        a = FloorProcess([binary, str(b.port)], "floor A").__enter__()
+        a = FloorProcess(wrap([binary, str(b.port)], "floor A"), "floor A", start_timeout=60).__enter__()
     except BaseException:
         b.stop()
         raise

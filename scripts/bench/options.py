@@ -17,6 +17,10 @@ def add_case_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--sample-every", type=int, default=8, help="latency: sample every k-th packet (default 8)")
     ap.add_argument("--client-procs", type=int, default=1, help="client processes (default 1)")
     ap.add_argument("--client-loop", choices=("uvloop", "asyncio"), default="uvloop")
+    ap.add_argument("--client", choices=("batch", "per-packet"), default="batch",
+                    help="batch: senders write whole windows in one write (cheap client, the default); per-packet: "
+                         "every packet its own write and receivers parse frame by frame, as Tailscale's derphttp "
+                         "client does, so the server sees about one packet per read")
 
 
 def add_relay_path_option(ap: argparse.ArgumentParser) -> None:

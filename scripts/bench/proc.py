@@ -98,6 +98,7 @@ class ServerProcess:
         self.argv, self.name, self.env, self.start_timeout = argv, name, env, start_timeout
         self.proc: subprocess.Popen | None = None
         self.port = 0
+        self.scheme = "https" if "--tls" in argv else "http"  # HTTPS is verified with SSL_CERT_FILE
 
     @property
     def pid(self) -> int:
@@ -106,7 +107,7 @@ class ServerProcess:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/derp"
+        return f"{self.scheme}://127.0.0.1:{self.port}/derp"
 
     def __enter__(self) -> ServerProcess:
         env = dict(os.environ)
@@ -157,7 +158,7 @@ class ServerProcess:
 
     def post(self, path: str, obj, timeout: float = 5.0) -> dict:
         """POST ``obj`` as JSON to ``path`` on the server; its JSON answer."""
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=json.dumps(obj).encode(),
+        req = urllib.request.Request(f"{self.scheme}://127.0.0.1:{self.port}{path}", data=json.dumps(obj).encode(),
                                      headers={"Content-Type": "application/json"}, method="POST")
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return json.loads(r.read())
@@ -165,7 +166,7 @@ class ServerProcess:
     def stats(self, timeout: float = 5.0, path: str = "/bench/stats") -> dict:
         """The server's counters from ``GET /bench/stats`` ({} if it does not answer)."""
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=timeout) as r:
+            with urllib.request.urlopen(f"{self.scheme}://127.0.0.1:{self.port}{path}", timeout=timeout) as r:
                 return json.loads(r.read())
         except (OSError, ValueError):
             return {}

@@ -54,7 +54,8 @@ def use_relay_build(path: str) -> None:
 
 
 def serve_relay(keepalive: float, tracemalloc_frames: int = 0, relay_path: str | None = None,
-                mesh_key: str | None = None, rate_limit: int = 0, rate_burst: int = 0) -> None:
+                mesh_key: str | None = None, rate_limit: int = 0, rate_burst: int = 0,
+                tls: list[str] | None = None) -> None:
     if tracemalloc_frames:
         import tracemalloc
 
@@ -126,6 +127,7 @@ def serve_relay(keepalive: float, tracemalloc_frames: int = 0, relay_path: str |
     config = uvicorn.Config(
         app, http=DerpHttpProtocol, loop="uvloop", lifespan="on", log_level="warning",
         access_log=False, backlog=4096, timeout_graceful_shutdown=1,
+        **({"ssl_certfile": tls[0], "ssl_keyfile": tls[1]} if tls else {}),
     )
     print(f"READY {sock.getsockname()[1]}", flush=True)
     uvicorn.Server(config).run(sockets=[sock])

@@ -7,6 +7,7 @@ RELAY_TARGETS = {  # windowed mode, from the issue: (size, metric, minimum)
     1000: ("pkt/s", 80_000),
     16000: ("MB/s", 200),
 }
+FLOOR_CPU_TARGET = {100: 1.3, 1000: 1.3}  # one relay, windowed, per-packet client: ours/floor server CPU per packet
 MESH_TARGET = ("windowed", 1000, 0.6)  # mode, size, minimum cross/single pkt/s ratio (from the issue)
 
 
@@ -19,7 +20,7 @@ def fmt(v, spec: str = ",.0f") -> str:
 def print_relay_results(results: dict[str, list[dict]], args) -> None:
     """bench_relay.py's tables: every case, then ours / baseline, then the targets."""
     cols = ("mode", "size", "server", "pkt/s", "MB/s", "loss %", "p50 µs", "p99 µs", "srv CPU s",
-            "srv µs/pkt", "cli CPU s", "cli µs/pkt", "machine busy %", "others CPU s", "relay drops")
+            "srv µs/pkt", "cli CPU s", "cli µs/pkt", "machine busy %", "others CPU s", "relay drops", "srv instr/pkt")
     rows = []
     for name, cases in results.items():
         for r in cases:
@@ -29,6 +30,7 @@ def print_relay_results(results: dict[str, list[dict]], args) -> None:
                 fmt(r["server_us_per_pkt"], ".2f"), fmt(r["client_cpu_s"], ".2f"), fmt(r["client_us_per_pkt"], ".2f"),
                 fmt(r["machine_busy_pct"], ".0f"), fmt(r["others_cpu_s"], ".2f"),
                 ",".join(f"{k}={v}" for k, v in r["server_drops"].items()) or "0",
+                fmt(r.get("server_ir_per_pkt"), ",.0f"),
             ))
     rows.sort(key=lambda row: (args.modes.index(row[0]), int(row[1]), row[2] != "relay"))
     table(cols, rows)
@@ -51,15 +53,54 @@ def print_relay_results(results: dict[str, list[dict]], args) -> None:
                 rows.append((r["mode"], str(r["size"]), label, fmt(ours, spec), fmt(theirs, spec), ratio))
         table(("mode", "size", "metric", "ours", "baseline", "ours/baseline"), rows)
 
-    checks = relay_target_checks(results.get("relay", []))
+    if "floor" in results:
+        key, unit = cost_metric(results["floor"])
+        print()
+        print(f"server {unit} per delivered packet against the floor (zero-work C relay, same client; lower is better)")
+        others = [n for n in results if n not in ("floor", "baseline")]
+        floor = {(r["mode"], r["size"]): r for r in results["floor"]}
+        rows = []
+        for r in results["floor"]:
+            row = [r["mode"], str(r["size"]), fmt(r[key], ",.2f")]
+            for name in others:
+                o = next((x for x in results[name] if (x["mode"], x["size"]) == (r["mode"], r["size"])), None)
+                v, f = (o or {}).get(key), floor[(r["mode"], r["size"])][key]
+                row += [fmt(v, ",.2f"), "-" if v is None or not f else f"{v / f:.2f}",
+                        "-" if o is None or not r["pkt_s"] else f"{o['pkt_s'] / r['pkt_s']:.2f}"]
+            rows.append(tuple(row))
+        cols = ["mode", "size", f"floor {unit}/pkt"]
+        for name in others:
+            cols += [f"{name} {unit}/pkt", f"{name}/floor", f"{name}/floor pkt/s"]
+        table(tuple(cols), rows)
+
+    checks = relay_target_checks(results.get("relay", []), results.get("floor", []))
     if checks:
         print()
         for line in checks:
             print(line)
 
 
-def relay_target_checks(cases: list[dict]) -> list[str]:
+def cost_metric(cases: list[dict]) -> tuple[str, str]:
+    """What a server's cost per packet is measured in: instructions under --callgrind, else CPU µs."""
+    if any(r.get("server_ir_per_pkt") for r in cases):
+        return "server_ir_per_pkt", "instructions"
+    return "server_us_per_pkt", "CPU µs"
+
+
+def relay_target_checks(cases: list[dict], floor: list[dict] = ()) -> list[str]:
     out = []
+    floor_by = {(r["mode"], r["size"]): r for r in floor}
+    key, unit = cost_metric(list(floor))
+    if key != "server_us_per_pkt":
+        return ["(the targets on CPU per packet are not checked under --callgrind: instructions leave the kernel out)"]
+    for r in cases:
+        f = floor_by.get((r["mode"], r["size"]))
+        if r["size"] not in FLOOR_CPU_TARGET or f is None or not r.get(key) or not f.get(key):
+            continue
+        ratio = r[key] / f[key]
+        limit = FLOOR_CPU_TARGET[r["size"]]
+        out.append(f"target windowed {r['size']:>5} B: server {unit} per packet <= {limit}x the floor's: "
+                   f"{'MET' if ratio <= limit else 'NOT MET'} ({ratio:.2f}x: {r[key]:,.2f} vs {f[key]:,.2f})")
     for r in cases:
         if r["mode"] != "windowed" or r["size"] not in RELAY_TARGETS:
             continue
@@ -103,7 +144,8 @@ def mesh_consistency_warnings(r: dict) -> list[str]:
 def print_mesh_results(results: list[dict], args) -> None:
     """bench_mesh.py's tables: every case, cross / single, ours / floor, then the targets."""
     cols = ("relay", "mode", "size", "topology", "pkt/s", "MB/s", "loss %", "p50 µs", "p99 µs", "relay A CPU s",
-            "relay B CPU s", "relays µs/pkt", "cli CPU s", "machine busy %", "others CPU s", "steal s", "relay drops")
+            "relay B CPU s", "relays µs/pkt", "cli CPU s", "machine busy %", "others CPU s", "steal s", "relay drops",
+            "relays instr/pkt")
     rows = []
     for r in results:
         cpu = r["relay_cpu_s"]
@@ -114,7 +156,7 @@ def print_mesh_results(results: list[dict], args) -> None:
             f"{cpu['A']:.2f} ({100 * cpu['A'] / r['window_s']:.0f}%)",
             f"{cpu['B']:.2f} ({100 * cpu['B'] / r['window_s']:.0f}%)",
             fmt(r["relay_us_per_pkt"], ".2f"), fmt(r["client_cpu_s"], ".2f"), fmt(r["machine_busy_pct"], ".0f"),
-            fmt(r["others_cpu_s"], ".2f"), fmt(r["steal_s"], ".2f"), drops,
+            fmt(r["others_cpu_s"], ".2f"), fmt(r["steal_s"], ".2f"), drops, fmt(r.get("relay_ir_per_pkt"), ",.0f"),
         ))
     table(cols, rows)
 
@@ -134,12 +176,42 @@ def print_mesh_results(results: list[dict], args) -> None:
     vs_floor = list(against_floor(results))
     if vs_floor:
         print()
-        print("ours / floor (share of the zero-work C relay's figure that ours reaches; higher is better)")
-        cols = ("mode", "size", "single pkt/s", "cross pkt/s", "cross/single ratio")
-        table(cols, [(m, str(z), f"{a:.2f}", f"{b:.2f}", f"{c:.2f}") for m, z, a, b, c in vs_floor])
+        unit = "instructions" if any(r.get("relay_ir_per_pkt") for r in results) else "CPU"
+        print(f"ours / floor (the zero-work C relay, same client): pkt/s (higher is better) and relays' {unit} per "
+              "packet (lower is better)")
+        cols = ("relay", "mode", "size", "single pkt/s", "cross pkt/s", "cross/single ratio", "single CPU/pkt",
+                "cross CPU/pkt")
+        table(cols, [(rl, m, str(z), f"{a:.2f}", f"{b:.2f}", f"{c:.2f}", fmt(d, ".2f"), fmt(e, ".2f"))
+                     for rl, m, z, a, b, c, d, e in vs_floor])
+    tls = list(tls_over_plain(results))
+    if tls:
+        print()
+        print("TLS / plain HTTP (our relays, same client; clients and the mesh link speak TLS): relays' cost per "
+              "packet and pkt/s")
+        table(("mode", "size", "topology", "cost/pkt", "pkt/s"),
+              [(m, str(z), t, fmt(c, ".2f"), fmt(p, ".2f")) for m, z, t, c, p in tls])
     for line in mesh_target_checks(results):
         print()
         print(line)
+
+
+def tls_over_plain(results: list[dict]):
+    """(mode, size, topology, cost ratio, pkt/s ratio) of the 'tls' relays over ours on plain HTTP."""
+    key = "relay_ir_per_pkt" if any(r.get("relay_ir_per_pkt") for r in results) else "relay_us_per_pkt"
+    plain = {(r["mode"], r["size"], r["topology"]): r for r in results if r["relay"] == "ours"}
+    for r in results:
+        p = plain.get((r["mode"], r["size"], r["topology"]))
+        if r["relay"] == "tls" and p:
+            yield (r["mode"], r["size"], r["topology"], r[key] / p[key] if r[key] and p[key] else None,
+                   r["pkt_s"] / p["pkt_s"] if p["pkt_s"] else None)
+
+
+def median_cases(runs: list[dict]) -> list[dict]:
+    """Per case (mode, size), the run with the median server CPU per packet (the lower of an even count)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["mode"], r["size"]), []).append(r)
+    return [sorted(g, key=lambda r: r["server_us_per_pkt"] or 0.0)[(len(g) - 1) // 2] for g in groups.values()]
 
 
 def median_runs(runs: list[dict]) -> list[dict]:
@@ -164,23 +236,43 @@ def pkt_ratio(single: dict, cross: dict) -> float:
 
 
 def against_floor(results: list[dict]):
-    """(mode, size, single, cross, ratio): ours over the floor's, for cases measured on both."""
+    """(relay, mode, size, single, cross, ratio, cpu single, cpu cross): ours (and before) over the floor's."""
     pairs = {key: (s, c) for key, s, c in paired(results)}
+
+    key = "relay_ir_per_pkt" if any(r.get("relay_ir_per_pkt") for r in results) else "relay_us_per_pkt"
+
+    def cpu(r: dict, f: dict) -> float | None:
+        ours, floor = r.get(key), f.get(key)
+        return ours / floor if ours and floor else None
+
     for (relay, mode, size), (s, c) in pairs.items():
         floor = pairs.get(("floor", mode, size))
-        if relay == "ours" and floor and floor[0]["pkt_s"] and floor[1]["pkt_s"]:
+        if relay != "floor" and floor and floor[0]["pkt_s"] and floor[1]["pkt_s"]:
             fs, fc = floor
-            yield (mode, size, s["pkt_s"] / fs["pkt_s"], c["pkt_s"] / fc["pkt_s"],
-                   pkt_ratio(s, c) / pkt_ratio(fs, fc) if pkt_ratio(fs, fc) else 0.0)
+            yield (relay, mode, size, s["pkt_s"] / fs["pkt_s"], c["pkt_s"] / fc["pkt_s"],
+                   pkt_ratio(s, c) / pkt_ratio(fs, fc) if pkt_ratio(fs, fc) else 0.0, cpu(s, fs), cpu(c, fc))
+
+
+MESH_FLOOR_TARGET = (0.9, 1.2)  # across the mesh: ours >= 0.9x the floor's pkt/s and <= 1.2x its CPU per packet
 
 
 def mesh_target_checks(results: list[dict]) -> list[str]:
     mode, size, minimum = MESH_TARGET
     out = []
+    min_pkt, max_cpu = MESH_FLOOR_TARGET
+    if any(r.get("relay_ir_per_pkt") for r in results):
+        return ["(the targets are not checked under --callgrind: rates under valgrind mean nothing)"]
+    for relay, m, s, _, cross, _, _, cpu in against_floor(results):
+        if relay == "ours":
+            ok = cross >= min_pkt and cpu is not None and cpu <= max_cpu
+            out.append(f"target {m} {s} B across the mesh: >= {min_pkt}x the floor's pkt/s and <= {max_cpu}x its CPU "
+                       f"per packet: {'MET' if ok else 'NOT MET'} ({cross:.2f}x pkt/s, {fmt(cpu, '.2f')}x CPU)")
     for (relay, m, s), single, cross in paired(results):
         if (m, s) != (mode, size):
             continue
         ratio = pkt_ratio(single, cross)
+        if relay not in ("ours", "floor"):
+            continue
         if relay == "ours":
             ok = ratio >= minimum and cross["loss_pct"] == 0
             out.append(f"target {mode} {size} B across two replicas >= {minimum}x one replica, no loss: "
