@@ -6,7 +6,7 @@ import os
 import pytest
 
 from coordinator.relay.client import DerpClient
-from relayfix import serve_relay
+from testkit.relayfix import serve_relay
 
 pytestmark = pytest.mark.anyio
 
