@@ -10,13 +10,16 @@ from typing import Any
 
 log: logging.Logger
 
-DROP_REASONS: tuple[str, ...]
+DROP_REASONS: dict[int, str]  # each drop constant -> the reason label it is counted under
 
 # (client_key, client_info, can_mesh, server_info_payload) from the ClientInfo frame's payload.
 _Handshake = Callable[[bytes], tuple[bytes, dict[str, Any], bool, bytes]]
 _Admit = Callable[[bytes, str], bool | Awaitable[bool]]
 
 class ProtocolViolation(Exception): ...
+
+class WebSocket:
+    """WebSocket framing of one connection's output (no Python-visible methods)."""
 
 class Counters:
     packets_in: int
