@@ -95,8 +95,11 @@ class ControlPlane:
                     stack.push_async_callback(self._close, "the pub/sub", self.pubsub.close)
                     await self.pubsub.start(wait=False)  # it retries on its own meanwhile
                     stack.push_async_callback(self._close, "the database", self._close_db)
-                    self.mesh = await stack.enter_async_context(Mesh(self.relay, on_error=self._on_dial_error))
                     s = self.settings
+                    self.mesh = await stack.enter_async_context(Mesh(
+                        self.relay, on_error=self._on_dial_error, self_url=s.relay_url,
+                        ping_interval=s.heartbeat / 2, ping_timeout=s.heartbeat / 2,
+                    ))
                     self.monitor = LatencyMonitor(
                         threshold=s.latency_threshold, peer_timeout=s.peer_timeout, pubsub=self.pubsub,
                         derp_ping=self.mesh.ping,
@@ -265,7 +268,7 @@ class ControlPlane:
             self.monitor.database_failed(self.registry.last_error or "heartbeats failing")
         return self.monitor.findings(
             database_ok=self.registry.healthy, pubsub_connected=bool(self.pubsub and self.pubsub.connected),
-        ) + self.duplicate_keys.check(self.mesh)
+        ) + self.duplicate_keys.check(self.mesh) + (self.mesh.findings() if self.mesh else [])
 
     def status(self) -> dict:
         """State for health endpoints."""
