@@ -175,8 +175,9 @@ class MeshLink:
             if self.client is not client:
                 return
             try:
-                await client.ping(self.mesh.ping_timeout)
-            except (DerpError, OSError):
+                with anyio.fail_after(self.mesh.ping_timeout + 0.5):  # the ping's write may wait on a stuck link
+                    await client.ping(self.mesh.ping_timeout)
+            except (DerpError, OSError, TimeoutError):
                 if self.client is not client:
                     return
                 missed += 1
