@@ -33,6 +33,7 @@ from coordinator.cluster.latency import Finding, LatencyMonitor
 from coordinator.cluster.mesh import Mesh
 from coordinator.cluster.pubsub import PubSub
 from coordinator.cluster.registry import ReplicaInfo, ReplicaRegistry
+from coordinator.core import logformat
 from coordinator.core.errors import merge_dial_errors
 from coordinator.core.settings import Settings
 from coordinator.core.version import __version__
@@ -197,6 +198,7 @@ class ControlPlane:
         await self.registry.start(tg)
         assert self.joined is not None
         self.joined.set()
+        logformat.set_context(replica=str(self.registry.id))  # every JSON log line names this replica from now on
         log.info(
             "replica %s joined (region %d, relay URL %s, %d live peers)",
             self.registry.id, s.region_id, s.relay_url or "(none)", len(self.registry.peers()),
