@@ -22,7 +22,7 @@ if [ "$what" = test ]; then
     have unshare || need="$need util-linux"
     have ip || need="$need iproute2"
     have openssl || need="$need openssl"
-    have nft || need="$need nftables"  # partitions between replicas (tests/netlab.py, scripts/soak.py)
+    have nft || need="$need nftables"  # partitions between replicas (testkit/netlab.py, scripts/soak.py)
     # A second PostgreSQL major (Debian's), older than the embedded mode's: the database tests run on both.
     ls -d /usr/lib/postgresql/*/bin >/dev/null 2>&1 || need="$need postgresql"
 fi

@@ -29,16 +29,13 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "scripts")]
+from soaklib import report as figures
+from soaklib.faults import KINDS, Chaos, available_kinds
+from soaklib.fleet import Fleet
+from soaklib.kit import netlab
+from soaklib.load import Load
 
-import netlab  # noqa: E402
-from soaklib import report as figures  # noqa: E402
-from soaklib.faults import KINDS, Chaos, available_kinds  # noqa: E402
-from soaklib.fleet import Fleet  # noqa: E402
-from soaklib.load import Load  # noqa: E402
-
-from coordinator.core.settings import ConfigError, parse_duration  # noqa: E402
+from coordinator.core.settings import ConfigError, parse_duration
 
 SAMPLE_EVERY = 5.0
 

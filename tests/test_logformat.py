@@ -14,7 +14,11 @@ from datetime import datetime
 import psycopg
 
 from coordinator.core import logformat
-from procs import Proc, free_port, python, refused_at_start
+
+try:
+    from testkit.procs import Proc, free_port, python, refused_at_start
+except ImportError:  # before testkit/ held the shared helpers
+    from procs import Proc, free_port, python, refused_at_start  # type: ignore[no-redef]
 
 KEYS = {"time", "level", "logger", "message"}
 

@@ -19,11 +19,15 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import netlab
 import psycopg
 import pytest
 
-from procs import Proc, python
+from testkit import netlab
+
+try:
+    from testkit.procs import Proc, python
+except ImportError:  # before testkit/ held the shared helpers
+    from procs import Proc, python  # type: ignore[no-redef]
 
 HEARTBEAT = 1.0
 PORT = 3000  # every replica has its own address, so they can share the port
@@ -149,6 +153,7 @@ def test_partition_is_reported_on_both_sides_and_heals_fast(lab, pg_cluster, pg_
             [*lab.exec_args(netlab.HUB), python(), "-m", "coordinator", "probe", "--pg-url", pair.pg_url,
              "--samples", "1", "--timeout", "1s"], capture_output=True, text=True, timeout=60,
         )
+        print(probe.stdout)
         lines = [line for line in probe.stdout.splitlines() if pair.urls[0] in line and pair.derp[1] in line]
         assert probe.returncode == 1 and lines, probe.stdout + probe.stderr
         status = pair.api(0, "/status/data")

@@ -15,7 +15,11 @@ import sys
 import pytest
 
 from coordinator.cli import nginx
-from procs import ROOT
+
+try:
+    from testkit.procs import ROOT
+except ImportError:  # before testkit/ held the shared helpers
+    from procs import ROOT  # type: ignore[no-redef]
 
 DURATION = "3m"
 RSS_DRIFT_BOUND = 600.0  # MiB per hour: generous, three minutes is short to fit a slope on

@@ -14,9 +14,8 @@ import signal
 import time
 from dataclasses import dataclass, field
 
-import netlab
-
 from soaklib.fleet import Fleet, ReplicaSlot
+from soaklib.kit import netlab
 
 REJOIN_TIMEOUT = 90.0
 STOP_SECONDS = 10.0  # SIGSTOP, then SIGCONT

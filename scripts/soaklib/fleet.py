@@ -1,6 +1,6 @@
 """The soak's fleet: a Postgres primary with a streaming standby, N replicas, nginx in front.
 
-With network namespaces (tests/netlab.py) the driver moves itself into the lab's hub namespace, so
+With network namespaces (testkit/netlab.py) the driver moves itself into the lab's hub namespace, so
 Postgres, nginx and the clients live there; each replica runs in a namespace of its own with its
 own address and reaches Postgres over a Unix socket. Without them every replica listens on
 127.0.0.1 and the partition fault is skipped.
@@ -20,12 +20,12 @@ import time
 import urllib.request
 from pathlib import Path
 
-import netlab
-
 from coordinator.cli import nginx
-from coordinator.cluster.mesh import normalize_relay_url
-from pgcluster import PgCluster, free_port
-from procs import Proc, python
+from coordinator.core.urls import derp_url
+from soaklib.kit import netlab, pgcluster, procs
+
+PgCluster, free_port = pgcluster.PgCluster, pgcluster.free_port
+Proc, python = procs.Proc, procs.python
 
 TOKEN = "soak-api-token"
 REPLICA_PORT = 3000  # in namespaces every replica has its own address
@@ -136,7 +136,7 @@ class ReplicaSlot:
         self.host = lab.address(index) if lab else "127.0.0.1"
         self.port = REPLICA_PORT if lab else free_port()
         self.url = f"http://{self.host}:{self.port}"
-        self.derp = normalize_relay_url(self.url) or self.url
+        self.derp = derp_url(self.url) or self.url
         self.data = fleet.base / f"replica{index}"
         self.data.mkdir(exist_ok=True)
         self.proc: Proc | None = None

@@ -15,9 +15,10 @@ import random
 import time
 from array import array
 
-from traffic import WARM_UP, Endpoint
-
 from coordinator.relay.client import DerpClient, DerpError
+from soaklib.kit import traffic
+
+WARM_UP, Endpoint = traffic.WARM_UP, traffic.Endpoint
 
 BUFFER_LIMIT = 256 * 1024  # a connection holding this much unsent is not given more (the packet counts as unsent)
 
