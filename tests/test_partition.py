@@ -27,7 +27,7 @@ from testkit import netlab
 try:
     from testkit.procs import Proc, python
 except ImportError:  # before testkit/ held the shared helpers
-    from procs import Proc, python  # type: ignore[no-redef]
+    from procs import Proc, python
 
 HEARTBEAT = 1.0
 PORT = 3000  # every replica has its own address, so they can share the port

@@ -19,7 +19,7 @@ from coordinator.cli import nginx
 try:
     from testkit.procs import ROOT
 except ImportError:  # before testkit/ held the shared helpers
-    from procs import ROOT  # type: ignore[no-redef]
+    from procs import ROOT
 
 DURATION = "3m"
 RSS_DRIFT_BOUND = 600.0  # MiB per hour: generous, three minutes is short to fit a slope on

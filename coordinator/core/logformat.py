@@ -20,6 +20,8 @@ STDERR_PATHS = ("/dev/stderr", "-")  # Coder's CODER_LOGGING_JSON value that mea
 
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 _context: dict[str, Any] = {}
+_stderr_kind = ["human"]  # what configure() chose for stderr
+_installed: list[logging.Handler] = []  # the root handlers configure() added (a test runner's are left alone)
 
 
 def set_context(**fields: Any) -> None:
@@ -50,6 +52,14 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str, ensure_ascii=False)
 
 
+def operator_line(text: str, logger: str = "coordinator", level: int = logging.WARNING) -> str:
+    """A line written straight to stderr (where logging cannot be used, e.g. in a signal handler):
+    ``coordinator: text``, or a JSON object when stderr logs are JSON."""
+    if _stderr_kind[0] != "json":
+        return f"coordinator: {text}"
+    return JsonFormatter().format(logging.LogRecord(logger, level, "", 0, text, None, None))
+
+
 def formatter(kind: str) -> logging.Formatter:
     return JsonFormatter() if kind == "json" else logging.Formatter(HUMAN)
 
@@ -64,6 +74,7 @@ def configure(level: str, kind: str = "human", json_file: str = "", stream: Text
     stream = stream or sys.stderr
     if json_file in STDERR_PATHS:
         kind, json_file = "json", ""
+    _stderr_kind[0] = kind
     handlers: list[logging.Handler] = []
     console = logging.StreamHandler(stream)
     console.setFormatter(formatter(kind))
@@ -73,12 +84,11 @@ def configure(level: str, kind: str = "human", json_file: str = "", stream: Text
         to_file.setFormatter(JsonFormatter())
         handlers.append(to_file)
     root = logging.getLogger()
-    for old in list(root.handlers):
-        if getattr(old, "coordinator", False):  # ours from an earlier call; others' (a test runner's) stay
-            root.removeHandler(old)
-            old.close()
+    for old in _installed:
+        root.removeHandler(old)
+        old.close()
+    _installed[:] = handlers
     for handler in handlers:
-        handler.coordinator = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
     logging.captureWarnings(True)  # a library's warning is a log line in the same format, not raw stderr text
