@@ -29,8 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from soaklib import bouncer
 from soaklib import report as figures
-from soaklib.faults import KINDS, Chaos, available_kinds
+from soaklib.faults import BOUNCER, KINDS, Chaos, available_kinds
 from soaklib.fleet import Fleet
 from soaklib.kit import netlab
 from soaklib.load import Load
@@ -53,7 +54,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--interval", default="250ms", help="each side of a pair sends one packet this often")
     p.add_argument("--gap", default="15s:45s", help="pause between faults, min:max (default 15s:45s)")
     p.add_argument("--warm-up", default="60s", help="replica age before its RSS and fds count for drift")
-    p.add_argument("--faults", default=",".join(KINDS), help=f"the kinds of fault to draw from (default: all: {','.join(KINDS)})")
+    p.add_argument("--faults", default=",".join(KINDS),
+                   help=f"the kinds of fault to draw from (default: all: {','.join(KINDS)}; {BOUNCER} with --pgbouncer)")
+    p.add_argument("--pgbouncer", action="store_true",
+                   help=f"put PgBouncer (session pooling) between the replicas and Postgres, and add {BOUNCER} faults")
     p.add_argument("--no-netns", action="store_true", help="run on 127.0.0.1 without namespaces (no partition fault)")
     p.add_argument("--debug", action="store_true", help="add each flow's longest gap and homes to the JSON")
     p.add_argument("--json-out", help="write the figures as JSON here too")
@@ -68,8 +72,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except ConfigError as exc:
         p.error(str(exc))
     args.kinds = tuple(k for k in args.faults.split(",") if k)
-    if unknown := set(args.kinds) - set(KINDS):
-        p.error(f"--faults: unknown kind(s) {', '.join(sorted(unknown))} (known: {', '.join(KINDS)})")
+    if args.pgbouncer and bouncer.binary() is None:
+        p.error("--pgbouncer: pgbouncer is not installed (apt-get install pgbouncer; scripts/bootstrap.sh test)")
+    if args.pgbouncer and BOUNCER not in args.kinds:
+        args.kinds += (BOUNCER,)
+    if unknown := set(args.kinds) - set(KINDS) - ({BOUNCER} if args.pgbouncer else set()):
+        p.error(f"--faults: unknown kind(s) {', '.join(sorted(unknown))} (known: {', '.join(KINDS)}, "
+                f"and {BOUNCER} with --pgbouncer)")
     if args.replicas < 2 or args.pairs < 1 or args.interval_s <= 0 or args.gap_s[0] > args.gap_s[1]:
         p.error("need --replicas >= 2, --pairs >= 1, a positive --interval and --gap min <= max")
     return args
@@ -97,7 +106,8 @@ async def sample(fleet: Fleet, samples: list[figures.Sample], pg_conns: list[int
 
 async def soak(args: argparse.Namespace, fleet: Fleet) -> dict:
     rng = random.Random(args.seed)
-    log(f"starting Postgres (primary + streaming standby), {args.replicas} replicas and nginx in {fleet.base}")
+    front = " behind PgBouncer (session pooling)" if fleet.bouncer else ""
+    log(f"starting Postgres (primary + streaming standby){front}, {args.replicas} replicas and nginx in {fleet.base}")
     await asyncio.to_thread(fleet.start)
     deadline = time.monotonic() + 120
     while not await asyncio.to_thread(fleet.all_healthy):
@@ -172,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"no network namespaces: {exc}")
     base = Path(tempfile.mkdtemp(prefix="coordsoak-"))
     base.chmod(0o755)
-    fleet = Fleet(base, args.replicas, lab, args.replica_arg)
+    fleet = Fleet(base, args.replicas, lab, args.replica_arg, pgbouncer=args.pgbouncer)
     # SIGTERM and SIGHUP end the run like Ctrl-C: the finally blocks below stop everything.
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))

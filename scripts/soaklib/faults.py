@@ -21,6 +21,8 @@ REJOIN_TIMEOUT = 90.0
 STOP_SECONDS = 10.0  # SIGSTOP, then SIGCONT
 PARTITION_SECONDS = 20.0
 KINDS = ("replica-sigkill", "replica-sigterm", "replica-sigstop", "pg-failover", "pg-restart", "partition")
+BOUNCER = "pgbouncer-restart"  # drawn only with --pgbouncer
+DATABASE_FAULTS = ("pg-failover", "pg-restart", BOUNCER)
 
 
 @dataclass
@@ -77,6 +79,11 @@ class Chaos:
         elif kind == "pg-failover":
             fault = Fault(kind, f"primary slot {self.fleet.pg.primary}", time.monotonic())
             await asyncio.to_thread(self.fleet.pg.kill_primary_and_promote)
+            await asyncio.to_thread(self.fleet.point_bouncer)
+            fault.ended = time.monotonic()
+        elif kind == BOUNCER and self.fleet.bouncer is not None:
+            fault = Fault(kind, "pgbouncer", time.monotonic())
+            await asyncio.to_thread(self.fleet.bouncer.restart)
             fault.ended = time.monotonic()
         else:
             fault = Fault(kind, f"primary slot {self.fleet.pg.primary}", time.monotonic())
@@ -145,7 +152,7 @@ class Chaos:
         deadline = fault.ended + REJOIN_TIMEOUT
         pg, mark = self.fleet.pg, None
         while time.monotonic() < deadline:
-            if fault.kind.startswith("pg-") and mark is None:
+            if fault.kind in DATABASE_FAULTS and mark is None:
                 mark = await asyncio.to_thread(pg.now)
                 if mark is None:
                     await asyncio.sleep(0.25)

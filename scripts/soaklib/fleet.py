@@ -22,6 +22,7 @@ from pathlib import Path
 
 from coordinator.cli import nginx
 from coordinator.core.urls import derp_url
+from soaklib.bouncer import Bouncer
 from soaklib.kit import netlab, pgcluster, procs
 
 PgCluster, free_port = pgcluster.PgCluster, pgcluster.free_port
@@ -155,7 +156,7 @@ class ReplicaSlot:
         self.proc = Proc(
             [*prefix, python(), "-m", "coordinator", "server", "--address", f"{self.host}:{self.port}",
              "--data-dir", str(self.data), "--relay-url", self.url, "--access-url", self.fleet.access_url,
-             "--pg-url", self.fleet.pg.url, *self.fleet.replica_args],
+             "--pg-url", self.fleet.pg_url, *self.fleet.replica_args],
             env={"COORDINATOR_API_TOKEN": TOKEN}, log=self.data / f"server-{self.starts}.log",
         )
 
@@ -190,8 +191,10 @@ class ReplicaSlot:
 class Fleet:
     """Everything the soak runs; :meth:`close` stops all of it, whatever state it is in."""
 
-    def __init__(self, base: Path, replicas: int, lab: netlab.NetLab | None, replica_args: list[str]):
+    def __init__(self, base: Path, replicas: int, lab: netlab.NetLab | None, replica_args: list[str],
+                 pgbouncer: bool = False):
         self.base = base
+        self.bouncer = Bouncer(base / "pgbouncer", free_port()) if pgbouncer else None
         self.lab = lab
         self.replica_args = replica_args
         self.pg = Postgres(base)
@@ -200,8 +203,21 @@ class Fleet:
         self.replicas = [ReplicaSlot(self, i) for i in range(replicas)]
         self.nginx: Proc | None = None
 
+    @property
+    def pg_url(self) -> str:
+        """What the replicas are given: PgBouncer's URL when it is in front, else both Postgres slots."""
+        return self.bouncer.url if self.bouncer is not None else self.pg.url
+
+    def point_bouncer(self) -> None:
+        if self.bouncer is not None:
+            primary = self.pg.primary_cluster
+            self.bouncer.point(primary.sock, primary.port)
+
     def start(self) -> None:
         self.pg.start()
+        if self.bouncer is not None:
+            self.point_bouncer()
+            self.bouncer.start()
         for r in self.replicas:
             r.start()
         prefix = self.base / "nginx"
@@ -226,4 +242,6 @@ class Fleet:
             r.kill()
         if self.nginx is not None:
             self.nginx.stop()
+        if self.bouncer is not None:
+            self.bouncer.stop()
         self.pg.destroy()
