@@ -60,6 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"put PgBouncer (session pooling) between the replicas and Postgres, and add {BOUNCER} faults")
     p.add_argument("--no-netns", action="store_true", help="run on 127.0.0.1 without namespaces (no partition fault)")
     p.add_argument("--debug", action="store_true", help="add each flow's longest gap and homes to the JSON")
+    p.add_argument("--keep", action="store_true", help="keep the run's directory (replica, nginx and Postgres logs)")
     p.add_argument("--json-out", help="write the figures as JSON here too")
     p.add_argument("--replica-arg", action="append", default=[], help="one more `coordinator server` flag")
     args = p.parse_args(argv)
@@ -196,7 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         left = leftovers(fleet, lab)
         if lab is not None:
             lab.close()
-        shutil.rmtree(base, ignore_errors=True)
+        if args.keep:
+            log(f"kept {base}")
+        else:
+            shutil.rmtree(base, ignore_errors=True)
     if result is None:
         return 130
     result["leftover_processes"] = left

@@ -52,6 +52,9 @@ class Bouncer:
             "pool_mode = session\ndefault_pool_size = 100\nmax_client_conn = 1000\n"
             f"logfile = {self.base / 'pgbouncer.log'}\npidfile = {self.base / 'pgbouncer.pid'}\n"
             "server_reset_query = DISCARD ALL\n"
+            # After one failed server login PgBouncer refuses every client for server_login_retry
+            # (15 s by default), even once reloaded onto the promoted primary: keep that short.
+            "server_login_retry = 1\n"
         )
         if self.user is not None:
             for p in [self.base, *self.base.iterdir()]:
