@@ -9,7 +9,7 @@ under its own cancel scope: a peer leaving cancels its link without waiting for 
 go before ``set_peers`` returns), and once the mesh is stopping no link dials again.
 
 Every connected link is pinged (a DERP Ping) every ``ping_interval``: a ping left unanswered for
-``ping_timeout`` marks the link down in the replica's row and as the finding EMESH01 (a partition
+``ping_timeout``, with nothing else heard from the peer meanwhile, marks the link down in the replica's row and as the finding EMESH01 (a partition
 leaves a TCP connection looking open for minutes), and a second one in a row closes and redials it.
 Redials after a failure are short and close together (``REDIAL_TIMEOUT``, ``MAX_BACKOFF``), so a
 healed partition is bridged again within about a second and a half.
@@ -69,6 +69,7 @@ class MeshLink:
         self.client: DerpClient | None = None
         self.is_self = False
         self.restarting: Restarting | None = None  # the peer said it is restarting (graceful stop)
+        self.last_frame = 0.0  # when the peer last sent us anything (anyio clock)
         self.done = anyio.Event()
         self._scope = anyio.CancelScope()
         self._tg: anyio.abc.TaskGroup | None = None
@@ -149,6 +150,7 @@ class MeshLink:
                 self._tg.start_soon(self._watch, client, name=f"mesh-ping {self.url}")
             while True:
                 frame = await client.recv(timeout=self.mesh.read_timeout)
+                self.last_frame = anyio.current_time()
                 if isinstance(frame, PeerPresent):
                     if frame.key != relay.public_key:
                         relay.server.add_forwarder(frame.key, forwarder)
@@ -174,12 +176,15 @@ class MeshLink:
             await anyio.sleep(self.mesh.ping_interval)
             if self.client is not client:
                 return
+            sent = anyio.current_time()
             try:
                 with anyio.fail_after(self.mesh.ping_timeout + 0.5):  # the ping's write may wait on a stuck link
                     await client.ping(self.mesh.ping_timeout)
             except (DerpError, OSError, TimeoutError):
                 if self.client is not client:
                     return
+                if self.last_frame > sent:
+                    continue  # a late pong behind a busy link: the peer is sending, so it is reachable
                 missed += 1
                 if missed == 1:
                     self.error = f"no answer to a mesh ping within {self.mesh.ping_timeout:g} s"
@@ -187,7 +192,8 @@ class MeshLink:
                     log.warning("mesh: link to %s stopped answering: %s", self.url, self.error,
                                 extra={"peer": self.url, "code": FINDING})
                     self.mesh.notify_error()
-                if missed >= PINGS_MISSED and client.transport is not None:
+                # A congested link is the stall watch's to close (after stall_timeout), not ours.
+                if missed >= PINGS_MISSED and client.transport is not None and self._drain_scope is None:
                     client.transport.abort()  # the session's recv fails and the link redials
                     return
                 continue
