@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -56,7 +57,9 @@ def test_three_minute_soak(tmp_path):
     for replica, d in report["drift"].items():
         assert d["rss_mib_per_hour"] < RSS_DRIFT_BOUND, (replica, d)
     assert report["leftover_processes"] == []
-    assert not _processes_with("coordsoak-"), _processes_with("coordsoak-")
+    base = re.search(r" in (/\S*coordsoak-\S+)", stdout)
+    assert base, stdout[:2000]
+    assert not _processes_with(base.group(1)), _processes_with(base.group(1))  # this run's, not a parallel one's
     if os.geteuid() == 0:
         listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
         assert f"coordlab{proc.pid}-" not in listed, listed
