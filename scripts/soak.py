@@ -139,12 +139,14 @@ async def soak(args: argparse.Namespace, fleet: Fleet) -> dict:
         keys = {r.index: figures._key(r.server_key) for r in fleet.replicas}
         loss = figures.losses(load, chaos.faults, {i: k for i, k in keys.items() if k}, stopped)
         never = set(loss.pop("pairs_never_touched"))
+        quiet = loss.pop("quiet_gaps")
         return {
             "duration_s": time.monotonic() - t0, "seed": args.seed, "replicas": args.replicas, "pairs": args.pairs,
             "interval_s": args.interval_s, "faults": [f.as_dict(t0) for f in chaos.faults],
             "loss": loss,
             "gaps": figures.gaps(load.flows),
             "gaps_untouched": figures.gaps([f for f in load.flows if f.pair in never]),
+            "gaps_quiet": quiet,
             "failed_to_rejoin": sorted({i for f in chaos.faults for i in f.failed_to_rejoin}),
             "drift": figures.drift(samples, args.warm_up_s),
             "postgres_connections": {

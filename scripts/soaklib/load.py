@@ -79,19 +79,20 @@ def _send_packet(dst: bytes, data: bytes) -> bytes:
 
 
 class Flow:
-    """One direction of a pair: packet ``seq`` went out at ``sent_at[seq - 1]`` (NaN: not handed over)."""
+    """One direction of a pair: packet ``seq`` went out at ``sent_at[seq - 1]`` (NaN: not handed over)
+    and arrived at ``arrived_at[seq - 1]`` (NaN: never)."""
 
     def __init__(self, src: SoakEndpoint, dst: SoakEndpoint, pair: int):
         self.src, self.dst, self.pair = src, dst, pair
         self.sent_at = array("d")
-        self.arrived = bytearray()
+        self.arrived_at = array("d")
         self.routed = False
         self.last_arrival: float | None = None
         self.longest_gap = 0.0
 
     def deliver(self, seq: int, now: float) -> None:
-        if 0 < seq <= len(self.arrived) and not self.arrived[seq - 1]:
-            self.arrived[seq - 1] = 1
+        if 0 < seq <= len(self.arrived_at) and math.isnan(self.arrived_at[seq - 1]):
+            self.arrived_at[seq - 1] = now
             if self.last_arrival is not None:
                 self.longest_gap = max(self.longest_gap, now - self.last_arrival)
             self.last_arrival = now
@@ -99,7 +100,13 @@ class Flow:
     def lost(self, until: float) -> list[tuple[int, float]]:
         """(seq, send time) of packets sent before ``until`` that never arrived."""
         return [(i + 1, t) for i, t in enumerate(self.sent_at)
-                if not math.isnan(t) and t < until and not self.arrived[i]]
+                if not math.isnan(t) and t < until and math.isnan(self.arrived_at[i])]
+
+    def longest_gap_outside(self, windows: list[tuple[float, float]]) -> float:
+        """The longest silence between two arrivals that overlaps none of ``windows`` (start, end)."""
+        times = sorted(t for t in self.arrived_at if not math.isnan(t))
+        return max((b - a for a, b in zip(times, times[1:], strict=False)
+                    if not any(a < end and b > start for start, end in windows)), default=0.0)
 
     @property
     def sent(self) -> int:
@@ -162,7 +169,7 @@ class Load:
             await asyncio.sleep(max(0.0, at - time.monotonic()))
             sent = flow.src.send_nowait(flow.dst.public_key, seq.to_bytes(8, "big"))
             flow.sent_at.append(time.monotonic() if sent else math.nan)
-            flow.arrived.append(0)
+            flow.arrived_at.append(math.nan)
 
     async def stop(self, drain: float = 2.0) -> float:
         """Stop sending; packets in flight get ``drain`` s. Returns when sending stopped."""

@@ -61,6 +61,7 @@ def _windows(faults: list[Fault], keys: dict[int, bytes], load: Load):
 
 def losses(load: Load, faults: list[Fault], keys: dict[int, bytes], until: float) -> dict:
     windows = _windows(faults, keys, load)
+    quiet = quiet_gaps(load, windows)
     touched = untouched = sent = 0
     untouched_pairs: set[int] = set()
     for n, flow in enumerate(load.flows):
@@ -73,7 +74,22 @@ def losses(load: Load, faults: list[Fault], keys: dict[int, bytes], until: float
                 untouched_pairs.add(flow.pair)
     never = {load.flows[n].pair for n in range(len(load.flows))} - {load.flows[n].pair for *_, hit in windows for n in hit}
     return {"sent": sent, "lost_touched": touched, "lost_untouched": untouched,
-            "untouched_pairs_with_loss": len(untouched_pairs), "pairs_never_touched": sorted(never)}
+            "untouched_pairs_with_loss": len(untouched_pairs), "pairs_never_touched": sorted(never),
+            "quiet_gaps": quiet}
+
+
+def quiet_gaps(load: Load, windows) -> dict:
+    """Longest silence per pair outside the windows of the faults that touched that pair."""
+    per_pair: dict[int, float] = {}
+    for n, flow in enumerate(load.flows):
+        own = [(start, end) for start, end, hit in windows if n in hit]
+        per_pair[flow.pair] = max(per_pair.get(flow.pair, 0.0), flow.longest_gap_outside(own))
+    return _summary(list(per_pair.values()))
+
+
+def _summary(values: list[float]) -> dict:
+    return {"pairs": len(values), "p50_s": round(_pct(values, 0.5), 3), "p99_s": round(_pct(values, 0.99), 3),
+            "max_s": round(max(values, default=0.0), 3)}
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -86,9 +102,7 @@ def gaps(flows: list[Flow]) -> dict:
     per_pair: dict[int, float] = {}
     for f in flows:
         per_pair[f.pair] = max(per_pair.get(f.pair, 0.0), f.longest_gap)
-    values = list(per_pair.values())
-    return {"pairs": len(values), "p50_s": round(_pct(values, 0.5), 3), "p99_s": round(_pct(values, 0.99), 3),
-            "max_s": round(max(values, default=0.0), 3)}
+    return _summary(list(per_pair.values()))
 
 
 def _slope(points: list[tuple[float, float]]) -> float:
@@ -132,7 +146,8 @@ def render(report: dict) -> list[str]:
     loss = report["loss"]
     lines.append(f"packets: {loss['sent']} sent, {loss['lost_untouched']} lost by untouched pairs (goal 0), "
                  f"{loss['lost_touched']} lost by pairs whose replica was faulted")
-    for label, g in (("every pair", report["gaps"]), ("pairs never touched", report["gaps_untouched"])):
+    for label, g in (("every pair", report["gaps"]), ("outside the faults that touched the pair", report["gaps_quiet"]),
+                     ("pairs never touched", report["gaps_untouched"])):
         lines.append(f"longest gap per pair, {label}: p50 {g['p50_s']:.3f} s, p99 {g['p99_s']:.3f} s, "
                      f"max {g['max_s']:.3f} s ({g['pairs']} pairs)")
     lines.append(f"replicas that failed to rejoin: {len(report['failed_to_rejoin'])} (goal 0)")
