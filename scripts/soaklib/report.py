@@ -136,6 +136,20 @@ def drift(samples: list[Sample], warm_up: float) -> dict:
     return out
 
 
+def by_kind(faults: list[dict]) -> dict[str, dict]:
+    """Recovery seconds per kind of fault: count, min, median, max (None: one did not recover)."""
+    out: dict[str, dict] = {}
+    for f in faults:
+        out.setdefault(f["kind"], {"count": 0, "times": []})
+        out[f["kind"]]["count"] += 1
+        out[f["kind"]]["times"].append(f["recovery_s"])
+    for entry in out.values():
+        times = [t for t in entry.pop("times") if t is not None]
+        entry.update(min_s=min(times, default=None), median_s=statistics.median(times) if times else None,
+                     max_s=max(times, default=None), not_recovered=entry["count"] - len(times))
+    return out
+
+
 def render(report: dict) -> list[str]:
     lines = [f"soak: {report['duration_s']:.0f} s, seed {report['seed']}, {report['replicas']} replicas, "
              f"{report['pairs']} pairs, {len(report['faults'])} faults"]
@@ -143,6 +157,10 @@ def render(report: dict) -> list[str]:
         rec = "DID NOT RECOVER" if f["recovery_s"] is None else f"recovered {f['recovery_s']:.2f} s"
         lines.append(f"  {f['at_s']:7.1f} s  {f['kind']:16} {f['target']:22} {rec}"
                      + (f"  ({'; '.join(f['notes'])})" if f["notes"] else ""))
+    for kind, k in sorted(by_kind(report["faults"]).items()):
+        if k["median_s"] is not None:
+            lines.append(f"  {kind:18} x{k['count']:<3} recovery min {k['min_s']:.2f} s, median {k['median_s']:.2f} s, "
+                         f"max {k['max_s']:.2f} s" + (f", {k['not_recovered']} not recovered" if k["not_recovered"] else ""))
     loss = report["loss"]
     lines.append(f"packets: {loss['sent']} sent, {loss['lost_untouched']} lost by untouched pairs (goal 0), "
                  f"{loss['lost_touched']} lost by pairs whose replica was faulted")
