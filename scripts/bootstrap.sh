@@ -3,6 +3,7 @@
 #   sh scripts/bootstrap.sh build   what installing the package needs: a C compiler, python3-venv
 #   sh scripts/bootstrap.sh test    also what the tests drive: nginx, Debian's chromium and chromedriver,
 #                                   kubectl, systemd-analyze, unshare and ip (private namespaces), openssl,
+#                                   nft (partitions inside network namespaces),
 #                                   and Debian's PostgreSQL (a second major version for the database tests)
 #                                   and PgBouncer (tests put it between replicas and Postgres)
 # (COORDINATOR_WITH_NGINX=1 still means `test`.)
@@ -23,6 +24,7 @@ if [ "$what" = test ]; then
     have ip || need="$need iproute2"
     have openssl || need="$need openssl"
     have pgbouncer || need="$need pgbouncer"
+    have nft || need="$need nftables"  # partitions between replicas (testkit/netlab.py, scripts/soak.py)
     # A second PostgreSQL major (Debian's), older than the embedded mode's: the database tests run on both.
     ls -d /usr/lib/postgresql/*/bin >/dev/null 2>&1 || need="$need postgresql"
 fi

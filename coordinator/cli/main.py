@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from coordinator.core import logformat
 from coordinator.core.errors import ConfigError
 from coordinator.core.keys import InvalidKey
 from coordinator.core.settings import Settings, declared_settings, default_text, load_settings
@@ -39,12 +40,12 @@ def _settings_from(args: argparse.Namespace) -> Settings:
     return settings
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def setup_logging(level: str, kind: str = "human", json_file: str = "", json_file_source: str = "--log-json") -> None:
+    """Log lines to stderr in ``kind`` (human or json), and JSON to ``json_file`` too (see core.logformat)."""
+    try:
+        logformat.configure(level, kind, json_file)
+    except OSError as exc:
+        raise ConfigError(f"{json_file_source}: cannot open {json_file} for logs: {exc.strerror or exc}") from None
     logging.getLogger("httpx").setLevel(logging.WARNING)  # it logs every request at INFO
 
 
@@ -54,7 +55,7 @@ def cmd_server(args: argparse.Namespace) -> int:
 
     settings = _settings_from(args)
     derp_maps = DerpMaps.load(settings)  # before anything starts: a bad custom DERP map is refused (exit 2)
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format, settings.log_json, settings.source("log_json"))
     return run_server(settings, derp_maps)
 
 

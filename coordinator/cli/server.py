@@ -19,6 +19,7 @@ import threading
 import anyio
 import uvicorn
 
+from coordinator.core import logformat
 from coordinator.core.settings import Settings, ensure_data_dir
 from coordinator.edge.frontdoor import FrontDoor, Limits, open_listener
 from coordinator.edge.protocol import DerpHttpProtocol
@@ -60,7 +61,7 @@ def uvicorn_config(settings: Settings, app) -> uvicorn.Config:
 
 
 def _say(text: str) -> None:
-    print("coordinator: " + " ".join(text.split()), file=sys.stderr, flush=True)
+    print(logformat.operator_line(" ".join(text.split()), "coordinator.server"), file=sys.stderr, flush=True)
 
 
 class ReplicaServer(uvicorn.Server):

@@ -31,6 +31,7 @@ from coordinator.cluster.pgerrors import explain
 from coordinator.cluster.pgfindings import postgres_findings
 from coordinator.cluster.pubsub import PubSub
 from coordinator.cluster.registry import ReplicaInfo, ReplicaRegistry
+from coordinator.core import logformat
 from coordinator.core.errors import merge_dial_errors
 from coordinator.core.health import Finding
 from coordinator.core.settings import Settings
@@ -103,7 +104,10 @@ class ControlPlane:
                     stack.push_async_callback(self._close, "the database", self._close_db)
                     s = self.settings
                     if s.derp_server_enable:  # else no relay to mesh: Postgres is the only rendezvous
-                        self.mesh = await stack.enter_async_context(Mesh(self.relay, on_error=self._on_dial_error))
+                        self.mesh = await stack.enter_async_context(Mesh(
+                            self.relay, on_error=self._on_dial_error, self_url=s.relay_url,
+                            ping_interval=s.heartbeat / 2, ping_timeout=s.heartbeat / 2,
+                        ))
                     self.monitor = LatencyMonitor(
                         threshold=s.latency_threshold, peer_timeout=s.peer_timeout, pubsub=self.pubsub,
                         derp_ping=self.mesh.ping if self.mesh is not None else None,
@@ -203,6 +207,7 @@ class ControlPlane:
         assert self.joined is not None
         self.join_error = None
         self.joined.set()
+        logformat.set_context(replica=str(self.registry.id))  # every JSON log line names this replica from now on
         log.info(
             "replica %s joined (region %d, relay URL %s, %d live peers)",
             self.registry.id, s.region_id, s.relay_url or "(none)", len(self.registry.peers()),
@@ -276,7 +281,7 @@ class ControlPlane:
             self.monitor.database_failed(self.registry.last_error or "heartbeats failing")
         return self.monitor.findings(
             database_ok=self.registry.healthy, pubsub_connected=bool(self.pubsub and self.pubsub.connected),
-        ) + pg + self.duplicate_keys.check(self.mesh) + relays
+        ) + pg + self.duplicate_keys.check(self.mesh) + (self.mesh.findings() if self.mesh else []) + relays
 
     def status(self) -> dict:
         """State for health endpoints."""

@@ -40,7 +40,7 @@ class DuplicateKeyCheck:
                     "clients cannot reach each other: every replica needs its own data directory (the key is %s); "
                     "start one of them with another --data-dir (COORDINATOR_DATA_DIR), or, if that replica's "
                     "relay URL wrongly points here, fix its COORDINATOR_DERP_SERVER_RELAY_URL",
-                    url, key, self.key_file,
+                    url, key, self.key_file, extra={"peer": url, "code": CODE},
                 )
         self._logged = set(urls)  # a peer that comes back with the same key is logged again
         return [

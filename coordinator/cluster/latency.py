@@ -72,7 +72,8 @@ class Alarm:
         now = time.monotonic()
         over = median is not None and median > limit
         if median is not None and over and (not self.over or now - self.last_warned >= REPEAT_WARNING):
-            log.warning("latency to %s is %.1f ms (median), above the %.0f ms limit", self.name, median * 1e3, limit * 1e3)
+            log.warning("latency to %s is %.1f ms (median), above the %.0f ms limit", self.name, median * 1e3, limit * 1e3,
+                        extra={"peer": self.name})
             self.last_warned = now
         elif not over and self.over and median is not None:
             log.info("latency to %s recovered: %.1f ms (median), within the %.0f ms limit", self.name, median * 1e3, limit * 1e3)

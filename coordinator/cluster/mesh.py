@@ -8,6 +8,12 @@ with backoff for as long as the peer stays in the set. Every link runs in the me
 under its own cancel scope: a peer leaving cancels its link without waiting for it (its forwarders
 go before ``set_peers`` returns), and once the mesh is stopping no link dials again.
 
+Every connected link is pinged (a DERP Ping) every ``ping_interval``: a ping left unanswered for
+``ping_timeout``, with nothing else heard from the peer meanwhile, marks the link down in the replica's row and as the finding EMESH01 (a partition
+leaves a TCP connection looking open for minutes), and a second one in a row closes and redials it.
+Redials after a failure are short and close together (``REDIAL_TIMEOUT``, ``MAX_BACKOFF``), so a
+healed partition is bridged again within about a second and a half.
+
 A link that stops draining pushes back on the senders that route to it (the relay stops reading
 them) until it drains; one that stays stuck for ``stall_timeout`` (5 s, as Go's derper) is closed
 and redialled, which resumes them.
@@ -23,6 +29,7 @@ from collections.abc import Callable, Iterable
 import anyio
 import anyio.abc
 
+from coordinator.cluster.latency import Finding
 from coordinator.core.errors import describe, dial_error
 from coordinator.core.keys import short
 from coordinator.core.urls import derp_url
@@ -31,7 +38,10 @@ from coordinator.relay.dataplane import DerpRelay, Forwarder
 
 log = logging.getLogger("coordinator.mesh")
 
-MAX_BACKOFF = 5.0
+MAX_BACKOFF = 0.5  # a healed partition must be bridged again within 2 s: retry often
+REDIAL_TIMEOUT = 1.0  # a dial after a failure: one SYN, no kernel retransmission seconds later
+PINGS_MISSED = 2  # unanswered pings in a row that close the link (one only marks it down)
+FINDING = "EMESH01"
 
 
 class SelfConnection(Exception):
@@ -54,6 +64,7 @@ class MeshLink:
         self.client: DerpClient | None = None
         self.is_self = False
         self.restarting: Restarting | None = None  # the peer said it is restarting (graceful stop)
+        self.last_frame = 0.0  # when the peer last sent us anything (anyio clock)
         self.done = anyio.Event()
         self._scope = anyio.CancelScope()
         self._tg: anyio.abc.TaskGroup | None = None
@@ -87,7 +98,7 @@ class MeshLink:
         last_logged: str | None = None
         while not self.mesh.stopping:
             try:
-                await self._session()
+                await self._session(self.mesh.dial_timeout if failures == 0 else min(self.mesh.dial_timeout, REDIAL_TIMEOUT))
                 failures = 0
             except SelfConnection:
                 self.is_self = True
@@ -100,7 +111,8 @@ class MeshLink:
                     log.info("mesh: link to %s closed: the peer is restarting", self.url)
                     last_logged = None
                 elif self.error != last_logged:  # once per change, never a log line per retry
-                    log.warning("mesh: link to %s failed: %s (retrying with backoff)", self.url, self.error)
+                    log.warning("mesh: link to %s failed: %s (retrying with backoff)", self.url, self.error,
+                                extra={"peer": self.url, "code": FINDING})
                     last_logged = self.error
                 self.mesh.notify_error()
             finally:
@@ -111,9 +123,9 @@ class MeshLink:
                 self.restarting = None
             await anyio.sleep(delay)
 
-    async def _session(self) -> None:
+    async def _session(self, dial_timeout: float) -> None:
         relay = self.mesh.relay
-        client = await DerpClient.connect(self.url, relay.key, mesh_key=self.mesh.mesh_key(), timeout=self.mesh.dial_timeout)
+        client = await DerpClient.connect(self.url, relay.key, mesh_key=self.mesh.mesh_key(), timeout=dial_timeout)
         self.client = client
         try:
             if client.server_key == relay.public_key:
@@ -125,12 +137,15 @@ class MeshLink:
             )
             await client.watch_conns()
             if self.error is not None:
-                log.info("mesh: link to %s restored", self.url)
+                log.info("mesh: link to %s restored", self.url, extra={"peer": self.url})
             self.error = None
             self.connected = True
             self.mesh.notify_error()
+            if self._tg is not None and self.mesh.ping_interval:
+                self._tg.start_soon(self._watch, client, name=f"mesh-ping {self.url}")
             while True:
                 frame = await client.recv(timeout=self.mesh.read_timeout)
+                self.last_frame = anyio.current_time()
                 if isinstance(frame, PeerPresent):
                     if frame.key != relay.public_key:
                         relay.server.add_forwarder(frame.key, forwarder)
@@ -148,6 +163,40 @@ class MeshLink:
             self._drop_routes()
             self.client = None
             await client.close()
+
+    async def _watch(self, client: DerpClient) -> None:
+        """Ping the peer over this link; report it down when it stops answering, then close it."""
+        missed = 0
+        while self.client is client:
+            await anyio.sleep(self.mesh.ping_interval)
+            if self.client is not client:
+                return
+            sent = anyio.current_time()
+            try:
+                with anyio.fail_after(self.mesh.ping_timeout + 0.5):  # the ping's write may wait on a stuck link
+                    await client.ping(self.mesh.ping_timeout)
+            except (DerpError, OSError, TimeoutError):
+                if self.client is not client:
+                    return
+                if self.last_frame > sent:
+                    continue  # a late pong behind a busy link: the peer is sending, so it is reachable
+                missed += 1
+                if missed == 1:
+                    self.error = f"no answer to a mesh ping within {self.mesh.ping_timeout:g} s"
+                    self.connected = False
+                    log.warning("mesh: link to %s stopped answering: %s", self.url, self.error,
+                                extra={"peer": self.url, "code": FINDING})
+                    self.mesh.notify_error()
+                # A congested link is the stall watch's to close (after stall_timeout), not ours.
+                if missed >= PINGS_MISSED and client.transport is not None and self._drain_scope is None:
+                    client.transport.abort()  # the session's recv fails and the link redials
+                    return
+                continue
+            if missed:
+                missed = 0
+                log.info("mesh: link to %s answers again", self.url, extra={"peer": self.url})
+                self.error, self.connected = None, True
+                self.mesh.notify_error()
 
     def _drop_routes(self) -> None:
         """Take this link's forwarder and every key learned through it out of the relay (idempotent)."""
@@ -209,6 +258,9 @@ class Mesh:
         dial_timeout: float = 5.0,
         read_timeout: float = 150.0,
         stall_timeout: float = 5.0,
+        ping_interval: float = 1.0,
+        ping_timeout: float = 1.0,
+        self_url: str = "",
     ):
         self.relay = relay
         self.mesh_key = mesh_key or (lambda: relay.mesh_key)
@@ -216,6 +268,9 @@ class Mesh:
         self.dial_timeout = dial_timeout
         self.read_timeout = read_timeout  # keepalives arrive every 60-65 s
         self.stall_timeout = stall_timeout  # a link that takes nothing this long is redialled
+        self.ping_interval = ping_interval  # 0: links are not pinged
+        self.ping_timeout = ping_timeout
+        self.self_url = self_url  # this replica's relay URL, to name the pair in findings
         self.links: dict[str, MeshLink] = {}
         self.stopping = False
         self._last_error: str | None = None
@@ -277,6 +332,14 @@ class Mesh:
             self._last_error = err
             if self.on_error is not None:
                 self.on_error(err)
+
+    def findings(self) -> list[Finding]:
+        """EMESH01 for each peer relay this replica cannot reach over its mesh link (the pair named)."""
+        me = self.self_url or f"relay {short(self.relay.public_key)}"
+        return [
+            Finding(FINDING, "error", f"mesh link down: {me} -> {url}: {link.error}")
+            for url, link in sorted(self.links.items()) if link.error and not link.is_self
+        ]
 
     def status(self) -> dict[str, dict]:
         return {

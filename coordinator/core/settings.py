@@ -139,6 +139,14 @@ class Settings:
         help="bytes unfinished request heads, and apart unfinished DERP handshakes, may hold together",
     )
     log_level: str = _setting("--log-level", "COORDINATOR_LOG_LEVEL", "info", help="debug, info, warning or error")
+    log_format: str = _setting(
+        "--log-format", "COORDINATOR_LOG_FORMAT", "human",
+        help="human, or json: one JSON object per line (time, level, logger, message, replica, peer, code)",
+    )
+    log_json: str = _setting(
+        "--log-json", "COORDINATOR_LOG_JSON", "", aliases=("CODER_LOGGING_JSON",),
+        help="also append JSON log lines to this file, as Coder's --log-json (/dev/stderr: stderr itself is JSON)",
+    )
     # -- Prometheus listener (docs/deployment.md) --------------------------------------------------
     prometheus_address: str = _setting(
         "--prometheus-address", "COORDINATOR_PROMETHEUS_ADDRESS", "", aliases=("CODER_PROMETHEUS_ADDRESS",),
@@ -272,6 +280,8 @@ class Settings:
             _check_tls(self.tls_cert_file, self.tls_key_file, src("tls_cert_file"), src("tls_key_file"))
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError(f"{src('log_level')}: {self.log_level!r} is not one of debug, info, warning, error")
+        if self.log_format not in ("human", "json"):
+            raise ConfigError(f"{src('log_format')}: {self.log_format!r} is not one of human, json")
         self._validate_prometheus()
         self._validate_relay_policy()
         self._validate_postgres()
