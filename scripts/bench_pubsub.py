@@ -29,6 +29,7 @@ import statistics
 import time
 from pathlib import Path
 
+import anyio
 import psycopg
 
 from coordinator.cluster.pubsub import BATCH_SQL, PubSub
@@ -69,7 +70,8 @@ class Tracker:
         event = asyncio.Event()
         self._waiter = (n, event)
         try:
-            await asyncio.wait_for(event.wait(), timeout)
+            with anyio.fail_after(timeout):
+                await event.wait()
         except TimeoutError:
             self._waiter = None
 

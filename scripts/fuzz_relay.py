@@ -35,6 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import anyio
 import psutil
 
 from coordinator.relay.client import DerpClient, DerpError
@@ -214,7 +215,8 @@ async def fuzz(port: int, count: int, workers: int, seed: int, proc: psutil.Proc
     healthy.ready = asyncio.Event()
     stop = asyncio.Event()
     pair = asyncio.create_task(healthy.run(stop))
-    await asyncio.wait_for(healthy.ready.wait(), 30)
+    with anyio.fail_after(30):
+        await healthy.ready.wait()
     fuzzer = Fuzzer(port, count, seed)
     peaks = {"rss": 0, "fds": 0}
 

@@ -24,6 +24,8 @@ import contextlib
 import threading
 from collections import deque
 
+import anyio
+
 _HIGH_WATER = 4 << 20  # bytes queued in one direction before the proxy stops reading that side
 
 
@@ -136,8 +138,8 @@ class DelayProxy:
         upstream_w = None
         try:
             try:
-                upstream_r, upstream_w = await asyncio.wait_for(
-                    asyncio.open_connection(self.target_host, self.target_port), 10)
+                with anyio.fail_after(10):
+                    upstream_r, upstream_w = await asyncio.open_connection(self.target_host, self.target_port)
             except (OSError, TimeoutError):
                 return  # the target is down: the client sees its connection closed
             self._writers.add(upstream_w)
@@ -176,7 +178,8 @@ class DelayProxy:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._server is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2)
+                with anyio.fail_after(2):
+                    await self._server.wait_closed()
 
     def drop_connections(self) -> None:
         """Abort every proxied connection now (the listener stays up)."""

@@ -13,6 +13,7 @@ import json
 import os
 import struct
 
+import anyio
 from nacl.public import Box, PrivateKey, PublicKey
 
 MAGIC = "DERP🔑".encode()
@@ -93,11 +94,13 @@ class RawPeer:
 
     async def read_head(self, timeout: float = 10.0) -> bytes:
         """The HTTP response head (through the blank line)."""
-        return await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), timeout)
+        with anyio.fail_after(timeout):
+            return await self.reader.readuntil(b"\r\n\r\n")
 
     async def read_all(self, timeout: float = 10.0) -> bytes:
         """Everything until the replica closes the connection."""
-        return await asyncio.wait_for(self.reader.read(-1), timeout)
+        with anyio.fail_after(timeout):
+            return await self.reader.read(-1)
 
     async def upgrade(self, port: int, *, websocket: bool = False) -> bytes:
         """Upgrade to DERP and return the server's key (the ServerKey frame)."""
@@ -126,13 +129,15 @@ class RawPeer:
 
     async def read_ws(self, timeout: float = 10.0) -> tuple[int, bytes]:
         """One server WebSocket frame: (opcode, payload)."""
-        head = await asyncio.wait_for(self.reader.readexactly(2), timeout)
+        with anyio.fail_after(timeout):
+            head = await self.reader.readexactly(2)
         n = head[1] & 0x7F
         if n == 126:
             n = struct.unpack(">H", await self.reader.readexactly(2))[0]
         elif n == 127:
             n = struct.unpack(">Q", await self.reader.readexactly(8))[0]
-        return head[0] & 0x0F, await asyncio.wait_for(self.reader.readexactly(n), timeout)
+        with anyio.fail_after(timeout):
+            return head[0] & 0x0F, await self.reader.readexactly(n)
 
     async def read_frame(self, timeout: float = 10.0) -> tuple[int, bytes]:
         """One DERP frame (on WebSocket: assumes each server message holds whole frames, as ours do)."""
@@ -146,14 +151,18 @@ class RawPeer:
             ftype, n = struct.unpack(">BI", self._ws_buf[:5])
             payload, self._ws_buf = self._ws_buf[5 : 5 + n], self._ws_buf[5 + n :]
             return ftype, payload
-        ftype, n = struct.unpack(">BI", await asyncio.wait_for(self.reader.readexactly(5), timeout))
-        return ftype, await asyncio.wait_for(self.reader.readexactly(n), timeout)
+        with anyio.fail_after(timeout):
+            ftype, n = struct.unpack(">BI", await self.reader.readexactly(5))
+        with anyio.fail_after(timeout):
+            return ftype, await self.reader.readexactly(n)
 
     async def closed_within(self, timeout: float) -> bool:
         """True once the replica ends the connection (EOF or reset), False if it is still open after ``timeout``."""
         try:
-            while await asyncio.wait_for(self.reader.read(65536), timeout):
-                pass
+            while True:
+                with anyio.fail_after(timeout):
+                    if not await self.reader.read(65536):
+                        break
         except TimeoutError:
             return False
         except (ConnectionError, OSError):

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 
+import anyio
 import uvicorn
 
 from coordinator.core.keys import NodeKey
 from coordinator.edge.protocol import DerpHttpProtocol
 from coordinator.edge.routes import create_app
-from coordinator.relay.client import DerpClient
+from coordinator.relay.client import DerpClient, RecvPacket
 from coordinator.relay.dataplane import DerpRelay
 from testkit.polling import wait_for
 
@@ -34,7 +36,8 @@ async def serve_app(app, *, port: int = 0, **config):
     finally:
         server.should_exit = True
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(task, 10)
+            with anyio.fail_after(10):
+                await task
         sock.close()
 
 
@@ -55,3 +58,23 @@ async def routed(a: DerpClient, b: DerpClient, timeout: float = 10.0) -> None:
         return (await b.recv_packet(timeout=0.05)).data == b"probe"
 
     await wait_for(crossed, timeout, "packets to cross the mesh", 0, ignore=(TimeoutError,))
+
+
+SIZES = [0, 1, 100, 1000, 16000, 32767, 32768, 40000, 65536]  # around the 32 KiB WebSocket message limit
+
+
+async def exchange(a: DerpClient, b: DerpClient, sizes: list[int] = SIZES) -> None:
+    """Send every size a->b and b->a and check content and source key."""
+    for src, dst in ((a, b), (b, a)):
+        payloads = [os.urandom(n) for n in sizes]
+        for p in payloads:
+            await src.send(dst.public_key, p)
+        for p in payloads:
+            frame = await dst.recv_packet(timeout=5)
+            assert frame == RecvPacket(src.public_key, p)
+
+
+async def raw_socket(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A plain TCP connection to the relay at ``url`` (http://127.0.0.1:PORT/...), for hand-made bytes."""
+    port = int(url.split(":")[2].split("/")[0])
+    return await asyncio.open_connection("127.0.0.1", port)

@@ -5,6 +5,7 @@ import psycopg
 import pytest
 
 from testkit.pgcluster import PgCluster
+from testkit.relayfix import serve_relay
 
 
 def _running_cluster():
@@ -85,3 +86,10 @@ def pg_url(pg_cluster):
     yield f"postgresql://postgres@127.0.0.1:{pg_cluster.port}/{name}"
     with psycopg.connect(pg_cluster.url, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+async def relay():
+    """(url, DerpRelay): a relay served by uvicorn on a free port, handshakes bounded to 1 s."""
+    async with serve_relay(handshake_timeout=1.0) as (url, served):
+        yield url, served

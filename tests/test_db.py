@@ -9,17 +9,14 @@ import anyio
 import psycopg
 import pytest
 
-from coordinator.cluster.db import (
-    Database,
+from coordinator.cluster.db import Database
+from coordinator.cluster.dberrors import (
     DatabaseError,
     DatabaseUnavailable,
-    Migration,
     MigrationError,
     UnsupportedPostgres,
-    check_server_version,
-    format_server_version,
-    load_migrations,
 )
+from coordinator.cluster.schema import Migration, check_server_version, format_server_version, load_migrations
 from testkit.pgcluster import free_port, pg_bindir
 from testkit.polling import wait_for
 

@@ -105,8 +105,10 @@ async def test_stuck_mesh_link_pushes_back_on_its_sender_instead_of_dropping(sto
 
                 receiving = asyncio.create_task(receive())
                 peer.signal(signal.SIGCONT)
-                await asyncio.wait_for(sending, 60)
-                await asyncio.wait_for(receiving, 60)
+                with anyio.fail_after(60):
+                    await sending
+                with anyio.fail_after(60):
+                    await receiving
                 # This relay forwarded every packet, in order. (The peer may still shed some for b, a
                 # Python client slower than the relay: local delivery drops the oldest, as in Go.)
                 stats = r1.stats()
@@ -131,7 +133,8 @@ async def test_mesh_link_stuck_past_the_stall_timeout_is_redialled(stoppable_rel
                 # dropped while b is unreachable) and the link redials.
                 await wait_for(lambda: r1.stats()["senders_paused"] == 0, timeout=10)
                 await wait_for(lambda: not link.connected, timeout=5)
-                await asyncio.wait_for(sending, 30)
+                with anyio.fail_after(30):
+                    await sending
                 await a.send(c.public_key, b"still here")
                 assert await c.recv_packet(timeout=5) == RecvPacket(a.public_key, b"still here")
                 peer.signal(signal.SIGCONT)

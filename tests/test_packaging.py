@@ -53,6 +53,7 @@ def test_wheel_is_manylinux_with_no_sources_and_with_its_data(dist):
     assert "manylinux" in wheel.name and "linux_x86_64.whl" not in wheel.name.replace("manylinux", "")
     names = zipfile.ZipFile(wheel).namelist()
     assert not [n for n in names if n.endswith((".c", ".pyx", ".pxd", ".pxi", ".h"))], names
+    assert not [n for n in names if n.startswith(("testkit/", "tests/", "scripts/"))], names  # helpers stay home
     for module in ("_relay/relay.", "_relay/codec."):
         assert any(n.startswith(module) and n.endswith(".so") for n in names), names
     for data in ("coordinator/deploy/nginx/coordinator.conf", "coordinator/ops/static/status.js",
@@ -103,7 +104,7 @@ def test_installs_without_a_compiler_and_starts_a_replica(dist, open_tmp, pg_url
         env={**bare, "PIP_CACHE_DIR": os.environ.get("PIP_CACHE_DIR", str(Path.home() / ".cache" / "pip"))},
     )
     assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
-    found = subprocess.run([str(bin_dir / "python"), "-c", "from coordinator import nginx; print(nginx.EXAMPLE)"],
+    found = subprocess.run([str(bin_dir / "python"), "-c", "from coordinator.cli import nginx; print(nginx.EXAMPLE)"],
                            capture_output=True, text=True, env=bare, cwd=tmp_path, check=True).stdout.strip()
     assert found.startswith(str(env_dir)) and Path(found).is_file()  # the installed demo finds the nginx example
     port = free_port()

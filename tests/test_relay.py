@@ -1,9 +1,11 @@
-"""The relay end to end: real uvicorn on a free port, real sockets, the Python DERP client."""
+"""The relay end to end: real uvicorn on a free port (the ``relay`` fixture of conftest.py), real sockets,
+the Python DERP client. Hostile input: test_relay_hostile.py."""
 
 import asyncio
 import os
 import socket
 
+import anyio
 import pytest
 import websockets
 
@@ -19,29 +21,11 @@ from coordinator.relay.client import (
     RecvPacket,
 )
 from testkit.polling import wait_for
-from testkit.relayfix import serve_relay
+from testkit.relayfix import exchange, raw_socket, serve_relay
 
 pytestmark = pytest.mark.anyio
 
-SIZES = [0, 1, 100, 1000, 16000, 32767, 32768, 40000, 65536]
 DISCO = codec.DISCO_MAGIC + os.urandom(56)
-
-
-@pytest.fixture
-async def relay():
-    async with serve_relay(handshake_timeout=1.0) as (url, relay):
-        yield url, relay
-
-
-async def exchange(a: DerpClient, b: DerpClient, sizes=SIZES):
-    """Send every size a->b and b->a and check content and source key."""
-    for src, dst in ((a, b), (b, a)):
-        payloads = [os.urandom(n) for n in sizes]
-        for p in payloads:
-            await src.send(dst.public_key, p)
-        for p in payloads:
-            frame = await dst.recv_packet(timeout=5)
-            assert frame == RecvPacket(src.public_key, p)
 
 
 @pytest.mark.parametrize(("ws_a", "ws_b"), [(False, False), (True, True), (False, True)], ids=["raw", "websocket", "mixed"])
@@ -65,7 +49,8 @@ async def test_fast_start_sends_no_http_response(relay):
     port = int(url.split(":")[2].split("/")[0])
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"GET /derp HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: DERP\r\nDerp-Fast-Start: 1\r\n\r\n")
-    first = await asyncio.wait_for(reader.readexactly(45), 5)
+    with anyio.fail_after(5):
+        first = await reader.readexactly(45)
     assert first == r.server.server_key_frame
     writer.close()
 
@@ -75,9 +60,11 @@ async def test_legacy_websocket_header_without_subprotocol_is_raw_derp(relay):
     port = int(url.split(":")[2].split("/")[0])
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"GET /derp HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: WebSocket\r\n\r\n")
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    with anyio.fail_after(5):
+        head = await reader.readuntil(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 101 ") and b"Upgrade: DERP" in head
-    assert await asyncio.wait_for(reader.readexactly(45), 5) == r.server.server_key_frame
+    with anyio.fail_after(5):
+        assert await reader.readexactly(45) == r.server.server_key_frame
     writer.close()
 
 
@@ -125,7 +112,8 @@ async def test_websocket_messages_limited_to_32k_and_large_incoming_accepted(rel
             await a.send_many(key.public, [os.urandom(65536) for _ in range(4)])
             got, sizes = 0, []
             while got < 4:
-                msg = await asyncio.wait_for(ws.recv(), 5)
+                with anyio.fail_after(5):
+                    msg = await ws.recv()
                 sizes.append(len(msg))
                 got += sum(1 for t, _ in reader.feed(msg) if t == codec.RECV_PACKET)
             assert max(sizes) <= 32768
@@ -249,7 +237,8 @@ async def test_forwarder_sends_forward_packets(relay):
     async with await DerpClient.connect(url) as a:
         await a.send(remote, b"over the mesh")
         right.setblocking(False)
-        data = await asyncio.wait_for(loop.sock_recv(right, 4096), 5)
+        with anyio.fail_after(5):
+            data = await loop.sock_recv(right, 4096)
         assert data == codec.forward_packet(a.public_key, remote, b"over the mesh")
         assert r.server.lookup(remote) is fwd
         # a local client always wins over a forwarder
@@ -283,8 +272,10 @@ async def test_congested_forwarder_pauses_its_sender_until_the_link_drains(relay
             expected = count * (5 + 64 + size)
             received = 0
             while received < expected:  # drain the link: the ticker resumes `a` within a second
-                received += len(await asyncio.wait_for(loop.sock_recv(right, 1 << 20), 5))
-            await asyncio.wait_for(sending, 5)
+                with anyio.fail_after(5):
+                    received += len(await loop.sock_recv(right, 1 << 20))
+            with anyio.fail_after(5):
+                await sending
             assert received == expected
             stats = r.stats()
             assert stats["forwarded_out"] == count and stats["drops"]["queue_tail"] == 0
@@ -320,148 +311,14 @@ async def test_multi_forwarder_rules(relay):
         right.close()
 
 
-# -- bad input: the offender is disconnected, everyone else keeps working -----------------
-
-
-async def raw_socket(url):
-    port = int(url.split(":")[2].split("/")[0])
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    return reader, writer
-
-
-async def upgraded(url, server_key_frame):
-    reader, writer = await raw_socket(url)
-    writer.write(b"GET /derp HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: DERP\r\n\r\n")
-    await reader.readuntil(b"\r\n\r\n")
-    assert await reader.readexactly(45) == server_key_frame
-    return reader, writer
-
-
-async def assert_closed(reader, timeout=5.0):
-    """The relay closes the connection without sending one more byte (no ServerInfo, no other frame)."""
-    try:
-        data = await asyncio.wait_for(reader.read(), timeout)
-    except ConnectionResetError:
-        return  # closed while our bytes were still unread: a reset, after which nothing can arrive
-    assert data == b"", f"expected the relay to close without a reply, got {len(data)} bytes: {data[:40].hex()}"
-
-
-def client_info(key: NodeKey, server_key: bytes, info=None) -> bytes:
-    from coordinator.relay.handshake import client_info_payload
-
-    return codec.frame(codec.CLIENT_INFO, client_info_payload(key, server_key, info or {"version": 2}))
-
-
-BAD_HANDSHAKES = {
-    "garbage": lambda sk: b"\xde\xad\xbe\xef" * 50,
-    "wrong first frame": lambda sk: codec.frame(codec.PING, bytes(8)),
-    "oversized ClientInfo": lambda sk: codec.header(codec.CLIENT_INFO, 300000),
-    "short ClientInfo": lambda sk: codec.frame(codec.CLIENT_INFO, bytes(40)),
-    "bad box": lambda sk: codec.frame(codec.CLIENT_INFO, NodeKey.generate().public + os.urandom(80)),
-    "not JSON": lambda sk: codec.frame(
-        codec.CLIENT_INFO, __import__("coordinator.relay.handshake").relay.handshake.client_info_payload(NodeKey.generate(), sk, [1])
-    ),
-    "zero key": lambda sk: codec.frame(codec.CLIENT_INFO, bytes(32) + os.urandom(80)),
-}
-
-
-@pytest.mark.parametrize("case", list(BAD_HANDSHAKES))
-async def test_bad_handshakes_disconnected(relay, case):
-    url, r = relay
-    async with await DerpClient.connect(url) as a, await DerpClient.connect(url) as b:
-        reader, writer = await upgraded(url, r.server.server_key_frame)
-        writer.write(BAD_HANDSHAKES[case](r.public_key))
-        await assert_closed(reader)
-        writer.close()
-        await exchange(a, b, [0, 1000])
-        assert r.stats()["current_connections"] == 2
-
-
-async def test_truncated_and_slow_handshakes_time_out(relay):
-    url, r = relay
-    async with await DerpClient.connect(url) as a, await DerpClient.connect(url) as b:
-        slow_reader, slow_writer = await upgraded(url, r.server.server_key_frame)
-        cut_reader, cut_writer = await upgraded(url, r.server.server_key_frame)
-        cut_writer.write(client_info(NodeKey.generate(), r.public_key)[:30])  # truncated, then silence
-        await assert_closed(slow_reader, 5)  # handshake_timeout is 1 s in this fixture
-        await assert_closed(cut_reader, 5)
-        slow_writer.close()
-        cut_writer.close()
-        await exchange(a, b, [10])
-        assert r.stats()["handshake_failures"] >= 2
-
-
-BAD_FRAMES = {
-    "oversized packet": lambda k: codec.header(codec.SEND_PACKET, 32 + 65537) + k + bytes(65537),
-    "short SendPacket": lambda k: codec.frame(codec.SEND_PACKET, bytes(10)),
-    "bad NotePreferred": lambda k: codec.frame(codec.NOTE_PREFERRED, b"\x01\x01"),
-    "short Ping": lambda k: codec.frame(codec.PING, b"1234"),
-    "WatchConns without mesh key": lambda k: codec.frame(codec.WATCH_CONNS),
-    "ForwardPacket without mesh key": lambda k: codec.forward_packet(k, k, b"x"),
-    "ClosePeer without mesh key": lambda k: codec.frame(codec.CLOSE_PEER, k),
-    "huge length": lambda k: b"\x04\xff\xff\xff\xff" + k,
-}
-
-
-@pytest.mark.parametrize("case", list(BAD_FRAMES))
-async def test_bad_frames_disconnect_only_the_offender(relay, case):
-    url, r = relay
-    async with await DerpClient.connect(url) as a, await DerpClient.connect(url) as b:
-        bad = await DerpClient.connect(url)
-        await bad.send_raw(BAD_FRAMES[case](a.public_key))
-        with pytest.raises(DerpError):
-            while True:
-                await bad.recv(timeout=5)
-        await bad.close()
-        await exchange(a, b, [0, 1000, 65536])
-        await wait_for(lambda: r.stats()["current_connections"] == 2)
-        assert r.stats()["protocol_errors"] >= 1
-
-
-async def test_unknown_frame_types_skipped(relay):
-    url, _ = relay
-    async with await DerpClient.connect(url) as a, await DerpClient.connect(url) as b:
-        await a.send_raw(codec.frame(0x7F, os.urandom(100000)) + codec.frame(codec.KEEP_ALIVE) + codec.frame(codec.PONG, bytes(8)))
-        await exchange(a, b, [5])
-
-
-async def test_bad_websocket_input(relay):
-    url, r = relay
-    async with await DerpClient.connect(url) as a, await DerpClient.connect(url) as b:
-        ws = await websockets.connect(url.replace("http", "ws"), subprotocols=["derp"])
-        await ws.recv()
-        await ws.send("text is not allowed")
-        with pytest.raises(websockets.ConnectionClosed) as info:
-            while True:
-                await asyncio.wait_for(ws.recv(), 5)
-        assert info.value.rcvd is not None, "the relay closed without a WebSocket close frame"
-        assert info.value.rcvd.code == 1003, info.value.rcvd  # unsupported data: DERP is binary only
-        await exchange(a, b, [100])
-        await wait_for(lambda: r.stats()["current_connections"] == 2)
-
-
-async def test_slow_receiver_drops_oldest_and_write_timeout_sheds_it():
-    async with serve_relay(queue_depth=4, write_timeout=0.5, high_water=64 * 1024) as (url, r):
-        async with await DerpClient.connect(url) as sender, await DerpClient.connect(url) as other:
-            stuck = await DerpClient.connect(url)
-            stuck.transport.pause_reading()  # never reads: its socket buffers fill up
-            for _ in range(40):
-                await sender.send_many(stuck.public_key, [bytes(60000)] * 10)
-            drops = r.stats()["drops"]
-            assert drops["queue_head"] > 0
-            await wait_for(lambda: not r.server.connections(stuck.public_key), timeout=10)
-            assert r.stats()["drops"]["write_error"] >= 1
-            await exchange(sender, other, [0, 1000])  # the sender's reader was never blocked
-            stuck.transport.abort()
-
-
 # -- HTTP endpoints ---------------------------------------------------------------------------
 
 
 async def http(url, request: bytes) -> bytes:
     reader, writer = await raw_socket(url)
     writer.write(request)
-    data = await asyncio.wait_for(reader.read(), 5)
+    with anyio.fail_after(5):
+        data = await reader.read()
     writer.close()
     return data
 

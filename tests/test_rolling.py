@@ -12,6 +12,7 @@ import asyncio
 import signal
 import time
 
+import anyio
 import pytest
 
 from coordinator.cli.nginx import nginx_binary
@@ -74,7 +75,8 @@ async def test_rolling_restart_behind_nginx(cluster):
         await traffic.routed(60)
         traffic.run()
         # A bound of its own: a hang fails with the await it hung in.
-        phases, figures = await asyncio.wait_for(restart_each(replicas, traffic, server_keys), 240)
+        with anyio.fail_after(240):
+            phases, figures = await restart_each(replicas, traffic, server_keys)
         until = await traffic.stop()
     finally:
         await traffic.close()

@@ -94,23 +94,34 @@ def test_endpoint_is_the_one_dialling_rule():
         with pytest.raises(ValueError):
             endpoint(bad)
     assert websocket_url("https://h/derp") == "wss://h/derp" and websocket_url("http://h:1/derp") == "ws://h:1/derp"
+    # Where a client dials is derived here only; the rest read a URL's password or validate settings.
+    assert _users("urlsplit(") == {"coordinator/core/urls.py", "coordinator/core/values.py",
+                                   "coordinator/core/settings.py", "coordinator/cluster/db.py"}
 
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = sorted((ROOT / "coordinator").rglob("*.py"))
+EVERY_SOURCE = sorted(p for d in ("coordinator", "tests", "testkit", "scripts") for p in (ROOT / d).rglob("*.py"))
 
 
-def _users(needle: str) -> set[str]:
-    """The package's modules whose text contains ``needle``, as paths from the repository root."""
-    return {path.relative_to(ROOT).as_posix() for path in SOURCES if needle in path.read_text(encoding="utf-8")}
+def _users(needle: str, sources: list[Path] = SOURCES) -> set[str]:
+    """The modules (the package's by default) whose text contains ``needle``, as paths from the repository root."""
+    return {path.relative_to(ROOT).as_posix() for path in sources if needle in path.read_text(encoding="utf-8")}
 
 
 def test_one_http_client_path_and_anyio_timeouts():
-    assert _users("asyncio.open_connection(") == {"coordinator/relay/client.py"}  # the DERP upgrade
+    # Sockets opened by hand: the DERP upgrade, and the timed latency checks (h11 parses, nothing in between).
+    assert _users("asyncio.open_connection(") == {"coordinator/relay/client.py", "coordinator/relay/httpclient.py"}
+    assert _users("import h11") == {"coordinator/relay/httpclient.py"}
     assert _users("import urllib.request") == set() and _users("http.client") == set()
     assert _users("import httpx") <= {"coordinator/relay/httpclient.py", "coordinator/relay/admission.py",
                                       "coordinator/ops/probe/discovery.py", "coordinator/cli/demo.py"}
-    assert _users("asyncio.wait_for(") == set()  # relay/client.py says why
+    assert _users("asyncio." + "wait_for(", EVERY_SOURCE) == set()  # relay/client.py says why
+
+
+def test_helpers_are_imported_not_put_on_the_path():
+    assert _users("sys.path" + ".insert", EVERY_SOURCE) == set()
+    assert _users("sys.path" + "[:0]", EVERY_SOURCE) <= {"scripts/bench/relay_server.py"}  # --relay-path A/B builds
 
 
 def test_findings_roll_up_and_the_latency_limit_have_one_home():

@@ -69,7 +69,8 @@ def cmd_api_token(args: argparse.Namespace) -> int:
     import asyncio
     import secrets
 
-    from coordinator.cluster.db import Database, DatabaseError
+    from coordinator.cluster.db import Database
+    from coordinator.cluster.dberrors import DatabaseError
     from coordinator.cluster.embedded import embedded_url
 
     settings = _settings_from(args)

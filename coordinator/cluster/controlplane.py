@@ -21,13 +21,8 @@ import anyio.abc
 import psycopg
 from psycopg_pool import PoolTimeout
 
-from coordinator.cluster.db import (
-    Database,
-    DatabaseError,
-    DatabaseRefused,
-    MigrationError,
-    UnsupportedPostgres,
-)
+from coordinator.cluster.db import Database
+from coordinator.cluster.dberrors import DatabaseError, DatabaseRefused, MigrationError, UnsupportedPostgres
 from coordinator.cluster.dupkey import DuplicateKeyCheck
 from coordinator.cluster.latency import LatencyMonitor
 from coordinator.cluster.mesh import Mesh

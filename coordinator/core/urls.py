@@ -25,7 +25,8 @@ def endpoint(url: str) -> Endpoint:
     if parts.scheme not in DEFAULT_PORTS or not parts.hostname:
         raise ValueError(f"not an http:// or https:// URL with a host: {without_userinfo(url)!r}")
     path = parts.path + (f"?{parts.query}" if parts.query else "")
-    return Endpoint(parts.hostname, parts.port or DEFAULT_PORTS[parts.scheme], parts.scheme == "https",
+    port = parts.port if parts.port is not None else DEFAULT_PORTS[parts.scheme]
+    return Endpoint(parts.hostname, port, parts.scheme == "https",
                     parts.netloc.rpartition("@")[2], path)
 
 

@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 import anyio
 import httpx
 
-from coordinator.relay.httpclient import http_client, why
+from coordinator.relay.httpclient import http_client, read_capped, warm_up, why
 
 log = logging.getLogger("coordinator.admission")
 
@@ -71,12 +71,7 @@ async def post_json(url: str, body: bytes) -> tuple[int, bytes]:
     """
     async with http_client() as client, client.stream(
             "POST", url, content=body, headers={"Content-Type": "application/json"}) as response:
-        answer = b""
-        async for chunk in response.aiter_bytes():
-            answer += chunk
-            if len(answer) >= MAX_ANSWER:
-                break
-        return response.status_code, answer[:MAX_ANSWER]
+        return response.status_code, await read_capped(response, MAX_ANSWER)
 
 
 class _OnceLog:
@@ -109,6 +104,7 @@ class WebhookAdmission:
         self._inflight: dict[tuple[bytes, str], asyncio.Future] = {}
         self._log = _OnceLog(f"admission webhook {url}")
         self.counts = {"requests": 0, "allowed": 0, "refused": 0, "failures": 0, "cached": 0}
+        warm_up()  # else the first question could time out on the client's set-up
 
     def __call__(self, key: bytes, source: str) -> bool | Awaitable[bool]:
         """A fresh decision for this (key, source) at once, else an awaitable of one."""

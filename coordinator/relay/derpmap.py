@@ -12,12 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 from coordinator.core.errors import ConfigError
 from coordinator.core.settings import Settings
+from coordinator.core.urls import endpoint
 
-DEFAULT_PORTS = {"http": 80, "https": 443}
 # Field order of tailcfg.DERPNode; False means `json:",omitempty"` (zero values are left out).
 _NODE_FIELDS = (
     ("Name", True), ("RegionID", True), ("HostName", True), ("CertName", False), ("IPv4", False),
@@ -37,19 +36,18 @@ def _ordered(values: dict, spec) -> dict:
 
 def derp_node(access_url: str, region_id: int) -> dict:
     """The ``DERPNode`` that dials ``access_url``: its host and port, no STUN, plain HTTP marked."""
-    parts = urlsplit(access_url)
-    if parts.path not in ("", "/"):
+    try:
+        where = endpoint(access_url)
+    except ValueError:
+        raise ConfigError(f"COORDINATOR_ACCESS_URL: {access_url!r} must be an http:// or https:// URL with a valid port") from None
+    if where.path not in ("", "/"):
         raise ConfigError(f"COORDINATOR_ACCESS_URL: {access_url!r} has a path; a DERP map node is a host and port "
                           "(clients always dial /derp at its root)")
-    try:
-        port = parts.port or DEFAULT_PORTS[parts.scheme]
-    except (KeyError, ValueError):
-        raise ConfigError(f"COORDINATOR_ACCESS_URL: {access_url!r} must be an http:// or https:// URL with a valid port") from None
-    plain = parts.scheme == "http"
+    port, plain = where.port, not where.tls
     return _ordered({
         "Name": f"{region_id}a",
         "RegionID": region_id,
-        "HostName": parts.hostname,
+        "HostName": where.host,
         "STUNPort": -1,  # the replicas serve no STUN
         # Always explicit: zero means 443 to every client, even for a plain-HTTP node.
         "DERPPort": port,

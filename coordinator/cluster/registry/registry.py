@@ -34,7 +34,8 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from coordinator.cluster.db import Database, DatabaseUnavailable
+from coordinator.cluster.db import Database
+from coordinator.cluster.dberrors import DatabaseUnavailable
 from coordinator.cluster.registry.health import BeatHealth
 from coordinator.cluster.registry.table import (
     _CLEANUP,

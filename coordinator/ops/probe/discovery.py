@@ -13,7 +13,7 @@ import httpx
 from coordinator.cluster.registry import ALIVE_SQL
 from coordinator.core.errors import describe, one_line
 from coordinator.ops.probe.model import TOKEN_ENV, ProbeUsageError, ReplicaInfo
-from coordinator.relay.httpclient import http_client, tls_failure, why
+from coordinator.relay.httpclient import http_client, read_capped, tls_failure, why
 
 MAX_API_ANSWER = 8 << 20  # bytes of /api/v2/replicas read: thousands of replicas, never a runaway body
 
@@ -56,7 +56,8 @@ async def connect_db(url: str, timeout: float):
     import psycopg
     from psycopg.conninfo import make_conninfo
 
-    from coordinator.cluster.db import DatabaseError, prepare_conninfo, redact
+    from coordinator.cluster.db import prepare_conninfo, redact
+    from coordinator.cluster.dberrors import DatabaseError
 
     try:
         conninfo, target, password = prepare_conninfo(url)
@@ -114,11 +115,7 @@ async def replicas_from_api(url: str, token: str | None, timeout: float, insecur
     try:
         with anyio.fail_after(timeout):
             async with http_client(insecure=insecure) as client, client.stream("GET", api, headers=headers) as resp:
-                body = b""
-                async for chunk in resp.aiter_bytes():
-                    body += chunk
-                    if len(body) >= MAX_API_ANSWER:
-                        break
+                body = await read_capped(resp, MAX_API_ANSWER)
     except TimeoutError:
         raise ProbeUsageError(f"no answer from {url} within {timeout:g} s") from None
     except httpx.ConnectError as exc:
