@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from coordinator.cluster.mesh import normalize_relay_url
+from coordinator.core.urls import derp_url
 from coordinator.relay.client import DerpClient, DerpError, Restarting
 from testkit.cluster import HACluster, full_mesh, serve
 from testkit.polling import wait_blocking, wait_until
@@ -50,7 +50,7 @@ async def test_half_of_ten_replicas_stop_at_once(cluster):
     leaving, staying = replicas[::2], replicas[1::2]
     clients = [await DerpClient.connect(r.url + "/derp") for r in leaving]
     readers = [asyncio.create_task(frames_until_closed(c)) for c in clients]
-    gone = {normalize_relay_url(r.url) for r in leaving}
+    gone = {derp_url(r.url) for r in leaving}
     try:
         t0 = time.monotonic()
         for r in leaving:
@@ -155,7 +155,7 @@ def test_two_replicas_on_one_data_directory_are_a_finding(cluster):
     for me, other in ((a, b), (b, a)):
         def finding(me=me, other=other):
             found = [f for f in me.api("/api/v2/debug/health")["findings"] if f["code"] == "EDERP03"]
-            return found if found and normalize_relay_url(other.url) in found[0]["message"] else None
+            return found if found and derp_url(other.url) in found[0]["message"] else None
 
         assert wait_blocking(finding, 30, "the duplicate server key finding")[0]["severity"] == "error"
         wait_blocking(lambda me=me: "has this replica's DERP server key" in me.proc.output, 10, "the log line")

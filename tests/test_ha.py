@@ -7,11 +7,12 @@ import time
 import pytest
 
 from coordinator.cli.nginx import nginx_binary
-from coordinator.cluster.mesh import normalize_relay_url
+from coordinator.core.urls import derp_url
 from coordinator.relay.client import DerpClient, DerpError, RecvPacket
 from testkit.cluster import HACluster, serve
 from testkit.cluster import full_mesh as cluster_full_mesh
 from testkit.polling import wait_for, wait_until
+from testkit.procs import free_port
 from testkit.relayfix import routed
 
 pytestmark = [
@@ -128,7 +129,7 @@ async def test_sigterm_peers_drop_it_and_new_replica_joins_mesh(cluster):
     await wait_until(lambda: full_mesh(cluster), 15)
     leaving = cluster.replicas[2]
     stayers = cluster.replicas[:2]
-    url = normalize_relay_url(leaving.url)
+    url = derp_url(leaving.url)
     t0 = time.monotonic()
     leaving.proc.signal(signal.SIGTERM)
     dropped = await wait_until(lambda: all(url not in r.status()["mesh"] for r in stayers), 10)
@@ -149,7 +150,7 @@ async def test_unreachable_peer_shows_in_error_column_and_does_not_block_others(
 
     await wait_until(lambda: full_mesh(cluster), 15)
     ghost = uuid.uuid4()
-    dead_url = f"http://127.0.0.1:{__import__('procs').free_port()}"
+    dead_url = f"http://127.0.0.1:{free_port()}"
     async with await psycopg.AsyncConnection.connect(cluster.pg_url, autocommit=True) as conn:
         await conn.execute(
             "INSERT INTO replicas (id, hostname, region_id, relay_url, heartbeat_ms) VALUES (%s, 'ghost', 999, %s, 60000)",
@@ -164,7 +165,7 @@ async def test_unreachable_peer_shows_in_error_column_and_does_not_block_others(
         seen: list[str] = []
 
         def reported(e: str) -> bool:
-            return e.startswith("Failed to dial peers: " + normalize_relay_url(dead_url)) and (
+            return e.startswith("Failed to dial peers: " + derp_url(dead_url)) and (
                 f"ping sibling replica ghost ({dead_url}): " in e)
 
         async def all_reported() -> bool:

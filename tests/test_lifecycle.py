@@ -16,8 +16,8 @@ import psycopg
 import pytest
 
 from coordinator.cli.server import EXIT_CLEAN, EXIT_FORCED, EXIT_UNCLEAN_STOP
-from coordinator.cluster.mesh import normalize_relay_url
 from coordinator.core.settings import load_settings
+from coordinator.core.urls import derp_url
 from coordinator.relay.client import DerpClient, DerpError, Restarting
 from coordinator.replica import RESTART_TRY_FOR_MS, Replica
 from testkit.cluster import HACluster
@@ -30,7 +30,7 @@ SHUTDOWN_TIMEOUT = 5.0  # the default
 
 
 def meshed(replicas) -> bool:
-    return all({normalize_relay_url(o.url) for o in replicas if o is not r} <= r.mesh_connected() for r in replicas)
+    return all({derp_url(o.url) for o in replicas if o is not r} <= r.mesh_connected() for r in replicas)
 
 
 def freeze(proc, sig=signal.SIGSTOP) -> None:
@@ -194,7 +194,7 @@ async def test_many_peers_leaving_at_once_are_all_dropped(pg_url):
             await wait_for(lambda: all(s.relay.server.lookup(c.public_key) is not None for s in staying for c in clients),
                            15, "survivors to route to the leaving replicas' clients")
             gone_ids = {r.registry.id for r in leaving}
-            gone_urls = {normalize_relay_url(url) for url, _ in relays[: n // 2]}
+            gone_urls = {derp_url(url) for url, _ in relays[: n // 2]}
             dropped: dict = {}
 
             def all_dropped() -> bool:
