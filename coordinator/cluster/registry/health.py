@@ -10,7 +10,7 @@ from uuid import UUID
 
 from psycopg_pool import PoolTimeout
 
-from coordinator.cluster.registry.table import MISSED_BEATS
+from coordinator.cluster.registry.table import MISSED_BEATS, ReplicaInfo
 from coordinator.core.errors import describe
 
 log = logging.getLogger("coordinator.replicas")
@@ -83,3 +83,12 @@ class BeatHealth:
             self._skew_warned = off
             if off:
                 log.warning("local clock is %+.2f s off the database clock; liveness uses database time only", -skew)
+
+
+def kept_in_grace(previous: list[ReplicaInfo], live: list[ReplicaInfo], replicas: list[ReplicaInfo]) -> list[ReplicaInfo]:
+    """Of the ``previous`` live peers, those that look stale only because of the outage we just left:
+    not live now, but still in the table and not stopped (their rows as read now)."""
+    live_ids = {p.id for p in live}
+    current = {r.id: r for r in replicas}
+    return [row for old in previous
+            if old.id not in live_ids and (row := current.get(old.id)) is not None and row.stopped_at is None]

@@ -36,7 +36,7 @@ from psycopg.types.json import Jsonb
 
 from coordinator.cluster.db import Database
 from coordinator.cluster.dberrors import DatabaseUnavailable
-from coordinator.cluster.registry.health import BeatHealth
+from coordinator.cluster.registry.health import BeatHealth, kept_in_grace
 from coordinator.cluster.registry.table import (
     _CLEANUP,
     _INSERT_SELF,
@@ -456,7 +456,7 @@ class ReplicaRegistry:
         self._next_expiry = now + min(expiries) + 0.01 if expiries else None
         # Keep last known peers unless they left or were removed.
         if self.health.in_grace(now):
-            peers += self._kept_in_grace(peers, replicas)
+            peers += kept_in_grace(self._peers, peers, replicas)
             if now < self.health.grace_until:
                 self._next_expiry = min(self._next_expiry or math.inf, self.health.grace_until)
         peers.sort(key=lambda r: str(r.id))
@@ -468,17 +468,6 @@ class ReplicaRegistry:
         self._peer_key = key
         log.debug("replica %s: %d live peers", self.id, len(peers))
         return peers
-
-    def _kept_in_grace(self, live: list[ReplicaInfo], replicas: list[ReplicaInfo]) -> list[ReplicaInfo]:
-        """Previously live peers that look stale only because of the outage we just left."""
-        live_ids = {p.id for p in live}
-        current = {r.id: r for r in replicas}
-        kept = []
-        for old in self._peers:
-            row = current.get(old.id)
-            if old.id not in live_ids and row is not None and row.stopped_at is None:
-                kept.append(row)
-        return kept
 
     async def _notify(self, peers: list[ReplicaInfo]) -> None:
         if self.on_change is None:
