@@ -54,7 +54,7 @@ test: $(VENV)/.installed
 LINT_PATH := $(abspath $(VENV))/bin:$(PATH)
 
 lint: $(VENV)/.installed
-	PATH="$(LINT_PATH)" ruff check coordinator tests scripts
+	PATH="$(LINT_PATH)" ruff check coordinator tests scripts testkit
 	PATH="$(LINT_PATH)" cython-lint _relay/*.pyx _relay/*.pxd _relay/*.pxi
 	PATH="$(LINT_PATH)" lint-imports
 	PATH="$(LINT_PATH)" mypy

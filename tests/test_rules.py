@@ -114,8 +114,12 @@ def test_one_http_client_path_and_anyio_timeouts():
     assert _users("asyncio.open_connection(") == {"coordinator/relay/client.py", "coordinator/relay/httpclient.py"}
     assert _users("import h11") == {"coordinator/relay/httpclient.py"}
     assert _users("import urllib.request") == set() and _users("http.client") == set()
+    # Clients are made in one place (our TLS context, no proxies, anyio timeouts); others only name httpx's errors.
+    made_elsewhere = _users("httpx.AsyncClient(") | _users("httpx.Client(") | _users("httpx.get(") | _users("httpx.post(")
+    assert made_elsewhere == {"coordinator/relay/httpclient.py"}
     assert _users("import httpx") <= {"coordinator/relay/httpclient.py", "coordinator/relay/admission.py",
-                                      "coordinator/ops/probe/discovery.py", "coordinator/cli/demo.py"}
+                                      "coordinator/ops/probe/discovery.py", "coordinator/cli/demo.py",
+                                      "coordinator/relay/derpconfig.py", "coordinator/relay/relaycheck.py"}
     assert _users("asyncio." + "wait_for(", EVERY_SOURCE) == set()  # relay/client.py says why
 
 

@@ -25,6 +25,7 @@ import httpx
 
 from coordinator.cli import nginx
 from coordinator.relay.client import DerpClient, DerpError
+from coordinator.relay.httpclient import blocking_http_client
 
 
 def _free_port() -> int:
@@ -43,13 +44,14 @@ def _last_line(log: Path | None) -> str:
 
 def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 60.0, log: Path | None = None) -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{url}: process exited with status {proc.returncode}{_last_line(log)}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=1, trust_env=False).is_success:
-                return
-        time.sleep(0.1)
+    with blocking_http_client(1.0) as client:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{url}: process exited with status {proc.returncode}{_last_line(log)}")
+            with contextlib.suppress(httpx.HTTPError):
+                if client.get(url).is_success:
+                    return
+            time.sleep(0.1)
     raise RuntimeError(f"{url} did not come up within {timeout:.0f} s")
 
 

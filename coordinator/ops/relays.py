@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 from coordinator.cluster.controlplane import ControlPlane
+from coordinator.core.timestamps import iso_utc
 
 
 def _iso(epoch: float | None) -> str | None:
-    return datetime.fromtimestamp(epoch, UTC).isoformat().replace("+00:00", "Z") if epoch else None
+    return iso_utc(epoch) if epoch else None
 
 
 def derp_view(control: ControlPlane) -> dict:

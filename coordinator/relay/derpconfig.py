@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import anyio
 import httpx
 
-from coordinator.core.errors import one_line
 from coordinator.core.settings import ConfigError, Settings
 from coordinator.relay.derpmap import PublishedMap, embedded_region
+from coordinator.relay.httpclient import blocking_http_client, http_client, why
 
 log = logging.getLogger("coordinator.derpmap")
 
@@ -29,7 +29,6 @@ MAX_MAP_BYTES = 4 << 20  # Tailscale's whole public map is ~20 KiB: a bigger ans
 FETCH_TIMEOUT = 10.0  # seconds for one fetch of the config URL, answer body included
 MAX_REGION_ID = 2**53  # tailcfg: positive, and it must fit in a JavaScript number
 FETCH_FAILED = "EDERPMAP01"  # the config URL's last fetch failed: the last good map is served
-USER_AGENT = "coordinator-derpmap"
 
 
 class DerpMapError(ConfigError):
@@ -196,11 +195,6 @@ def _status_problem(response: httpx.Response) -> str | None:
     return None
 
 
-def http_failure(exc: httpx.HTTPError) -> str:
-    """Why a request failed, on one line (httpx's own text is sometimes empty)."""
-    return one_line(str(exc)) or f"the connection failed ({type(exc).__name__})"
-
-
 def _collect(body: bytearray, chunk: bytes, where: str) -> None:
     body += chunk
     if len(body) > MAX_MAP_BYTES:
@@ -212,8 +206,7 @@ def fetch_sync(url: str, where: str, timeout: float = FETCH_TIMEOUT) -> bytes:
     deadline = time.monotonic() + timeout
     body = bytearray()
     try:
-        with httpx.Client(timeout=timeout, follow_redirects=True, headers={"User-Agent": USER_AGENT}) as client, \
-                client.stream("GET", url) as response:
+        with blocking_http_client(timeout) as client, client.stream("GET", url) as response:
             if (problem := _status_problem(response)) is not None:
                 raise DerpMapError(f"{where}: {problem}")
             for chunk in response.iter_bytes():
@@ -223,7 +216,7 @@ def fetch_sync(url: str, where: str, timeout: float = FETCH_TIMEOUT) -> bytes:
     except httpx.TimeoutException:
         raise DerpMapError(f"{where}: no whole answer within {timeout:g} s") from None
     except httpx.HTTPError as exc:
-        raise DerpMapError(f"{where}: cannot fetch: {http_failure(exc)}") from None
+        raise DerpMapError(f"{where}: cannot fetch: {why(exc)}") from None
     return bytes(body)
 
 
@@ -240,7 +233,7 @@ async def fetch(client: httpx.AsyncClient, url: str, where: str, timeout: float 
     except (TimeoutError, httpx.TimeoutException):
         raise DerpMapError(f"{where}: no whole answer within {timeout:g} s") from None
     except httpx.HTTPError as exc:
-        raise DerpMapError(f"{where}: cannot fetch: {http_failure(exc)}") from None
+        raise DerpMapError(f"{where}: cannot fetch: {why(exc)}") from None
     return bytes(body)
 
 
@@ -319,7 +312,7 @@ class DerpMaps:
         A new connection each time: minutes apart, a kept-alive one would mostly be stale.
         """
         try:
-            async with httpx.AsyncClient(follow_redirects=True, headers={"User-Agent": USER_AGENT}) as client:
+            async with http_client(follow_redirects=True) as client:
                 data = await fetch(client, self.settings.derp_config_url, self.source)
             custom = parse_derp_map(data, self.source)
             before = self.published.etag

@@ -41,7 +41,8 @@ def ssl_context(insecure: bool = False) -> ssl_module.SSLContext:
     return ctx
 
 
-def http_client(*, insecure: bool = False, connections: int | None = None, base_url: str = "") -> httpx.AsyncClient:
+def http_client(*, insecure: bool = False, connections: int | None = None, base_url: str = "",
+                follow_redirects: bool = False) -> httpx.AsyncClient:
     """An httpx client as every caller here wants it: our TLS context, no proxies, no httpx timeouts.
 
     ``connections`` caps the pool (one for a latency check: every request then shares the
@@ -49,7 +50,16 @@ def http_client(*, insecure: bool = False, connections: int | None = None, base_
     """
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections, keepalive_expiry=None)
     return httpx.AsyncClient(base_url=base_url, verify=ssl_context(insecure), timeout=None, limits=limits,
-                             trust_env=False, headers={"User-Agent": USER_AGENT})
+                             trust_env=False, headers={"User-Agent": USER_AGENT}, follow_redirects=follow_redirects)
+
+
+def blocking_http_client(timeout: float) -> httpx.Client:
+    """The same client, blocking, for the one fetch made before any event loop runs (a DERP map at start).
+
+    With no event loop there is no anyio scope: httpx's own timeout bounds each step instead.
+    """
+    return httpx.Client(verify=ssl_context(), timeout=timeout, trust_env=False, headers={"User-Agent": USER_AGENT},
+                        follow_redirects=True)
 
 
 async def read_capped(response: httpx.Response, limit: int) -> bytes:

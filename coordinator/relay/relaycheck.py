@@ -18,7 +18,8 @@ import anyio
 import httpx
 
 from coordinator.core.errors import describe, one_line
-from coordinator.relay.derpconfig import USER_AGENT, RelayNode, http_failure
+from coordinator.relay.derpconfig import RelayNode
+from coordinator.relay.httpclient import http_client, why
 
 log = logging.getLogger("coordinator.derpmap")
 
@@ -82,8 +83,7 @@ class RelayChecks:
     async def check(self, state: RelayState) -> None:
         """One check of one node: warm the connection if needed, then time a request."""
         if state.client is None:
-            state.client = httpx.AsyncClient(verify=not state.node.insecure, headers={"User-Agent": USER_AGENT},
-                                             timeout=self.timeout)
+            state.client = http_client(insecure=state.node.insecure, connections=1)
         try:
             with anyio.fail_after(2 * self.timeout):
                 if not state.warm:
@@ -92,12 +92,12 @@ class RelayChecks:
                 rtt = await self._get(state)
         except (TimeoutError, httpx.HTTPError, OSError) as exc:
             if isinstance(exc, TimeoutError):
-                why = f"no answer within {2 * self.timeout:g} s"
+                reason = f"no answer within {2 * self.timeout:g} s"
             else:
-                why = http_failure(exc) if isinstance(exc, httpx.HTTPError) else one_line(describe(exc))
+                reason = why(exc) if isinstance(exc, httpx.HTTPError) else one_line(describe(exc))
             if state.up is not False:
-                log.warning("custom relay %s (%s) unreachable: %s", state.node.label, state.node.base_url, why)
-            state.up, state.latency, state.error, state.warm = False, None, why, False
+                log.warning("custom relay %s (%s) unreachable: %s", state.node.label, state.node.base_url, reason)
+            state.up, state.latency, state.error, state.warm = False, None, reason, False
         else:
             if state.up is False:
                 log.info("custom relay %s (%s) answers again", state.node.label, state.node.base_url)

@@ -107,7 +107,8 @@ class Chaos:
     async def _term(self, r: ReplicaSlot, fault: Fault) -> None:
         r.signal(signal.SIGTERM)
         try:
-            await asyncio.wait_for(asyncio.to_thread(r.proc.wait, 30) if r.proc else asyncio.sleep(0), 31)
+            if r.proc is not None:
+                await asyncio.to_thread(r.proc.wait, 30)  # subprocess's own timeout: TimeoutExpired after 30 s
             fault.notes.append(f"stopped in {time.monotonic() - fault.start:.2f} s")
         except Exception:
             fault.notes.append("did not stop within 30 s of SIGTERM; killed")

@@ -13,10 +13,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import httpx
-
 from coordinator.ops.probe.model import ProbeUsageError, ReplicaInfo
-from coordinator.relay.derpconfig import USER_AGENT, DerpMapError, fetch, parse_derp_map, relay_nodes
+from coordinator.relay.derpconfig import DerpMapError, fetch, parse_derp_map, relay_nodes
+from coordinator.relay.httpclient import http_client
 
 CONFIG_ENV = ("COORDINATOR_DERP_CONFIG_URL", "CODER_DERP_CONFIG_URL", "COORDINATOR_DERP_CONFIG_PATH",
               "CODER_DERP_CONFIG_PATH")
@@ -61,8 +60,7 @@ async def read_map(source: str, timeout: float, insecure: bool) -> dict:
                 return parse_derp_map(file.read(), where, keep_embedded=True)
         except OSError as exc:
             raise DerpMapError(f"{where}: cannot read: {exc.strerror or exc}") from None
-    async with httpx.AsyncClient(timeout=timeout, verify=not insecure, follow_redirects=True,
-                                 headers={"User-Agent": USER_AGENT}) as client:
+    async with http_client(insecure=insecure, follow_redirects=True) as client:
         data = await fetch(client, source, where, timeout + 1.0)  # bounded in time and size
     return parse_derp_map(data, where, keep_embedded=True)
 
