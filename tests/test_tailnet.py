@@ -4,17 +4,14 @@ kinds, SIGKILL and SIGTERM of a replica, bad input."""
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator
 
 import psycopg
 import pytest
-
 from cluster import HACluster, serve
-from tailnetfix import RawPeer, tailnet_token
+from tailnetfix import RawPeer, joined, peers, tailnet_token
 
 pytestmark = pytest.mark.anyio
 
@@ -27,21 +24,6 @@ def two(pg_url, request):
         c.add_replicas(2)
 
     yield from serve(HACluster(pg_url, heartbeat=f"{HEARTBEAT * 1000:g}ms"), request, setup=setup)
-
-
-@contextlib.asynccontextmanager
-async def peers(*made: RawPeer) -> AsyncIterator[None]:
-    try:
-        yield
-    finally:
-        for p in made:
-            await p.close()
-
-
-async def joined(url: str, token: str, seq: int = 1, **node) -> RawPeer:
-    peer = await RawPeer(url, token).connect()
-    await peer.update({"key": f"nodekey:{peer.id.hex}", "seq": seq, **node})
-    return peer
 
 
 async def test_pgcoordinator_dual_mainline(two, pg_url):
