@@ -4,6 +4,7 @@ kinds, SIGKILL and SIGTERM of a replica, bad input."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 import uuid
@@ -12,6 +13,8 @@ import psycopg
 import pytest
 from cluster import HACluster, serve
 from tailnetfix import RawPeer, joined, peers, tailnet_token
+
+from procs import python
 
 pytestmark = pytest.mark.anyio
 
@@ -188,10 +191,74 @@ async def test_pgcoordinator_replaced_connection(two, pg_url):
 async def test_tailnet_token_cli(two, pg_url):
     import subprocess
 
-    from procs import python
-
     out = subprocess.run([python(), "-m", "coordinator", "tailnet-token", "--pg-url", pg_url],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == tailnet_token(pg_url)
     assert uuid.UUID  # keep the import honest
+
+
+@pytest.fixture
+def hook_app(pg_url, tmp_path):
+    """Two replicas of an embedder's app whose authorization hook replaces the deployment token."""
+    from polling import wait_blocking
+    from procs import ROOT, Proc, free_port, http_status
+
+    procs, urls = [], []
+    allowed = [uuid.uuid5(uuid.UUID("6ba7b811-9dad-11d1-80b4-00c04fd430c8"), u) for u in ("bob",)]
+    try:
+        for i in range(2):
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            procs.append(Proc(
+                [python(), "-m", "uvicorn", "tailnet_hook_app:app", "--app-dir", str(ROOT / "tests"), "--port", str(port),
+                 "--http", "coordinator.edge:DerpHttpProtocol", "--log-level", "info"],
+                env={"COORDINATOR_PG_CONNECTION_URL": pg_url, "COORDINATOR_DATA_DIR": str(tmp_path / f"r{i}"),
+                     "COORDINATOR_DERP_SERVER_RELAY_URL": url, "COORDINATOR_REPLICA_HEARTBEAT": "500ms",
+                     "TAILNET_HOOK_ALLOWED": ",".join(map(str, allowed))},
+                log=tmp_path / f"hook{i}.log",
+            ))
+            urls.append(url)
+        for url in urls:
+            wait_blocking(lambda url=url: http_status(url + "/readyz") == 200, 60, f"{url}/readyz")
+        yield urls
+    finally:
+        for proc in procs:
+            proc.stop()
+
+
+class _UserPeer(RawPeer):
+    def __init__(self, url: str, user: str, peer_id: uuid.UUID | None = None):
+        self.user = user
+        super().__init__(url, None, peer_id or uuid.uuid5(uuid.UUID("6ba7b811-9dad-11d1-80b4-00c04fd430c8"), user))
+
+    async def connect(self, base_url: str | None = None) -> RawPeer:
+        from tailnetfix import ws_url
+        from websockets.asyncio.client import connect
+
+        self.ws = await connect(ws_url(base_url or self.base_url, self.id), additional_headers={"X-User": self.user})
+        self.close_code = None
+        self._reader = asyncio.create_task(self._read(self.ws))
+        return self
+
+
+async def test_pgcoordinator_authorization_hook(hook_app):
+    """The embedder's hook decides who a connection is and which tunnels it may open."""
+    u0, u1 = hook_app
+    alice, bob = _UserPeer(u0, "alice"), _UserPeer(u1, "bob")
+    impostor = _UserPeer(u0, "mallory", peer_id=alice.id)  # claims alice's peer ID
+    carol = _UserPeer(u1, "carol")
+    async with peers(alice, bob, impostor, carol):
+        for p in (alice, bob):
+            await p.connect()
+            await p.update({"key": p.user, "seq": 1})
+        await alice.add_tunnel(bob.id)  # allowed
+        await bob.wait_kind(alice.id, "node", seq=1)
+        await alice.wait_kind(bob.id, "node", seq=1)
+        await impostor.connect()
+        assert await impostor.wait_closed() == 1008 and "may not claim" in impostor.errors[0]
+        assert alice.close_code is None  # not replaced
+        await carol.connect()
+        await carol.add_tunnel(alice.id)  # not in the allowed list
+        assert await carol.wait_closed() == 1008 and "may not open a tunnel" in carol.errors[0]
+        assert alice.kind_of(carol.id) is None  # alice never heard of carol
