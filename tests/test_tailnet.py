@@ -262,3 +262,67 @@ async def test_pgcoordinator_authorization_hook(hook_app):
         await carol.add_tunnel(alice.id)  # not in the allowed list
         assert await carol.wait_closed() == 1008 and "may not open a tunnel" in carol.errors[0]
         assert alice.kind_of(carol.id) is None  # alice never heard of carol
+
+
+async def test_pgcoordinator_ready_for_handshake_and_metrics(two, pg_url):
+    """ready_for_handshake reaches the other end of a tunnel only; /metrics exports the coordinator's figures."""
+    import urllib.request
+
+    r0, r1 = two.replicas
+    token = tailnet_token(pg_url)
+    a = await joined(r0.url, token)
+    b = await joined(r1.url, token)
+    stranger = await joined(r1.url, token)
+    async with peers(a, b, stranger):
+        await a.add_tunnel(b.id)
+        await b.wait_kind(a.id, "node")
+        await a.wait_kind(b.id, "node")
+        await a.send({"type": "ready_for_handshake", "peer": str(b.id)})
+        await b.wait_kind(a.id, "ready_for_handshake")
+        await stranger.send({"type": "ready_for_handshake", "peer": str(a.id)})  # no tunnel: dropped
+        await b.send({"type": "ready_for_handshake", "peer": str(a.id)})
+        await a.wait_kind(b.id, "ready_for_handshake")
+        assert a.kind_of(stranger.id) is None
+        request = urllib.request.Request(r0.url + "/metrics", headers={"Authorization": f"Bearer {two.api_token}"})
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            text = resp.read().decode()
+        for name in ("coordinator_tailnet_peers 1.0", "coordinator_tailnet_healthy 1.0", "coordinator_tailnet_updates_in_total",
+                     "coordinator_tailnet_updates_out_total", "coordinator_tailnet_resyncs_total",
+                     'coordinator_tailnet_propagation_seconds{quantile="0.99"}', "coordinator_tailnet_tunnels 1.0"):
+            assert name in text, name
+
+
+async def test_pgcoordinator_rate_is_backpressure_not_loss(two, pg_url):
+    """A burst far over the per-peer rate is read more slowly, not refused: the newest node arrives."""
+    from coordinator.cluster.tailnet.messages import UPDATE_BURST
+
+    r0, r1 = two.replicas
+    token = tailnet_token(pg_url)
+    a = await joined(r0.url, token)
+    b = await joined(r1.url, token)
+    async with peers(a, b):
+        await a.add_tunnel(b.id)
+        await b.wait_kind(a.id, "node", seq=1)
+        last = UPDATE_BURST + 30
+        for seq in range(2, last + 1):
+            await a.update({"key": "a", "seq": seq})
+        await b.wait_kind(a.id, "node", timeout=20, seq=last)
+        assert a.close_code is None and not a.errors
+        assert r0.status()["tailnet"]["throttled"] > 0
+
+
+@pytest.fixture
+def one_small(pg_url, request):
+    yield from serve(HACluster(pg_url, heartbeat="500ms", extra_args=("--tailnet-max-peers", "2")), request,
+                     setup=lambda c: c.add_replicas(1))
+
+
+async def test_pgcoordinator_peer_budget(one_small, pg_url):
+    (r0,) = one_small.replicas
+    token = tailnet_token(pg_url)
+    a, b = await joined(r0.url, token), await joined(r0.url, token)
+    c = await RawPeer(r0.url, token).connect()
+    async with peers(a, b, c):
+        assert await c.wait_closed() == 1013 and "at most 2 peers" in c.errors[0]
+        assert r0.status()["tailnet"]["refused"]["peer_budget"] == 1
+        assert a.close_code is None and b.close_code is None
