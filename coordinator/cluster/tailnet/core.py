@@ -8,6 +8,7 @@ peer's last mappings. A pub/sub gap → re-query every local peer (Coder #11950)
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 import uuid
@@ -48,7 +49,7 @@ PROPAGATION_SAMPLES = 4096
 UNHEALTHY = "coordinator unhealthy: this replica cannot write its heartbeat to PostgreSQL; reconnect"
 STOPPING = "replica stopping; reconnect (the load balancer picks another replica)"
 
-WorkKey = tuple[str, uuid.UUID]  # ("map", local peer) or ("fanout", any peer)
+WorkKey = tuple[str, uuid.UUID]  # ("map", local peer): all its tunnel peers; ("peer", any peer): that peer changed
 
 
 class TailnetCoordinator:
@@ -68,6 +69,7 @@ class TailnetCoordinator:
         self.refused: Counter[str] = Counter()
         self.propagation: deque[float] = deque(maxlen=PROPAGATION_SAMPLES)
         self._scope: anyio.CancelScope | None = None
+        self._stamps = itertools.count()  # orders query results (Mapper ignores older ones)
 
     # -- state -----------------------------------------------------------------------------------
 
@@ -94,6 +96,7 @@ class TailnetCoordinator:
     async def run(self, db: Database, pubsub: PubSub) -> None:
         """Beat, listen and work until cancelled (by :meth:`stop` or the control plane's end)."""
         self.store = TailnetStore(db)
+        await self.store.open()
         self.pubsub = pubsub
         self.beats = Heartbeats(self.store, self.id, self.heartbeat, on_change=self.refilter_all,
                                 on_unhealthy=self._unhealthy, on_recover=self._recover)
@@ -114,6 +117,7 @@ class TailnetCoordinator:
             with anyio.CancelScope(shield=True), anyio.move_on_after(2):
                 for cancel in cancels:
                     await cancel()
+                await self.store.close(1.0)
 
     async def _subscribe(self, channel: str, handler: Any) -> Cancel:
         """Subscribe, retrying with backoff (Coder does the same); only a stop ends the wait."""
@@ -208,7 +212,7 @@ class TailnetCoordinator:
         if self._gap(err, PEER_CHANNEL) or payload is None:
             return
         peer = _uuid(payload)
-        if peer is not None and self.peers and not self.work.enqueue(("fanout", peer)):
+        if peer is not None and self.peers and not self.work.enqueue(("peer", peer)):
             self._overflow()
 
     def _on_tunnel(self, payload: bytes | None, err: Exception | None) -> None:
@@ -253,7 +257,7 @@ class TailnetCoordinator:
                 self.work.done(key)
                 await anyio.sleep(delay)
                 delay = min(2 * delay, RETRY_MAX)
-                if key[0] == "fanout" or key[1] in self.peers:
+                if key[0] == "peer" or key[1] in self.peers:
                     self.work.enqueue(key)
                 continue
             self.work.done(key)
@@ -261,19 +265,24 @@ class TailnetCoordinator:
     async def _do(self, key: WorkKey) -> None:
         assert self.store is not None and self.beats is not None
         what, peer = key
-        if what == "fanout":
+        stamp = next(self._stamps)
+        if what == "peer":  # one round trip: who shares a tunnel with it, and its rows
             if not self.peers:
                 return
-            for other in await self.store.tunnel_peers(peer):
-                if other in self.peers:
-                    self.schedule(other)
+            partners, rows = await self.store.peer_change(peer)
+            for other in partners:
+                conn = self.peers.get(other)
+                if conn is not None:
+                    conn.mapper.apply_peer(peer, rows, stamp)
+                    conn.deliver(conn.mapper.update(self.beats.alive))
             return
         if peer not in self.peers:
             return
         bindings = await self.store.bindings(peer)
         conn = self.peers.get(peer)
         if conn is not None:
-            conn.deliver(conn.mapper.update(self.beats.alive, bindings))
+            conn.mapper.apply_full(bindings, stamp)
+            conn.deliver(conn.mapper.update(self.beats.alive))
 
     def sent(self, updated_at: float) -> None:
         """A node frame went out: count it and time its trip from the database commit."""

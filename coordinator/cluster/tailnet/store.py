@@ -2,6 +2,10 @@
 
 Each call takes one pooled connection for one short statement (autocommit); the triggers NOTIFY the
 change. Times are the database's: ``updated_at`` comes back as seconds since the epoch on its clock.
+
+The store has its own small pool, without the replica pool's check of every connection handed out:
+that check is a second round trip per statement, half the database work of an update. A connection
+that died in an outage fails its statement once (the pool then discards it) and callers retry.
 """
 
 from __future__ import annotations
@@ -10,8 +14,10 @@ import uuid
 from dataclasses import dataclass
 
 import anyio
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
 
-from coordinator.cluster.db import Database
+from coordinator.cluster.db import Connection, Database
 
 PEER_CHANNEL = "tailnet_peer_update"              # payload: peer id
 TUNNEL_CHANNEL = "tailnet_tunnel_update"          # payload: "src,dst"
@@ -19,6 +25,7 @@ HEARTBEAT_CHANNEL = "tailnet_coordinator_heartbeat"  # payload: coordinator id
 HANDSHAKE_CHANNEL = "tailnet_ready_for_handshake"  # payload: "dst,src" (the application NOTIFYs it)
 RETENTION = "24 hours"  # what cleanup keeps of dead coordinators, lost peers and orphaned tunnels
 STATEMENT_TIMEOUT = 5.0  # seconds one call may take, pool wait included
+POOL_SIZE = 8  # connections of the store's own pool (workers and peers' writes share it)
 
 
 @dataclass(frozen=True)
@@ -44,13 +51,29 @@ class CoordinatorAge:
 class TailnetStore:
     """The coordinator's statements over a :class:`Database` pool."""
 
-    def __init__(self, db: Database, timeout: float = STATEMENT_TIMEOUT):
+    def __init__(self, db: Database, timeout: float = STATEMENT_TIMEOUT, pool_size: int = POOL_SIZE):
         self.db = db
         self.timeout = timeout
 
+        async def configure(conn: AsyncConnection) -> None:
+            await conn.execute(f"SET statement_timeout = '{int(timeout * 1000)}ms'")
+
+        self.pool: AsyncConnectionPool = AsyncConnectionPool(
+            db.pool.conninfo, min_size=1, max_size=pool_size, connection_class=Connection,
+            kwargs={"autocommit": True}, configure=configure, timeout=timeout, reconnect_timeout=5.0,
+            name="coordinator-tailnet", open=False,
+        )
+
+    async def open(self) -> None:
+        """Open the pool (its connections are made in the background; statements wait for one)."""
+        await self.pool.open(wait=False)
+
+    async def close(self, timeout: float = 2.0) -> None:
+        await self.pool.close(timeout)
+
     async def _execute(self, sql: str, params: tuple | dict = ()) -> list[tuple]:
         with anyio.fail_after(self.timeout):
-            async with self.db.connection(timeout=self.timeout) as conn:
+            async with self.pool.connection(timeout=self.timeout) as conn:
                 cur = await conn.execute(sql, params)
                 return await cur.fetchall() if cur.description else []
 
@@ -59,7 +82,7 @@ class TailnetStore:
     async def beat(self, coordinator: uuid.UUID, heartbeat: float, timeout: float) -> tuple[float, list[CoordinatorAge]]:
         """Write our heartbeat; return the database's clock and every recently beating coordinator's age."""
         with anyio.fail_after(timeout):
-            async with self.db.connection(timeout=timeout) as conn:
+            async with self.pool.connection(timeout=timeout) as conn:
                 await conn.execute(
                     "INSERT INTO tailnet_coordinators (id, heartbeat_at, heartbeat_ms) VALUES (%s, now(), %s)"
                     " ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), heartbeat_ms = EXCLUDED.heartbeat_ms",
@@ -127,6 +150,19 @@ class TailnetStore:
             "SELECT dst_id FROM tailnet_tunnels WHERE src_id = %(p)s"
             " UNION SELECT src_id FROM tailnet_tunnels WHERE dst_id = %(p)s", {"p": peer})
         return {r[0] for r in rows}
+
+    async def peer_change(self, peer: uuid.UUID) -> tuple[set[uuid.UUID], list[Binding]]:
+        """After ``peer``'s row changed: the peers it shares a tunnel with, and its rows (one round trip)."""
+        rows = await self._execute(
+            "SELECT true, p.id, p.coordinator_id, extract(epoch FROM p.updated_at)::float8, p.node::text, p.status"
+            " FROM tailnet_peers p WHERE p.id = %(p)s"
+            " UNION ALL SELECT false, t.other, NULL::uuid, NULL::float8, NULL::text, NULL::text FROM ("
+            "   SELECT dst_id AS other FROM tailnet_tunnels WHERE src_id = %(p)s"
+            "   UNION SELECT src_id FROM tailnet_tunnels WHERE dst_id = %(p)s) t",
+            {"p": peer},
+        )
+        partners = {r[1] for r in rows if not r[0]}
+        return partners, [Binding(r[1], r[2], r[3], r[4], r[5] == "lost") for r in rows if r[0]]
 
     async def bindings(self, peer: uuid.UUID) -> list[Binding]:
         """Every row of every peer ``peer`` shares a tunnel with."""
