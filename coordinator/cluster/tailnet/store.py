@@ -120,10 +120,15 @@ class TailnetStore:
         )
 
     async def delete_peer(self, peer: uuid.UUID, coordinator: uuid.UUID) -> None:
-        """A graceful leave: the peer's row here and the tunnels it opened here."""
+        """A graceful leave: the peer's row here, its rows left lost elsewhere (earlier connections, dead
+        coordinators), and the tunnels it opened at each, so that its tunnel peers see it disconnected."""
         await self._execute(
-            "WITH t AS (DELETE FROM tailnet_tunnels WHERE coordinator_id = %(c)s AND src_id = %(p)s)"
-            " DELETE FROM tailnet_peers WHERE id = %(p)s AND coordinator_id = %(c)s",
+            "WITH gone AS (DELETE FROM tailnet_peers p WHERE p.id = %(p)s AND (p.coordinator_id = %(c)s"
+            "   OR p.status = 'lost' OR EXISTS (SELECT 1 FROM tailnet_coordinators k WHERE k.id = p.coordinator_id"
+            "     AND k.heartbeat_at < now() - 3 * k.heartbeat_ms * interval '1 millisecond'))"
+            "   RETURNING p.coordinator_id)"
+            " DELETE FROM tailnet_tunnels WHERE src_id = %(p)s"
+            "   AND coordinator_id IN (SELECT coordinator_id FROM gone UNION SELECT %(c)s::uuid)",
             {"p": peer, "c": coordinator},
         )
 
