@@ -13,7 +13,7 @@ import logging
 import time
 import uuid
 from collections import Counter, deque
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import anyio
 import anyio.abc
@@ -21,6 +21,7 @@ import anyio.abc
 from coordinator.cluster.db import Database
 from coordinator.cluster.pubsub import Cancel, DroppedMessages, PubSub
 from coordinator.cluster.tailnet.heartbeats import MISSED_BEATS, Heartbeats
+from coordinator.cluster.tailnet.mapper import Mapper, Outgoing
 from coordinator.cluster.tailnet.messages import (
     CLOSE_GOING_AWAY,
     CLOSE_TRY_AGAIN,
@@ -36,9 +37,6 @@ from coordinator.cluster.tailnet.store import (
 )
 from coordinator.cluster.tailnet.workqueue import WorkQueue
 
-if TYPE_CHECKING:
-    from coordinator.cluster.tailnet.peer import PeerConnection
-
 log = logging.getLogger("coordinator.tailnet")
 
 WORKERS = 8              # concurrent mapping queries (Coder runs 10 queriers)
@@ -48,6 +46,17 @@ RETRY_MAX = 5.0          # longest pause before retrying failed work
 PROPAGATION_SAMPLES = 4096
 UNHEALTHY = "coordinator unhealthy: this replica cannot write its heartbeat to PostgreSQL; reconnect"
 STOPPING = "replica stopping; reconnect (the load balancer picks another replica)"
+
+class LocalPeer(Protocol):
+    """What the coordinator needs of a connected peer (``peer.LocalPeer``)."""
+
+    id: uuid.UUID
+    tunnels: set[uuid.UUID]
+    mapper: Mapper
+
+    def kick(self, code: int, message: str | None, *, write: bool = True) -> None: ...
+    def deliver(self, items: list[Outgoing]) -> None: ...
+
 
 WorkKey = tuple[str, uuid.UUID]  # ("map", local peer): all its tunnel peers; ("peer", any peer): that peer changed
 
@@ -59,7 +68,7 @@ class TailnetCoordinator:
         self.id = uuid.uuid4()
         self.heartbeat = heartbeat
         self.max_peers = max_peers  # 0: the endpoint derives it from the replica's connection budget
-        self.peers: dict[uuid.UUID, PeerConnection] = {}
+        self.peers: dict[uuid.UUID, LocalPeer] = {}
         self.store: TailnetStore | None = None
         self.beats: Heartbeats | None = None
         self.pubsub: PubSub | None = None
@@ -153,7 +162,7 @@ class TailnetCoordinator:
 
     # -- peers -----------------------------------------------------------------------------------
 
-    def register(self, conn: PeerConnection) -> None:
+    def register(self, conn: LocalPeer) -> None:
         old = self.peers.get(conn.id)
         if old is not None:
             self.counts["replaced"] += 1
@@ -161,7 +170,7 @@ class TailnetCoordinator:
         self.peers[conn.id] = conn
         self.schedule(conn.id)
 
-    def unregister(self, conn: PeerConnection) -> None:
+    def unregister(self, conn: LocalPeer) -> None:
         if self.peers.get(conn.id) is conn:
             del self.peers[conn.id]
 
@@ -236,7 +245,7 @@ class TailnetCoordinator:
         if conn is None or src_id is None:
             return
         if conn.mapper.knows(src_id):  # only across a tunnel
-            conn.deliver_one(src_id, READY_FOR_HANDSHAKE, encode_peer_update(src_id, READY_FOR_HANDSHAKE))
+            conn.deliver([Outgoing(src_id, READY_FOR_HANDSHAKE, encode_peer_update(src_id, READY_FOR_HANDSHAKE))])
 
     async def publish_handshake(self, src: uuid.UUID, dst: uuid.UUID) -> None:
         assert self.pubsub is not None

@@ -31,7 +31,6 @@ from coordinator.cluster.tailnet.messages import (
     UPDATES_PER_SECOND,
     AddTunnel,
     Disconnect,
-    Kind,
     ProtocolError,
     ReadyForHandshake,
     RemoveTunnel,
@@ -91,9 +90,6 @@ class PeerConnection:
             self.kick(CLOSE_TRY_AGAIN, str(exc))
         if items:
             self._wake.set()
-
-    def deliver_one(self, peer: uuid.UUID, kind: Kind, frame: str) -> None:
-        self.deliver([Outgoing(peer, kind, frame)])
 
     # -- the connection ------------------------------------------------------------------------------
 
