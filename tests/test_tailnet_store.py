@@ -141,6 +141,11 @@ async def test_lost_coordinator_mark_lost_and_bindings(db, store):
     await store.add_tunnel(c1, a, b)
     assert {x.peer for x in await store.bindings(a)} == {b}
     assert {x.peer for x in await store.bindings(b)} == {a}  # a tunnel works both ways
+    nobody = uuid.uuid4()
+    changes = await store.peer_changes([a, b, nobody])  # one query for a batch of changed peers
+    assert changes[a][0] == {b} and [x.node for x in changes[a][1]] == ['{"a": 1}']
+    assert changes[b][0] == {a} and [x.coordinator for x in changes[b][1]] == [c2]
+    assert changes[nobody] == (set(), [])
     assert await store.mark_coordinator_lost(c1) == 1
     (binding,) = await store.bindings(b)
     assert binding.lost and binding.node == '{"a": 1}'  # kept, not deleted

@@ -40,6 +40,7 @@ from coordinator.cluster.tailnet.workqueue import WorkQueue
 log = logging.getLogger("coordinator.tailnet")
 
 WORKERS = 8              # concurrent mapping queries (Coder runs 10 queriers)
+BATCH = 256              # changed peers looked up by one query
 WORK_LIMIT = 100_000     # pending work keys; past it the work is dropped for one full resync
 CLEANUP_EVERY = 3600.0   # seconds between cleanups (Coder: hourly)
 RETRY_MAX = 5.0          # longest pause before retrying failed work
@@ -256,34 +257,43 @@ class TailnetCoordinator:
     async def _worker(self) -> None:
         delay = 0.1
         while True:
-            key = await self.work.acquire()
+            keys = [await self.work.acquire()]
+            if keys[0][0] == "peer":  # changed peers are looked up together: one query for the batch
+                keys += self.work.take_more(lambda k: k[0] == "peer", BATCH - 1)
             try:
-                await self._do(key)
+                await self._do(keys)
                 delay = 0.1
             except Exception as exc:
-                log.debug("tailnet work %s failed (%s); retrying in %.1f s", key, exc, delay)
+                log.debug("tailnet work %s failed (%s); retrying in %.1f s", keys[0], exc, delay)
                 self.counts["work_failures"] += 1
-                self.work.done(key)
+                for key in keys:
+                    self.work.done(key)
                 await anyio.sleep(delay)
                 delay = min(2 * delay, RETRY_MAX)
-                if key[0] == "peer" or key[1] in self.peers:
-                    self.work.enqueue(key)
+                for key in keys:
+                    if key[0] == "peer" or key[1] in self.peers:
+                        self.work.enqueue(key)
                 continue
-            self.work.done(key)
+            for key in keys:
+                self.work.done(key)
 
-    async def _do(self, key: WorkKey) -> None:
+    async def _do(self, keys: list[WorkKey]) -> None:
         assert self.store is not None and self.beats is not None
-        what, peer = key
         stamp = next(self._stamps)
-        if what == "peer":  # one round trip: who shares a tunnel with it, and its rows
+        what, peer = keys[0]
+        if what == "peer":  # one round trip: who shares a tunnel with each, and their rows
             if not self.peers:
                 return
-            partners, rows = await self.store.peer_change(peer)
-            for other in partners:
-                conn = self.peers.get(other)
-                if conn is not None:
-                    conn.mapper.apply_peer(peer, rows, stamp)
-                    conn.deliver(conn.mapper.update(self.beats.alive))
+            changes = await self.store.peer_changes([k[1] for k in keys])
+            touched: dict[uuid.UUID, LocalPeer] = {}
+            for changed, (partners, rows) in changes.items():
+                for other in partners:
+                    conn = self.peers.get(other)
+                    if conn is not None:
+                        conn.mapper.apply_peer(changed, rows, stamp)
+                        touched[other] = conn
+            for conn in touched.values():
+                conn.deliver(conn.mapper.update(self.beats.alive))
             return
         if peer not in self.peers:
             return

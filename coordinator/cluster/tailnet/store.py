@@ -156,18 +156,27 @@ class TailnetStore:
             " UNION SELECT src_id FROM tailnet_tunnels WHERE dst_id = %(p)s", {"p": peer})
         return {r[0] for r in rows}
 
-    async def peer_change(self, peer: uuid.UUID) -> tuple[set[uuid.UUID], list[Binding]]:
-        """After ``peer``'s row changed: the peers it shares a tunnel with, and its rows (one round trip)."""
+    async def peer_changes(self, peers: list[uuid.UUID]) -> dict[uuid.UUID, tuple[set[uuid.UUID], list[Binding]]]:
+        """After these peers' rows changed: for each, the peers it shares a tunnel with and its rows.
+
+        One round trip for the whole batch.
+        """
         rows = await self._execute(
-            "SELECT true, p.id, p.coordinator_id, extract(epoch FROM p.updated_at)::float8, p.node::text, p.status"
-            " FROM tailnet_peers p WHERE p.id = %(p)s"
-            " UNION ALL SELECT false, t.other, NULL::uuid, NULL::float8, NULL::text, NULL::text FROM ("
-            "   SELECT dst_id AS other FROM tailnet_tunnels WHERE src_id = %(p)s"
-            "   UNION SELECT src_id FROM tailnet_tunnels WHERE dst_id = %(p)s) t",
-            {"p": peer},
+            "SELECT true, p.id, p.id, p.coordinator_id, extract(epoch FROM p.updated_at)::float8, p.node::text,"
+            " p.status FROM tailnet_peers p WHERE p.id = ANY(%(p)s)"
+            " UNION ALL SELECT false, t.subject, t.other, NULL::uuid, NULL::float8, NULL::text, NULL::text FROM ("
+            "   SELECT src_id AS subject, dst_id AS other FROM tailnet_tunnels WHERE src_id = ANY(%(p)s)"
+            "   UNION SELECT dst_id, src_id FROM tailnet_tunnels WHERE dst_id = ANY(%(p)s)) t",
+            {"p": peers},
         )
-        partners = {r[1] for r in rows if not r[0]}
-        return partners, [Binding(r[1], r[2], r[3], r[4], r[5] == "lost") for r in rows if r[0]]
+        out: dict[uuid.UUID, tuple[set[uuid.UUID], list[Binding]]] = {p: (set(), []) for p in peers}
+        for is_row, subject, peer, coordinator, updated_at, node, status in rows:
+            partners, bindings = out[subject]
+            if is_row:
+                bindings.append(Binding(peer, coordinator, updated_at, node, status == "lost"))
+            else:
+                partners.add(peer)
+        return out
 
     async def bindings(self, peer: uuid.UUID) -> list[Binding]:
         """Every row of every peer ``peer`` shares a tunnel with."""
