@@ -208,3 +208,25 @@ async def test_pgcoordinator_unhealthy_after_three_failed_beats(db):
     with anyio.fail_after(1):
         await beats.first_beat.wait()
     await store.close()
+
+
+async def test_binder_batches_concurrent_node_writes(db, store):
+    """Many peers updating at once: their nodes land in fewer statements than writes, each one written."""
+    from coordinator.cluster.tailnet.binder import Binder
+
+    coordinator = uuid.uuid4()
+    await store.beat(coordinator, 1.0, 5.0)
+    binder = Binder(store, coordinator)
+    peers = [uuid.uuid4() for _ in range(200)]
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(binder.run)
+        async with anyio.create_task_group() as writers:
+            for i, p in enumerate(peers):
+                writers.start_soon(binder.upsert, p, f'{{"seq": {i}}}')
+        tg.cancel_scope.cancel()
+    print(f"\n200 concurrent node writes in {binder.batches} statements")
+    assert binder.written == 200 and binder.batches < 200
+    async with db.connection() as conn:
+        rows = await (await conn.execute("SELECT id, node->>'seq' FROM tailnet_peers WHERE coordinator_id = %s",
+                                          (coordinator,))).fetchall()
+    assert {r[0]: int(r[1]) for r in rows} == {p: i for i, p in enumerate(peers)}

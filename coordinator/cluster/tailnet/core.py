@@ -20,6 +20,7 @@ import anyio.abc
 
 from coordinator.cluster.db import Database
 from coordinator.cluster.pubsub import Cancel, DroppedMessages, PubSub
+from coordinator.cluster.tailnet.binder import Binder
 from coordinator.cluster.tailnet.heartbeats import MISSED_BEATS, Heartbeats
 from coordinator.cluster.tailnet.mapper import Mapper, Outgoing
 from coordinator.cluster.tailnet.messages import (
@@ -71,6 +72,7 @@ class TailnetCoordinator:
         self.max_peers = max_peers  # 0: the endpoint derives it from the replica's connection budget
         self.peers: dict[uuid.UUID, LocalPeer] = {}
         self.store: TailnetStore | None = None
+        self.binder: Binder | None = None
         self.beats: Heartbeats | None = None
         self.pubsub: PubSub | None = None
         self.stopping = False
@@ -107,6 +109,7 @@ class TailnetCoordinator:
         """Beat, listen and work until cancelled (by :meth:`stop` or the control plane's end)."""
         self.store = TailnetStore(db)
         await self.store.open()
+        self.binder = Binder(self.store, self.id)
         self.pubsub = pubsub
         self.beats = Heartbeats(self.store, self.id, self.heartbeat, on_change=self.refilter_all,
                                 on_unhealthy=self._unhealthy, on_recover=self._recover)
@@ -116,6 +119,7 @@ class TailnetCoordinator:
             with self._scope:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self.beats.run, name="tailnet heartbeats")
+                    tg.start_soon(self.binder.run, name="tailnet binder")
                     for channel, handler in ((PEER_CHANNEL, self._on_peer), (TUNNEL_CHANNEL, self._on_tunnel),
                                              (HEARTBEAT_CHANNEL, self._on_beat), (HANDSHAKE_CHANNEL, self._on_handshake)):
                         cancels.append(await self._subscribe(channel, handler))
@@ -348,6 +352,8 @@ class TailnetCoordinator:
             "replaced": self.counts["replaced"],
             "throttled": self.counts["throttled"],
             "work_pending": len(self.work),
+            "node_writes": self.binder.written if self.binder else 0,
+            "node_write_batches": self.binder.batches if self.binder else 0,
             "refused": dict(self.refused),
         }
 

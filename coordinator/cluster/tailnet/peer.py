@@ -159,7 +159,9 @@ class PeerConnection:
         if isinstance(request, Update):
             c.counts["updates_in"] += 1
             node = json_text(request.node)
-            await self._write(lambda: store.upsert_peer(self.id, c.id, node))
+            binder = c.binder
+            assert binder is not None
+            await self._write(lambda: binder.upsert(self.id, node))
             self.wrote_node = True
         elif isinstance(request, AddTunnel):
             dst = request.peer

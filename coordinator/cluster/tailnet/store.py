@@ -113,6 +113,15 @@ class TailnetStore:
             (peer, coordinator, node),
         )
 
+    async def upsert_peers(self, coordinator: uuid.UUID, nodes: list[tuple[uuid.UUID, str]]) -> None:
+        """Many peers' nodes in one statement (each peer at most once)."""
+        await self._execute(
+            "INSERT INTO tailnet_peers (id, coordinator_id, node, status, updated_at)"
+            " SELECT u.id, %(c)s, u.node::jsonb, 'ok', now() FROM unnest(%(ids)s::uuid[], %(nodes)s::text[]) AS u(id, node)"
+            " ON CONFLICT (id, coordinator_id) DO UPDATE SET node = EXCLUDED.node, status = 'ok', updated_at = now()",
+            {"c": coordinator, "ids": [p for p, _ in nodes], "nodes": [n for _, n in nodes]},
+        )
+
     async def mark_peer_lost(self, peer: uuid.UUID, coordinator: uuid.UUID) -> None:
         await self._execute(
             "UPDATE tailnet_peers SET status = 'lost', updated_at = now() WHERE id = %s AND coordinator_id = %s",
