@@ -81,8 +81,10 @@ class TailnetStore:
 
     async def beat(self, coordinator: uuid.UUID, heartbeat: float, timeout: float) -> tuple[float, list[CoordinatorAge]]:
         """Write our heartbeat; return the database's clock and every recently beating coordinator's age."""
+        # On the replica's pool, not ours: a backlog of peers' writes (a reconnect storm) must not
+        # delay our heartbeat into looking unhealthy, which would close every peer: a worse storm.
         with anyio.fail_after(timeout):
-            async with self.pool.connection(timeout=timeout) as conn:
+            async with self.db.connection(timeout=timeout) as conn:
                 await conn.execute(
                     "INSERT INTO tailnet_coordinators (id, heartbeat_at, heartbeat_ms) VALUES (%s, now(), %s)"
                     " ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), heartbeat_ms = EXCLUDED.heartbeat_ms",
