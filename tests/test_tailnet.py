@@ -132,6 +132,10 @@ async def test_pgcoordinator_no_delete_on_close(two, pg_url):
             rows = conn.execute("SELECT status FROM tailnet_peers WHERE id = %s", (a.id,)).fetchall()
             tunnels = conn.execute("SELECT count(*) FROM tailnet_tunnels WHERE src_id = %s", (a.id,)).fetchone()[0]
         assert rows == [("lost",)] and tunnels == 1
+        await a.connect(r1.url)  # what a client does after 1001: reconnect at once, elsewhere
+        await a.update({"key": "a", "seq": 2})
+        await a.add_tunnel(b.id)
+        await b.wait_kind(a.id, "node", seq=2)
 
 
 BAD_FRAMES = [
