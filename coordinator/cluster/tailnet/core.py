@@ -41,7 +41,7 @@ from coordinator.cluster.tailnet.workqueue import WorkQueue
 log = logging.getLogger("coordinator.tailnet")
 
 WORKERS = 8              # concurrent mapping queries (Coder runs 10 queriers)
-BATCH = 256              # changed peers looked up by one query
+BATCH = 256              # peers looked up by one query
 WORK_LIMIT = 100_000     # pending work keys; past it the work is dropped for one full resync
 CLEANUP_EVERY = 3600.0   # seconds between cleanups (Coder: hourly)
 RETRY_MAX = 5.0          # longest pause before retrying failed work
@@ -262,8 +262,8 @@ class TailnetCoordinator:
         delay = 0.1
         while True:
             keys = [await self.work.acquire()]
-            if keys[0][0] == "peer":  # changed peers are looked up together: one query for the batch
-                keys += self.work.take_more(lambda k: k[0] == "peer", BATCH - 1)
+            kind = keys[0][0]  # work of one kind is done together: one query for the batch
+            keys += self.work.take_more(lambda k, kind=kind: k[0] == kind, BATCH - 1)
             try:
                 await self._do(keys)
                 delay = 0.1
@@ -299,13 +299,14 @@ class TailnetCoordinator:
             for conn in touched.values():
                 conn.deliver(conn.mapper.update(self.beats.alive))
             return
-        if peer not in self.peers:
+        local = [k[1] for k in keys if k[1] in self.peers]
+        if not local:
             return
-        bindings = await self.store.bindings(peer)
-        conn = self.peers.get(peer)
-        if conn is not None:
-            conn.mapper.apply_full(bindings, stamp)
-            conn.deliver(conn.mapper.update(self.beats.alive))
+        for peer, bindings in (await self.store.bindings_of(local)).items():
+            conn = self.peers.get(peer)
+            if conn is not None:
+                conn.mapper.apply_full(bindings, stamp)
+                conn.deliver(conn.mapper.update(self.beats.alive))
 
     def sent(self, updated_at: float) -> None:
         """A node frame went out: count it and time its trip from the database commit."""

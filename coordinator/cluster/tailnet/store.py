@@ -191,14 +191,21 @@ class TailnetStore:
 
     async def bindings(self, peer: uuid.UUID) -> list[Binding]:
         """Every row of every peer ``peer`` shares a tunnel with."""
+        return (await self.bindings_of([peer]))[peer]
+
+    async def bindings_of(self, peers: list[uuid.UUID]) -> dict[uuid.UUID, list[Binding]]:
+        """For each of ``peers``: every row of every peer it shares a tunnel with (one round trip)."""
         rows = await self._execute(
-            "SELECT p.id, p.coordinator_id, extract(epoch FROM p.updated_at)::float8, p.node::text, p.status"
-            " FROM tailnet_peers p WHERE p.id IN ("
-            "   SELECT dst_id FROM tailnet_tunnels WHERE src_id = %(p)s"
-            "   UNION SELECT src_id FROM tailnet_tunnels WHERE dst_id = %(p)s)",
-            {"p": peer},
+            "SELECT t.subject, p.id, p.coordinator_id, extract(epoch FROM p.updated_at)::float8, p.node::text, p.status"
+            " FROM (SELECT src_id AS subject, dst_id AS other FROM tailnet_tunnels WHERE src_id = ANY(%(p)s)"
+            "       UNION SELECT dst_id, src_id FROM tailnet_tunnels WHERE dst_id = ANY(%(p)s)) t"
+            " JOIN tailnet_peers p ON p.id = t.other",
+            {"p": peers},
         )
-        return [Binding(r[0], r[1], r[2], r[3], r[4] == "lost") for r in rows]
+        out: dict[uuid.UUID, list[Binding]] = {p: [] for p in peers}
+        for subject, peer, coordinator, updated_at, node, status in rows:
+            out[subject].append(Binding(peer, coordinator, updated_at, node, status == "lost"))
+        return out
 
     # -- housekeeping ---------------------------------------------------------------------------
 
