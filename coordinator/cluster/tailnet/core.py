@@ -13,6 +13,7 @@ import logging
 import time
 import uuid
 from collections import Counter, deque
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import anyio
@@ -262,8 +263,7 @@ class TailnetCoordinator:
         delay = 0.1
         while True:
             keys = [await self.work.acquire()]
-            kind = keys[0][0]  # work of one kind is done together: one query for the batch
-            keys += self.work.take_more(lambda k, kind=kind: k[0] == kind, BATCH - 1)
+            keys += self.work.take_more(_same_kind(keys[0][0]), BATCH - 1)  # one query for the batch
             try:
                 await self._do(keys)
                 delay = 0.1
@@ -368,6 +368,10 @@ class TailnetCoordinator:
             "live_coordinators": len(beats.live()) if beats else 0,
             "error": None if self.healthy else f"{MISSED_BEATS} heartbeats failed: {beats.last_error if beats else ''}",
         }
+
+
+def _same_kind(kind: str) -> Callable[[WorkKey], bool]:
+    return lambda key: key[0] == kind
 
 
 def _uuid(text: bytes) -> uuid.UUID | None:
