@@ -298,7 +298,7 @@ class TailnetCoordinator:
                         conn.mapper.apply_peer(changed, rows, stamp)
                         touched[other] = conn
             for conn in touched.values():
-                conn.deliver(conn.mapper.update(self.beats.alive))
+                conn.deliver(conn.mapper.update(self.beats.alive, timed=True))
             return
         local = [k[1] for k in keys if k[1] in self.peers]
         if not local:
