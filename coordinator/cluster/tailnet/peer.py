@@ -218,9 +218,8 @@ class PeerConnection:
                 c.refused["slow_reader"] += 1
                 self.kick(CLOSE_TRY_AGAIN, f"peer took no update for {SEND_TIMEOUT:g} s")
                 return
-            except Exception:  # the connection is gone; the reader sees the disconnect too
-                self._scope.cancel()
-                return
+            except Exception:  # the connection is gone: stop writing, but let the reader finish what the
+                return         # peer sent before it went (a disconnect then a close must not read as lost)
             if item.kind == NODE:
                 c.sent(item.updated_at)
             else:
