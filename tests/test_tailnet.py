@@ -337,3 +337,21 @@ async def test_pgcoordinator_peer_budget(one_small, pg_url):
         assert await c.wait_closed() == 1013 and "at most 2 peers" in c.errors[0]
         assert r0.status()["tailnet"]["refused"]["peer_budget"] == 1
         assert a.close_code is None and b.close_code is None
+
+
+async def test_pgcoordinator_disconnect_then_close_reads_as_disconnected(two, pg_url):
+    """A peer that sends disconnect and drops the connection at once (while updates are on their way
+    to it) is disconnected to the others, never lost: the server applies what arrived before the close."""
+    r0, r1 = two.replicas
+    token = tailnet_token(pg_url)
+    b = await joined(r1.url, token)
+    async with peers(b):
+        for _ in range(5):
+            a = await joined(r0.url, token)
+            async with peers(a):
+                await b.add_tunnel(a.id)  # b's node is on its way to a as a leaves
+                await b.wait_kind(a.id, "node")
+                await b.update({"key": "b", "seq": 2})
+                await a.send({"type": "disconnect"})
+                await a.abort()
+                await b.wait_kind(a.id, "disconnected")
