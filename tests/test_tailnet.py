@@ -353,5 +353,6 @@ async def test_pgcoordinator_disconnect_then_close_reads_as_disconnected(two, pg
                 await b.wait_kind(a.id, "node")
                 await b.update({"key": "b", "seq": 2})
                 await a.send({"type": "disconnect"})
+                await asyncio.sleep(0.02)  # the frame leaves this process (an abort drops unsent bytes)
                 await a.abort()
                 await b.wait_kind(a.id, "disconnected")
