@@ -32,6 +32,8 @@ from coordinator.cluster.mesh import Mesh
 from coordinator.cluster.pgbudget import split
 from coordinator.cluster.pubsub import PubSub
 from coordinator.cluster.registry import ReplicaRegistry
+from coordinator.cluster.tailnet.auth import AuthorizePeer
+from coordinator.cluster.tailnet.endpoint import tailnet_routes
 from coordinator.core.settings import Settings
 from coordinator.edge.routes import relay_routes
 from coordinator.ops.api import api_routes
@@ -67,6 +69,7 @@ class Replica:
         relay: DerpRelay | None = None,
         join_when_listening: bool = False,
         derp_maps: DerpMaps | None = None,
+        authorize_peer: AuthorizePeer | None = None,
     ):
         url = pg_url or settings.pg_url
         if not url:
@@ -79,7 +82,9 @@ class Replica:
         self.pubsub: PubSub = PubSub(
             url, listen_url=settings.pg_listen_url or None, publish_connections=split(settings.pg_max_conns).publishers,
         )
-        self.control = ControlPlane(settings, self.relay, url, pubsub=self.pubsub)
+        # authorize_peer: async (connection, peer_id) -> PeerGrant for the peer coordinator
+        # (docs/coordinator.md); by default peers present the deployment's tailnet token.
+        self.control = ControlPlane(settings, self.relay, url, pubsub=self.pubsub, authorize_peer=authorize_peer)
         self.control.derp_maps, self.control.relay_checks = self.derp_maps, self.relay_checks
         self.stop_clean: bool | None = None  # once stopped: whether the stop was clean
         self._join_when_listening = join_when_listening
@@ -144,7 +149,8 @@ class Replica:
     def routes(self) -> list[BaseRoute]:
         """``/derp`` (and its probes), ``/derpmap/default``, ``/healthz``, ``/readyz``, the operator API,
         ``/metrics`` and the status page (``/status``)."""
-        return [*relay_routes(), *api_routes(self.control, self.relay), *status_routes(self.control, self.relay)]
+        return [*relay_routes(), *api_routes(self.control, self.relay), *status_routes(self.control, self.relay),
+                *tailnet_routes(self.control.tailnet, self.control.authorize_peer)]
 
     def app(self) -> Starlette:
         """A Starlette app serving this replica alone (what ``coordinator server`` runs)."""
@@ -206,6 +212,7 @@ class Replica:
         lifespan's exit then waits for that stop.
         """
         self._start_clock()
+        self.control.tailnet.begin_stop()  # peers get 1001 and a reason before uvicorn's 1012
         if self._tg is not None and not self._stop_running:
             self._tg.start_soon(self.stop, name="stop")
 

@@ -31,6 +31,9 @@ from coordinator.cluster.pgerrors import explain
 from coordinator.cluster.pgfindings import postgres_findings
 from coordinator.cluster.pubsub import PubSub
 from coordinator.cluster.registry import ReplicaInfo, ReplicaRegistry
+from coordinator.cluster.tailnet.auth import TOKEN_KEY as TAILNET_TOKEN_KEY
+from coordinator.cluster.tailnet.auth import AuthorizePeer, token_authorizer
+from coordinator.cluster.tailnet.core import TailnetCoordinator
 from coordinator.core import logformat
 from coordinator.core.errors import merge_dial_errors
 from coordinator.core.health import Finding
@@ -58,7 +61,8 @@ def _first_cause(exc: BaseException) -> BaseException:
 class ControlPlane:
     """Everything a replica does besides serving HTTP and relaying packets."""
 
-    def __init__(self, settings: Settings, relay: DerpRelay, pg_url: str, *, pubsub: PubSub | None = None):
+    def __init__(self, settings: Settings, relay: DerpRelay, pg_url: str, *, pubsub: PubSub | None = None,
+                 authorize_peer: AuthorizePeer | None = None):
         self.settings = settings
         self.relay = relay
         self.pg_url = pg_url
@@ -83,6 +87,10 @@ class ControlPlane:
         self.derp_maps: DerpMaps | None = None  # the DERP map served (set by the replica)
         self.relay_checks: RelayChecks | None = None  # the custom relays' last checks (set by the replica)
         self.join_error: str | None = None  # why the last attempt to join failed, while retrying
+        # The peer coordinator (docs/coordinator.md): serves peers once the database answers.
+        self.tailnet = TailnetCoordinator(settings.heartbeat, settings.tailnet_max_peers)
+        self.tailnet_token: str = settings.tailnet_token
+        self.authorize_peer: AuthorizePeer = authorize_peer or token_authorizer(lambda: self.tailnet_token)
 
     # -- life ----------------------------------------------------------------------------------
 
@@ -136,9 +144,12 @@ class ControlPlane:
         if self.mesh is not None:
             self.mesh.stopping = True
         recorded = True
-        if self.registry is not None:
-            # Most of the budget: peers drop us the moment this is recorded.
-            recorded = await self.registry.stop(max(0.1, 0.6 * timeout))
+        async with anyio.create_task_group() as tg:
+            # Beside the registry's stop: tailnet peers are marked lost and closed with a reason.
+            tg.start_soon(self.tailnet.stop, max(0.1, 0.5 * timeout))
+            if self.registry is not None:
+                # Most of the budget: peers drop us the moment this is recorded.
+                recorded = await self.registry.stop(max(0.1, 0.6 * timeout))
         self._stop_requested = True
         if self._scope is not None:
             self._scope.cancel()
@@ -188,6 +199,8 @@ class ControlPlane:
         self.relay.set_mesh_key(await self.db.derp_mesh_key(s.mesh_key or None))
         if not self.api_token:
             self.api_token = await self.db.get_or_create_site_config("api_token", lambda: secrets.token_urlsafe(32))
+        if not self.tailnet_token:
+            self.tailnet_token = await self.db.get_or_create_site_config(TAILNET_TOKEN_KEY, lambda: secrets.token_urlsafe(32))
         if listening is not None:
             # Join only once we listen: peers dial our relay URL as soon as they see us.
             await listening.wait()
@@ -204,6 +217,7 @@ class ControlPlane:
             on_probe=self.monitor.database_sample,
         )
         await self.registry.start(tg)
+        tg.start_soon(self.tailnet.run, self.db, self.pubsub, name="tailnet coordinator")
         assert self.joined is not None
         self.join_error = None
         self.joined.set()
@@ -281,7 +295,14 @@ class ControlPlane:
             self.monitor.database_failed(self.registry.last_error or "heartbeats failing")
         return self.monitor.findings(
             database_ok=self.registry.healthy, pubsub_connected=bool(self.pubsub and self.pubsub.connected),
-        ) + pg + self.duplicate_keys.check(self.mesh) + (self.mesh.findings() if self.mesh else []) + relays
+        ) + pg + self.duplicate_keys.check(self.mesh) + (self.mesh.findings() if self.mesh else []) + relays \
+            + self.tailnet_findings()
+
+    def tailnet_findings(self) -> list[Finding]:
+        """ETAILNET01 while the peer coordinator cannot write its heartbeat (its peers were sent elsewhere)."""
+        if self.tailnet.healthy:
+            return []
+        return [Finding("ETAILNET01", "error", f"peer coordinator unhealthy, refusing peers: {self.tailnet.health()['error']}")]
 
     def status(self) -> dict:
         """State for health endpoints."""
@@ -293,4 +314,5 @@ class ControlPlane:
             "peers": len(reg.peers()) if reg else 0,
             "mesh": self.mesh.status() if self.mesh else {},
             "mesh_error": self.mesh.error() if self.mesh else None,
+            "tailnet": self.tailnet.stats(),
         }
