@@ -18,6 +18,8 @@ from coordinator.ops.probe.model import (
     assign_short_ids,
 )
 from coordinator.ops.probe.report import build_report
+from coordinator.ops.probe.tailnet import DEFAULT_THRESHOLD as TAILNET_THRESHOLD
+from coordinator.ops.probe.tailnet import TailnetCheck, measure_tailnet, stored_token
 
 
 async def run_probe(
@@ -29,6 +31,8 @@ async def run_probe(
     samples: int = DEFAULT_SAMPLES,
     timeout: float = DEFAULT_TIMEOUT,
     insecure: bool = False,
+    tailnet_token: str | None = None,
+    tailnet_threshold: float = TAILNET_THRESHOLD,
 ) -> dict:
     """Discover the replicas (from ``pg_url``, else from ``replica_url``'s API) and measure.
 
@@ -58,10 +62,13 @@ async def run_probe(
         not_alive = [r for r in found if not r.alive]
         assign_short_ids(found)
         database, pubsub, mesh = await measure(alive, conn, pg_url, samples, timeout, insecure)
+        if not tailnet_token and conn is not None:
+            tailnet_token = await stored_token(conn)
+        tailnet: TailnetCheck = await measure_tailnet(alive, tailnet_token, samples, timeout)
     finally:
         if conn is not None:
             with contextlib.suppress(Exception):
                 await conn.close()
     return build_report(source=source, threshold=threshold, samples=samples, started_at=started_at,
                         duration=time.perf_counter() - t0, database=database, pubsub=pubsub,
-                        replicas=alive, not_alive=not_alive, mesh=mesh)
+                        replicas=alive, not_alive=not_alive, mesh=mesh, tailnet=(tailnet, tailnet_threshold))
