@@ -31,6 +31,8 @@ from coordinator.cluster.latency import LatencyMonitor
 from coordinator.cluster.mesh import Mesh
 from coordinator.cluster.pubsub import PubSub
 from coordinator.cluster.registry import ReplicaRegistry
+from coordinator.cluster.tailnet.auth import AuthorizePeer
+from coordinator.cluster.tailnet.endpoint import tailnet_routes
 from coordinator.core.settings import Settings
 from coordinator.edge.routes import relay_routes
 from coordinator.ops.api import api_routes
@@ -63,6 +65,7 @@ class Replica:
         pg_url: str | None = None,
         relay: DerpRelay | None = None,
         join_when_listening: bool = False,
+        authorize_peer: AuthorizePeer | None = None,
     ):
         url = pg_url or settings.pg_url
         if not url:
@@ -71,7 +74,9 @@ class Replica:
         self.relay = relay if relay is not None else DerpRelay.from_settings(settings)
         self.derp_map = PublishedMap.from_settings(settings)
         self.pubsub: PubSub = PubSub(url)
-        self.control = ControlPlane(settings, self.relay, url, pubsub=self.pubsub)
+        # authorize_peer: async (connection, peer_id) -> PeerGrant for the peer coordinator
+        # (docs/coordinator.md); by default peers present the deployment's tailnet token.
+        self.control = ControlPlane(settings, self.relay, url, pubsub=self.pubsub, authorize_peer=authorize_peer)
         self.stop_clean: bool | None = None  # once stopped: whether the stop was clean
         self._join_when_listening = join_when_listening
         self._listening: anyio.Event | None = None
@@ -122,7 +127,8 @@ class Replica:
     def routes(self) -> list[BaseRoute]:
         """``/derp`` (and its probes), ``/derpmap/default``, ``/healthz``, ``/readyz``, the operator API,
         ``/metrics`` and the status page (``/status``)."""
-        return [*relay_routes(), *api_routes(self.control, self.relay), *status_routes(self.control, self.relay)]
+        return [*relay_routes(), *api_routes(self.control, self.relay), *status_routes(self.control, self.relay),
+                *tailnet_routes(self.control.tailnet, self.control.authorize_peer)]
 
     def app(self) -> Starlette:
         """A Starlette app serving this replica alone (what ``coordinator server`` runs)."""

@@ -93,6 +93,41 @@ def cmd_api_token(args: argparse.Namespace) -> int:
     return 0
 
 
+# The settings `coordinator tailnet-token` takes.
+TAILNET_TOKEN_SETTINGS = ("pg_url", "db_wait", "data_dir", "tailnet_token", "tailnet_token_file")
+
+
+def cmd_tailnet_token(args: argparse.Namespace) -> int:
+    """Print the peer coordinator's bearer token (docs/coordinator.md): the one set, else the stored one."""
+    import asyncio
+    import secrets
+
+    from coordinator.cluster.db import Database, DatabaseError
+    from coordinator.cluster.embedded import embedded_url
+    from coordinator.cluster.tailnet.auth import TOKEN_KEY
+
+    settings = _settings_from(args)
+    if settings.tailnet_token:
+        print(settings.tailnet_token)
+        return 0
+    url = settings.pg_url or embedded_url(settings.data_path)
+    if not url:
+        print("coordinator: no database: give --pg-url or $COORDINATOR_PG_CONNECTION_URL (or the --data-dir of a "
+              "replica that uses the embedded PostgreSQL)", file=sys.stderr)
+        return 2
+
+    async def fetch() -> str:
+        async with await Database.open(url, wait=settings.db_wait or 30.0) as db:
+            return await db.get_or_create_site_config(TOKEN_KEY, lambda: secrets.token_urlsafe(32))
+
+    try:
+        print(asyncio.run(fetch()))
+    except DatabaseError as exc:
+        print(f"coordinator: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_derpmap(args: argparse.Namespace) -> int:
     from coordinator.relay.derpmap import derp_map, render
 
@@ -129,6 +164,11 @@ def main(argv: list[str] | None = None) -> int:
                            allow_abbrev=False)
     _add_settings_flags(token, TOKEN_SETTINGS)
     token.set_defaults(func=cmd_api_token)
+    tailnet_token = sub.add_parser(
+        "tailnet-token", help="print the peer coordinator's bearer token (created once, stored in Postgres)",
+        allow_abbrev=False)
+    _add_settings_flags(tailnet_token, TAILNET_TOKEN_SETTINGS)
+    tailnet_token.set_defaults(func=cmd_tailnet_token)
     derpmap = sub.add_parser("derpmap", help="print the DERP map (tailcfg.DERPMap JSON) that /derpmap/default serves")
     for flag in ("--access-url", "--region-id", "--region-code", "--region-name"):
         derpmap.add_argument(flag, default=None)

@@ -36,6 +36,8 @@ EXIT_FORCED = 4
 # uvicorn's wait for open HTTP requests, as a share of the shutdown timeout (DERP connections
 # are the relay's and are not waited for).
 HTTP_DRAIN_SHARE = 0.3
+WS_MAX_MESSAGE = 128 * 1024  # bytes: above DERP's largest frame (64 KiB + header) and the coordinator's 16 KiB
+WS_MAX_QUEUE = 8  # received messages uvicorn buffers per WebSocket before it stops reading
 
 
 def uvicorn_config(settings: Settings, app) -> uvicorn.Config:
@@ -54,6 +56,10 @@ def uvicorn_config(settings: Settings, app) -> uvicorn.Config:
         ssl_certfile=settings.tls_cert_file or None,
         ssl_keyfile=settings.tls_key_file or None,
         timeout_graceful_shutdown=max(0.1, settings.shutdown_timeout * HTTP_DRAIN_SHARE),
+        # ASGI WebSockets (the peer coordinator, DERP's fallback path): no message past one DERP frame
+        # and a short queue, instead of uvicorn's 16 MiB x 32 per connection.
+        ws_max_size=WS_MAX_MESSAGE,
+        ws_max_queue=WS_MAX_QUEUE,
     )
 
 

@@ -33,6 +33,9 @@ from coordinator.cluster.latency import Finding, LatencyMonitor
 from coordinator.cluster.mesh import Mesh
 from coordinator.cluster.pubsub import PubSub
 from coordinator.cluster.registry import ReplicaInfo, ReplicaRegistry
+from coordinator.cluster.tailnet.auth import TOKEN_KEY as TAILNET_TOKEN_KEY
+from coordinator.cluster.tailnet.auth import AuthorizePeer, token_authorizer
+from coordinator.cluster.tailnet.core import TailnetCoordinator
 from coordinator.core.errors import merge_dial_errors
 from coordinator.core.settings import Settings
 from coordinator.core.version import __version__
@@ -56,7 +59,8 @@ def _first_cause(exc: BaseException) -> BaseException:
 class ControlPlane:
     """Everything a replica does besides serving HTTP and relaying packets."""
 
-    def __init__(self, settings: Settings, relay: DerpRelay, pg_url: str, *, pubsub: PubSub | None = None):
+    def __init__(self, settings: Settings, relay: DerpRelay, pg_url: str, *, pubsub: PubSub | None = None,
+                 authorize_peer: AuthorizePeer | None = None):
         self.settings = settings
         self.relay = relay
         self.pg_url = pg_url
@@ -76,6 +80,10 @@ class ControlPlane:
         self._stop_requested = False
         self._deadline = math.inf  # when closing must be over (set by stop())
         self._unclean: list[str] = []  # what did not stop as it should
+        # The peer coordinator (docs/coordinator.md): serves peers once the database answers.
+        self.tailnet = TailnetCoordinator(settings.heartbeat, settings.tailnet_max_peers)
+        self.tailnet_token: str = settings.tailnet_token
+        self.authorize_peer: AuthorizePeer = authorize_peer or token_authorizer(lambda: self.tailnet_token)
 
     # -- life ----------------------------------------------------------------------------------
 
@@ -125,9 +133,12 @@ class ControlPlane:
         if self.mesh is not None:
             self.mesh.stopping = True
         recorded = True
-        if self.registry is not None:
-            # Most of the budget: peers drop us the moment this is recorded.
-            recorded = await self.registry.stop(max(0.1, 0.6 * timeout))
+        async with anyio.create_task_group() as tg:
+            # Beside the registry's stop: tailnet peers are marked lost and closed with a reason.
+            tg.start_soon(self.tailnet.stop, max(0.1, 0.5 * timeout))
+            if self.registry is not None:
+                # Most of the budget: peers drop us the moment this is recorded.
+                recorded = await self.registry.stop(max(0.1, 0.6 * timeout))
         self._stop_requested = True
         if self._scope is not None:
             self._scope.cancel()
@@ -176,6 +187,8 @@ class ControlPlane:
         self.relay.set_mesh_key(await self.db.derp_mesh_key(s.mesh_key or None))
         if not self.api_token:
             self.api_token = await self.db.get_or_create_site_config("api_token", lambda: secrets.token_urlsafe(32))
+        if not self.tailnet_token:
+            self.tailnet_token = await self.db.get_or_create_site_config(TAILNET_TOKEN_KEY, lambda: secrets.token_urlsafe(32))
         if listening is not None:
             # Join only once we listen: peers dial our relay URL as soon as they see us.
             await listening.wait()
@@ -192,6 +205,7 @@ class ControlPlane:
             on_probe=self.monitor.database_sample,
         )
         await self.registry.start(tg)
+        tg.start_soon(self.tailnet.run, self.db, self.pubsub, name="tailnet coordinator")
         assert self.joined is not None
         self.joined.set()
         log.info(
@@ -265,7 +279,13 @@ class ControlPlane:
             self.monitor.database_failed(self.registry.last_error or "heartbeats failing")
         return self.monitor.findings(
             database_ok=self.registry.healthy, pubsub_connected=bool(self.pubsub and self.pubsub.connected),
-        ) + self.duplicate_keys.check(self.mesh)
+        ) + self.duplicate_keys.check(self.mesh) + self.tailnet_findings()
+
+    def tailnet_findings(self) -> list[Finding]:
+        """ETAILNET01 while the peer coordinator cannot write its heartbeat (its peers were sent elsewhere)."""
+        if self.tailnet.healthy:
+            return []
+        return [Finding("ETAILNET01", "error", f"peer coordinator unhealthy, refusing peers: {self.tailnet.health()['error']}")]
 
     def status(self) -> dict:
         """State for health endpoints."""
@@ -277,4 +297,5 @@ class ControlPlane:
             "peers": len(reg.peers()) if reg else 0,
             "mesh": self.mesh.status() if self.mesh else {},
             "mesh_error": self.mesh.error() if self.mesh else None,
+            "tailnet": self.tailnet.stats(),
         }

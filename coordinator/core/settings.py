@@ -270,6 +270,19 @@ class Settings:
         "--per-client-rate-burst", "COORDINATOR_DERP_PER_CLIENT_RATE_BURST", 0, kind="size",
         help="bytes a client may send at once above the rate (default 0.1 s of it; at least one maximum-size packet)",
     )
+    # -- peer coordinator (docs/coordinator.md) --------------------------------------------------------
+    tailnet_token: str = _setting(
+        "--tailnet-token", "COORDINATOR_TAILNET_TOKEN", "", secret=True,
+        help="bearer token peers present at /api/v2/tailnet/coordinate (default: generated once, stored in Postgres)",
+    )
+    tailnet_token_file: str = _setting(
+        "--tailnet-token-file", "COORDINATOR_TAILNET_TOKEN_FILE", "",
+        help="file holding the peer coordinator's bearer token (whitespace trimmed), instead of --tailnet-token",
+    )
+    tailnet_max_peers: int = _setting(
+        "--tailnet-max-peers", "COORDINATOR_TAILNET_MAX_PEERS", 0, kind="int",
+        help="peers this replica coordinates at once, more get an error (0: half its connection budget)",
+    )
     extra: dict = field(default_factory=dict)
     sources: dict = field(default_factory=dict, repr=False)    # field -> the flag or variable it came from
     warnings: list = field(default_factory=list, repr=False)   # one line each, for the operator
@@ -322,7 +335,7 @@ class Settings:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{src(name)} must be positive")
         for name in ("max_connections", "accept_connection_limit", "accept_connection_burst", "db_wait",
-                     "verify_client_url_cache"):
+                     "verify_client_url_cache", "tailnet_max_peers"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{src(name)} must not be negative")
         for name in ("max_request_head", "preauth_memory"):
@@ -456,7 +469,7 @@ def load_settings(overrides: dict | None = None, environ: dict | None = None) ->
                 values[name] = _convert(meta["kind"], environ[var], var)
                 sources[name] = var
                 break
-    for secret in ("mesh_key", "api_token"):
+    for secret in ("mesh_key", "api_token", "tailnet_token"):
         path = values.get(f"{secret}_file")
         if not path:
             continue

@@ -97,6 +97,7 @@ def api_routes(control: ControlPlane, relay: DerpRelay) -> list[Route]:
             "replica_id": str(reg.id) if reg else None,
             "threshold_ms": control.settings.latency_threshold * 1e3,
             "findings": [f.as_dict() for f in findings],
+            "tailnet": control.tailnet.health(),
         })
 
     async def status(request: Request) -> Response:

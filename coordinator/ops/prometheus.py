@@ -81,6 +81,46 @@ class ControlCollector:
         yield findings
 
 
+class TailnetCollector:
+    """The peer coordinator's ``stats()`` (docs/coordinator.md), read at scrape time."""
+
+    def __init__(self, control):
+        self.control = control
+
+    def collect(self):
+        tailnet = getattr(self.control, "tailnet", None)
+        if tailnet is None:
+            return
+        s = tailnet.stats()
+        yield GaugeMetricFamily("coordinator_tailnet_peers", "peers connected to this replica's coordinator",
+                                value=s["peers"])
+        yield GaugeMetricFamily("coordinator_tailnet_tunnels", "tunnels opened by this replica's peers", value=s["tunnels"])
+        yield GaugeMetricFamily("coordinator_tailnet_healthy", "1 while the coordinator's heartbeats reach PostgreSQL",
+                                value=1 if s["healthy"] else 0)
+        yield GaugeMetricFamily("coordinator_tailnet_live_coordinators", "coordinators with a recent heartbeat",
+                                value=s["live_coordinators"])
+        yield CounterMetricFamily("coordinator_tailnet_updates_in", "node updates received from peers",
+                                  value=s["updates_in"])
+        yield CounterMetricFamily("coordinator_tailnet_updates_out", "peer updates sent to peers", value=s["updates_out"])
+        yield CounterMetricFamily("coordinator_tailnet_resyncs", "full resyncs of the local peers (pub/sub gaps)",
+                                  value=s["resyncs"])
+        yield CounterMetricFamily("coordinator_tailnet_throttled", "peer messages delayed by the per-peer rate",
+                                  value=s["throttled"])
+        propagation = GaugeMetricFamily("coordinator_tailnet_propagation_seconds",
+                                        "node update propagation, database commit to send (recent samples)",
+                                        labels=["quantile"])
+        for q in ("p50", "p99"):
+            value = s[f"propagation_{q}_seconds"]
+            if value is not None:
+                propagation.add_metric(["0.5" if q == "p50" else "0.99"], value)
+        yield propagation
+        refused = CounterMetricFamily("coordinator_tailnet_refused", "peer connections and messages refused, by reason",
+                                      labels=["reason"])
+        for reason, n in sorted(s["refused"].items()):
+            refused.add_metric([reason], n)
+        yield refused
+
+
 class Exposition:
     """Every metric of one replica as Prometheus text."""
 
@@ -90,6 +130,7 @@ class Exposition:
         self.registry = CollectorRegistry()
         self.registry.register(RelayCollector(relay))
         self.registry.register(ControlCollector(control))
+        self.registry.register(TailnetCollector(control))
         ProcessCollector(registry=self.registry)  # process_resident_memory_bytes and friends
 
     def render(self, front_door=None) -> bytes:

@@ -1,0 +1,340 @@
+"""The peer coordinator of one replica: its local peers, its heartbeats, and the work that tells them news.
+
+Wake-ups come from NOTIFY (the tables' triggers): a peer's row changed → find who shares a tunnel
+with it (a query) → re-query the mappings of those that are connected here. A tunnel changed →
+re-query both ends if connected here. A coordinator died or came back → re-judge every local
+peer's last mappings. A pub/sub gap → re-query every local peer (Coder #11950).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections import Counter, deque
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.abc
+
+from coordinator.cluster.db import Database
+from coordinator.cluster.pubsub import Cancel, DroppedMessages, PubSub
+from coordinator.cluster.tailnet.heartbeats import MISSED_BEATS, Heartbeats
+from coordinator.cluster.tailnet.messages import (
+    CLOSE_GOING_AWAY,
+    CLOSE_TRY_AGAIN,
+    READY_FOR_HANDSHAKE,
+    encode_peer_update,
+)
+from coordinator.cluster.tailnet.store import (
+    HANDSHAKE_CHANNEL,
+    HEARTBEAT_CHANNEL,
+    PEER_CHANNEL,
+    TUNNEL_CHANNEL,
+    TailnetStore,
+)
+from coordinator.cluster.tailnet.workqueue import WorkQueue
+
+if TYPE_CHECKING:
+    from coordinator.cluster.tailnet.peer import PeerConnection
+
+log = logging.getLogger("coordinator.tailnet")
+
+WORKERS = 8              # concurrent mapping queries (Coder runs 10 queriers)
+WORK_LIMIT = 100_000     # pending work keys; past it the work is dropped for one full resync
+CLEANUP_EVERY = 3600.0   # seconds between cleanups (Coder: hourly)
+RETRY_MAX = 5.0          # longest pause before retrying failed work
+PROPAGATION_SAMPLES = 4096
+UNHEALTHY = "coordinator unhealthy: this replica cannot write its heartbeat to PostgreSQL; reconnect"
+STOPPING = "replica stopping; reconnect (the load balancer picks another replica)"
+
+WorkKey = tuple[str, uuid.UUID]  # ("map", local peer) or ("fanout", any peer)
+
+
+class TailnetCoordinator:
+    """Created with the control plane; :meth:`run` once the database is open; :meth:`stop` first when stopping."""
+
+    def __init__(self, heartbeat: float, max_peers: int = 0):
+        self.id = uuid.uuid4()
+        self.heartbeat = heartbeat
+        self.max_peers = max_peers  # 0: the endpoint derives it from the replica's connection budget
+        self.peers: dict[uuid.UUID, PeerConnection] = {}
+        self.store: TailnetStore | None = None
+        self.beats: Heartbeats | None = None
+        self.pubsub: PubSub | None = None
+        self.stopping = False
+        self.work: WorkQueue[WorkKey] = WorkQueue(WORK_LIMIT)
+        self.counts: Counter[str] = Counter()
+        self.refused: Counter[str] = Counter()
+        self.propagation: deque[float] = deque(maxlen=PROPAGATION_SAMPLES)
+        self._scope: anyio.CancelScope | None = None
+
+    # -- state -----------------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self.beats is not None and self.beats.first_beat.is_set()
+
+    @property
+    def healthy(self) -> bool:
+        return self.beats is None or self.beats.healthy
+
+    def refusal(self) -> tuple[int, str] | None:
+        """Why a new peer cannot be served now (close code, message), or None."""
+        if self.stopping:
+            return CLOSE_GOING_AWAY, STOPPING
+        if self.beats is not None and not self.beats.healthy:
+            return CLOSE_TRY_AGAIN, UNHEALTHY
+        if not self.ready:
+            return CLOSE_TRY_AGAIN, "coordinator starting (waiting for PostgreSQL); try again shortly"
+        return None
+
+    # -- life ------------------------------------------------------------------------------------
+
+    async def run(self, db: Database, pubsub: PubSub) -> None:
+        """Beat, listen and work until cancelled (by :meth:`stop` or the control plane's end)."""
+        self.store = TailnetStore(db)
+        self.pubsub = pubsub
+        self.beats = Heartbeats(self.store, self.id, self.heartbeat, on_change=self.refilter_all,
+                                on_unhealthy=self._unhealthy, on_recover=self._recover)
+        cancels: list[Cancel] = []
+        self._scope = anyio.CancelScope()
+        try:
+            with self._scope:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self.beats.run, name="tailnet heartbeats")
+                    for channel, handler in ((PEER_CHANNEL, self._on_peer), (TUNNEL_CHANNEL, self._on_tunnel),
+                                             (HEARTBEAT_CHANNEL, self._on_beat), (HANDSHAKE_CHANNEL, self._on_handshake)):
+                        cancels.append(await self._subscribe(channel, handler))
+                    for i in range(WORKERS):
+                        tg.start_soon(self._worker, name=f"tailnet worker {i}")
+                    tg.start_soon(self._cleanup_loop, name="tailnet cleanup")
+                    log.info("tailnet coordinator %s running", self.id)
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                for cancel in cancels:
+                    await cancel()
+
+    async def _subscribe(self, channel: str, handler: Any) -> Cancel:
+        """Subscribe, retrying with backoff (Coder does the same); only a stop ends the wait."""
+        assert self.pubsub is not None
+        delay = 0.1
+        while True:
+            try:
+                return await self.pubsub.subscribe_with_err(channel, handler)
+            except Exception as exc:
+                log.warning("cannot subscribe to %s yet (%s); retrying", channel, exc)
+                await anyio.sleep(delay)
+                delay = min(2 * delay, RETRY_MAX)
+
+    async def stop(self, timeout: float) -> None:
+        """Graceful stop: mark our peers lost (deleting nothing), close them with a reason, stop."""
+        self.stopping = True
+        with anyio.move_on_after(max(0.05, timeout * 0.7)):
+            if self.store is not None and self.ready and self.healthy:
+                try:
+                    n = await self.store.mark_coordinator_lost(self.id)
+                    log.info("tailnet coordinator stopping: %d peers marked lost", n)
+                except Exception as exc:
+                    log.warning("tailnet coordinator could not mark its peers lost: %s", exc)
+        for conn in list(self.peers.values()):
+            conn.kick(CLOSE_GOING_AWAY, STOPPING, write=False)
+        with anyio.move_on_after(max(0.05, timeout * 0.3)):
+            while self.peers:
+                await anyio.sleep(0.02)
+        if self._scope is not None:
+            self._scope.cancel()
+
+    # -- peers -----------------------------------------------------------------------------------
+
+    def register(self, conn: PeerConnection) -> None:
+        old = self.peers.get(conn.id)
+        if old is not None:
+            self.counts["replaced"] += 1
+            old.kick(1008, "replaced by a newer connection for this peer ID", write=False)
+        self.peers[conn.id] = conn
+        self.schedule(conn.id)
+
+    def unregister(self, conn: PeerConnection) -> None:
+        if self.peers.get(conn.id) is conn:
+            del self.peers[conn.id]
+
+    def schedule(self, peer: uuid.UUID) -> None:
+        """Re-query what the local ``peer`` should know."""
+        if not self.work.enqueue(("map", peer)):
+            self._overflow()
+
+    def resync(self, why: str) -> None:
+        """Re-query every local peer (after a pub/sub gap, or when the work queue overflowed)."""
+        self.counts["resyncs"] += 1
+        log.info("tailnet resync of %d local peers: %s", len(self.peers), why)
+        for peer in list(self.peers):
+            self.schedule(peer)
+
+    def _overflow(self) -> None:
+        self.work.clear()
+        self.resync("work queue overflowed")
+
+    def refilter_all(self) -> None:
+        """The live coordinators changed: re-judge every local peer's last mappings (no queries)."""
+        assert self.beats is not None
+        for conn in list(self.peers.values()):
+            conn.deliver(conn.mapper.update(self.beats.alive))
+
+    def _unhealthy(self, reason: str) -> None:
+        # No per-peer writes now (Coder #12923): the rows are tidied in one statement on recovery.
+        for conn in list(self.peers.values()):
+            conn.kick(CLOSE_TRY_AGAIN, UNHEALTHY, write=False)
+
+    async def _recover(self) -> None:
+        assert self.store is not None
+        n = await self.store.mark_coordinator_lost(self.id)
+        log.info("tailnet coordinator recovering: %d peers left from before marked lost", n)
+
+    # -- notifications -------------------------------------------------------------------------------
+
+    def _gap(self, err: Exception | None, channel: str) -> bool:
+        if isinstance(err, DroppedMessages):
+            self.resync(f"pub/sub may have dropped {channel} messages")
+            return True
+        if err is not None:
+            log.warning("pub/sub error on %s: %s", channel, err)
+            return True
+        return False
+
+    def _on_peer(self, payload: bytes | None, err: Exception | None) -> None:
+        if self._gap(err, PEER_CHANNEL) or payload is None:
+            return
+        peer = _uuid(payload)
+        if peer is not None and self.peers and not self.work.enqueue(("fanout", peer)):
+            self._overflow()
+
+    def _on_tunnel(self, payload: bytes | None, err: Exception | None) -> None:
+        if self._gap(err, TUNNEL_CHANNEL) or payload is None:
+            return
+        for part in payload.split(b",", 1):
+            peer = _uuid(part)
+            if peer is not None and peer in self.peers:
+                self.schedule(peer)
+
+    def _on_beat(self, payload: bytes | None, err: Exception | None) -> None:
+        if err is None and payload is not None and self.beats is not None:
+            self.beats.received(payload)
+
+    def _on_handshake(self, payload: bytes | None, err: Exception | None) -> None:
+        if err is not None or payload is None:
+            return
+        dst, _, src = payload.partition(b",")
+        dst_id, src_id = _uuid(dst), _uuid(src)
+        conn = self.peers.get(dst_id) if dst_id is not None else None
+        if conn is None or src_id is None:
+            return
+        if conn.mapper.knows(src_id):  # only across a tunnel
+            conn.deliver_one(src_id, READY_FOR_HANDSHAKE, encode_peer_update(src_id, READY_FOR_HANDSHAKE))
+
+    async def publish_handshake(self, src: uuid.UUID, dst: uuid.UUID) -> None:
+        assert self.pubsub is not None
+        await self.pubsub.publish(HANDSHAKE_CHANNEL, f"{dst},{src}")
+
+    # -- work ----------------------------------------------------------------------------------------
+
+    async def _worker(self) -> None:
+        delay = 0.1
+        while True:
+            key = await self.work.acquire()
+            try:
+                await self._do(key)
+                delay = 0.1
+            except Exception as exc:
+                log.debug("tailnet work %s failed (%s); retrying in %.1f s", key, exc, delay)
+                self.counts["work_failures"] += 1
+                self.work.done(key)
+                await anyio.sleep(delay)
+                delay = min(2 * delay, RETRY_MAX)
+                if key[0] == "fanout" or key[1] in self.peers:
+                    self.work.enqueue(key)
+                continue
+            self.work.done(key)
+
+    async def _do(self, key: WorkKey) -> None:
+        assert self.store is not None and self.beats is not None
+        what, peer = key
+        if what == "fanout":
+            if not self.peers:
+                return
+            for other in await self.store.tunnel_peers(peer):
+                if other in self.peers:
+                    self.schedule(other)
+            return
+        if peer not in self.peers:
+            return
+        bindings = await self.store.bindings(peer)
+        conn = self.peers.get(peer)
+        if conn is not None:
+            conn.deliver(conn.mapper.update(self.beats.alive, bindings))
+
+    def sent(self, updated_at: float) -> None:
+        """A node frame went out: count it and time its trip from the database commit."""
+        self.counts["updates_out"] += 1
+        if updated_at and self.beats is not None:
+            self.propagation.append(max(0.0, time.time() + self.beats.skew - updated_at))
+
+    async def _cleanup_loop(self) -> None:
+        assert self.store is not None and self.beats is not None
+        await self.beats.first_beat.wait()
+        while True:
+            try:
+                deleted = await self.store.cleanup()
+                if any(deleted):
+                    log.info("tailnet cleanup deleted %d coordinators, %d lost peers, %d tunnels", *deleted)
+            except Exception as exc:
+                log.debug("tailnet cleanup failed: %s", exc)
+            await anyio.sleep(CLEANUP_EVERY)
+
+    # -- reports -------------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        samples = sorted(self.propagation)
+
+        def quantile(q: float) -> float | None:
+            return samples[min(len(samples) - 1, int(q * len(samples)))] if samples else None
+
+        beats = self.beats
+        return {
+            "coordinator_id": str(self.id),
+            "healthy": self.healthy,
+            "ready": self.ready,
+            "peers": len(self.peers),
+            "tunnels": sum(len(c.tunnels) for c in self.peers.values()),
+            "live_coordinators": len(beats.live()) if beats else 0,
+            "heartbeat_failures": beats.failures if beats else 0,
+            "last_error": beats.last_error if beats else None,
+            "updates_in": self.counts["updates_in"],
+            "updates_out": self.counts["updates_out"],
+            "propagation_p50_seconds": quantile(0.5),
+            "propagation_p99_seconds": quantile(0.99),
+            "propagation_samples": len(samples),
+            "resyncs": self.counts["resyncs"],
+            "replaced": self.counts["replaced"],
+            "throttled": self.counts["throttled"],
+            "work_pending": len(self.work),
+            "refused": dict(self.refused),
+        }
+
+    def health(self) -> dict[str, Any]:
+        """The ``tailnet`` entry of the health report."""
+        beats = self.beats
+        return {
+            "healthy": self.healthy,
+            "coordinator_id": str(self.id),
+            "peers": len(self.peers),
+            "live_coordinators": len(beats.live()) if beats else 0,
+            "error": None if self.healthy else f"{MISSED_BEATS} heartbeats failed: {beats.last_error if beats else ''}",
+        }
+
+
+def _uuid(text: bytes) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(text.decode())
+    except (ValueError, UnicodeDecodeError):
+        return None
