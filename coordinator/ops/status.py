@@ -22,6 +22,7 @@ from starlette.routing import Route
 from coordinator.cluster.controlplane import ControlPlane
 from coordinator.cluster.mesh import normalize_relay_url
 from coordinator.ops.api import SESSION_COOKIE, check_operator, session_value, token_matches
+from coordinator.ops.tailnet_status import tailnet_snapshot
 from coordinator.relay.dataplane import DerpRelay
 
 log = logging.getLogger("coordinator.status")
@@ -134,6 +135,7 @@ async def snapshot(control: ControlPlane, relay: DerpRelay) -> dict:
             "packets_out": stats["packets_out"], "forwarded_in": stats["forwarded_in"],
             "forwarded_out": stats["forwarded_out"], "drops": stats["drops"],
         },
+        "tailnet": await tailnet_snapshot(control.tailnet, control.db),
     }
 
 

@@ -283,7 +283,8 @@ class TailnetClient:
                     return False
                 self.connected = True
                 self.connections += 1
-                await self._resend_state(ws)
+                with contextlib.suppress(ConnectionClosed):  # what it said before closing is read below
+                    await self._resend_state(ws)
             await self._notify_changed()
             await self._read(ws)
         except ConnectionClosed:

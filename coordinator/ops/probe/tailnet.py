@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from coordinator.cluster.tailnet.client import TailnetClient
-from coordinator.cluster.tailnet.view import TailnetError
+from coordinator.cluster.tailnet.view import TailnetError, TailnetRefused
 from coordinator.core.errors import describe
 from coordinator.core.urls import relay_base
 from coordinator.ops.probe.model import Figure, ReplicaInfo, fmt_ms, fmt_threshold, ms
@@ -83,6 +83,8 @@ async def measure_tailnet(replicas: list[ReplicaInfo], token: str | None, sample
         try:
             await peers[0].wait_for_node(ids[1], timeout)
             await peers[1].wait_for_node(ids[0], timeout)
+        except TailnetRefused as exc:  # accepted, then refused (a bad token, an unhealthy coordinator)
+            return _failed(check, CODE_UNREACHABLE, f"a probe peer was refused: {describe(exc)}")
         except TailnetError as exc:
             return _failed(check, CODE_NOT_CROSSED, f"the tunnel's nodes did not cross: {describe(exc)}")
         for i in range(samples):
