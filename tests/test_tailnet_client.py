@@ -189,3 +189,27 @@ def test_demo_peers_find_each_other_and_exchange_packets():
     assert "home region 999" in out.stdout
     assert "packets exchanged over DERP with the learned keys" in out.stdout, out.stdout
     assert "Traceback" not in out.stderr
+
+
+async def test_probe_times_an_update_across_replicas(two, pg_url):
+    from coordinator.ops.probe import run_probe
+    from coordinator.ops.probe.render import render_text
+
+    report = await run_probe(pg_url=pg_url, samples=5, timeout=3.0)  # the token: the deployment's stored one
+    t = report["tailnet"]
+    print("\n" + render_text(report).split("Peer coordinator")[1].split("\n\n")[0])
+    assert t["measured"] and t["code"] is None and len(t["samples_ms"]) == 5, t
+    assert sorted(t["replicas"]) == sorted(r["id"] for r in report["replicas"])
+    assert not [p for p in report["problems"] if p["subject"] == "tailnet"]
+
+    bad = await run_probe(pg_url=pg_url, samples=2, timeout=3.0, tailnet_token="wrong")
+    problems = [p for p in bad["problems"] if p["subject"] == "tailnet"]
+    assert bad["tailnet"]["code"] == "ETAILNET11" and not bad["ok"], bad["tailnet"]
+    assert len(problems) == 1 and "invalid tailnet token" in problems[0]["message"], problems
+
+    slow = await run_probe(pg_url=pg_url, samples=2, timeout=3.0, tailnet_threshold=1e-6)
+    assert slow["tailnet"]["code"] == "ETAILNET13", slow["tailnet"]
+
+    two.replicas[1].stop()
+    alone = await run_probe(pg_url=pg_url, samples=1, timeout=3.0)
+    assert not alone["tailnet"]["measured"] and "two live replicas" in alone["tailnet"]["note"]
