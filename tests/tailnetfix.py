@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
@@ -126,3 +127,18 @@ class RawPeer:
                 self._reader.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._reader
+
+
+@contextlib.asynccontextmanager
+async def peers(*made: RawPeer) -> AsyncIterator[None]:
+    try:
+        yield
+    finally:
+        for p in made:
+            await p.close()
+
+
+async def joined(url: str, token: str, seq: int = 1, **node) -> RawPeer:
+    peer = await RawPeer(url, token).connect()
+    await peer.update({"key": f"nodekey:{peer.id.hex}", "seq": seq, **node})
+    return peer

@@ -124,6 +124,8 @@ def api_routes(control: ControlPlane, relay: DerpRelay) -> list[Route]:
             problems.append("database unreachable")
         if control.pubsub is None or not control.pubsub.connected:
             problems.append("pub/sub listener down")
+        if not control.tailnet.ready:
+            problems.append("peer coordinator not started")  # its first heartbeat is not written yet
         if problems:
             return JSONResponse({"ready": False, "problems": problems}, status_code=503)
         return JSONResponse({"ready": True})

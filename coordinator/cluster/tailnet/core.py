@@ -130,6 +130,10 @@ class TailnetCoordinator:
     async def stop(self, timeout: float) -> None:
         """Graceful stop: mark our peers lost (deleting nothing), close them with a reason, stop."""
         self.stopping = True
+        # Close first (the HTTP server's own shutdown closes WebSockets with 1012 a moment later),
+        # then mark them all lost in one statement: their rows stay, nothing is deleted.
+        for conn in list(self.peers.values()):
+            conn.kick(CLOSE_GOING_AWAY, STOPPING, write=False)
         with anyio.move_on_after(max(0.05, timeout * 0.7)):
             if self.store is not None and self.ready and self.healthy:
                 try:
@@ -137,8 +141,6 @@ class TailnetCoordinator:
                     log.info("tailnet coordinator stopping: %d peers marked lost", n)
                 except Exception as exc:
                     log.warning("tailnet coordinator could not mark its peers lost: %s", exc)
-        for conn in list(self.peers.values()):
-            conn.kick(CLOSE_GOING_AWAY, STOPPING, write=False)
         with anyio.move_on_after(max(0.05, timeout * 0.3)):
             while self.peers:
                 await anyio.sleep(0.02)

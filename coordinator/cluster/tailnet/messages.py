@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 COORDINATE_PATH = "/api/v2/tailnet/coordinate"
 PEER_ID_PARAM = "peer_id"  # query parameter naming the connecting peer (a UUID)
@@ -36,10 +36,10 @@ CLOSE_POLICY = 1008         # bad input, refused authorization, a replaced conne
 CLOSE_TRY_AGAIN = 1013      # coordinator unhealthy, starting, or out of peer slots: reconnect later/elsewhere
 
 # -- peer update kinds ------------------------------------------------------------------------------
-NODE = "node"
-DISCONNECTED = "disconnected"
-LOST = "lost"
-READY_FOR_HANDSHAKE = "ready_for_handshake"
+NODE: Final = "node"
+DISCONNECTED: Final = "disconnected"
+LOST: Final = "lost"
+READY_FOR_HANDSHAKE: Final = "ready_for_handshake"
 KINDS = (NODE, DISCONNECTED, LOST, READY_FOR_HANDSHAKE)
 Kind = Literal["node", "disconnected", "lost", "ready_for_handshake"]
 
