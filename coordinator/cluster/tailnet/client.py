@@ -243,7 +243,11 @@ class TailnetClient:
         try:
             while not self._closing:
                 opened = time.monotonic()
-                soon = await self._connect_once()
+                try:
+                    soon = await self._connect_once()
+                except Exception as exc:  # a bug or a surprise from a library: redial, never die silently
+                    log.exception("peer %s: connection failed unexpectedly", self.peer_id)
+                    self.last_error, soon = f"{type(exc).__name__}: {exc}", False
                 if self.failure is not None or self._closing:
                     return
                 if time.monotonic() - opened >= STABLE_AFTER:
