@@ -43,11 +43,13 @@ async def coordinator_rows(db: Database | None, own_id: str) -> list[dict[str, A
     except Exception as exc:  # the page then shows no rows; the findings say why the database is away
         log.debug("tailnet coordinators unavailable: %s", exc)
         return []
-    return [{
-        "id": cid, "self": cid == own_id, "heartbeat_age_s": age,
-        "alive": age is not None and age <= MISSED_BEATS * beat_ms / 1000.0,
-        "peers": peers, "lost": lost, "tunnels": tunnels,
-    } for cid, age, beat_ms, peers, lost, tunnels in rows]
+    out = []
+    for cid, age, beat_ms, peers, lost, tunnels in rows:
+        alive = age is not None and age <= MISSED_BEATS * beat_ms / 1000.0
+        # A dead coordinator could not mark its peers lost: the others judge them lost, and so does the page.
+        out.append({"id": cid, "self": cid == own_id, "heartbeat_age_s": age, "alive": alive,
+                    "peers": peers if alive else 0, "lost": lost if alive else lost + peers, "tunnels": tunnels})
+    return out
 
 
 async def tailnet_snapshot(coordinator: TailnetCoordinator | None, db: Database | None) -> dict[str, Any] | None:
