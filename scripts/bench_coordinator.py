@@ -121,6 +121,8 @@ class Fleet:
             for p in batch:
                 p.start()
             await asyncio.gather(*(p.wait_connected(timeout) for p in batch))
+            if (first + len(batch)) % 1000 == 0:
+                progress(f"  {first + len(batch)} connected after {time.monotonic() - start:.1f} s")
         return time.monotonic() - start
 
     async def tunnel(self, timeout: float) -> float:
@@ -186,8 +188,8 @@ class Fleet:
                 "p50_ms": pct(lat, 0.5), "p99_ms": pct(lat, 0.99)}
 
     async def close(self) -> None:
-        for first in range(0, len(self.peers), 500):
-            await asyncio.gather(*(p.close() for p in self.peers[first:first + 500]))
+        """Close every peer at once (each within its close timeout)."""
+        await asyncio.gather(*(p.close() for p in self.peers), return_exceptions=True)
 
 
 class Postgres:
@@ -298,6 +300,11 @@ def read_token(pg_url: str, timeout: float = 30.0) -> str:
 
 
 async def bench(cluster: HACluster, pg: Postgres, args: argparse.Namespace) -> list[dict[str, Any]]:
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # cancel the run: every peer is closed on the way out
+        loop.add_signal_handler(sig, main_task.cancel)
     await pg.start()
     try:
         results = []
@@ -363,7 +370,7 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=50.0,
                     help="open-loop updates per second, a random peer each (default 50: at 1,000 peers each updates every 20 s)")
     ap.add_argument("--seconds", type=float, default=10.0, help="length of each load phase (default 10)")
-    ap.add_argument("--heartbeat", default="1s", help="the replicas' heartbeat (default 1s)")
+    ap.add_argument("--heartbeat", default="2s", help="the replicas' heartbeat (default 2s, their default)")
     ap.add_argument("--timeout", type=float, default=300.0, help="give up on any set-up step after this (s)")
     ap.add_argument("--pg-url", help="Postgres URL (default: start a throwaway server)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -374,7 +381,6 @@ def main() -> int:
         ap.error("--peers: comma-separated integers")
     if any(n < 2 or n % 2 for n in args.peers):
         ap.error("--peers: each count must be even and at least 2 (peers come in pairs)")
-    proc.sigterm_as_interrupt()
     nofile = proc.raise_nofile()
     if nofile < max(args.peers) + 1000:
         ap.error(f"--peers {max(args.peers)} needs more open files than RLIMIT_NOFILE allows ({nofile})")
@@ -393,7 +399,7 @@ def main() -> int:
                             extra_args=("--tailnet-max-peers", per_replica, "--log-level", "warning"))
         pg = Postgres(url, pg_server.proc.pid if pg_server and pg_server.proc else None)
         results = asyncio.run(bench(cluster, pg, args))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
         print("interrupted", file=sys.stderr)
         return 130
     finally:

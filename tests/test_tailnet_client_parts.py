@@ -93,3 +93,12 @@ async def test_client_refuses_bad_input_before_sending():
         await client.add_tunnel(str(B))  # type: ignore[arg-type]
     assert client.node is None and not client.tunnels
     await client.close()
+
+
+def test_backoff_after_try_again_later_spreads_over_a_wider_window():
+    b = Backoff(0.1, 5.0)
+    first = [Backoff(0.1, 5.0).later() for _ in range(200)]
+    assert all(0 <= d <= 1.0 for d in first) and max(first) > 0.5, "the first window is at least 1 s"
+    assert sum(d < 0.1 for d in first) < 60, "not most of the fleet within the first 100 ms"
+    delays = [b.later() for _ in range(10)]
+    assert all(d <= 5.0 for d in delays) and max(delays[6:]) > 1.0

@@ -114,6 +114,7 @@ class TailnetClient:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._server_error: str | None = None  # the coordinator's `error` message on this connection
+        self._close_code: int | None = None  # the close code the coordinator sent on it, if any
 
     # -- life ----------------------------------------------------------------------------------
 
@@ -250,9 +251,12 @@ class TailnetClient:
                     self.last_error, soon = f"{type(exc).__name__}: {exc}", False
                 if self.failure is not None or self._closing:
                     return
-                if time.monotonic() - opened >= STABLE_AFTER:
-                    self._backoff.reset()
-                delay = self._backoff.soon() if soon else self._backoff.next()
+                if self._close_code == m.CLOSE_TRY_AGAIN:  # sent away with all its peers: never a reset
+                    delay = self._backoff.later()
+                else:
+                    if time.monotonic() - opened >= STABLE_AFTER:
+                        self._backoff.reset()
+                    delay = self._backoff.soon() if soon else self._backoff.next()
                 log.debug("peer %s: redialling in %.2f s (%s)", self.peer_id, delay, self.last_error)
                 await asyncio.sleep(delay)
         finally:
@@ -261,6 +265,7 @@ class TailnetClient:
 
     async def _connect_once(self) -> bool:
         """One connection, from dial to close; True if the server asked for a prompt redial."""
+        self._close_code = None
         try:
             with anyio.fail_after(self._connect_timeout):
                 ws = await connect(self.url, additional_headers={"Authorization": f"Bearer {self._token}"},
@@ -340,6 +345,7 @@ class TailnetClient:
             self.last_error = "connection lost" + (f" after the coordinator's error: {self._server_error}"
                                                    if self._server_error else "")
             return False
+        self._close_code = rcvd.code
         said = self._server_error or rcvd.reason
         reason = f"closed by the coordinator ({rcvd.code}{': ' + said if said else ''})"
         self.last_error = reason
