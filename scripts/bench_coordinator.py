@@ -15,8 +15,11 @@ number and send time the benchmark reads back.
 * **propagation** (open loop, ``--rate`` updates/s (50) for ``--seconds``, a random peer each time):
   from ``update`` sent to the partner's ``peer_update`` read, p50/p99/max, and updates never
   delivered (the coordinator coalesces per peer, so a peer updating twice quickly may skip one);
-* **sustained updates/s** (closed loop for ``--seconds``): every pair plays ping-pong, each side
-  updating as soon as it saw the other's update; delivered updates per second, with their p50/p99;
+* **sustained updates/s** (closed loop for ``--seconds``): ``--window`` (100) senders each update a
+  random peer, wait until its partner has it, and go again; delivered updates per second, with
+  their p50/p99 under that load;
+* **reconnects**: connections the peers had to open again during the case (a coordinator that
+  turned unhealthy or refused them sends them back with 1013);
 * **PostgreSQL per update** (both phases together): row writes to ``tailnet_peers`` and
   ``tailnet_tunnels`` (``pg_stat_user_tables`` inserts+updates+deletes; heartbeats excluded; read
   after the statistics are flushed), WAL bytes (``pg_current_wal_lsn``), and NOTIFYs on the peer,
@@ -159,33 +162,41 @@ class Fleet:
                 "undelivered": sum(1 for s in range(first, first + sent) if s not in self.delivered),
                 "p50_ms": pct(lat, 0.5), "p99_ms": pct(lat, 0.99), "max_ms": max(lat, default=None)}
 
-    async def closed_loop(self, seconds: float) -> dict[str, Any]:
+    async def closed_loop(self, seconds: float, window: int) -> dict[str, Any]:
+        """``window`` updates in flight: each of that many senders updates one of its own peers, waits until
+        the partner has it (at most 5 s), and goes again; delivered updates per second is the sustained rate."""
         self.latencies, self.delivered = [], set()
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + seconds
-        timeouts = 0
+        timeouts = sent = 0
 
-        async def ping_pong(a: int) -> None:
-            nonlocal timeouts
-            src = a
+        pairs = len(self.peers) // 2
+        senders = min(window, pairs)
+
+        async def sender(j: int) -> None:
+            # Sender j owns pairs j, j + senders, ...: no two updates in flight from one peer, so none is
+            # coalesced away by another and waited for in vain.
+            nonlocal timeouts, sent
+            mine = list(range(j, pairs, senders))
             while time.monotonic() < deadline:
                 fut: asyncio.Future[None] = loop.create_future()
+                i = 2 * random.choice(mine) + random.randrange(2)
                 self.seq += 1
                 self.waiting[self.seq] = fut
-                await self.peers[src].update({**self.nodes[src], "seq": self.seq, "t": time.monotonic()})
+                await self.peers[i].update({**self.nodes[i], "seq": self.seq, "t": time.monotonic()})
+                sent += 1
                 try:
                     await asyncio.wait_for(fut, 5.0)
                 except TimeoutError:
                     timeouts += 1
-                src = self.partner(src)
 
         start = time.monotonic()
-        await asyncio.gather(*(ping_pong(i) for i in range(0, len(self.peers), 2)))
+        await asyncio.gather(*(sender(j) for j in range(senders)))
         took = time.monotonic() - start
         self.waiting.clear()
         lat = [x * 1000 for x in self.latencies]
-        return {"delivered": len(self.delivered), "updates_per_s": len(self.delivered) / took, "timeouts": timeouts,
-                "p50_ms": pct(lat, 0.5), "p99_ms": pct(lat, 0.99)}
+        return {"sent": sent, "delivered": len(self.delivered), "updates_per_s": len(self.delivered) / took,
+                "timeouts": timeouts, "p50_ms": pct(lat, 0.5), "p99_ms": pct(lat, 0.99)}
 
     async def close(self) -> None:
         """Close every peer at once (each within its close timeout)."""
@@ -238,13 +249,14 @@ class Postgres:
             return []
 
     def cpu(self) -> float:
-        total = 0.0
-        for pid in self.pids():
-            try:
-                total += proc.cpu_seconds(pid)
-            except OSError:
-                pass
-        return total
+        """CPU seconds of the postmaster, its live backends and the backends that exited (reaped)."""
+        if self.postmaster is None:
+            return 0.0
+        try:
+            t = psutil.Process(self.postmaster).cpu_times()
+        except psutil.Error:
+            return 0.0
+        return t.user + t.system + t.children_user + t.children_system + cpu_of(self.pids()[1:])
 
 
 def cpu_of(pids: list[int]) -> float:
@@ -272,16 +284,17 @@ async def run_case(name: str, urls: list[str], pids: list[int], pg: Postgres, n:
         r0, c0, t0 = cpu_of(pids), proc.self_cpu_seconds(), time.monotonic()
         progress(f"[{name}, {n} peers] open loop: {args.rate:g} updates/s for {args.seconds:g} s")
         out["open"] = await fleet.open_loop(args.rate, args.seconds)
-        progress(f"[{name}, {n} peers] closed loop for {args.seconds:g} s")
-        out["closed"] = await fleet.closed_loop(args.seconds)
+        progress(f"[{name}, {n} peers] closed loop: {args.window} updates in flight for {args.seconds:g} s")
+        out["closed"] = await fleet.closed_loop(args.seconds, args.window)
         r1, c1, elapsed = cpu_of(pids), proc.self_cpu_seconds(), time.monotonic() - t0
         await asyncio.sleep(STATS_SETTLE)
         after = await pg.counters()
-        updates = out["open"]["sent"] + out["closed"]["delivered"]
+        updates = out["open"]["sent"] + out["closed"]["sent"]
         out["per_update"] = {k: (after[k] - before[k]) / max(updates, 1) for k in ("rows", "wal", "notifies")}
         out["cpu"] = {"replicas": (r1 - r0) / elapsed, "postgres": (after["cpu"] - before["cpu"]) / (elapsed + STATS_SETTLE),
                       "peers_process": (c1 - c0) / elapsed}
     finally:
+        out["reconnects"] = sum(max(0, p.connections - 1) for p in fleet.peers)
         await fleet.close()
     return out
 
@@ -332,18 +345,18 @@ def ratio(a: float | None, b: float | None) -> str:
 
 
 def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
-    cols = ["case", "peers", "connect s", "nodes s", "p50 ms", "p99 ms", "max ms", "undelivered", "sustained/s",
+    cols = ["case", "peers", "connect s", "nodes s", "reconnects", "p50 ms", "p99 ms", "max ms", "undelivered", "sustained/s",
             "sat p99 ms", "rows/upd", "WAL B/upd", "NOTIFY/upd", "replicas CPU", "PG CPU", "peers CPU"]
     rows = []
     for r in results:
         o, c, u, cpu = r["open"], r["closed"], r["per_update"], r["cpu"]
-        rows.append([r["case"], str(r["peers"]), fmt(r["connect_s"]), fmt(r["tunnels_s"]), fmt(o["p50_ms"]), fmt(o["p99_ms"]),
+        rows.append([r["case"], str(r["peers"]), fmt(r["connect_s"]), fmt(r["tunnels_s"]), str(r["reconnects"]), fmt(o["p50_ms"]), fmt(o["p99_ms"]),
                      fmt(o["max_ms"]), f"{o['undelivered']}/{o['sent']}", fmt(c["updates_per_s"], 0), fmt(c["p99_ms"]),
                      fmt(u["rows"], 2), fmt(u["wal"], 0), fmt(u["notifies"], 2), f"{cpu['replicas']:.0%}",
                      f"{cpu['postgres']:.0%}", f"{cpu['peers_process']:.0%}"])
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(cols)]
-    print(f"peer coordinator: open loop {args.rate:g} updates/s for {args.seconds:g} s, then closed loop (every pair "
-          f"ping-pong) for {args.seconds:g} s; CPU as a share of one core")
+    print(f"peer coordinator: open loop {args.rate:g} updates/s for {args.seconds:g} s, then closed loop ({args.window} "
+          f"updates in flight) for {args.seconds:g} s; CPU as a share of one core")
     for line in [cols, *rows]:
         print("  " + "  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)))
     by = {(r["case"], r["peers"]): r for r in results}
@@ -370,6 +383,7 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=50.0,
                     help="open-loop updates per second, a random peer each (default 50: at 1,000 peers each updates every 20 s)")
     ap.add_argument("--seconds", type=float, default=10.0, help="length of each load phase (default 10)")
+    ap.add_argument("--window", type=int, default=100, help="closed loop: updates in flight (default 100)")
     ap.add_argument("--heartbeat", default="2s", help="the replicas' heartbeat (default 2s, their default)")
     ap.add_argument("--timeout", type=float, default=300.0, help="give up on any set-up step after this (s)")
     ap.add_argument("--pg-url", help="Postgres URL (default: start a throwaway server)")

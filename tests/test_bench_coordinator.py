@@ -11,7 +11,8 @@ SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_coordinator
 
 
 def test_bench_coordinator_measures_one_and_three_replicas():
-    done = subprocess.run([sys.executable, str(SCRIPT), "--peers", "50", "--rate", "50", "--seconds", "1", "--json"],
+    done = subprocess.run([sys.executable, str(SCRIPT), "--peers", "50", "--rate", "50", "--seconds", "1", "--window", "10",
+                           "--json"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"bench_coordinator.py exited {done.returncode}:\n{done.stderr[-3000:]}"
     out = json.loads(done.stdout)
@@ -24,7 +25,7 @@ def test_bench_coordinator_measures_one_and_three_replicas():
               f"NOTIFYs/update {r['per_update']['notifies']:.2f}")
         assert r["peers"] == 50 and r["open"]["sent"] > 0
         assert r["open"]["delivered"] > 0.5 * r["open"]["sent"], r["open"]  # coalescing may skip a few
-        assert r["closed"]["delivered"] > 0 and r["open"]["p99_ms"] is not None
+        assert 0 < r["closed"]["delivered"] <= r["closed"]["sent"] and r["open"]["p99_ms"] is not None
         # every update is written and NOTIFYed at least once (the counters really count)
         assert r["per_update"]["rows"] >= 0.5 and r["per_update"]["notifies"] >= 0.5, r["per_update"]
         assert r["per_update"]["wal"] > 0 and r["cpu"]["replicas"] > 0
