@@ -55,7 +55,7 @@ from cluster import HACluster  # noqa: E402
 
 from coordinator.cluster.tailnet.client import TailnetClient  # noqa: E402
 from coordinator.cluster.tailnet.store import HANDSHAKE_CHANNEL, PEER_CHANNEL, TUNNEL_CHANNEL  # noqa: E402
-from coordinator.cluster.tailnet.view import PeerUpdate  # noqa: E402
+from coordinator.cluster.tailnet.view import PeerUpdate, TailnetError  # noqa: E402
 
 GOAL_P99_MS = 100.0
 CONNECT_BATCH = 100
@@ -293,6 +293,9 @@ async def run_case(name: str, urls: list[str], pids: list[int], pg: Postgres, n:
         out["per_update"] = {k: (after[k] - before[k]) / max(updates, 1) for k in ("rows", "wal", "notifies")}
         out["cpu"] = {"replicas": (r1 - r0) / elapsed, "postgres": (after["cpu"] - before["cpu"]) / (elapsed + STATS_SETTLE),
                       "peers_process": (c1 - c0) / elapsed}
+    except (RuntimeError, TimeoutError, TailnetError) as exc:  # a case that cannot finish is reported, not fatal
+        out["error"] = str(exc)
+        progress(f"[{name}, {n} peers] FAILED: {exc}")
     finally:
         out["reconnects"] = sum(max(0, p.connections - 1) for p in fleet.peers)
         await fleet.close()
@@ -348,6 +351,8 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
     cols = ["case", "peers", "connect s", "nodes s", "reconnects", "p50 ms", "p99 ms", "max ms", "undelivered", "sustained/s",
             "sat p99 ms", "rows/upd", "WAL B/upd", "NOTIFY/upd", "replicas CPU", "PG CPU", "peers CPU"]
     rows = []
+    failed = [r for r in results if "error" in r]
+    results = [r for r in results if "error" not in r]
     for r in results:
         o, c, u, cpu = r["open"], r["closed"], r["per_update"], r["cpu"]
         rows.append([r["case"], str(r["peers"]), fmt(r["connect_s"]), fmt(r["tunnels_s"]), str(r["reconnects"]), fmt(o["p50_ms"]), fmt(o["p99_ms"]),
@@ -359,6 +364,8 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
           f"updates in flight) for {args.seconds:g} s; CPU as a share of one core")
     for line in [cols, *rows]:
         print("  " + "  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)))
+    for r in failed:
+        print(f"  {r['case']}, {r['peers']} peers: FAILED after {r['reconnects']} reconnects: {r['error']}")
     by = {(r["case"], r["peers"]): r for r in results}
     for n in args.peers:
         one, three = by.get(("1 replica", n)), by.get(("3 replicas", n))
