@@ -107,6 +107,11 @@ async def test_pgcoordinator_missed_heartbeats(two, pg_url):
         await a.update({"key": f"nodekey:{a.id.hex}", "seq": 2})
         await a.add_tunnel(b.id)
         await b.wait_kind(a.id, "node", seq=2)
+        # leaving now also takes the dead replica's row: b sees disconnected, not that old row as lost
+        await a.send({"type": "disconnect"})
+        await b.wait_kind(a.id, "disconnected")
+        with psycopg.connect(pg_url) as conn:
+            assert conn.execute("SELECT count(*) FROM tailnet_peers WHERE id = %s", (a.id,)).fetchone()[0] == 0
 
 
 async def test_pgcoordinator_no_delete_on_close(two, pg_url):
@@ -127,6 +132,10 @@ async def test_pgcoordinator_no_delete_on_close(two, pg_url):
             rows = conn.execute("SELECT status FROM tailnet_peers WHERE id = %s", (a.id,)).fetchall()
             tunnels = conn.execute("SELECT count(*) FROM tailnet_tunnels WHERE src_id = %s", (a.id,)).fetchone()[0]
         assert rows == [("lost",)] and tunnels == 1
+        await a.connect(r1.url)  # what a client does after 1001: reconnect at once, elsewhere
+        await a.update({"key": "a", "seq": 2})
+        await a.add_tunnel(b.id)
+        await b.wait_kind(a.id, "node", seq=2)
 
 
 BAD_FRAMES = [

@@ -56,3 +56,18 @@ def test_node_at_the_limit_is_accepted():
 def test_error_messages_are_one_line():
     frame = json.loads(m.encode_error("first\nsecond " + "x" * 1000))
     assert "\n" not in frame["message"] and len(frame["message"]) <= m.MAX_ERROR_CHARS
+
+
+def test_tailnet_settings_token_file_and_budget(tmp_path):
+    from coordinator.core.settings import ConfigError, load_settings
+
+    token = tmp_path / "token"
+    token.write_text("  s3cret\n")
+    settings = load_settings(environ={"COORDINATOR_TAILNET_TOKEN_FILE": str(token)})
+    assert settings.tailnet_token == "s3cret"
+    with pytest.raises(ConfigError, match="COORDINATOR_TAILNET_TOKEN or COORDINATOR_TAILNET_TOKEN_FILE"):
+        load_settings(environ={"COORDINATOR_TAILNET_TOKEN": "x", "COORDINATOR_TAILNET_TOKEN_FILE": str(token)})
+    with pytest.raises(ConfigError, match="--tailnet-max-peers must not be negative"):
+        load_settings({"tailnet_max_peers": "-1"}, environ={})
+    flagged = load_settings({"tailnet_token": "x"}, environ={})
+    assert any("--tailnet-token-file" in w for w in flagged.warnings)  # secrets on the command line

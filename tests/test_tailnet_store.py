@@ -39,14 +39,34 @@ def test_node_beats_lost_and_newest_node_wins():
 
 def test_mapper_sends_changes_only():
     m = Mapper()
-    first = m.update(alive, [Binding(P, LIVE, 1.0, '{"n": 1}', lost=False)])
+    m.apply_full([Binding(P, LIVE, 1.0, '{"n": 1}', lost=False)], stamp=1)
+    first = m.update(alive)
     assert [(o.kind, o.frame) for o in first] == [("node", encode_peer_update(P, "node", '{"n": 1}'))]
     assert m.update(alive) == []  # nothing changed
-    assert [o.kind for o in m.update(alive, [Binding(P, LIVE, 2.0, '{"n": 1}', lost=True)])] == ["lost"]
+    m.apply_peer(P, [Binding(P, LIVE, 2.0, '{"n": 1}', lost=True)], stamp=2)
+    assert [o.kind for o in m.update(alive)] == ["lost"]
     assert m.update(alive) == []  # still lost: said once
-    assert [o.kind for o in m.update(alive, [])] == ["disconnected"]
+    m.apply_full([], stamp=3)
+    assert [o.kind for o in m.update(alive)] == ["disconnected"]
     # never told of it: a lost row says nothing
-    assert Mapper().update(alive, [Binding(P, LIVE, 1.0, "{}", lost=True)]) == []
+    fresh = Mapper()
+    fresh.apply_full([Binding(P, LIVE, 1.0, "{}", lost=True)], stamp=1)
+    assert fresh.update(alive) == []
+
+
+def test_mapper_ignores_results_older_than_what_it_applied():
+    """A slow full query must not overwrite a newer partial one (or the other way round)."""
+    other = uuid.uuid4()
+    m = Mapper()
+    m.apply_peer(P, [Binding(P, LIVE, 5.0, '{"n": 5}', lost=False)], stamp=7)
+    m.apply_full([Binding(P, LIVE, 1.0, '{"n": 1}', lost=False), Binding(other, LIVE, 1.0, "{}", lost=False)], stamp=6)
+    assert m.rows[P][0].node == '{"n": 5}' and other in m.rows  # P kept its newer node; other arrived
+    m.apply_peer(P, [], stamp=5)  # an old "gone" answer
+    assert P in m.rows
+    m.apply_full([], stamp=8)
+    assert m.rows == {}
+    m.apply_peer(P, [Binding(P, LIVE, 9.0, "{}", lost=False)], stamp=8)  # not newer than the full result
+    assert m.rows == {}
 
 
 def test_send_queue_coalesces_and_is_bounded():
@@ -72,14 +92,23 @@ async def db(pg_url):
         await database.close()
 
 
+@pytest.fixture
+async def store(db):
+    s = TailnetStore(db)
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
 async def _age(db: Database, table: str, column: str, where: str, params: tuple, hours: int = 25) -> None:
     async with db.connection() as conn:
         await conn.execute(f"UPDATE {table} SET {column} = now() - interval '{hours} hours' WHERE {where}", params)
 
 
-async def test_heartbeats_cleanup(db):
+async def test_heartbeats_cleanup(db, store):
     """Rows are kept 24 h: dead coordinators, lost peers and orphaned tunnels older than that go."""
-    store = TailnetStore(db)
     dead, live = uuid.uuid4(), uuid.uuid4()
     gone_peer, lost_peer, ok_peer, other = (uuid.uuid4() for _ in range(4))
     for c in (dead, live):
@@ -102,8 +131,7 @@ async def test_heartbeats_cleanup(db):
     assert await store.cleanup() == (0, 0, 0)  # idempotent
 
 
-async def test_lost_coordinator_mark_lost_and_bindings(db):
-    store = TailnetStore(db)
+async def test_lost_coordinator_mark_lost_and_bindings(db, store):
     c1, c2 = uuid.uuid4(), uuid.uuid4()
     a, b = uuid.uuid4(), uuid.uuid4()
     for c in (c1, c2):
@@ -113,6 +141,11 @@ async def test_lost_coordinator_mark_lost_and_bindings(db):
     await store.add_tunnel(c1, a, b)
     assert {x.peer for x in await store.bindings(a)} == {b}
     assert {x.peer for x in await store.bindings(b)} == {a}  # a tunnel works both ways
+    nobody = uuid.uuid4()
+    changes = await store.peer_changes([a, b, nobody])  # one query for a batch of changed peers
+    assert changes[a][0] == {b} and [x.node for x in changes[a][1]] == ['{"a": 1}']
+    assert changes[b][0] == {a} and [x.coordinator for x in changes[b][1]] == [c2]
+    assert changes[nobody] == (set(), [])
     assert await store.mark_coordinator_lost(c1) == 1
     (binding,) = await store.bindings(b)
     assert binding.lost and binding.node == '{"a": 1}'  # kept, not deleted
@@ -120,9 +153,8 @@ async def test_lost_coordinator_mark_lost_and_bindings(db):
     assert await store.bindings(b) == [] and await store.tunnel_peers(b) == set()
 
 
-async def test_heartbeats_missed_beats_judged_on_the_database_clock(db):
+async def test_heartbeats_missed_beats_judged_on_the_database_clock(db, store):
     """A coordinator whose row stops beating is dead after 3 of its own intervals; ours stays alive."""
-    store = TailnetStore(db)
     other = uuid.uuid4()
     changes: list[frozenset] = []
     beats = Heartbeats(store, uuid.uuid4(), 0.2, on_change=lambda: changes.append(beats.live()),
@@ -158,6 +190,7 @@ class _FailingStore(TailnetStore):
 async def test_pgcoordinator_unhealthy_after_three_failed_beats(db):
     """One success, 3 failures: unhealthy (peers closed once); the next success recovers it."""
     store = _FailingStore(db, [True, False, False, False, True])
+    await store.open()
     events: list[str] = []
 
     async def recover() -> None:
@@ -174,3 +207,26 @@ async def test_pgcoordinator_unhealthy_after_three_failed_beats(db):
     assert beats.healthy and events[-1] == "recover" and beats.failures == 0
     with anyio.fail_after(1):
         await beats.first_beat.wait()
+    await store.close()
+
+
+async def test_binder_batches_concurrent_node_writes(db, store):
+    """Many peers updating at once: their nodes land in fewer statements than writes, each one written."""
+    from coordinator.cluster.tailnet.binder import Binder
+
+    coordinator = uuid.uuid4()
+    await store.beat(coordinator, 1.0, 5.0)
+    binder = Binder(store, coordinator)
+    peers = [uuid.uuid4() for _ in range(200)]
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(binder.run)
+        async with anyio.create_task_group() as writers:
+            for i, p in enumerate(peers):
+                writers.start_soon(binder.upsert, p, f'{{"seq": {i}}}')
+        tg.cancel_scope.cancel()
+    print(f"\n200 concurrent node writes in {binder.batches} statements")
+    assert binder.written == 200 and binder.batches < 200
+    async with db.connection() as conn:
+        rows = await (await conn.execute("SELECT id, node->>'seq' FROM tailnet_peers WHERE coordinator_id = %s",
+                                          (coordinator,))).fetchall()
+    assert {r[0]: int(r[1]) for r in rows} == {p: i for i, p in enumerate(peers)}

@@ -8,18 +8,22 @@ peer's last mappings. A pub/sub gap → re-query every local peer (Coder #11950)
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 import uuid
 from collections import Counter, deque
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import anyio
 import anyio.abc
 
 from coordinator.cluster.db import Database
 from coordinator.cluster.pubsub import Cancel, DroppedMessages, PubSub
+from coordinator.cluster.tailnet.binder import Binder
 from coordinator.cluster.tailnet.heartbeats import MISSED_BEATS, Heartbeats
+from coordinator.cluster.tailnet.mapper import Mapper, Outgoing
 from coordinator.cluster.tailnet.messages import (
     CLOSE_GOING_AWAY,
     CLOSE_TRY_AGAIN,
@@ -35,12 +39,10 @@ from coordinator.cluster.tailnet.store import (
 )
 from coordinator.cluster.tailnet.workqueue import WorkQueue
 
-if TYPE_CHECKING:
-    from coordinator.cluster.tailnet.peer import PeerConnection
-
 log = logging.getLogger("coordinator.tailnet")
 
 WORKERS = 8              # concurrent mapping queries (Coder runs 10 queriers)
+BATCH = 256              # peers looked up by one query
 WORK_LIMIT = 100_000     # pending work keys; past it the work is dropped for one full resync
 CLEANUP_EVERY = 3600.0   # seconds between cleanups (Coder: hourly)
 RETRY_MAX = 5.0          # longest pause before retrying failed work
@@ -48,7 +50,18 @@ PROPAGATION_SAMPLES = 4096
 UNHEALTHY = "coordinator unhealthy: this replica cannot write its heartbeat to PostgreSQL; reconnect"
 STOPPING = "replica stopping; reconnect (the load balancer picks another replica)"
 
-WorkKey = tuple[str, uuid.UUID]  # ("map", local peer) or ("fanout", any peer)
+class LocalPeer(Protocol):
+    """What the coordinator needs of a connected peer (``peer.LocalPeer``)."""
+
+    id: uuid.UUID
+    tunnels: set[uuid.UUID]
+    mapper: Mapper
+
+    def kick(self, code: int, message: str | None, *, write: bool = True) -> None: ...
+    def deliver(self, items: list[Outgoing]) -> None: ...
+
+
+WorkKey = tuple[str, uuid.UUID]  # ("map", local peer): all its tunnel peers; ("peer", any peer): that peer changed
 
 
 class TailnetCoordinator:
@@ -58,8 +71,9 @@ class TailnetCoordinator:
         self.id = uuid.uuid4()
         self.heartbeat = heartbeat
         self.max_peers = max_peers  # 0: the endpoint derives it from the replica's connection budget
-        self.peers: dict[uuid.UUID, PeerConnection] = {}
+        self.peers: dict[uuid.UUID, LocalPeer] = {}
         self.store: TailnetStore | None = None
+        self.binder: Binder | None = None
         self.beats: Heartbeats | None = None
         self.pubsub: PubSub | None = None
         self.stopping = False
@@ -68,6 +82,7 @@ class TailnetCoordinator:
         self.refused: Counter[str] = Counter()
         self.propagation: deque[float] = deque(maxlen=PROPAGATION_SAMPLES)
         self._scope: anyio.CancelScope | None = None
+        self._stamps = itertools.count()  # orders query results (Mapper ignores older ones)
 
     # -- state -----------------------------------------------------------------------------------
 
@@ -94,6 +109,8 @@ class TailnetCoordinator:
     async def run(self, db: Database, pubsub: PubSub) -> None:
         """Beat, listen and work until cancelled (by :meth:`stop` or the control plane's end)."""
         self.store = TailnetStore(db)
+        await self.store.open()
+        self.binder = Binder(self.store, self.id)
         self.pubsub = pubsub
         self.beats = Heartbeats(self.store, self.id, self.heartbeat, on_change=self.refilter_all,
                                 on_unhealthy=self._unhealthy, on_recover=self._recover)
@@ -103,6 +120,7 @@ class TailnetCoordinator:
             with self._scope:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self.beats.run, name="tailnet heartbeats")
+                    tg.start_soon(self.binder.run, name="tailnet binder")
                     for channel, handler in ((PEER_CHANNEL, self._on_peer), (TUNNEL_CHANNEL, self._on_tunnel),
                                              (HEARTBEAT_CHANNEL, self._on_beat), (HANDSHAKE_CHANNEL, self._on_handshake)):
                         cancels.append(await self._subscribe(channel, handler))
@@ -114,6 +132,7 @@ class TailnetCoordinator:
             with anyio.CancelScope(shield=True), anyio.move_on_after(2):
                 for cancel in cancels:
                     await cancel()
+                await self.store.close(1.0)
 
     async def _subscribe(self, channel: str, handler: Any) -> Cancel:
         """Subscribe, retrying with backoff (Coder does the same); only a stop ends the wait."""
@@ -149,7 +168,7 @@ class TailnetCoordinator:
 
     # -- peers -----------------------------------------------------------------------------------
 
-    def register(self, conn: PeerConnection) -> None:
+    def register(self, conn: LocalPeer) -> None:
         old = self.peers.get(conn.id)
         if old is not None:
             self.counts["replaced"] += 1
@@ -157,7 +176,7 @@ class TailnetCoordinator:
         self.peers[conn.id] = conn
         self.schedule(conn.id)
 
-    def unregister(self, conn: PeerConnection) -> None:
+    def unregister(self, conn: LocalPeer) -> None:
         if self.peers.get(conn.id) is conn:
             del self.peers[conn.id]
 
@@ -208,7 +227,7 @@ class TailnetCoordinator:
         if self._gap(err, PEER_CHANNEL) or payload is None:
             return
         peer = _uuid(payload)
-        if peer is not None and self.peers and not self.work.enqueue(("fanout", peer)):
+        if peer is not None and self.peers and not self.work.enqueue(("peer", peer)):
             self._overflow()
 
     def _on_tunnel(self, payload: bytes | None, err: Exception | None) -> None:
@@ -232,7 +251,7 @@ class TailnetCoordinator:
         if conn is None or src_id is None:
             return
         if conn.mapper.knows(src_id):  # only across a tunnel
-            conn.deliver_one(src_id, READY_FOR_HANDSHAKE, encode_peer_update(src_id, READY_FOR_HANDSHAKE))
+            conn.deliver([Outgoing(src_id, READY_FOR_HANDSHAKE, encode_peer_update(src_id, READY_FOR_HANDSHAKE))])
 
     async def publish_handshake(self, src: uuid.UUID, dst: uuid.UUID) -> None:
         assert self.pubsub is not None
@@ -243,37 +262,51 @@ class TailnetCoordinator:
     async def _worker(self) -> None:
         delay = 0.1
         while True:
-            key = await self.work.acquire()
+            keys = [await self.work.acquire()]
+            keys += self.work.take_more(_same_kind(keys[0][0]), BATCH - 1)  # one query for the batch
             try:
-                await self._do(key)
+                await self._do(keys)
                 delay = 0.1
             except Exception as exc:
-                log.debug("tailnet work %s failed (%s); retrying in %.1f s", key, exc, delay)
+                log.debug("tailnet work %s failed (%s); retrying in %.1f s", keys[0], exc, delay)
                 self.counts["work_failures"] += 1
-                self.work.done(key)
+                for key in keys:
+                    self.work.done(key)
                 await anyio.sleep(delay)
                 delay = min(2 * delay, RETRY_MAX)
-                if key[0] == "fanout" or key[1] in self.peers:
-                    self.work.enqueue(key)
+                for key in keys:
+                    if key[0] == "peer" or key[1] in self.peers:
+                        self.work.enqueue(key)
                 continue
-            self.work.done(key)
+            for key in keys:
+                self.work.done(key)
 
-    async def _do(self, key: WorkKey) -> None:
+    async def _do(self, keys: list[WorkKey]) -> None:
         assert self.store is not None and self.beats is not None
-        what, peer = key
-        if what == "fanout":
+        stamp = next(self._stamps)
+        what, peer = keys[0]
+        if what == "peer":  # one round trip: who shares a tunnel with each, and their rows
             if not self.peers:
                 return
-            for other in await self.store.tunnel_peers(peer):
-                if other in self.peers:
-                    self.schedule(other)
+            changes = await self.store.peer_changes([k[1] for k in keys])
+            touched: dict[uuid.UUID, LocalPeer] = {}
+            for changed, (partners, rows) in changes.items():
+                for other in partners:
+                    conn = self.peers.get(other)
+                    if conn is not None:
+                        conn.mapper.apply_peer(changed, rows, stamp)
+                        touched[other] = conn
+            for conn in touched.values():
+                conn.deliver(conn.mapper.update(self.beats.alive))
             return
-        if peer not in self.peers:
+        local = [k[1] for k in keys if k[1] in self.peers]
+        if not local:
             return
-        bindings = await self.store.bindings(peer)
-        conn = self.peers.get(peer)
-        if conn is not None:
-            conn.deliver(conn.mapper.update(self.beats.alive, bindings))
+        for peer, bindings in (await self.store.bindings_of(local)).items():
+            conn = self.peers.get(peer)
+            if conn is not None:
+                conn.mapper.apply_full(bindings, stamp)
+                conn.deliver(conn.mapper.update(self.beats.alive))
 
     def sent(self, updated_at: float) -> None:
         """A node frame went out: count it and time its trip from the database commit."""
@@ -320,6 +353,8 @@ class TailnetCoordinator:
             "replaced": self.counts["replaced"],
             "throttled": self.counts["throttled"],
             "work_pending": len(self.work),
+            "node_writes": self.binder.written if self.binder else 0,
+            "node_write_batches": self.binder.batches if self.binder else 0,
             "refused": dict(self.refused),
         }
 
@@ -333,6 +368,10 @@ class TailnetCoordinator:
             "live_coordinators": len(beats.live()) if beats else 0,
             "error": None if self.healthy else f"{MISSED_BEATS} heartbeats failed: {beats.last_error if beats else ''}",
         }
+
+
+def _same_kind(kind: str) -> Callable[[WorkKey], bool]:
+    return lambda key: key[0] == kind
 
 
 def _uuid(text: bytes) -> uuid.UUID | None:

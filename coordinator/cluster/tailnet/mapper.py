@@ -59,17 +59,47 @@ class Outgoing:
 
 
 class Mapper:
-    """One local peer's view: the bindings last queried and what it was sent about each peer."""
+    """One local peer's view: the rows of the peers it shares a tunnel with, and what it was sent.
+
+    Rows arrive from two kinds of query: a full one (every tunnel peer's rows) and a partial one
+    (one peer's rows, after that peer changed). Each carries a stamp taken when it was issued; a
+    result older than what is already applied for a peer is ignored, so a slow query never
+    overwrites a newer node with an older one.
+    """
 
     def __init__(self) -> None:
-        self.bindings: list[Binding] = []
+        self.rows: dict[uuid.UUID, list[Binding]] = {}
         self.sent: dict[uuid.UUID, tuple[Kind, str]] = {}
+        self._floor = -1  # stamp of the last full result applied
+        self._fresh: dict[uuid.UUID, int] = {}  # stamps of partial results applied since
 
-    def update(self, alive: Callable[[uuid.UUID], bool], bindings: list[Binding] | None = None) -> list[Outgoing]:
-        """Frames that bring the peer's view in line with ``bindings`` (None: the last ones, re-judged)."""
-        if bindings is not None:
-            self.bindings = bindings
-        best = best_mappings(self.bindings, alive)
+    def apply_full(self, bindings: list[Binding], stamp: int) -> None:
+        if stamp <= self._floor:
+            return
+        fresh: dict[uuid.UUID, list[Binding]] = {}
+        for b in bindings:
+            fresh.setdefault(b.peer, []).append(b)
+        for peer in set(self.rows) | set(fresh):
+            if stamp > self._fresh.get(peer, -1):
+                if peer in fresh:
+                    self.rows[peer] = fresh[peer]
+                else:
+                    self.rows.pop(peer, None)
+        self._floor = stamp
+        self._fresh = {p: s for p, s in self._fresh.items() if s > stamp}
+
+    def apply_peer(self, peer: uuid.UUID, rows: list[Binding], stamp: int) -> None:
+        if stamp <= max(self._floor, self._fresh.get(peer, -1)):
+            return
+        self._fresh[peer] = stamp
+        if rows:
+            self.rows[peer] = rows
+        else:
+            self.rows.pop(peer, None)
+
+    def update(self, alive: Callable[[uuid.UUID], bool]) -> list[Outgoing]:
+        """Frames that bring the peer's view in line with the rows applied, judged by ``alive`` now."""
+        best = best_mappings((b for rows in self.rows.values() for b in rows), alive)
         out: list[Outgoing] = []
         for peer, m in best.items():
             sent = self.sent.get(peer)
@@ -87,7 +117,7 @@ class Mapper:
 
     def knows(self, peer: uuid.UUID) -> bool:
         """Whether ``peer`` is on the other end of one of this peer's tunnels (as last queried)."""
-        return any(b.peer == peer for b in self.bindings)
+        return peer in self.rows
 
 
 class QueueFull(Exception):

@@ -31,7 +31,6 @@ from coordinator.cluster.tailnet.messages import (
     UPDATES_PER_SECOND,
     AddTunnel,
     Disconnect,
-    Kind,
     ProtocolError,
     ReadyForHandshake,
     RemoveTunnel,
@@ -91,9 +90,6 @@ class PeerConnection:
             self.kick(CLOSE_TRY_AGAIN, str(exc))
         if items:
             self._wake.set()
-
-    def deliver_one(self, peer: uuid.UUID, kind: Kind, frame: str) -> None:
-        self.deliver([Outgoing(peer, kind, frame)])
 
     # -- the connection ------------------------------------------------------------------------------
 
@@ -163,7 +159,9 @@ class PeerConnection:
         if isinstance(request, Update):
             c.counts["updates_in"] += 1
             node = json_text(request.node)
-            await self._write(lambda: store.upsert_peer(self.id, c.id, node))
+            binder = c.binder
+            assert binder is not None
+            await self._write(lambda: binder.upsert(self.id, node))
             self.wrote_node = True
         elif isinstance(request, AddTunnel):
             dst = request.peer

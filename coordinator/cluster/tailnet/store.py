@@ -2,6 +2,10 @@
 
 Each call takes one pooled connection for one short statement (autocommit); the triggers NOTIFY the
 change. Times are the database's: ``updated_at`` comes back as seconds since the epoch on its clock.
+
+The store has its own small pool, without the replica pool's check of every connection handed out:
+that check is a second round trip per statement, half the database work of an update. A connection
+that died in an outage fails its statement once (the pool then discards it) and callers retry.
 """
 
 from __future__ import annotations
@@ -10,8 +14,10 @@ import uuid
 from dataclasses import dataclass
 
 import anyio
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
 
-from coordinator.cluster.db import Database
+from coordinator.cluster.db import Connection, Database
 
 PEER_CHANNEL = "tailnet_peer_update"              # payload: peer id
 TUNNEL_CHANNEL = "tailnet_tunnel_update"          # payload: "src,dst"
@@ -19,6 +25,7 @@ HEARTBEAT_CHANNEL = "tailnet_coordinator_heartbeat"  # payload: coordinator id
 HANDSHAKE_CHANNEL = "tailnet_ready_for_handshake"  # payload: "dst,src" (the application NOTIFYs it)
 RETENTION = "24 hours"  # what cleanup keeps of dead coordinators, lost peers and orphaned tunnels
 STATEMENT_TIMEOUT = 5.0  # seconds one call may take, pool wait included
+POOL_SIZE = 8  # connections of the store's own pool (workers and peers' writes share it)
 
 
 @dataclass(frozen=True)
@@ -44,13 +51,29 @@ class CoordinatorAge:
 class TailnetStore:
     """The coordinator's statements over a :class:`Database` pool."""
 
-    def __init__(self, db: Database, timeout: float = STATEMENT_TIMEOUT):
+    def __init__(self, db: Database, timeout: float = STATEMENT_TIMEOUT, pool_size: int = POOL_SIZE):
         self.db = db
         self.timeout = timeout
 
+        async def configure(conn: AsyncConnection) -> None:
+            await conn.execute(f"SET statement_timeout = '{int(timeout * 1000)}ms'")
+
+        self.pool: AsyncConnectionPool = AsyncConnectionPool(
+            db.pool.conninfo, min_size=1, max_size=pool_size, connection_class=Connection,
+            kwargs={"autocommit": True}, configure=configure, timeout=timeout, reconnect_timeout=5.0,
+            name="coordinator-tailnet", open=False,
+        )
+
+    async def open(self) -> None:
+        """Open the pool (its connections are made in the background; statements wait for one)."""
+        await self.pool.open(wait=False)
+
+    async def close(self, timeout: float = 2.0) -> None:
+        await self.pool.close(timeout)
+
     async def _execute(self, sql: str, params: tuple | dict = ()) -> list[tuple]:
         with anyio.fail_after(self.timeout):
-            async with self.db.connection(timeout=self.timeout) as conn:
+            async with self.pool.connection(timeout=self.timeout) as conn:
                 cur = await conn.execute(sql, params)
                 return await cur.fetchall() if cur.description else []
 
@@ -58,6 +81,8 @@ class TailnetStore:
 
     async def beat(self, coordinator: uuid.UUID, heartbeat: float, timeout: float) -> tuple[float, list[CoordinatorAge]]:
         """Write our heartbeat; return the database's clock and every recently beating coordinator's age."""
+        # On the replica's pool, not ours: a backlog of peers' writes (a reconnect storm) must not
+        # delay our heartbeat into looking unhealthy, which would close every peer: a worse storm.
         with anyio.fail_after(timeout):
             async with self.db.connection(timeout=timeout) as conn:
                 await conn.execute(
@@ -90,6 +115,15 @@ class TailnetStore:
             (peer, coordinator, node),
         )
 
+    async def upsert_peers(self, coordinator: uuid.UUID, nodes: list[tuple[uuid.UUID, str]]) -> None:
+        """Many peers' nodes in one statement (each peer at most once)."""
+        await self._execute(
+            "INSERT INTO tailnet_peers (id, coordinator_id, node, status, updated_at)"
+            " SELECT u.id, %(c)s, u.node::jsonb, 'ok', now() FROM unnest(%(ids)s::uuid[], %(nodes)s::text[]) AS u(id, node)"
+            " ON CONFLICT (id, coordinator_id) DO UPDATE SET node = EXCLUDED.node, status = 'ok', updated_at = now()",
+            {"c": coordinator, "ids": [p for p, _ in nodes], "nodes": [n for _, n in nodes]},
+        )
+
     async def mark_peer_lost(self, peer: uuid.UUID, coordinator: uuid.UUID) -> None:
         await self._execute(
             "UPDATE tailnet_peers SET status = 'lost', updated_at = now() WHERE id = %s AND coordinator_id = %s",
@@ -97,10 +131,15 @@ class TailnetStore:
         )
 
     async def delete_peer(self, peer: uuid.UUID, coordinator: uuid.UUID) -> None:
-        """A graceful leave: the peer's row here and the tunnels it opened here."""
+        """A graceful leave: the peer's row here, its rows left lost elsewhere (earlier connections, dead
+        coordinators), and the tunnels it opened at each, so that its tunnel peers see it disconnected."""
         await self._execute(
-            "WITH t AS (DELETE FROM tailnet_tunnels WHERE coordinator_id = %(c)s AND src_id = %(p)s)"
-            " DELETE FROM tailnet_peers WHERE id = %(p)s AND coordinator_id = %(c)s",
+            "WITH gone AS (DELETE FROM tailnet_peers p WHERE p.id = %(p)s AND (p.coordinator_id = %(c)s"
+            "   OR p.status = 'lost' OR EXISTS (SELECT 1 FROM tailnet_coordinators k WHERE k.id = p.coordinator_id"
+            "     AND k.heartbeat_at < now() - 3 * k.heartbeat_ms * interval '1 millisecond'))"
+            "   RETURNING p.coordinator_id)"
+            " DELETE FROM tailnet_tunnels WHERE src_id = %(p)s"
+            "   AND coordinator_id IN (SELECT coordinator_id FROM gone UNION SELECT %(c)s::uuid)",
             {"p": peer, "c": coordinator},
         )
 
@@ -128,16 +167,45 @@ class TailnetStore:
             " UNION SELECT src_id FROM tailnet_tunnels WHERE dst_id = %(p)s", {"p": peer})
         return {r[0] for r in rows}
 
+    async def peer_changes(self, peers: list[uuid.UUID]) -> dict[uuid.UUID, tuple[set[uuid.UUID], list[Binding]]]:
+        """After these peers' rows changed: for each, the peers it shares a tunnel with and its rows.
+
+        One round trip for the whole batch.
+        """
+        rows = await self._execute(
+            "SELECT true, p.id, p.id, p.coordinator_id, extract(epoch FROM p.updated_at)::float8, p.node::text,"
+            " p.status FROM tailnet_peers p WHERE p.id = ANY(%(p)s)"
+            " UNION ALL SELECT false, t.subject, t.other, NULL::uuid, NULL::float8, NULL::text, NULL::text FROM ("
+            "   SELECT src_id AS subject, dst_id AS other FROM tailnet_tunnels WHERE src_id = ANY(%(p)s)"
+            "   UNION SELECT dst_id, src_id FROM tailnet_tunnels WHERE dst_id = ANY(%(p)s)) t",
+            {"p": peers},
+        )
+        out: dict[uuid.UUID, tuple[set[uuid.UUID], list[Binding]]] = {p: (set(), []) for p in peers}
+        for is_row, subject, peer, coordinator, updated_at, node, status in rows:
+            partners, bindings = out[subject]
+            if is_row:
+                bindings.append(Binding(peer, coordinator, updated_at, node, status == "lost"))
+            else:
+                partners.add(peer)
+        return out
+
     async def bindings(self, peer: uuid.UUID) -> list[Binding]:
         """Every row of every peer ``peer`` shares a tunnel with."""
+        return (await self.bindings_of([peer]))[peer]
+
+    async def bindings_of(self, peers: list[uuid.UUID]) -> dict[uuid.UUID, list[Binding]]:
+        """For each of ``peers``: every row of every peer it shares a tunnel with (one round trip)."""
         rows = await self._execute(
-            "SELECT p.id, p.coordinator_id, extract(epoch FROM p.updated_at)::float8, p.node::text, p.status"
-            " FROM tailnet_peers p WHERE p.id IN ("
-            "   SELECT dst_id FROM tailnet_tunnels WHERE src_id = %(p)s"
-            "   UNION SELECT src_id FROM tailnet_tunnels WHERE dst_id = %(p)s)",
-            {"p": peer},
+            "SELECT t.subject, p.id, p.coordinator_id, extract(epoch FROM p.updated_at)::float8, p.node::text, p.status"
+            " FROM (SELECT src_id AS subject, dst_id AS other FROM tailnet_tunnels WHERE src_id = ANY(%(p)s)"
+            "       UNION SELECT dst_id, src_id FROM tailnet_tunnels WHERE dst_id = ANY(%(p)s)) t"
+            " JOIN tailnet_peers p ON p.id = t.other",
+            {"p": peers},
         )
-        return [Binding(r[0], r[1], r[2], r[3], r[4] == "lost") for r in rows]
+        out: dict[uuid.UUID, list[Binding]] = {p: [] for p in peers}
+        for subject, peer, coordinator, updated_at, node, status in rows:
+            out[subject].append(Binding(peer, coordinator, updated_at, node, status == "lost"))
+        return out
 
     # -- housekeeping ---------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ keys the queue refuses more and tells the caller (who then schedules a full resy
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
@@ -45,6 +45,14 @@ class WorkQueue(Generic[K]):
                     return key
             self._wake.clear()
             await self._wake.wait()
+
+    def take_more(self, like: Callable[[K], bool], limit: int) -> list[K]:
+        """Up to ``limit`` more pending keys that ``like`` accepts, now running (for one batched job)."""
+        taken = [k for k in self._pending if like(k) and k not in self._running][:limit]
+        for key in taken:
+            del self._pending[key]
+            self._running.add(key)
+        return taken
 
     def done(self, key: K) -> None:
         self._running.discard(key)
