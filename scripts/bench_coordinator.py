@@ -359,7 +359,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
                      fmt(o["max_ms"]), f"{o['undelivered']}/{o['sent']}", fmt(c["updates_per_s"], 0), fmt(c["p99_ms"]),
                      fmt(u["rows"], 2), fmt(u["wal"], 0), fmt(u["notifies"], 2), f"{cpu['replicas']:.0%}",
                      f"{cpu['postgres']:.0%}", f"{cpu['peers_process']:.0%}"])
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(cols)]
+    widths = [max([len(h), *(len(row[i]) for row in rows)]) for i, h in enumerate(cols)]
     print(f"peer coordinator: open loop {args.rate:g} updates/s for {args.seconds:g} s, then closed loop ({args.window} "
           f"updates in flight) for {args.seconds:g} s; CPU as a share of one core")
     for line in [cols, *rows]:
