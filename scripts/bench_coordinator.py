@@ -18,8 +18,9 @@ number and send time the benchmark reads back.
 * **sustained updates/s** (closed loop for ``--seconds``): ``--window`` (100) senders each update a
   random peer, wait until its partner has it, and go again; delivered updates per second, with
   their p50/p99 under that load;
-* **reconnects**: connections the peers had to open again during the case (a coordinator that
-  turned unhealthy or refused them sends them back with 1013);
+* **redials**: connections the peers had to open again during the case (a coordinator that
+  turned unhealthy or refused them sends them back with 1013) + dials that failed (the most
+  common last errors are in the JSON);
 * **PostgreSQL per update** (both phases together): row writes to ``tailnet_peers`` and
   ``tailnet_tunnels`` (``pg_stat_user_tables`` inserts+updates+deletes; heartbeats excluded; read
   after the statistics are flushed), WAL bytes (``pg_current_wal_lsn``), and NOTIFYs on the peer,
@@ -42,6 +43,7 @@ import signal
 import sys
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -298,6 +300,9 @@ async def run_case(name: str, urls: list[str], pids: list[int], pg: Postgres, n:
         progress(f"[{name}, {n} peers] FAILED: {exc}")
     finally:
         out["reconnects"] = sum(max(0, p.connections - 1) for p in fleet.peers)
+        out["failed_dials"] = sum(p.failed_dials for p in fleet.peers)
+        errors = Counter(p.last_error for p in fleet.peers if p.last_error)
+        out["last_errors"] = dict(errors.most_common(3))
         await fleet.close()
     return out
 
@@ -348,14 +353,15 @@ def ratio(a: float | None, b: float | None) -> str:
 
 
 def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
-    cols = ["case", "peers", "connect s", "nodes s", "reconnects", "p50 ms", "p99 ms", "max ms", "undelivered", "sustained/s",
+    cols = ["case", "peers", "connect s", "nodes s", "redials", "p50 ms", "p99 ms", "max ms", "undelivered", "sustained/s",
             "sat p99 ms", "rows/upd", "WAL B/upd", "NOTIFY/upd", "replicas CPU", "PG CPU", "peers CPU"]
     rows = []
     failed = [r for r in results if "error" in r]
     results = [r for r in results if "error" not in r]
     for r in results:
         o, c, u, cpu = r["open"], r["closed"], r["per_update"], r["cpu"]
-        rows.append([r["case"], str(r["peers"]), fmt(r["connect_s"]), fmt(r["tunnels_s"]), str(r["reconnects"]), fmt(o["p50_ms"]), fmt(o["p99_ms"]),
+        rows.append([r["case"], str(r["peers"]), fmt(r["connect_s"]), fmt(r["tunnels_s"]),
+                     f"{r['reconnects']}+{r['failed_dials']}", fmt(o["p50_ms"]), fmt(o["p99_ms"]),
                      fmt(o["max_ms"]), f"{o['undelivered']}/{o['sent']}", fmt(c["updates_per_s"], 0), fmt(c["p99_ms"]),
                      fmt(u["rows"], 2), fmt(u["wal"], 0), fmt(u["notifies"], 2), f"{cpu['replicas']:.0%}",
                      f"{cpu['postgres']:.0%}", f"{cpu['peers_process']:.0%}"])

@@ -99,6 +99,7 @@ class TailnetClient:
         self.peers: dict[UUID, PeerState] = {}
         self.connected = False
         self.connections = 0  # successful opens so far
+        self.failed_dials = 0  # attempts that did not open (refused, timed out, HTTP error)
         self.last_error: str | None = None  # why the last connection ended or could not open
         self.failure: str | None = None  # set once refused for good: the client has stopped
         self.on_update = on_update
@@ -272,6 +273,7 @@ class TailnetClient:
                                    max_size=m.MAX_MESSAGE_BYTES, ping_interval=self._ping_interval,
                                    close_timeout=self._close_timeout, open_timeout=None)
         except InvalidStatus as exc:
+            self.failed_dials += 1
             status = exc.response.status_code
             reason = exc.response.body.decode("utf-8", "replace").strip()[:200] if exc.response.body else ""
             self.last_error = f"HTTP {status}" + (f": {reason}" if reason else "")
@@ -282,6 +284,7 @@ class TailnetClient:
             await self._refused(str(exc))
             return False
         except (OSError, TimeoutError, InvalidHandshake, asyncio.IncompleteReadError) as exc:
+            self.failed_dials += 1
             self.last_error = f"cannot connect: {type(exc).__name__}: {exc}".rstrip(": ")
             return False
         self._ws = ws
