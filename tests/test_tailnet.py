@@ -286,6 +286,8 @@ async def test_pgcoordinator_ready_for_handshake_and_metrics(two, pg_url):
         await a.add_tunnel(b.id)
         await b.wait_kind(a.id, "node")
         await a.wait_kind(b.id, "node")
+        await b.update({"key": "b", "seq": 2})  # a node change: timed into the propagation figure
+        await a.wait_kind(b.id, "node", seq=2)
         await a.send({"type": "ready_for_handshake", "peer": str(b.id)})
         await b.wait_kind(a.id, "ready_for_handshake")
         await stranger.send({"type": "ready_for_handshake", "peer": str(a.id)})  # no tunnel: dropped

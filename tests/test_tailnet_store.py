@@ -230,3 +230,32 @@ async def test_binder_batches_concurrent_node_writes(db, store):
         rows = await (await conn.execute("SELECT id, node->>'seq' FROM tailnet_peers WHERE coordinator_id = %s",
                                           (coordinator,))).fetchall()
     assert {r[0]: int(r[1]) for r in rows} == {p: i for i, p in enumerate(peers)}
+
+
+async def test_binder_lost_marks_are_batched_and_a_newer_node_wins(db, store):
+    from coordinator.cluster.tailnet.binder import Binder
+
+    coordinator = uuid.uuid4()
+    await store.beat(coordinator, 1.0, 5.0)
+    binder = Binder(store, coordinator)
+    gone = [uuid.uuid4() for _ in range(100)]
+    back = uuid.uuid4()
+
+    async def status(peer: uuid.UUID) -> str:
+        async with db.connection() as conn:
+            row = await (await conn.execute("SELECT status FROM tailnet_peers WHERE id = %s", (peer,))).fetchone()
+        return row[0]
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(binder.run)
+        for p in [*gone, back]:
+            await binder.upsert(p, "{}")
+        for p in [*gone, back]:
+            binder.mark_lost(p)
+        await binder.upsert(back, '{"again": true}')  # reconnected before the mark was written
+        with anyio.fail_after(10):
+            while binder.marked_lost < len(gone):
+                await anyio.sleep(0.02)
+        tg.cancel_scope.cancel()
+    assert [await status(p) for p in gone] == ["lost"] * len(gone)
+    assert await status(back) == "ok"

@@ -50,8 +50,9 @@ PROPAGATION_SAMPLES = 4096
 UNHEALTHY = "coordinator unhealthy: this replica cannot write its heartbeat to PostgreSQL; reconnect"
 STOPPING = "replica stopping; reconnect (the load balancer picks another replica)"
 
+
 class LocalPeer(Protocol):
-    """What the coordinator needs of a connected peer (``peer.LocalPeer``)."""
+    """What the coordinator needs of a connected peer (``peer.PeerConnection``)."""
 
     id: uuid.UUID
     tunnels: set[uuid.UUID]
@@ -297,7 +298,7 @@ class TailnetCoordinator:
                         conn.mapper.apply_peer(changed, rows, stamp)
                         touched[other] = conn
             for conn in touched.values():
-                conn.deliver(conn.mapper.update(self.beats.alive))
+                conn.deliver(conn.mapper.update(self.beats.alive, timed=True))
             return
         local = [k[1] for k in keys if k[1] in self.peers]
         if not local:
@@ -355,6 +356,7 @@ class TailnetCoordinator:
             "work_pending": len(self.work),
             "node_writes": self.binder.written if self.binder else 0,
             "node_write_batches": self.binder.batches if self.binder else 0,
+            "marked_lost": self.binder.marked_lost if self.binder else 0,
             "refused": dict(self.refused),
         }
 

@@ -97,8 +97,12 @@ class Mapper:
         else:
             self.rows.pop(peer, None)
 
-    def update(self, alive: Callable[[uuid.UUID], bool]) -> list[Outgoing]:
-        """Frames that bring the peer's view in line with the rows applied, judged by ``alive`` now."""
+    def update(self, alive: Callable[[uuid.UUID], bool], *, timed: bool = False) -> list[Outgoing]:
+        """Frames that bring the peer's view in line with the rows applied, judged by ``alive`` now.
+
+        ``timed``: the frames answer a node change, so their trip from the database commit is timed
+        (a new tunnel or a resync delivers nodes written long before: not a propagation time).
+        """
         best = best_mappings((b for rows in self.rows.values() for b in rows), alive)
         out: list[Outgoing] = []
         for peer, m in best.items():
@@ -109,7 +113,7 @@ class Mapper:
                 continue  # unchanged
             self.sent[peer] = (m.kind, m.node)
             out.append(Outgoing(peer, m.kind, encode_peer_update(peer, m.kind, m.node if m.kind == NODE else None),
-                                m.updated_at if m.kind == NODE else 0.0))
+                                m.updated_at if timed and m.kind == NODE else 0.0))
         for peer in [p for p in self.sent if p not in best]:
             del self.sent[peer]
             out.append(Outgoing(peer, DISCONNECTED, encode_peer_update(peer, DISCONNECTED)))

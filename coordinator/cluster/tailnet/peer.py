@@ -49,7 +49,6 @@ log = logging.getLogger("coordinator.tailnet")
 SEND_TIMEOUT = 10.0    # a peer that takes no frame for this long is closed (it reads too slowly)
 CLOSE_TIMEOUT = 1.0    # sending the error and the close frame
 WRITE_ATTEMPTS = 3     # tries of one database write before the peer is sent elsewhere
-LOST_TIMEOUT = 2.0     # marking a vanished peer lost
 
 
 class PeerConnection:
@@ -110,17 +109,14 @@ class PeerConnection:
 
     async def _finish(self) -> None:
         c = self.coordinator
-        if (self.write_on_close and not self.left and self.wrote_node and c.store is not None
+        if self.close_code is not None:  # we end it: the reason first, the bookkeeping after
+            with anyio.move_on_after(CLOSE_TIMEOUT), contextlib.suppress(Exception):
+                if self.close_message is not None:
+                    await self.ws.send_text(encode_error(self.close_message))
+                await self.ws.close(self.close_code)
+        if (self.write_on_close and not self.left and self.wrote_node and c.binder is not None
                 and c.healthy and not c.stopping and c.peers.get(self.id) is None):
-            with anyio.move_on_after(LOST_TIMEOUT):
-                with contextlib.suppress(Exception):
-                    await c.store.mark_peer_lost(self.id, c.id)
-        if self.close_code is None:
-            return  # the peer closed: nothing to send
-        with anyio.move_on_after(CLOSE_TIMEOUT), contextlib.suppress(Exception):
-            if self.close_message is not None:
-                await self.ws.send_text(encode_error(self.close_message))
-            await self.ws.close(self.close_code)
+            c.binder.mark_lost(self.id)  # batched with others' (a mass disconnect is a few statements)
 
     async def _reader(self) -> None:
         while True:

@@ -24,7 +24,8 @@ TUNNEL_CHANNEL = "tailnet_tunnel_update"          # payload: "src,dst"
 HEARTBEAT_CHANNEL = "tailnet_coordinator_heartbeat"  # payload: coordinator id
 HANDSHAKE_CHANNEL = "tailnet_ready_for_handshake"  # payload: "dst,src" (the application NOTIFYs it)
 RETENTION = "24 hours"  # what cleanup keeps of dead coordinators, lost peers and orphaned tunnels
-STATEMENT_TIMEOUT = 5.0  # seconds one call may take, pool wait included
+STATEMENT_TIMEOUT = 5.0  # seconds one statement may run (the server's statement_timeout)
+POOL_WAIT = 30.0  # seconds a call may wait for a connection: under a storm writes queue, they do not fail
 POOL_SIZE = 8  # connections of the store's own pool (workers and peers' writes share it)
 
 
@@ -60,7 +61,7 @@ class TailnetStore:
 
         self.pool: AsyncConnectionPool = AsyncConnectionPool(
             db.pool.conninfo, min_size=1, max_size=pool_size, connection_class=Connection,
-            kwargs={"autocommit": True}, configure=configure, timeout=timeout, reconnect_timeout=5.0,
+            kwargs={"autocommit": True}, configure=configure, timeout=POOL_WAIT, reconnect_timeout=5.0,
             name="coordinator-tailnet", open=False,
         )
 
@@ -72,8 +73,8 @@ class TailnetStore:
         await self.pool.close(timeout)
 
     async def _execute(self, sql: str, params: tuple | dict = ()) -> list[tuple]:
-        with anyio.fail_after(self.timeout):
-            async with self.pool.connection(timeout=self.timeout) as conn:
+        with anyio.fail_after(POOL_WAIT + self.timeout):
+            async with self.pool.connection(timeout=POOL_WAIT) as conn:
                 cur = await conn.execute(sql, params)
                 return await cur.fetchall() if cur.description else []
 
@@ -123,6 +124,11 @@ class TailnetStore:
             " ON CONFLICT (id, coordinator_id) DO UPDATE SET node = EXCLUDED.node, status = 'ok', updated_at = now()",
             {"c": coordinator, "ids": [p for p, _ in nodes], "nodes": [n for _, n in nodes]},
         )
+
+    async def mark_peers_lost(self, coordinator: uuid.UUID, peers: list[uuid.UUID]) -> None:
+        await self._execute(
+            "UPDATE tailnet_peers SET status = 'lost', updated_at = now()"
+            " WHERE coordinator_id = %s AND id = ANY(%s) AND status = 'ok'", (coordinator, peers))
 
     async def mark_peer_lost(self, peer: uuid.UUID, coordinator: uuid.UUID) -> None:
         await self._execute(
