@@ -186,6 +186,7 @@ class Replica:
         lifespan's exit then waits for that stop.
         """
         self._start_clock()
+        self.control.tailnet.begin_stop()  # peers get 1001 and a reason before uvicorn's 1012
         if self._tg is not None and not self._stop_running:
             self._tg.start_soon(self.stop, name="stop")
 

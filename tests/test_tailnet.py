@@ -125,8 +125,8 @@ async def test_pgcoordinator_no_delete_on_close(two, pg_url):
         await b.wait_kind(a.id, "node")
         await a.wait_kind(b.id, "node")
         r0.stop(signal.SIGTERM)
-        assert await a.wait_closed() == 1001
-        assert a.errors and "stopping" in a.errors[-1]
+        code = await a.wait_closed()
+        assert code == 1001 and a.errors and "stopping" in a.errors[-1], (code, a.errors)
         await b.wait_kind(a.id, "lost", timeout=3.0)
         with psycopg.connect(pg_url) as conn:
             rows = conn.execute("SELECT status FROM tailnet_peers WHERE id = %s", (a.id,)).fetchall()

@@ -147,13 +147,16 @@ class TailnetCoordinator:
                 await anyio.sleep(delay)
                 delay = min(2 * delay, RETRY_MAX)
 
-    async def stop(self, timeout: float) -> None:
-        """Graceful stop: mark our peers lost (deleting nothing), close them with a reason, stop."""
+    def begin_stop(self) -> None:
+        """Refuse new peers and close ours with 1001 and a reason, now (from the signal's loop callback:
+        the HTTP server's own shutdown would close their WebSockets with 1012 a moment later)."""
         self.stopping = True
-        # Close first (the HTTP server's own shutdown closes WebSockets with 1012 a moment later),
-        # then mark them all lost in one statement: their rows stay, nothing is deleted.
         for conn in list(self.peers.values()):
             conn.kick(CLOSE_GOING_AWAY, STOPPING, write=False)
+
+    async def stop(self, timeout: float) -> None:
+        """Graceful stop: close our peers with a reason, mark them lost (deleting nothing), stop."""
+        self.begin_stop()  # closed first; then all marked lost in one statement: rows stay
         with anyio.move_on_after(max(0.05, timeout * 0.7)):
             if self.store is not None and self.ready and self.healthy:
                 try:

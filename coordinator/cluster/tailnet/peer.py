@@ -49,6 +49,8 @@ log = logging.getLogger("coordinator.tailnet")
 SEND_TIMEOUT = 10.0    # a peer that takes no frame for this long is closed (it reads too slowly)
 CLOSE_TIMEOUT = 1.0    # sending the error and the close frame
 WRITE_ATTEMPTS = 3     # tries of one database write before the peer is sent elsewhere
+WARN_EVERY = 10.0      # seconds between warnings about failed writes (an outage fails thousands at once)
+_warned = {"at": 0.0, "quiet": 0}
 
 
 class PeerConnection:
@@ -188,8 +190,14 @@ class PeerConnection:
             except Exception as exc:
                 if attempt == WRITE_ATTEMPTS - 1:
                     self.coordinator.refused["database_write"] += 1
-                    log.warning("tailnet peer %s: database write failed %d times (%s); closing it",
-                                self.id, WRITE_ATTEMPTS, " ".join(str(exc).split()))
+                    now = time.monotonic()
+                    if now - _warned["at"] >= WARN_EVERY:
+                        log.warning("tailnet peer %s: database write failed %d times (%s); closing it "
+                                    "(%d more peers closed so since the last warning)", self.id, WRITE_ATTEMPTS,
+                                    " ".join(str(exc).split()), _warned["quiet"])
+                        _warned["at"], _warned["quiet"] = now, 0
+                    else:
+                        _warned["quiet"] += 1
                     self.kick(CLOSE_TRY_AGAIN, "coordinator cannot write to PostgreSQL; reconnect", write=False)
                     await anyio.sleep_forever()  # the kick cancels us
                 await anyio.sleep(delay)
