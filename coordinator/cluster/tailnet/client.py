@@ -46,6 +46,9 @@ log = logging.getLogger("coordinator.tailnet.client")
 
 STABLE_AFTER = 2.0  # a connection that lived this long resets the backoff
 FATAL_HTTP = (401, 403)
+# Going away (the replica stops), and 1012 "service restart" (what an ASGI server sends its open
+# WebSockets when it shuts down): the load balancer has a survivor, redial at once.
+PROMPT_REDIAL = (m.CLOSE_GOING_AWAY, 1012)
 
 
 def _check_node(node: Mapping[str, Any]) -> dict[str, Any]:
@@ -356,7 +359,7 @@ class TailnetClient:
             self.failure = reason
             self._set_failure_waiters()
             return False
-        return bool(rcvd.code == m.CLOSE_GOING_AWAY)  # the replica is going away: the load balancer has a survivor for us
+        return bool(rcvd.code in PROMPT_REDIAL)  # the replica is going away: the load balancer has a survivor for us
 
     async def _refused(self, why: str) -> None:
         self.failure = why
