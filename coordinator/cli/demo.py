@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -24,6 +25,8 @@ from typing import Any
 import httpx
 
 from coordinator.cli import nginx
+from coordinator.cli.demo_peers import peers_find_each_other
+from coordinator.cluster.tailnet.view import TailnetError
 from coordinator.relay.client import DerpClient, DerpError
 from coordinator.relay.httpclient import blocking_http_client
 
@@ -193,6 +196,7 @@ def _run_demo(signals: StopSignals, replicas: int, base_port: int, data_dir: str
         ports = [base_port + i if base_port else _free_port() for i in range(replicas)]
         access_port = base_port + replicas if base_port else _free_port()
         access_url = f"http://127.0.0.1:{access_port}"
+        tailnet_token = secrets.token_urlsafe(24)  # the peers' bearer token, the same on every replica
         for i, port in enumerate(ports):
             url = f"http://127.0.0.1:{port}"
             with signals.held(), open(base / f"replica{i + 1}.log", "wb") as log:  # the child keeps its copy
@@ -201,11 +205,13 @@ def _run_demo(signals: StopSignals, replicas: int, base_port: int, data_dir: str
                      "--data-dir", str(base / f"replica{i + 1}"), "--relay-url", url, "--access-url", access_url,
                      "--pg-url", pg.url, "--heartbeat", "1s"],
                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                    env={**os.environ, "COORDINATOR_TAILNET_TOKEN": tailnet_token},
                 ))
         urls = [f"http://127.0.0.1:{p}" for p in ports]
         for i, (url, proc) in enumerate(zip(urls, procs, strict=True)):
             _wait_http(url + "/readyz", proc, log=base / f"replica{i + 1}.log")
             print(f"  replica up: {url}  (relay URL {url}/derp, log {base}/replica{urls.index(url) + 1}.log)")
+        print(f"  peer coordinator: /api/v2/tailnet/coordinate on every replica; tailnet token {tailnet_token}")
         lb = None
         if nginx.nginx_binary() and nginx.EXAMPLE.exists():
             prefix = base / "nginx"
@@ -224,12 +230,15 @@ def _run_demo(signals: StopSignals, replicas: int, base_port: int, data_dir: str
             asyncio.run(_cross(urls[i] + "/derp", urls[j] + "/derp", f"client on replica {i + 1} -> client on replica {j + 1}"))
         if lb:
             asyncio.run(_cross(lb + "/derp", lb + "/derp", "two clients through nginx"))
+        j = 1 % len(urls)
+        print(f"peers finding each other through the coordinator (replica 1 and replica {j + 1}):")
+        asyncio.run(peers_find_each_other(urls[0], urls[j], tailnet_token, ("replica 1", f"replica {j + 1}")))
         if once:
             return 0
         print("running; try `coordinator probe` or kill a replica. Ctrl-C (or SIGTERM) stops everything.", flush=True)
         signals.wait()
         return 0  # not reached: wait() ends with Stopped
-    except (RuntimeError, DerpError) as exc:
+    except (RuntimeError, DerpError, TailnetError) as exc:
         print(f"coordinator demo: {exc}", file=sys.stderr)
         return 1
     finally:

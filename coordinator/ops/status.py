@@ -24,6 +24,7 @@ from coordinator.core.timestamps import iso_utc
 from coordinator.core.urls import derp_url
 from coordinator.ops.api import SESSION_COOKIE, check_operator, session_value, token_matches
 from coordinator.ops.relays import derp_view
+from coordinator.ops.tailnet_status import tailnet_snapshot
 from coordinator.relay.dataplane import DerpRelay
 
 log = logging.getLogger("coordinator.status")
@@ -121,6 +122,7 @@ async def snapshot(control: ControlPlane, relay: DerpRelay) -> dict:
             "forwarded_out": stats["forwarded_out"], "drops": stats["drops"],
         },
         "derp": derp_view(control),
+        "tailnet": await tailnet_snapshot(control.tailnet, control.db),
     }
 
 

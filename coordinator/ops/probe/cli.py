@@ -27,6 +27,8 @@ from coordinator.ops.probe.model import (
 )
 from coordinator.ops.probe.render import render_text
 from coordinator.ops.probe.run import run_probe
+from coordinator.ops.probe.tailnet import DEFAULT_THRESHOLD as TAILNET_THRESHOLD
+from coordinator.ops.probe.tailnet import TOKEN_ENV as TAILNET_TOKEN_ENV
 
 
 class _Parser(argparse.ArgumentParser):
@@ -52,6 +54,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"samples per figure; the median is judged (default {DEFAULT_SAMPLES})")
     parser.add_argument("--timeout", default="3s", metavar="DURATION",
                         help="per connection attempt and per sample (default 3s)")
+    parser.add_argument("--tailnet-token", metavar="TOKEN",
+                        help=f"the peer coordinator's token, for the check that an update crosses replicas "
+                             f"[${TAILNET_TOKEN_ENV}; with --pg-url: the deployment's stored one]")
+    parser.add_argument("--tailnet-threshold", metavar="DURATION",
+                        help="the most that update's propagation may take (default 100ms)")
     parser.add_argument("--json", action="store_true", help=f"print the {SCHEMA} JSON document instead of tables")
     parser.add_argument("--insecure", action="store_true", help="do not verify TLS certificates")
     parser.add_argument("--verbose", action="store_true", help="log what the libraries log, tracebacks of internal errors")
@@ -125,6 +132,7 @@ def _database_url(args: argparse.Namespace) -> str | None:
 def run_from_args(args: argparse.Namespace, prog: str = "coordinator probe") -> int:
     """Run with parsed options (from :func:`add_arguments`); returns the exit status."""
     from coordinator.core.errors import ConfigError
+    from coordinator.core.values import parse_duration
 
     _setup_logging(args.verbose)
 
@@ -136,6 +144,10 @@ def run_from_args(args: argparse.Namespace, prog: str = "coordinator probe") -> 
 
     try:
         threshold, timeout = _durations(args)
+        tailnet_threshold = (parse_duration(args.tailnet_threshold, "--tailnet-threshold")
+                             if args.tailnet_threshold is not None else TAILNET_THRESHOLD)
+        if not tailnet_threshold > 0:
+            raise ProbeUsageError("--tailnet-threshold must be positive")
         pg_url = _database_url(args)
     except (ConfigError, ProbeUsageError) as exc:
         return fail(str(exc))
@@ -144,7 +156,9 @@ def run_from_args(args: argparse.Namespace, prog: str = "coordinator probe") -> 
     try:
         report = asyncio.run(run_probe(pg_url=pg_url, replica_url=None if pg_url else args.url, token=token,
                                        threshold=threshold, samples=args.samples, timeout=timeout,
-                                       insecure=args.insecure, derp_map=args.derp_map))
+                                       insecure=args.insecure, derp_map=args.derp_map,
+                                       tailnet_token=args.tailnet_token or _env((TAILNET_TOKEN_ENV,)),
+                                       tailnet_threshold=tailnet_threshold))
     except ProbeUsageError as exc:
         return fail(str(exc))
     except KeyboardInterrupt:

@@ -104,6 +104,21 @@ def _matrix(report: dict, short: dict[str, str]) -> list[str]:
     return out + _table(["from \\ to", *(short[i] for i in ids)], rows)
 
 
+def _tailnet(report: dict) -> list[str]:
+    out = ["Peer coordinator (an update from a probe peer on one replica to one on another, both ways)"]
+    t = report.get("tailnet")
+    if t is None:
+        return []
+    if not t["measured"]:
+        return [*out, f"  not measured: {t['note']}"]
+    if t["median_ms"] is None:
+        return [*out, f"  FAILED ({t['code']}): {t['error']}"]
+    samples = ", ".join(f"{v:.1f}" for v in t["samples_ms"])
+    return [*out, f"  propagation {fmt_ms(t['median_ms'], t['threshold_ms'])} median (threshold "
+                  f"{fmt_threshold(t['threshold_ms'])}; samples {samples} ms)"
+                  + (f"; {t['code']}: {t['error']}" if t["error"] else "")]
+
+
 def _verdict(report: dict) -> list[str]:
     out = [f"Note: {note}" for note in report.get("notes", ())]
     if report["ok"]:
@@ -123,6 +138,7 @@ def render_text(report: dict) -> str:
         f"figure over it); took {report['duration_ms'] / 1000:.2f} s",
     ]
     for part in (_from_here(report), _replicas(report), _relays(report), _mesh(report, short), _matrix(report, short),
+                 _tailnet(report),
                  _verdict(report)):
         if part:
             out += ["", *part]

@@ -14,6 +14,8 @@ from typing import Any
 from coordinator.core.errors import one_line
 from coordinator.core.timestamps import iso_utc
 from coordinator.ops.probe.model import SCHEMA, Figure, MeshPair, ReplicaInfo, fmt_ms, fmt_threshold, ms
+from coordinator.ops.probe.tailnet import TailnetCheck
+from coordinator.ops.probe.tailnet import judge as judge_tailnet
 
 RELAY_URL_ENV = "COORDINATOR_DERP_SERVER_RELAY_URL"
 _NO_DB = "not measured (no database URL)"
@@ -170,7 +172,7 @@ def _matrix(judge: _Judge, replicas: list[ReplicaInfo]) -> dict[str, dict[str, d
 def build_report(*, source: dict, threshold: float, samples: int, started_at: datetime, duration: float,
                  database: Figure | None, pubsub: Figure | None, replicas: list[ReplicaInfo],
                  not_alive: list[ReplicaInfo], mesh: list[MeshPair], relays: Sequence[ReplicaInfo] = (),
-                 derp_map: dict | None = None) -> dict:
+                 derp_map: dict | None = None, tailnet: tuple[TailnetCheck, float] | None = None) -> dict:
     """The ``coordinator.ops.probe/v1`` document for these figures (``threshold`` and ``duration`` in seconds)."""
     judge = _Judge(threshold)
     notes: list[str] = []
@@ -195,6 +197,10 @@ def build_report(*, source: dict, threshold: float, samples: int, started_at: da
     _shared_relays(judge, replicas)
     mesh_json = [_mesh_pair(judge, p) for p in mesh]
     matrix = _matrix(judge, replicas)
+    tailnet_json = None
+    if tailnet is not None:  # (the check, its own threshold in seconds)
+        tailnet_json, tailnet_problems = judge_tailnet(*tailnet)
+        judge.problems += tailnet_problems
     return {
         "schema": SCHEMA,
         "started_at": iso_utc(started_at),
@@ -209,6 +215,7 @@ def build_report(*, source: dict, threshold: float, samples: int, started_at: da
         "derp_map": derp_map,
         "relays": relays_json,
         "matrix": matrix,
+        "tailnet": tailnet_json,
         "not_alive": [{"id": r.id, "hostname": r.hostname, "relay_url": r.relay_url} for r in not_alive],
         "notes": notes,
         "ok": not judge.problems,

@@ -18,6 +18,8 @@ from coordinator.ops.probe.model import (
 )
 from coordinator.ops.probe.relays import custom_relays
 from coordinator.ops.probe.report import build_report
+from coordinator.ops.probe.tailnet import DEFAULT_THRESHOLD as TAILNET_THRESHOLD
+from coordinator.ops.probe.tailnet import TailnetCheck, measure_tailnet, stored_token
 
 
 async def run_probe(
@@ -30,6 +32,8 @@ async def run_probe(
     timeout: float = DEFAULT_TIMEOUT,
     insecure: bool = False,
     derp_map: str | None = None,
+    tailnet_token: str | None = None,
+    tailnet_threshold: float = TAILNET_THRESHOLD,
 ) -> dict:
     """Discover the replicas (from ``pg_url``, else from ``replica_url``'s API) and measure.
 
@@ -63,10 +67,14 @@ async def run_probe(
         assign_short_ids(found)
         relays, map_info = await custom_relays(derp_map, replica_url if not pg_url else None, alive, timeout, insecure)
         database, pubsub, mesh = await measure(alive, conn, pg_url, samples, timeout, insecure, relays)
+        if not tailnet_token and conn is not None:
+            tailnet_token = await stored_token(conn)
+        tailnet: TailnetCheck = await measure_tailnet(alive, tailnet_token, samples, timeout)
     finally:
         if conn is not None:
             with contextlib.suppress(Exception):
                 await conn.close()
     return build_report(source=source, threshold=threshold, samples=samples, started_at=started_at,
                         duration=time.perf_counter() - t0, database=database, pubsub=pubsub,
-                        replicas=alive, not_alive=not_alive, mesh=mesh, relays=relays, derp_map=map_info)
+                        replicas=alive, not_alive=not_alive, mesh=mesh, relays=relays, derp_map=map_info,
+                        tailnet=(tailnet, tailnet_threshold))

@@ -170,6 +170,54 @@ function renderDerp(data) {
   }
 }
 
+let previousTailnet = null; // {t, updates_in, updates_out} of the last poll, for updates/s
+
+function renderTailnet(data) {
+  const t = data.tailnet;
+  const state = document.getElementById("tailnet-state");
+  if (!t) {
+    state.textContent = "not running on this replica";
+    return;
+  }
+  state.replaceChildren(el("span", {class: "state " + (t.healthy ? "alive" : "dead")},
+    t.healthy ? (t.ready ? "healthy" : "starting") : "unhealthy"));
+  state.append(document.createTextNode(" coordinator " + t.coordinator_id.slice(0, 8) + "; " +
+    t.live_coordinators + " live coordinator(s)" + (t.last_error ? "; last error: " + t.last_error : "")));
+  const now = performance.now();
+  let rateIn = "…", rateOut = "…";
+  if (previousTailnet) {
+    const dt = (now - previousTailnet.t) / 1000;
+    rateIn = ((t.updates_in - previousTailnet.updates_in) / dt).toFixed(1);
+    rateOut = ((t.updates_out - previousTailnet.updates_out) / dt).toFixed(1);
+  }
+  previousTailnet = {t: now, updates_in: t.updates_in, updates_out: t.updates_out};
+  const refused = Object.entries(t.refused).map(([reason, n]) => reason + " " + n).join(", ");
+  kvRows(document.querySelector("#tailnet-local tbody"), [
+    ["peers connected here", t.peers, "tailnet-peers"],
+    ["tunnels of those peers", t.tunnels, "tailnet-tunnels"],
+    ["updates/s in / out", rateIn + " / " + rateOut, "tailnet-rate"],
+    ["updates in / out (total)", t.updates_in + " / " + t.updates_out, "tailnet-updates"],
+    ["propagation p50 / p99 (ms)", fmtMs(t.propagation_p50_ms) + " / " + fmtMs(t.propagation_p99_ms) +
+      " (" + t.propagation_samples + " samples)", "tailnet-propagation"],
+    ["resyncs after pub/sub gaps", t.resyncs, "tailnet-resyncs"],
+    ["refused peers", t.refused_total + (refused ? " (" + refused + ")" : ""), "tailnet-refused"],
+    ["throttled / replaced", t.throttled + " / " + t.replaced, "tailnet-throttled"],
+    ["heartbeat failures in a row", t.heartbeat_failures, "tailnet-beat-failures"],
+  ]);
+  const body = document.querySelector("#tailnet-coordinators tbody");
+  body.replaceChildren();
+  for (const c of t.coordinators) {
+    const tr = el("tr", {"data-coordinator": c.id, "data-alive": c.alive ? "1" : "0"});
+    tr.append(el("td", {title: c.id}, c.id.slice(0, 8) + (c.self ? " (this)" : "")));
+    const st = el("td");
+    st.append(el("span", {class: "state " + (c.alive ? "alive" : "dead")}, c.alive ? "alive" : "dead"));
+    tr.append(st);
+    tr.append(el("td", {}, c.heartbeat_age_s === null ? "unknown" : c.heartbeat_age_s.toFixed(1) + " s"));
+    tr.append(el("td", {class: "peers"}, c.peers), el("td", {class: "lost"}, c.lost), el("td", {}, c.tunnels));
+    body.append(tr);
+  }
+}
+
 function render(data) {
   const overall = document.getElementById("overall");
   overall.textContent = data.severity;
@@ -181,6 +229,7 @@ function render(data) {
   renderLatency(data);
   renderRelay(data);
   renderDerp(data);
+  renderTailnet(data);
 }
 
 async function poll() {
