@@ -124,3 +124,10 @@ def test_installs_without_a_compiler_and_starts_a_replica(dist, open_tmp, pg_url
                               env=bare, cwd=tmp_path, timeout=240)
         assert demo.returncode == 0, demo.stdout + demo.stderr
         assert "nginx not found" not in demo.stdout and "two clients through nginx: packet delivered" in demo.stdout
+
+
+def test_every_package_is_listed_for_the_wheel():
+    """pyproject lists packages by name (migrations/ and static/ have no __init__.py): a new one must be added."""
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "coordinator").rglob("__init__.py")}
+    assert found - listed == set()
