@@ -72,7 +72,9 @@ def cmd_postgres_url(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_api_token(args: argparse.Namespace) -> int:
+def _print_stored_secret(args: argparse.Namespace, field: str, site_key: str) -> int:
+    """Print the secret set as ``field`` (flag, file or environment), else the one stored in Postgres
+    under ``site_key`` (created once by whichever replica or command asks first)."""
     import asyncio
     import secrets
 
@@ -81,8 +83,8 @@ def cmd_api_token(args: argparse.Namespace) -> int:
     from coordinator.cluster.embedded import embedded_url
 
     settings = _settings_from(args)
-    if settings.api_token:
-        print(settings.api_token)
+    if getattr(settings, field):
+        print(getattr(settings, field))
         return 0
     url = settings.pg_url or embedded_url(settings.data_path)
     if not url:
@@ -92,7 +94,7 @@ def cmd_api_token(args: argparse.Namespace) -> int:
 
     async def fetch() -> str:
         async with await Database.open(url, wait=settings.db_wait or 30.0) as db:
-            return await db.get_or_create_site_config("api_token", lambda: secrets.token_urlsafe(32))
+            return await db.get_or_create_site_config(site_key, lambda: secrets.token_urlsafe(32))
 
     try:
         print(asyncio.run(fetch()))
@@ -100,6 +102,12 @@ def cmd_api_token(args: argparse.Namespace) -> int:
         print(f"coordinator: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def cmd_api_token(args: argparse.Namespace) -> int:
+    from coordinator.cluster.controlplane import API_TOKEN_KEY
+
+    return _print_stored_secret(args, "api_token", API_TOKEN_KEY)
 
 
 # The settings `coordinator tailnet-token` takes.
@@ -108,33 +116,9 @@ TAILNET_TOKEN_SETTINGS = ("pg_url", "db_wait", "data_dir", "tailnet_token", "tai
 
 def cmd_tailnet_token(args: argparse.Namespace) -> int:
     """Print the peer coordinator's bearer token (docs/coordinator.md): the one set, else the stored one."""
-    import asyncio
-    import secrets
-
-    from coordinator.cluster.db import Database, DatabaseError
-    from coordinator.cluster.embedded import embedded_url
     from coordinator.cluster.tailnet.auth import TOKEN_KEY
 
-    settings = _settings_from(args)
-    if settings.tailnet_token:
-        print(settings.tailnet_token)
-        return 0
-    url = settings.pg_url or embedded_url(settings.data_path)
-    if not url:
-        print("coordinator: no database: give --pg-url or $COORDINATOR_PG_CONNECTION_URL (or the --data-dir of a "
-              "replica that uses the embedded PostgreSQL)", file=sys.stderr)
-        return 2
-
-    async def fetch() -> str:
-        async with await Database.open(url, wait=settings.db_wait or 30.0) as db:
-            return await db.get_or_create_site_config(TOKEN_KEY, lambda: secrets.token_urlsafe(32))
-
-    try:
-        print(asyncio.run(fetch()))
-    except DatabaseError as exc:
-        print(f"coordinator: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return _print_stored_secret(args, "tailnet_token", TOKEN_KEY)
 
 
 def cmd_derpmap(args: argparse.Namespace) -> int:

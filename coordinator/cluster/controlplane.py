@@ -45,6 +45,7 @@ from coordinator.relay.relaycheck import RelayChecks
 
 log = logging.getLogger("coordinator.controlplane")
 
+API_TOKEN_KEY = "api_token"  # the site_config row holding the operator API's bearer token
 RETRY_CAP = 5.0  # longest pause between attempts to join while Postgres is down
 # Start-up failures that retrying cannot mend: the replica exits instead.
 _FATAL = (DatabaseRefused, UnsupportedPostgres, MigrationError)
@@ -198,7 +199,7 @@ class ControlPlane:
         self.db = await Database.open(self.pg_url, wait=wait, max_size=split(s.pg_max_conns).pool)
         self.relay.set_mesh_key(await self.db.derp_mesh_key(s.mesh_key or None))
         if not self.api_token:
-            self.api_token = await self.db.get_or_create_site_config("api_token", lambda: secrets.token_urlsafe(32))
+            self.api_token = await self.db.get_or_create_site_config(API_TOKEN_KEY, lambda: secrets.token_urlsafe(32))
         if not self.tailnet_token:
             self.tailnet_token = await self.db.get_or_create_site_config(TAILNET_TOKEN_KEY, lambda: secrets.token_urlsafe(32))
         if listening is not None:
