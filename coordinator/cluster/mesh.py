@@ -29,8 +29,8 @@ from collections.abc import Callable, Iterable
 import anyio
 import anyio.abc
 
-from coordinator.cluster.latency import Finding
 from coordinator.core.errors import describe, dial_error
+from coordinator.core.health import Finding
 from coordinator.core.keys import short
 from coordinator.core.urls import derp_url
 from coordinator.relay.client import DerpClient, DerpError, PeerGone, PeerPresent, Restarting

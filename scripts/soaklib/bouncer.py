@@ -8,23 +8,18 @@ database line and reloads it (SIGHUP). As root it runs as the test Postgres's un
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import time
 from pathlib import Path
 
 from soaklib.kit import pgcluster
-
-
-def binary() -> str | None:
-    return shutil.which("pgbouncer") or next(
-        (p for p in ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer") if os.access(p, os.X_OK)), None)
+from testkit.pgbouncer import pgbouncer_binary
 
 
 class Bouncer:
     def __init__(self, base: Path, port: int):
-        found = binary()
+        found = pgbouncer_binary()
         if found is None:
             raise RuntimeError("--pgbouncer: pgbouncer is not installed (apt-get install pgbouncer; scripts/bootstrap.sh test)")
         self.binary = found
