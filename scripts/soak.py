@@ -29,14 +29,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from soaklib import bouncer
 from soaklib import report as figures
 from soaklib.faults import BOUNCER, KINDS, Chaos, available_kinds
 from soaklib.fleet import Fleet
 from soaklib.kit import netlab
 from soaklib.load import Load
 
-from coordinator.core.settings import ConfigError, parse_duration
+from coordinator.core.errors import ConfigError
+from coordinator.core.values import parse_duration
+from testkit.pgbouncer import pgbouncer_binary
 
 SAMPLE_EVERY = 5.0
 
@@ -73,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except ConfigError as exc:
         p.error(str(exc))
     args.kinds = tuple(k for k in args.faults.split(",") if k)
-    if args.pgbouncer and bouncer.binary() is None:
+    if args.pgbouncer and pgbouncer_binary() is None:
         p.error("--pgbouncer: pgbouncer is not installed (apt-get install pgbouncer; scripts/bootstrap.sh test)")
     if args.pgbouncer and BOUNCER not in args.kinds:
         args.kinds += (BOUNCER,)
