@@ -50,14 +50,12 @@ from typing import Any
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "scripts")]
+from bench import proc
 
-from bench import proc  # noqa: E402
-from cluster import HACluster  # noqa: E402
-
-from coordinator.cluster.tailnet.client import TailnetClient  # noqa: E402
-from coordinator.cluster.tailnet.store import HANDSHAKE_CHANNEL, PEER_CHANNEL, TUNNEL_CHANNEL  # noqa: E402
-from coordinator.cluster.tailnet.view import PeerUpdate, TailnetError  # noqa: E402
+from coordinator.cluster.tailnet.client import TailnetClient
+from coordinator.cluster.tailnet.store import HANDSHAKE_CHANNEL, PEER_CHANNEL, TUNNEL_CHANNEL
+from coordinator.cluster.tailnet.view import PeerUpdate, TailnetError
+from testkit.cluster import HACluster
 
 GOAL_P99_MS = 100.0
 CONNECT_BATCH = 100
@@ -416,7 +414,7 @@ def main() -> int:
     try:
         url = args.pg_url
         if url is None:
-            from pgcluster import PgCluster
+            from testkit.pgcluster import PgCluster
 
             pg_server = PgCluster()
             pg_server.start()

@@ -16,10 +16,10 @@ from typing import Any
 
 import psycopg
 import websockets
-from polling import wait_for
 from websockets.asyncio.client import ClientConnection, connect
 
 from coordinator.cluster.tailnet.messages import COORDINATE_PATH
+from testkit.polling import wait_for
 
 
 def tailnet_token(pg_url: str) -> str:

@@ -11,9 +11,10 @@ import uuid
 
 import psycopg
 import pytest
-from cluster import HACluster, serve
-from procs import python
 from tailnetfix import RawPeer, joined, peers, tailnet_token
+
+from testkit.cluster import HACluster, serve
+from testkit.procs import python
 
 pytestmark = pytest.mark.anyio
 
@@ -209,8 +210,8 @@ async def test_tailnet_token_cli(two, pg_url):
 @pytest.fixture
 def hook_app(pg_url, tmp_path):
     """Two replicas of an embedder's app whose authorization hook replaces the deployment token."""
-    from polling import wait_blocking
-    from procs import ROOT, Proc, free_port, http_status
+    from testkit.polling import wait_blocking
+    from testkit.procs import ROOT, Proc, free_port, http_status
 
     procs, urls = [], []
     allowed = [uuid.uuid5(uuid.UUID("6ba7b811-9dad-11d1-80b4-00c04fd430c8"), u) for u in ("bob",)]

@@ -15,14 +15,14 @@ from collections.abc import AsyncIterator
 
 import psycopg
 import pytest
-from cluster import HACluster, Replica, serve
-from polling import wait_for
-from procs import python
 from tailnetfix import tailnet_token
 
 from coordinator.cli.nginx import nginx_binary
 from coordinator.cluster.tailnet.client import TailnetClient
 from coordinator.cluster.tailnet.view import TailnetRefused
+from testkit.cluster import HACluster, Replica, serve
+from testkit.polling import wait_for
+from testkit.procs import python
 
 pytestmark = pytest.mark.anyio
 needs_nginx = pytest.mark.skipif(nginx_binary() is None, reason="nginx not installed (scripts/bootstrap.sh)")

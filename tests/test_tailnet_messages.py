@@ -59,7 +59,8 @@ def test_error_messages_are_one_line():
 
 
 def test_tailnet_settings_token_file_and_budget(tmp_path):
-    from coordinator.core.settings import ConfigError, load_settings
+    from coordinator.core.errors import ConfigError
+    from coordinator.core.settings import load_settings
 
     token = tmp_path / "token"
     token.write_text("  s3cret\n")

@@ -9,11 +9,11 @@ import uuid
 
 import psycopg
 import pytest
-from cluster import HACluster, Replica, serve
 from tailnetfix import RawPeer, joined, peers, tailnet_token
 from test_tailnet_outage import connect_when_accepted
 
 from coordinator.cli.nginx import nginx_binary
+from testkit.cluster import HACluster, Replica, serve
 
 pytestmark = [
     pytest.mark.anyio,
@@ -49,7 +49,7 @@ async def test_pgcoordinator_through_nginx_failover(behind_nginx, pg_url):
     others: list[RawPeer] = []
     async with peers(a):
         await a.add_tunnel(uuid.uuid4())  # a tunnel to nobody yet: harmless
-        from polling import wait_for
+        from testkit.polling import wait_for
 
         await wait_for(lambda: _has_row(pg_url, a.id), 5, "a's row")
         home = replica_of(c, pg_url, a.id)

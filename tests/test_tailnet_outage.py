@@ -9,9 +9,10 @@ import time
 import psycopg
 import pytest
 import websockets
-from cluster import HACluster, serve
-from polling import wait_for
 from tailnetfix import RawPeer, joined, peers, tailnet_token
+
+from testkit.cluster import HACluster, serve
+from testkit.polling import wait_for
 
 HEARTBEAT = 0.5
 

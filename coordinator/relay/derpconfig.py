@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import anyio
 import httpx
 
-from coordinator.core.settings import ConfigError, Settings
+from coordinator.core.errors import ConfigError
+from coordinator.core.settings import Settings
 from coordinator.relay.derpmap import PublishedMap, embedded_region
 from coordinator.relay.httpclient import blocking_http_client, http_client, why
 
