@@ -44,7 +44,6 @@ import sys
 import time
 import uuid
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import psutil
@@ -55,7 +54,6 @@ from coordinator.cluster.tailnet.store import HANDSHAKE_CHANNEL, PEER_CHANNEL, T
 from coordinator.cluster.tailnet.view import PeerUpdate, TailnetError
 from testkit.cluster import HACluster
 
-ROOT = Path(__file__).resolve().parent.parent
 GOAL_P99_MS = 100.0
 CONNECT_BATCH = 100
 ROW_STATS = ("SELECT coalesce(sum(n_tup_ins + n_tup_upd + n_tup_del), 0)::bigint FROM pg_stat_user_tables "
