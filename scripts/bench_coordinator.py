@@ -46,6 +46,7 @@ import uuid
 from collections import Counter
 from typing import Any
 
+import anyio
 import psutil
 from bench import proc
 
@@ -183,7 +184,8 @@ class Fleet:
                 await self.peers[i].update({**self.nodes[i], "seq": self.seq, "t": time.monotonic()})
                 sent += 1
                 try:
-                    await asyncio.wait_for(fut, 5.0)
+                    with anyio.fail_after(5.0):
+                        await fut
                 except TimeoutError:
                     timeouts += 1
 

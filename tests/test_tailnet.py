@@ -11,10 +11,10 @@ import uuid
 
 import psycopg
 import pytest
-from tailnetfix import RawPeer, joined, peers, tailnet_token
 
 from testkit.cluster import HACluster, serve
 from testkit.procs import python
+from testkit.tailnetfix import RawPeer, joined, peers, tailnet_token
 
 pytestmark = pytest.mark.anyio
 
@@ -242,8 +242,9 @@ class _UserPeer(RawPeer):
         super().__init__(url, None, peer_id or uuid.uuid5(uuid.UUID("6ba7b811-9dad-11d1-80b4-00c04fd430c8"), user))
 
     async def connect(self, base_url: str | None = None) -> RawPeer:
-        from tailnetfix import ws_url
         from websockets.asyncio.client import connect
+
+        from testkit.tailnetfix import ws_url
 
         self.ws = await connect(ws_url(base_url or self.base_url, self.id), additional_headers={"X-User": self.user})
         self.close_code = None

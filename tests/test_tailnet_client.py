@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 
 import psycopg
 import pytest
-from tailnetfix import tailnet_token
 
 from coordinator.cli.nginx import nginx_binary
 from coordinator.cluster.tailnet.client import TailnetClient
@@ -23,6 +22,7 @@ from coordinator.cluster.tailnet.view import TailnetRefused
 from testkit.cluster import HACluster, Replica, serve
 from testkit.polling import wait_for
 from testkit.procs import python
+from testkit.tailnetfix import tailnet_token
 
 pytestmark = pytest.mark.anyio
 needs_nginx = pytest.mark.skipif(nginx_binary() is None, reason="nginx not installed (scripts/bootstrap.sh)")

@@ -9,11 +9,11 @@ import uuid
 
 import psycopg
 import pytest
-from tailnetfix import RawPeer, joined, peers, tailnet_token
 from test_tailnet_outage import connect_when_accepted
 
 from coordinator.cli.nginx import nginx_binary
 from testkit.cluster import HACluster, Replica, serve
+from testkit.tailnetfix import RawPeer, joined, peers, tailnet_token
 
 pytestmark = [
     pytest.mark.anyio,

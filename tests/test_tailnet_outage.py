@@ -9,10 +9,10 @@ import time
 import psycopg
 import pytest
 import websockets
-from tailnetfix import RawPeer, joined, peers, tailnet_token
 
 from testkit.cluster import HACluster, serve
 from testkit.polling import wait_for
+from testkit.tailnetfix import RawPeer, joined, peers, tailnet_token
 
 HEARTBEAT = 0.5
 

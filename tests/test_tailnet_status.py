@@ -10,12 +10,12 @@ import signal
 import uuid
 
 import pytest
-from tailnetfix import tailnet_token
 
 from coordinator.cluster.tailnet.client import TailnetClient
 from testkit.cluster import HACluster, serve
 from testkit.polling import wait_blocking
 from testkit.procs import http_get
+from testkit.tailnetfix import tailnet_token
 
 pytestmark = pytest.mark.anyio
 status_page = pytest.importorskip("test_status_page", reason="selenium and Debian's chromium are needed")

@@ -9,15 +9,14 @@ they exchange packets addressed to the keys they learned: the mesh carries them 
 
 from __future__ import annotations
 
-import json
 import time
-import urllib.request
 import uuid
 from typing import Any
 
 from coordinator.cluster.tailnet.client import TailnetClient
 from coordinator.core.keys import NodeKey, parse_hex_key
 from coordinator.relay.client import DerpClient, DerpError
+from coordinator.relay.httpclient import blocking_http_client
 
 LEARN_TIMEOUT = 15.0
 PACKET_TIMEOUT = 15.0
@@ -25,8 +24,8 @@ PACKET_TIMEOUT = 15.0
 
 def home_region(url: str) -> int:
     """The region of the deployment's DERP map (``/derpmap/default`` of ``url``): the peers' home."""
-    with urllib.request.urlopen(url + "/derpmap/default", timeout=5) as resp:
-        regions = json.load(resp)["Regions"]
+    with blocking_http_client(5.0) as client:
+        regions = client.get(url + "/derpmap/default").raise_for_status().json()["Regions"]
     return int(next(iter(regions)))
 
 

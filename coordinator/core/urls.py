@@ -30,6 +30,21 @@ def endpoint(url: str) -> Endpoint:
                     parts.netloc.rpartition("@")[2], path)
 
 
+def websocket_endpoint(url: str, path: str, query: str) -> str:
+    """A WebSocket URL for ``path`` (appended unless ``url`` ends with it) with ``query``, from an access URL.
+
+    ``url`` may be http(s):// or ws(s)://, with or without the path; ValueError for anything else.
+    """
+    parts = urlsplit(url.strip())
+    scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(parts.scheme)
+    if scheme is None or not parts.hostname:
+        raise ValueError(f"{without_userinfo(url)!r} must be an http(s):// or ws(s):// URL with a host")
+    base = parts.path.rstrip("/")
+    if not base.endswith(path):
+        base += path
+    return f"{scheme}://{parts.netloc}{base}?{query}"
+
+
 def websocket_url(url: str) -> str:
     """``url`` with http(s) turned into ws(s), the scheme a WebSocket client dials."""
     parts = urlsplit(url)

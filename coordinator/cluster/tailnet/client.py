@@ -29,7 +29,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 from uuid import UUID
 
 import anyio
@@ -41,6 +41,7 @@ from coordinator.cluster.tailnet import messages as m
 from coordinator.cluster.tailnet.backoff import Backoff
 from coordinator.cluster.tailnet.subscription import PeerUpdates
 from coordinator.cluster.tailnet.view import PeerState, PeerUpdate, TailnetError, TailnetRefused, apply
+from coordinator.core import urls
 
 log = logging.getLogger("coordinator.tailnet.client")
 
@@ -67,15 +68,10 @@ def _check_peer(me: UUID, peer: UUID) -> None:
 
 def coordinate_url(url: str, peer_id: UUID) -> str:
     """The WebSocket URL for ``peer_id`` from an access URL (http(s)://host, or ws(s)://, with or without the path)."""
-    parts = urlsplit(url.strip())
-    scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(parts.scheme)
-    if scheme is None or not parts.hostname:
-        raise ValueError(f"coordinator URL {url!r} must be an http(s):// or ws(s):// URL with a host")
-    path = parts.path.rstrip("/")
-    if not path.endswith(m.COORDINATE_PATH):
-        path += m.COORDINATE_PATH
-    query = urlencode({m.PEER_ID_PARAM: str(peer_id)})
-    return f"{scheme}://{parts.netloc}{path}?{query}"
+    try:
+        return urls.websocket_endpoint(url, m.COORDINATE_PATH, urlencode({m.PEER_ID_PARAM: str(peer_id)}))
+    except ValueError as exc:
+        raise ValueError(f"coordinator URL {exc}") from None
 
 
 class TailnetClient:

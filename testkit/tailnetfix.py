@@ -14,6 +14,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 import psycopg
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
@@ -115,14 +116,14 @@ class RawPeer:
 
     async def close(self) -> None:
         if self.ws is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.ws.close(), 2)
+            with contextlib.suppress(Exception), anyio.move_on_after(2):
+                await self.ws.close()
         await self._stop_reader()
 
     async def _stop_reader(self) -> None:
         if self._reader is not None:
-            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(self._reader, 2)
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({self._reader}, timeout=2)
             if not self._reader.done():
                 self._reader.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
