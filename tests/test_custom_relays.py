@@ -8,13 +8,13 @@ import json
 import os
 import subprocess
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from coordinator.relay.client import DerpClient, DerpError
+from testkit.polling import wait_blocking
 from testkit.procs import ROOT, Proc, free_port, http_get, python
 
 pytestmark = pytest.mark.anyio
@@ -130,15 +130,8 @@ def api(url: str, path: str) -> dict:
     return json.loads(body)
 
 
-def wait_for(what: str, check, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        time.sleep(0.1)
+def wait_for(what: str, check, timeout: float = 20.0, ignore: tuple[type[BaseException], ...] = ()):
+    return wait_blocking(check, timeout, what, ignore=ignore)
 
 
 def probe(*args: str) -> tuple[dict, int]:
@@ -390,11 +383,17 @@ def test_status_page_shows_the_custom_relays_up_then_down(pg_url, tmp_path, part
             cells = driver.find_elements(By.CSS_SELECTOR, '#derp-relays tr[data-relay="900a"] td:nth-child(4)')
             return cells[0].text if cells else None
 
-        wait_for("the custom relay shown up", lambda: state() == "up", 30)
+        # The page redraws every second: a cell read during a redraw is stale, which is "not yet".
+        from selenium.common.exceptions import StaleElementReferenceException
+
+        stale = (StaleElementReferenceException,)
+        wait_for("the custom relay shown up", lambda: state() == "up", 30, stale)
         summary = driver.find_element(By.ID, "derp-summary").text
         assert "embedded relay off" in summary and "--derp-config-path" in summary, summary
         external.stop()
-        wait_for("the custom relay shown down", lambda: state() == "down", 30)
-        assert any("EDERPMAP02" in li.text for li in driver.find_elements(By.CSS_SELECTOR, "#findings li"))
+        wait_for("the custom relay shown down", lambda: state() == "down", 30, stale)
+        wait_for("EDERPMAP02 on the page",
+                 lambda: any("EDERPMAP02" in li.text for li in driver.find_elements(By.CSS_SELECTOR, "#findings li")),
+                 10, stale)
     finally:
         driver.quit()
