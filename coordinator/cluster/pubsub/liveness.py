@@ -28,6 +28,8 @@ from coordinator.core.errors import describe
 
 log = logging.getLogger("coordinator.pubsub")
 
+# The listener's own session holds its LISTENs; a session without any is not ours (a pooler's).
+_CHANNELS = "SELECT count(*) FROM pg_listening_channels()"
 BROKEN_REDIAL = 60.0  # seconds between quiet redials while LISTEN does not deliver through this URL
 
 
@@ -129,9 +131,10 @@ class Liveness:
                     return
                 why = f"ping not received within {timeout:g}s"
             # No pong (or the publish path is down): is the listener connection itself answering?
-            # Its reply also flushes any notification already on the wire.
+            # Its reply also flushes any notification already on the wire. Behind a transaction
+            # pooler the statement may land on a server session that never ran our LISTEN.
             try:
-                await listener.query("SELECT 1", timeout)
+                rows = await listener.query(_CHANNELS, timeout)
             except (PubSubError, TimeoutError):
                 why += f"; listener did not answer within {timeout:g}s"
             else:
@@ -143,7 +146,8 @@ class Liveness:
                     self._delivering()
                     return
                 why += " although the listener answers"
-                if self._heard_session != session:  # not one ping came through on this connection
+                multiplexed = bool(rows) and rows[0][0] == 0  # our LISTENs are not on this server session
+                if multiplexed or self._heard_session != session:  # or not one ping came through on it
                     self._not_delivering(listener, session, why)
                     return
         finally:
