@@ -265,7 +265,7 @@ cdef class Conn(Writer):
                     if self.ilen < P.FRAME_HEADER_LEN:
                         return 0
                     length = P.read_be32(self.ibuf + 1)
-                    if self.on_frame(self.ibuf[0], NULL, length) == FRAME_SKIP:
+                    if on_frame(self, self.ibuf[0], NULL, length) == FRAME_SKIP:
                         self.ilen = 0
                         self.skip = length
                         continue
@@ -278,7 +278,7 @@ cdef class Conn(Writer):
                 if self.ilen < self.ineed:
                     return 0
                 self.ilen = 0
-                self.on_frame(self.ibuf[0], self.ibuf + P.FRAME_HEADER_LEN, self.ineed - P.FRAME_HEADER_LEN)
+                on_frame(self, self.ibuf[0], self.ibuf + P.FRAME_HEADER_LEN, self.ineed - P.FRAME_HEADER_LEN)
                 if self.icap > 2 * P.FRAME_HEADER_LEN + P.CLIENT_INFO_MAX // 4:
                     free(self.ibuf)  # a big reassembly buffer is not kept for an idle connection
                     self.ibuf = NULL
@@ -290,11 +290,11 @@ cdef class Conn(Writer):
             ftype = p[0]
             length = P.read_be32(p + 1)
             if n - P.FRAME_HEADER_LEN >= length:
-                self.on_frame(ftype, p + P.FRAME_HEADER_LEN, length)  # a skipped frame is passed over here
+                on_frame(self, ftype, p + P.FRAME_HEADER_LEN, length)  # a skipped frame is passed over here
                 p += P.FRAME_HEADER_LEN + length
                 n -= P.FRAME_HEADER_LEN + length
                 continue
-            if self.on_frame(ftype, NULL, length) == FRAME_SKIP:
+            if on_frame(self, ftype, NULL, length) == FRAME_SKIP:
                 self.skip = length
                 p += P.FRAME_HEADER_LEN
                 n -= P.FRAME_HEADER_LEN
@@ -312,216 +312,6 @@ cdef class Conn(Writer):
         if len(held) + n > HOLD_LIMIT:
             raise ProtocolViolation(f"sent more than {HOLD_LIMIT} bytes before it was admitted")
         held += (<const char*>p)[:n]
-        return 0
-
-    # -- one handler per frame type --------------------------------------------------
-    #
-    # A handler first checks the frame's length (and who may send it); with ``p`` NULL only the
-    # header has arrived, so it returns there and the payload is buffered (or skipped, if it
-    # returns FRAME_SKIP). With ``p`` the whole payload is at hand and it handles the frame.
-
-    cdef int on_frame(self, int ftype, const unsigned char* p, Py_ssize_t n) except -1:
-        if self.state == ST_HANDSHAKE and ftype != P.FRAME_CLIENT_INFO:
-            raise ProtocolViolation(f"first frame must be ClientInfo, got type 0x{ftype:02x}")
-        if ftype == P.FRAME_SEND_PACKET:
-            return self.handle_send_packet(p, n)
-        if ftype == P.FRAME_FORWARD_PACKET:
-            return self.handle_forward_packet(p, n)
-        if ftype == P.FRAME_PING:
-            return self.handle_ping(p, n)
-        if ftype == P.FRAME_NOTE_PREFERRED:
-            return self.handle_note_preferred(p, n)
-        if ftype == P.FRAME_CLIENT_INFO:
-            return self.handle_client_info(p, n)
-        if ftype == P.FRAME_WATCH_CONNS:
-            return self.handle_watch_conns(p, n)
-        if ftype == P.FRAME_CLOSE_PEER:
-            return self.handle_close_peer(p, n)
-        return FRAME_SKIP  # unknown or client-bound types are skipped, as Go servers do
-
-    cdef int handle_client_info(self, const unsigned char* p, Py_ssize_t n) except -1:
-        """The client's key and boxed info: the handshake (once; later ones are skipped)."""
-        if self.state != ST_HANDSHAKE:
-            return FRAME_SKIP
-        if n < P.CLIENT_INFO_MIN or n > self.server.client_info_max:
-            raise ProtocolViolation(f"ClientInfo frame of {n} bytes "
-                                    f"(allowed {P.CLIENT_INFO_MIN}..{self.server.client_info_max})")
-        if p != NULL:
-            self.finish_handshake(PyBytes_FromStringAndSize(<const char*>p, n))
-        return 0
-
-    cdef int handle_send_packet(self, const unsigned char* p, Py_ssize_t n) except -1:
-        """A packet from this client: to the local connection of its destination, over a mesh link, or dropped."""
-        if n < P.KEY_LEN or n > P.KEY_LEN + P.MAX_PACKET_SIZE:
-            raise ProtocolViolation(f"SendPacket frame of {n} bytes (packet limit {P.MAX_PACKET_SIZE})")
-        if p == NULL:
-            return 0
-        cdef Counters c = self.server.counters
-        cdef const unsigned char* src = <const unsigned char*>PyBytes_AS_STRING(self.key)
-        c.packets_in += 1
-        c.bytes_in += n - P.KEY_LEN
-        target = self.route(p, True)
-        if target is None:
-            self.drop_unknown(p, p + P.KEY_LEN, n - P.KEY_LEN, DROP_UNKNOWN_DEST)
-        elif type(target) is Conn:
-            (<Conn>target).enqueue(src, p + P.KEY_LEN, n - P.KEY_LEN)
-        else:
-            (<Forwarder>target).forward(self, src, p, p + P.KEY_LEN, n - P.KEY_LEN)
-        return 0
-
-    cdef int handle_forward_packet(self, const unsigned char* p, Py_ssize_t n) except -1:
-        """A packet a mesh peer relays for one of its clients: delivered here, never forwarded again."""
-        if not self.can_mesh:
-            raise ProtocolViolation("ForwardPacket from a client without the mesh key")
-        if n < 2 * P.KEY_LEN or n > 2 * P.KEY_LEN + P.MAX_PACKET_SIZE:
-            raise ProtocolViolation(f"ForwardPacket frame of {n} bytes (packet limit {P.MAX_PACKET_SIZE})")
-        if p == NULL:
-            return 0
-        cdef Counters c = self.server.counters
-        c.forwarded_in += 1
-        c.bytes_in += n - 2 * P.KEY_LEN
-        target = self.route(p + P.KEY_LEN, False)
-        if type(target) is Conn:
-            (<Conn>target).heard_from_ptr(p)
-            (<Conn>target).enqueue(p, p + 2 * P.KEY_LEN, n - 2 * P.KEY_LEN)
-        else:
-            # Never re-forward: packets travel at most one mesh hop.
-            self.drop_unknown(p + P.KEY_LEN, p + 2 * P.KEY_LEN, n - 2 * P.KEY_LEN, DROP_UNKNOWN_DEST_ON_FWD)
-        return 0
-
-    cdef int handle_ping(self, const unsigned char* p, Py_ssize_t n) except -1:
-        """Answer with a Pong of the first 8 bytes; while our transport pushes back, one Pong waits."""
-        if n < P.PING_MIN or n > P.PING_MAX:
-            raise ProtocolViolation(f"Ping frame of {n} bytes (allowed {P.PING_MIN}..{P.PING_MAX})")
-        if p == NULL:
-            return 0
-        cdef Counters c = self.server.counters
-        c.pings += 1
-        if not self.paused:
-            c.pongs += 1
-            self.put_frame(P.FRAME_PONG, p, 8, NULL, 0)
-        elif self.pong_pending:
-            c.pongs_dropped += 1  # as Go's derper: one Pong pending at most, extra Pings ignored
-        else:
-            self.pong_pending = True
-            memcpy(self.pong_data, p, 8)
-        return 0
-
-    cdef int handle_note_preferred(self, const unsigned char* p, Py_ssize_t n) except -1:
-        """Whether this is the client's home relay (a gauge counts them)."""
-        if n != 1:
-            raise ProtocolViolation(f"NotePreferred frame of {n} bytes (must be 1)")
-        if p != NULL:
-            self.preferred = p[0] != 0
-        return 0
-
-    cdef int handle_watch_conns(self, const unsigned char* p, Py_ssize_t n) except -1:
-        """A mesh peer subscribes to PeerPresent/PeerGone for our clients."""
-        if not self.can_mesh:
-            raise ProtocolViolation("WatchConns from a client without the mesh key")
-        if n != 0:
-            raise ProtocolViolation(f"WatchConns frame of {n} bytes (must be 0)")
-        if p != NULL:
-            self.server.add_watcher(self)
-        return 0
-
-    cdef int handle_close_peer(self, const unsigned char* p, Py_ssize_t n) except -1:
-        """A mesh peer asks us to close a client's connections."""
-        if not self.can_mesh:
-            raise ProtocolViolation("ClosePeer from a client without the mesh key")
-        if n != P.KEY_LEN:
-            raise ProtocolViolation(f"ClosePeer frame of {n} bytes (must be 32)")
-        if p != NULL:
-            self.server.close_peer(PyBytes_FromStringAndSize(<const char*>p, P.KEY_LEN))
-        return 0
-
-    # -- routing -----------------------------------------------------------------------
-
-    cdef object route(self, const unsigned char* dst, bint note):
-        """The local Conn or Forwarder for ``dst``, or None; recent answers are cached per sender."""
-        cdef RelayServer server = self.server
-        cdef PyObject* found
-        cdef int i
-        if self.rc.gen == server.gen:
-            for i in range(ROUTE_CACHE):
-                if memcmp(dst, self.rc.key[i], P.KEY_LEN) == 0:
-                    return self.rc_target[i]
-        else:
-            self.rc.gen = server.gen
-            self.rc_target = [None] * ROUTE_CACHE
-            memset(self.rc.key, 0xff, sizeof(self.rc.key))  # an all-ones key is never a real destination
-        key = PyBytes_FromStringAndSize(<const char*>dst, P.KEY_LEN)
-        found = PyDict_GetItem(server.routes, key)
-        target = <object>found if found != NULL else None
-        i = self.rc.next
-        self.rc.next = (i + 1) % ROUTE_CACHE
-        memcpy(self.rc.key[i], dst, P.KEY_LEN)
-        self.rc_target[i] = target
-        if note and type(target) is Conn:
-            (<Conn>target).heard_from(self.key)
-        return target
-
-    cdef int heard_from(self, bytes src) except -1:
-        """Remember that ``src`` sent to us, for PeerGone when it leaves the region."""
-        cdef const unsigned char* k = <const unsigned char*>PyBytes_AS_STRING(src)
-        if self.hc_gen == self.server.gen and memcmp(self.hc_key, k, P.KEY_LEN) == 0:
-            return 0
-        self.server.note_heard(src, self)
-        memcpy(self.hc_key, k, P.KEY_LEN)
-        self.hc_gen = self.server.gen
-        return 0
-
-    cdef int heard_from_ptr(self, const unsigned char* src) except -1:
-        if self.hc_gen == self.server.gen and memcmp(self.hc_key, src, P.KEY_LEN) == 0:
-            return 0
-        return self.heard_from(PyBytes_FromStringAndSize(<const char*>src, P.KEY_LEN))
-
-    cdef int drop_unknown(self, const unsigned char* dst, const unsigned char* pkt, Py_ssize_t n, int reason) except -1:
-        cdef Counters c = self.server.counters
-        c.drop(reason, 1, n)
-        if not looks_like_disco(pkt, n) or not bucket_take(&self.not_here, monotonic(), 1.0):
-            return 0
-        cdef unsigned char reason_byte = P.PEER_GONE_NOT_HERE
-        c.peer_gone_not_here += 1
-        self.put_frame(P.FRAME_PEER_GONE, dst, P.KEY_LEN, &reason_byte, 1)
-        return 0
-
-    # -- outgoing packets -------------------------------------------------------------
-
-    cdef int enqueue(self, const unsigned char* src, const unsigned char* pkt, Py_ssize_t n) except -1:
-        """A RecvPacket for this client: into the output buffer, or a bounded queue while the transport pushes back."""
-        cdef Counters c = self.server.counters
-        cdef Py_ssize_t size = P.FRAME_HEADER_LEN + P.KEY_LEN + n
-        cdef bytes frame
-        if self.state != ST_ACTIVE:
-            c.drop(DROP_GONE, 1, n)
-            return 0
-        if not self.paused:
-            self.reserve(size)
-            write_recv_packet(self.obuf + self.olen, src, pkt, n)
-            self.olen += size
-            c.packets_out += 1
-            c.bytes_out += n
-            self.mark_dirty()
-            return 0
-        # The transport pushes back: hold the frame in a bounded queue, dropping the oldest.
-        cdef bint disco = looks_like_disco(pkt, n)
-        queue = self.disco_queue if disco else self.queue
-        if queue is None:
-            queue = deque()
-            if disco:
-                self.disco_queue = queue
-            else:
-                self.queue = queue
-        if len(queue) >= self.server.queue_depth:
-            if self.server.queue_depth == 0:
-                c.drop(DROP_QUEUE_TAIL, 1, n)
-                return 0
-            old = queue.popleft()
-            c.drop(DROP_QUEUE_HEAD, 1, len(old) - P.FRAME_HEADER_LEN - P.KEY_LEN)
-        frame = PyBytes_FromStringAndSize(NULL, size)
-        write_recv_packet(<unsigned char*>PyBytes_AS_STRING(frame), src, pkt, n)
-        queue.append(frame)
         return 0
 
     cdef int drain_queues(self) except -1:

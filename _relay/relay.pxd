@@ -1,6 +1,6 @@
 # The relay's map: every cdef class with its fields, grouped by who owns them, and its C methods.
 # The code is in relay.pyx and the parts it includes (writer.pxi, websocket.pxi, conn.pxi,
-# server.pxi); wire constants are in proto.pxd.
+# frames.pxi, server.pxi); wire constants are in proto.pxd.
 
 cimport cython
 
@@ -223,20 +223,6 @@ cdef class Conn(Writer):
     cdef int ibuf_append(self, const unsigned char* p, Py_ssize_t n) except -1
     cdef int feed(self, const unsigned char* p, Py_ssize_t n) except -1
     cdef int hold(self, const unsigned char* p, Py_ssize_t n) except -1
-    cdef int on_frame(self, int ftype, const unsigned char* p, Py_ssize_t n) except -1
-    cdef int handle_client_info(self, const unsigned char* p, Py_ssize_t n) except -1
-    cdef int handle_send_packet(self, const unsigned char* p, Py_ssize_t n) except -1
-    cdef int handle_forward_packet(self, const unsigned char* p, Py_ssize_t n) except -1
-    cdef int handle_ping(self, const unsigned char* p, Py_ssize_t n) except -1
-    cdef int handle_note_preferred(self, const unsigned char* p, Py_ssize_t n) except -1
-    cdef int handle_watch_conns(self, const unsigned char* p, Py_ssize_t n) except -1
-    cdef int handle_close_peer(self, const unsigned char* p, Py_ssize_t n) except -1
-    cdef object route(self, const unsigned char* dst, bint note)
-    cdef int heard_from(self, bytes src) except -1
-    cdef int heard_from_ptr(self, const unsigned char* src) except -1
-    cdef int drop_unknown(self, const unsigned char* dst, const unsigned char* pkt, Py_ssize_t n,
-                          int reason) except -1
-    cdef int enqueue(self, const unsigned char* src, const unsigned char* pkt, Py_ssize_t n) except -1
     cdef int drain_queues(self) except -1
     cdef void drop_queued(self, int reason)
     cdef int put_peer_gone(self, bytes key, unsigned char reason) except -1
@@ -294,6 +280,25 @@ cdef class RelayServer:
     cdef int unregister(self, Conn conn) except -1
     cdef int left_region(self, bytes key) except -1
     cdef int add_watcher(self, Conn conn) except -1
+
+
+# What each incoming frame does (frames.pxi): Conn.feed hands every frame to on_frame, which calls
+# the handler of its type with the connection it came from.
+cdef int on_frame(Conn conn, int ftype, const unsigned char* p, Py_ssize_t n) except -1
+cdef int handle_client_info(Conn conn, const unsigned char* p, Py_ssize_t n) except -1
+cdef int handle_send_packet(Conn conn, const unsigned char* p, Py_ssize_t n) except -1
+cdef int handle_forward_packet(Conn conn, const unsigned char* p, Py_ssize_t n) except -1
+cdef int handle_ping(Conn conn, const unsigned char* p, Py_ssize_t n) except -1
+cdef int handle_note_preferred(Conn conn, const unsigned char* p, Py_ssize_t n) except -1
+cdef int handle_watch_conns(Conn conn, const unsigned char* p, Py_ssize_t n) except -1
+cdef int handle_close_peer(Conn conn, const unsigned char* p, Py_ssize_t n) except -1
+# routing (the sender's route cache) and delivery into a receiving Conn
+cdef object route(Conn conn, const unsigned char* dst, bint note)
+cdef int heard_from(Conn conn, bytes src) except -1
+cdef int heard_from_ptr(Conn conn, const unsigned char* src) except -1
+cdef int drop_unknown(Conn conn, const unsigned char* dst, const unsigned char* pkt, Py_ssize_t n,
+                      int reason) except -1
+cdef int enqueue(Conn conn, const unsigned char* src, const unsigned char* pkt, Py_ssize_t n) except -1
 
 
 cdef inline double monotonic() noexcept nogil:

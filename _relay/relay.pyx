@@ -20,8 +20,9 @@ bucket charged once per read; while it is in debt the connection is not read.
 
 relay.pxd declares every class's fields and C methods; the code is in the included parts:
 writer.pxi (output buffers, mesh forwarders), websocket.pxi (WebSocket framing, its own class),
-conn.pxi (one client connection: one handler per frame type), server.pxi (registry, routing
-table, ticker, counters' Python view).
+conn.pxi (one client connection: its reads, frame reassembly, lifecycle, handshake), frames.pxi
+(one handler per frame type, and the routing and delivery they share), server.pxi (registry,
+routing table, ticker, counters' Python view).
 """
 
 cimport cython
@@ -85,4 +86,5 @@ cdef class Counters:
 include "writer.pxi"
 include "websocket.pxi"
 include "conn.pxi"
+include "frames.pxi"
 include "server.pxi"
