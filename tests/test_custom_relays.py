@@ -255,7 +255,7 @@ async def test_config_url_is_merged_refetched_and_the_last_good_map_kept(pg_url,
 
     # The config server stops: the last good map stays, and a coded finding says why.
     server.stop()
-    health = wait_for("EDERPMAP01", lambda: (h := api(url, "/api/v2/debug/health")) and
+    health = wait_for("EDERPMAP01", timeout=60, check=lambda: (h := api(url, "/api/v2/debug/health")) and
                       any(f["code"] == "EDERPMAP01" for f in h["findings"]) and h)
     finding = next(f for f in health["findings"] if f["code"] == "EDERPMAP01")
     print("\nfinding:", finding["message"])
