@@ -234,9 +234,7 @@ def main() -> int:
         return 130
     finally:
         if cluster is not None:
-            for r in cluster.running():
-                r.proc.signal(signal.SIGTERM)
-            cluster.close()
+            cluster.close(graceful=True)
         if pg is not None:
             pg.destroy()
     if args.json:

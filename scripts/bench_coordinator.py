@@ -428,9 +428,7 @@ def main() -> int:
         return 130
     finally:
         if cluster is not None:
-            for r in cluster.running():
-                r.proc.signal(signal.SIGTERM)
-            cluster.close()
+            cluster.close(graceful=True)
         if pg_server is not None:
             pg_server.destroy()
     if args.json:

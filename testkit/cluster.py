@@ -126,7 +126,11 @@ class HACluster:
         self.nginx = Proc(nginx.command(prefix, conf), log=prefix / "nginx.out")
         self.nginx.wait_http(self.access_url + "/healthz")
 
-    def close(self) -> None:
+    def close(self, graceful: bool = False) -> None:
+        """Stop everything; ``graceful`` SIGTERMs the running replicas first (their stops are recorded)."""
+        if graceful:
+            for r in self.running():
+                r.proc.signal(signal.SIGTERM)
         for r in self.replicas:
             if r.proc is not None:
                 r.proc.signal(signal.SIGKILL)
