@@ -39,7 +39,7 @@ cdef int handle_client_info(Conn conn, const unsigned char* p, Py_ssize_t n) exc
     return 0
 
 
-cdef int handle_send_packet(Conn conn, const unsigned char* p, Py_ssize_t n) except -1:
+cdef inline int handle_send_packet(Conn conn, const unsigned char* p, Py_ssize_t n) except -1:
     """A packet from ``conn``'s client: to the local connection of its destination, over a mesh link, or dropped."""
     if n < P.KEY_LEN or n > P.KEY_LEN + P.MAX_PACKET_SIZE:
         raise ProtocolViolation(f"SendPacket frame of {n} bytes (packet limit {P.MAX_PACKET_SIZE})")
@@ -59,7 +59,7 @@ cdef int handle_send_packet(Conn conn, const unsigned char* p, Py_ssize_t n) exc
     return 0
 
 
-cdef int handle_forward_packet(Conn conn, const unsigned char* p, Py_ssize_t n) except -1:
+cdef inline int handle_forward_packet(Conn conn, const unsigned char* p, Py_ssize_t n) except -1:
     """A packet a mesh peer relays for one of its clients: delivered here, never forwarded again."""
     if not conn.can_mesh:
         raise ProtocolViolation("ForwardPacket from a client without the mesh key")
@@ -132,7 +132,7 @@ cdef int handle_close_peer(Conn conn, const unsigned char* p, Py_ssize_t n) exce
 
 # -- routing ---------------------------------------------------------------------------------------
 
-cdef object route(Conn conn, const unsigned char* dst, bint note):
+cdef inline object route(Conn conn, const unsigned char* dst, bint note):
     """The local Conn or Forwarder for ``dst``, or None; recent answers are cached per sender."""
     cdef RelayServer server = conn.server
     cdef PyObject* found
@@ -188,7 +188,7 @@ cdef int drop_unknown(Conn conn, const unsigned char* dst, const unsigned char* 
 
 # -- delivery --------------------------------------------------------------------------------------
 
-cdef int enqueue(Conn conn, const unsigned char* src, const unsigned char* pkt, Py_ssize_t n) except -1:
+cdef inline int enqueue(Conn conn, const unsigned char* src, const unsigned char* pkt, Py_ssize_t n) except -1:
     """A RecvPacket for ``conn``'s client: into its output buffer, or a bounded queue while its transport
     pushes back."""
     cdef Counters c = conn.server.counters

@@ -134,8 +134,15 @@ cdef class Writer:
     cdef Writer next_dirty       # the next in that chain
     cdef bint used               # written since the last tick (idle buffers are freed)
 
-    cdef int reserve(self, Py_ssize_t extra) except -1
-    cdef inline void mark_dirty(self)
+    cdef int grow(self, Py_ssize_t need) except -1
+
+    # final: called directly (no vtable), so the C compiler inlines these fast paths
+    @cython.final
+    cdef inline int reserve(self, Py_ssize_t extra) except -1
+
+    @cython.final
+    cdef inline void mark_dirty(self) noexcept
+
     cdef int put_frame(self, unsigned char ftype, const unsigned char* a, Py_ssize_t na,
                        const unsigned char* b, Py_ssize_t nb) except -1
     cdef int flush(self) except -1
@@ -157,8 +164,8 @@ cdef class Forwarder(Writer):
     # in the output buffer, not yet written
     cdef Py_ssize_t pending_frames, pending_bytes
 
-    cdef int forward(self, Conn sender, const unsigned char* src, const unsigned char* dst,
-                     const unsigned char* pkt, Py_ssize_t n) except -1
+    cdef inline int forward(self, Conn sender, const unsigned char* src, const unsigned char* dst,
+                            const unsigned char* pkt, Py_ssize_t n) except -1
 
 
 @cython.final
@@ -286,19 +293,19 @@ cdef class RelayServer:
 # the handler of its type with the connection it came from.
 cdef int on_frame(Conn conn, int ftype, const unsigned char* p, Py_ssize_t n) except -1
 cdef int handle_client_info(Conn conn, const unsigned char* p, Py_ssize_t n) except -1
-cdef int handle_send_packet(Conn conn, const unsigned char* p, Py_ssize_t n) except -1
-cdef int handle_forward_packet(Conn conn, const unsigned char* p, Py_ssize_t n) except -1
+cdef inline int handle_send_packet(Conn conn, const unsigned char* p, Py_ssize_t n) except -1
+cdef inline int handle_forward_packet(Conn conn, const unsigned char* p, Py_ssize_t n) except -1
 cdef int handle_ping(Conn conn, const unsigned char* p, Py_ssize_t n) except -1
 cdef int handle_note_preferred(Conn conn, const unsigned char* p, Py_ssize_t n) except -1
 cdef int handle_watch_conns(Conn conn, const unsigned char* p, Py_ssize_t n) except -1
 cdef int handle_close_peer(Conn conn, const unsigned char* p, Py_ssize_t n) except -1
 # routing (the sender's route cache) and delivery into a receiving Conn
-cdef object route(Conn conn, const unsigned char* dst, bint note)
+cdef inline object route(Conn conn, const unsigned char* dst, bint note)
 cdef int heard_from(Conn conn, bytes src) except -1
 cdef int heard_from_ptr(Conn conn, const unsigned char* src) except -1
 cdef int drop_unknown(Conn conn, const unsigned char* dst, const unsigned char* pkt, Py_ssize_t n,
                       int reason) except -1
-cdef int enqueue(Conn conn, const unsigned char* src, const unsigned char* pkt, Py_ssize_t n) except -1
+cdef inline int enqueue(Conn conn, const unsigned char* src, const unsigned char* pkt, Py_ssize_t n) except -1
 
 
 cdef inline double monotonic() noexcept nogil:

@@ -30,13 +30,15 @@ cdef class Writer:
         self.fd = -1
         self.queued = True
 
-    cdef int reserve(self, Py_ssize_t extra) except -1:
-        cdef Py_ssize_t need = self.olen + extra
-        cdef Py_ssize_t cap
-        cdef unsigned char* nb
-        if need <= self.ocap:
+    cdef inline int reserve(self, Py_ssize_t extra) except -1:
+        if self.olen + extra <= self.ocap:
             return 0
-        cap = self.ocap * 2 if self.ocap else 256
+        return self.grow(self.olen + extra)
+
+    cdef int grow(self, Py_ssize_t need) except -1:
+        """Enlarge the output buffer to hold ``need`` bytes (doubling); out of line: rare."""
+        cdef Py_ssize_t cap = self.ocap * 2 if self.ocap else 256
+        cdef unsigned char* nb
         while cap < need:
             cap *= 2
         nb = <unsigned char*>realloc(self.obuf, cap)
@@ -46,7 +48,7 @@ cdef class Writer:
         self.ocap = cap
         return 0
 
-    cdef inline void mark_dirty(self):
+    cdef inline void mark_dirty(self) noexcept:
         self.used = True
         cdef RelayServer server
         if not self.dirty:
@@ -138,8 +140,8 @@ cdef class Forwarder(Writer):
         self.shared = True  # the mesh client writes its own frames on this link
         self.fd = direct_fd(transport)
 
-    cdef int forward(self, Conn sender, const unsigned char* src, const unsigned char* dst,
-                     const unsigned char* pkt, Py_ssize_t n) except -1:
+    cdef inline int forward(self, Conn sender, const unsigned char* src, const unsigned char* dst,
+                            const unsigned char* pkt, Py_ssize_t n) except -1:
         cdef Counters c = self.server.counters
         if self.closed:
             c.drop(DROP_GONE, 1, n)
