@@ -96,6 +96,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--tls", action="store_true",
                     help="also run two meshed relays serving HTTPS (self-signed certificate, trusted through "
                          "SSL_CERT_FILE): clients and the mesh link speak TLS; reported as relay 'tls'")
+    ap.add_argument("--tls-mesh", action="store_true",
+                    help="also run two relays whose mesh link alone speaks TLS (each serves HTTPS on a second "
+                         "port for its peer; the clients stay on plain HTTP); reported as relay 'tls-mesh'")
     ap.add_argument("--callgrind", metavar="DIR",
                     help="run the relays under valgrind's callgrind (dumps into DIR) and report A + B's user-space "
                          "instructions per packet: reproducible on a busy machine (rates under valgrind mean nothing)")
@@ -140,6 +143,8 @@ def main() -> int:
     runs: list[dict] = []
     relays: list[proc.ServerProcess] = []
     tls: list[proc.ServerProcess] = []
+    tls_mesh: list[proc.ServerProcess] = []
+    links: dict[str, dict] = {}  # each set's mesh links as its relays report them (peer URL -> state)
     before: list[proc.ServerProcess] = []
     floor: list[proc.ServerProcess] = []
     workdir = tempfile.mkdtemp(prefix="bench-mesh-")
@@ -158,12 +163,17 @@ def main() -> int:
     try:
         for name in ("A", "B"):
             relays.append(proc.ServerProcess(wrap(relay_argv, name), name, start_timeout=start_timeout).__enter__())
-        if args.tls:
+        if args.tls or args.tls_mesh:
             cert = make_certificate(workdir)
             os.environ["SSL_CERT_FILE"] = cert[0]  # the relays' mesh links, the clients and our own requests
+        if args.tls:
             for name in ("tls A", "tls B"):
                 tls.append(proc.ServerProcess(wrap(relay_argv + ["--tls", *cert], name), name,
                                               start_timeout=start_timeout).__enter__())
+        if args.tls_mesh:
+            for name in ("tls-mesh A", "tls-mesh B"):
+                tls_mesh.append(proc.ServerProcess(wrap(relay_argv + ["--mesh-tls", *cert], name), name,
+                                                   start_timeout=start_timeout).__enter__())
         if before_argv:
             for name in ("before A", "before B"):
                 before.append(proc.ServerProcess(wrap(before_argv, name), name, start_timeout=start_timeout).__enter__())
@@ -171,17 +181,15 @@ def main() -> int:
         if binary:
             floor = start_floor(binary, wrap)
         if args.relay_cpus:
-            for p in relays + tls + before + floor:
+            for p in relays + tls + tls_mesh + before + floor:
                 os.sched_setaffinity(p.pid, args.relay_cpus)
-        mesh_relays(relays, 20.0)
-        if tls:
-            mesh_relays(tls, 20.0)
-        if before:
-            mesh_relays(before, 20.0)
+        for name, pair in (("ours", relays), ("tls", tls), ("tls-mesh", tls_mesh), ("before", before)):
+            if pair:
+                links[name] = mesh_relays(pair, 20.0)
         pinned = f"; pinned: relays on CPU {args.relay_cpus}, client on {args.client_cpus}" if args.pin else ""
-        print("relays (meshed): " + ", ".join(f"{p.name} pid {p.pid} port {p.port}" for p in relays + tls + before + floor)
+        print("relays (meshed): " + ", ".join(f"{p.name} pid {p.pid} port {p.port}" for p in relays + tls + tls_mesh + before + floor)
               + f"; client: {args.client_procs} process(es), {args.client_loop}; {os.cpu_count()} CPUs{pinned}", file=log)
-        sets = [("ours", relays)] + ([("tls", tls)] if tls else []) + ([("before", before)] if before else []) + ([("floor", floor)] if floor else [])
+        sets = [("ours", relays)] + ([("tls", tls)] if tls else []) + ([("tls-mesh", tls_mesh)] if tls_mesh else []) + ([("before", before)] if before else []) + ([("floor", floor)] if floor else [])
         for mode in args.modes:
             for size in args.sizes:
                 for _ in range(args.repeat):
@@ -201,10 +209,10 @@ def main() -> int:
         print("interrupted", file=log)
         return 130
     finally:
-        for p in relays + tls + before:  # unmesh first: a link whose peer vanishes logs a warning and redials
+        for p in relays + tls + tls_mesh + before:  # unmesh first: a link whose peer vanishes logs a warning and redials
             with contextlib.suppress(Exception):
                 p.post("/bench/mesh", {"peers": []}, timeout=2)
-        for p in reversed(relays + tls + before + floor):
+        for p in reversed(relays + tls + tls_mesh + before + floor):
             p.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     results = median_runs(runs)
@@ -215,7 +223,7 @@ def main() -> int:
     if args.json:
         json.dump({"args": vars(args), "cpus": os.cpu_count(), "wall_seconds": time.monotonic() - started,
                    "results": results, "runs": runs if args.repeat > 1 else None,
-                   "targets": mesh_target_checks(results),
+                   "targets": mesh_target_checks(results), "mesh_links": links,
                    "load_average": os.getloadavg(),
                    "ours_over_floor": [dict(zip(("relay", "mode", "size", "single", "cross", "ratio", "cpu_single",
                                                  "cpu_cross"), row, strict=True))

@@ -74,10 +74,13 @@ def test_bench_cluster_measures_a_small_cluster():
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="the TLS relays need a certificate made with openssl")
 def test_bench_mesh_over_tls_next_to_plain_http():
-    out, _ = run_script("bench_mesh.py", "--tls", "--no-floor", "--topologies", "cross")
+    out, _ = run_script("bench_mesh.py", "--tls", "--tls-mesh", "--no-floor", "--topologies", "cross")
     by = {r["relay"]: r for r in out["results"]}
-    assert set(by) == {"ours", "tls"}
+    assert set(by) == {"ours", "tls", "tls-mesh"}
     for r in by.values():
         assert r["received_total"] > 0
         assert r["received_total"] == r["sent_total"]
-    assert by["tls"]["relay_counted"]["A"]["forwarded_out"] > 0  # it crossed the TLS mesh link
+        assert r["relay_counted"]["A"]["forwarded_out"] > 0  # it crossed the mesh link
+    schemes = {name: {url.split(":", 1)[0] for status in relays.values() for url in status}
+               for name, relays in out["mesh_links"].items()}
+    assert schemes == {"ours": {"http"}, "tls": {"https"}, "tls-mesh": {"https"}}

@@ -18,6 +18,8 @@ def main() -> None:
     p.add_argument("--rate-limit", type=int, default=0, help="per-client rate limit, bytes/s (default 0: off)")
     p.add_argument("--rate-burst", type=int, default=0, help="per-client burst, bytes (default: 0.1 s of the rate)")
     p.add_argument("--tls", nargs=2, metavar=("CERT", "KEY"), help="serve HTTPS with this certificate and key")
+    p.add_argument("--mesh-tls", nargs=2, metavar=("CERT", "KEY"),
+                   help="serve plain HTTP and, on a second port (READY's third field), HTTPS for mesh links")
     p.add_argument("--mesh-key", metavar="KEY",
                    help="accept mesh peers with this key and mesh with the relays POSTed to /bench/mesh")
     b = sub.add_parser("baseline", help="serve the pure-Python baseline relay on a free port")
@@ -31,7 +33,8 @@ def main() -> None:
         if args.relay_path:
             relay_server.use_relay_build(args.relay_path)
         relay_server.serve_relay(args.keepalive, args.tracemalloc, args.relay_path, args.mesh_key,
-                                 args.rate_limit, args.rate_burst, tls=args.tls)
+                                 args.rate_limit, args.rate_burst, tls=args.tls,
+                                 mesh_tls=args.mesh_tls)
     else:
         from bench.baseline import serve_baseline
 

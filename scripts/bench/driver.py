@@ -196,8 +196,8 @@ def run_mesh_case(relays: list[proc.ServerProcess], args, mode: str, size: int, 
 def mesh_relays(relays: list[proc.ServerProcess], timeout: float) -> dict:
     """Mesh A and B with each other; wait until both links are up. Returns their status."""
     a, b = relays
-    a.post("/bench/mesh", {"peers": [b.url]})
-    b.post("/bench/mesh", {"peers": [a.url]})
+    a.post("/bench/mesh", {"peers": [b.mesh_url]})
+    b.post("/bench/mesh", {"peers": [a.mesh_url]})
     deadline = time.monotonic() + timeout
     while True:
         status = {r.name: r.stats(path="/bench/mesh") for r in relays}

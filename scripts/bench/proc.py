@@ -98,6 +98,7 @@ class ServerProcess:
         self.argv, self.name, self.env, self.start_timeout = argv, name, env, start_timeout
         self.proc: subprocess.Popen | None = None
         self.port = 0
+        self.mesh_port = 0  # a second port serving HTTPS for mesh links (``--mesh-tls``), if any
         self.scheme = "https" if "--tls" in argv else "http"  # HTTPS is verified with SSL_CERT_FILE
 
     @property
@@ -108,6 +109,11 @@ class ServerProcess:
     @property
     def url(self) -> str:
         return f"{self.scheme}://127.0.0.1:{self.port}/derp"
+
+    @property
+    def mesh_url(self) -> str:
+        """The URL its mesh peers dial: the HTTPS port of ``--mesh-tls``, else :attr:`url`."""
+        return f"https://127.0.0.1:{self.mesh_port}/derp" if self.mesh_port else self.url
 
     def __enter__(self) -> ServerProcess:
         env = dict(os.environ)
@@ -125,7 +131,8 @@ class ServerProcess:
                 if not line:
                     raise RuntimeError(f"{self.name} server exited before it was ready (rc={self.proc.wait()})")
                 if line.startswith(b"READY "):
-                    self.port = int(line.split()[1])
+                    ports = [int(f) for f in line.split()[1:]]
+                    self.port, self.mesh_port = ports[0], (ports[1:] or [0])[0]
                     break
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{self.name} server did not start within {self.start_timeout:.0f} s")

@@ -12,6 +12,7 @@ behind.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import sys
@@ -55,7 +56,7 @@ def use_relay_build(path: str) -> None:
 
 def serve_relay(keepalive: float, tracemalloc_frames: int = 0, relay_path: str | None = None,
                 mesh_key: str | None = None, rate_limit: int = 0, rate_burst: int = 0,
-                tls: list[str] | None = None) -> None:
+                tls: list[str] | None = None, mesh_tls: list[str] | None = None) -> None:
     if tracemalloc_frames:
         import tracemalloc
 
@@ -124,10 +125,29 @@ def serve_relay(keepalive: float, tracemalloc_frames: int = 0, relay_path: str |
                      extra_routes=[Route("/bench/stats", stats), Route("/bench/mem", mem), Route("/bench/trace", trace),
                                    Route("/bench/mesh", mesh_peers, methods=["GET", "POST"])])
     sock = proc.listening_socket()
-    config = uvicorn.Config(
-        app, http=DerpHttpProtocol, loop="uvloop", lifespan="on", log_level="warning",
-        access_log=False, backlog=4096, timeout_graceful_shutdown=1,
-        **({"ssl_certfile": tls[0], "ssl_keyfile": tls[1]} if tls else {}),
-    )
-    print(f"READY {sock.getsockname()[1]}", flush=True)
-    uvicorn.Server(config).run(sockets=[sock])
+    common = {"http": DerpHttpProtocol, "loop": "uvloop", "log_level": "warning", "access_log": False,
+              "backlog": 4096, "timeout_graceful_shutdown": 1}
+    config = uvicorn.Config(app, lifespan="on", **common,
+                            **({"ssl_certfile": tls[0], "ssl_keyfile": tls[1]} if tls else {}))
+    server = uvicorn.Server(config)
+    if not mesh_tls:
+        print(f"READY {sock.getsockname()[1]}", flush=True)
+        server.run(sockets=[sock])
+        return
+    # The same app and relay also on HTTPS, for mesh links alone; the plain server owns the lifespan.
+    mesh_sock = proc.listening_socket()
+    mesh_server = uvicorn.Server(uvicorn.Config(app, lifespan="off", ssl_certfile=mesh_tls[0],
+                                                ssl_keyfile=mesh_tls[1], **common))
+
+    async def both() -> None:
+        mesh_task = asyncio.ensure_future(mesh_server.serve(sockets=[mesh_sock]))
+        await asyncio.sleep(0)  # it captures the signals first, so the plain server's handler gets SIGTERM
+        try:
+            await server.serve(sockets=[sock])
+        finally:
+            mesh_server.should_exit = True
+            await mesh_task
+
+    print(f"READY {sock.getsockname()[1]} {mesh_sock.getsockname()[1]}", flush=True)
+    with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
+        runner.run(both())

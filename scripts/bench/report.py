@@ -183,25 +183,25 @@ def print_mesh_results(results: list[dict], args) -> None:
                 "cross CPU/pkt")
         table(cols, [(rl, m, str(z), f"{a:.2f}", f"{b:.2f}", f"{c:.2f}", fmt(d, ".2f"), fmt(e, ".2f"))
                      for rl, m, z, a, b, c, d, e in vs_floor])
-    tls = list(tls_over_plain(results))
-    if tls:
-        print()
-        print("TLS / plain HTTP (our relays, same client; clients and the mesh link speak TLS): relays' cost per "
-              "packet and pkt/s")
-        table(("mode", "size", "topology", "cost/pkt", "pkt/s"),
-              [(m, str(z), t, fmt(c, ".2f"), fmt(p, ".2f")) for m, z, t, c, p in tls])
+    for relay, what in (("tls", "clients and the mesh link speak TLS"), ("tls-mesh", "the mesh link alone speaks TLS")):
+        tls = list(tls_over_plain(results, relay))
+        if tls:
+            print()
+            print(f"TLS / plain HTTP (our relays, same client; {what}): relays' cost per packet and pkt/s")
+            table(("mode", "size", "topology", "cost/pkt", "pkt/s"),
+                  [(m, str(z), t, fmt(c, ".2f"), fmt(p, ".2f")) for m, z, t, c, p in tls])
     for line in mesh_target_checks(results):
         print()
         print(line)
 
 
-def tls_over_plain(results: list[dict]):
-    """(mode, size, topology, cost ratio, pkt/s ratio) of the 'tls' relays over ours on plain HTTP."""
+def tls_over_plain(results: list[dict], relay: str = "tls"):
+    """(mode, size, topology, cost ratio, pkt/s ratio) of the ``relay`` ('tls', 'tls-mesh') relays over ours."""
     key = "relay_ir_per_pkt" if any(r.get("relay_ir_per_pkt") for r in results) else "relay_us_per_pkt"
     plain = {(r["mode"], r["size"], r["topology"]): r for r in results if r["relay"] == "ours"}
     for r in results:
         p = plain.get((r["mode"], r["size"], r["topology"]))
-        if r["relay"] == "tls" and p:
+        if r["relay"] == relay and p:
             yield (r["mode"], r["size"], r["topology"], r[key] / p[key] if r[key] and p[key] else None,
                    r["pkt_s"] / p["pkt_s"] if p["pkt_s"] else None)
 
