@@ -141,12 +141,9 @@ def main() -> int:
     log = sys.stderr
     started = time.monotonic()
     runs: list[dict] = []
-    relays: list[proc.ServerProcess] = []
-    tls: list[proc.ServerProcess] = []
-    tls_mesh: list[proc.ServerProcess] = []
-    links: dict[str, dict] = {}  # each set's mesh links as its relays report them (peer URL -> state)
-    before: list[proc.ServerProcess] = []
-    floor: list[proc.ServerProcess] = []
+    # Every relay pair, in the order the cases alternate over them; "floor" is not meshed through the API.
+    sets: dict[str, list[proc.ServerProcess]] = {"ours": [], "tls": [], "tls-mesh": [], "before": [], "floor": []}
+    links: dict[str, dict] = {}  # each meshed set's links as its relays report them (peer URL -> state)
     workdir = tempfile.mkdtemp(prefix="bench-mesh-")
     args.callgrind_dir = None
     if args.callgrind:
@@ -160,41 +157,43 @@ def main() -> int:
         return callgrind.wrap(argv, args.callgrind, name) if args.callgrind else argv
 
     start_timeout = 300 if args.callgrind else 20
+
+    def start_pair(label: str, argv: list[str]) -> None:
+        for end in ("A", "B"):
+            name = f"{label} {end}" if label != "ours" else end
+            sets[label].append(proc.ServerProcess(wrap(argv, name), name, start_timeout=start_timeout).__enter__())
+
+    def all_procs() -> list[proc.ServerProcess]:
+        return [p for pair in sets.values() for p in pair]
+
     try:
-        for name in ("A", "B"):
-            relays.append(proc.ServerProcess(wrap(relay_argv, name), name, start_timeout=start_timeout).__enter__())
+        start_pair("ours", relay_argv)
         if args.tls or args.tls_mesh:
             cert = make_certificate(workdir)
             os.environ["SSL_CERT_FILE"] = cert[0]  # the relays' mesh links, the clients and our own requests
         if args.tls:
-            for name in ("tls A", "tls B"):
-                tls.append(proc.ServerProcess(wrap(relay_argv + ["--tls", *cert], name), name,
-                                              start_timeout=start_timeout).__enter__())
+            start_pair("tls", relay_argv + ["--tls", *cert])
         if args.tls_mesh:
-            for name in ("tls-mesh A", "tls-mesh B"):
-                tls_mesh.append(proc.ServerProcess(wrap(relay_argv + ["--mesh-tls", *cert], name), name,
-                                                   start_timeout=start_timeout).__enter__())
+            start_pair("tls-mesh", relay_argv + ["--mesh-tls", *cert])
         if before_argv:
-            for name in ("before A", "before B"):
-                before.append(proc.ServerProcess(wrap(before_argv, name), name, start_timeout=start_timeout).__enter__())
+            start_pair("before", before_argv)
         binary = build_floor(workdir, log) if args.floor else None
         if binary:
-            floor = start_floor(binary, wrap)
+            sets["floor"] = start_floor(binary, wrap)
         if args.relay_cpus:
-            for p in relays + tls + tls_mesh + before + floor:
+            for p in all_procs():
                 os.sched_setaffinity(p.pid, args.relay_cpus)
-        for name, pair in (("ours", relays), ("tls", tls), ("tls-mesh", tls_mesh), ("before", before)):
-            if pair:
+        for name, pair in sets.items():
+            if pair and name != "floor":
                 links[name] = mesh_relays(pair, 20.0)
         pinned = f"; pinned: relays on CPU {args.relay_cpus}, client on {args.client_cpus}" if args.pin else ""
-        print("relays (meshed): " + ", ".join(f"{p.name} pid {p.pid} port {p.port}" for p in relays + tls + tls_mesh + before + floor)
+        print("relays (meshed): " + ", ".join(f"{p.name} pid {p.pid} port {p.port}" for p in all_procs())
               + f"; client: {args.client_procs} process(es), {args.client_loop}; {os.cpu_count()} CPUs{pinned}", file=log)
-        sets = [("ours", relays)] + ([("tls", tls)] if tls else []) + ([("tls-mesh", tls_mesh)] if tls_mesh else []) + ([("before", before)] if before else []) + ([("floor", floor)] if floor else [])
         for mode in args.modes:
             for size in args.sizes:
                 for _ in range(args.repeat):
-                    for name, pair in sets:
-                        if name == "floor" and mode != "windowed":
+                    for name, pair in sets.items():
+                        if not pair or (name == "floor" and mode != "windowed"):
                             continue  # the floor has no drop policy: under flood its buffers only grow
                         for topology in args.topologies:  # alternated: background load hits both alike
                             r = run_mesh_case(pair, args, mode, size, topology, floor=name == "floor")
@@ -209,10 +208,11 @@ def main() -> int:
         print("interrupted", file=log)
         return 130
     finally:
-        for p in relays + tls + tls_mesh + before:  # unmesh first: a link whose peer vanishes logs a warning and redials
-            with contextlib.suppress(Exception):
-                p.post("/bench/mesh", {"peers": []}, timeout=2)
-        for p in reversed(relays + tls + tls_mesh + before + floor):
+        for p in all_procs():  # unmesh first: a link whose peer vanishes logs a warning and redials
+            if p not in sets["floor"]:
+                with contextlib.suppress(Exception):
+                    p.post("/bench/mesh", {"peers": []}, timeout=2)
+        for p in reversed(all_procs()):
             p.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     results = median_runs(runs)

@@ -131,8 +131,7 @@ class ServerProcess:
                 if not line:
                     raise RuntimeError(f"{self.name} server exited before it was ready (rc={self.proc.wait()})")
                 if line.startswith(b"READY "):
-                    ports = [int(f) for f in line.split()[1:]]
-                    self.port, self.mesh_port = ports[0], (ports[1:] or [0])[0]
+                    self.port, self.mesh_port = ([int(f) for f in line.split()[1:3]] + [0])[:2]
                     break
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{self.name} server did not start within {self.start_timeout:.0f} s")
